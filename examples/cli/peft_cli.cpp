@@ -1,0 +1,129 @@
+// peft — the command-line tool of peft-cpp.
+//
+//   peft inspect ADAPTER_DIR
+//   peft merge --base BASE.safetensors --adapter ADAPTER_DIR --out OUT.safetensors
+//              [--dtype same|f32|bf16|f16]
+//
+// Exit status 0 on success; 2 on bad input, with one line on stderr and no output file left.
+#include <cstdio>
+#include <exception>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <peft/io/merge.hpp>
+#include <peft/io/peft_checkpoint.hpp>
+
+namespace {
+
+constexpr const char* usage =
+    "usage: peft inspect ADAPTER_DIR\n"
+    "       peft merge --base BASE.safetensors --adapter ADAPTER_DIR --out OUT.safetensors "
+    "[--dtype same|f32|bf16|f16]\n";
+
+struct usage_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string one_line(std::string s) {
+  for (char& c : s) {
+    if (c == '\n' || c == '\r') c = ' ';
+  }
+  return s;
+}
+
+int inspect(const std::vector<std::string>& args) {
+  if (args.size() != 1) throw usage_error("inspect takes exactly one argument, the adapter directory");
+  auto ck = peft::io::load_peft_checkpoint<double>(args[0]);
+  const auto& cfg = ck.config;
+  std::string method = "lora";
+  if (cfg.use_rslora) method += " (rsLoRA)";
+  std::printf("adapter     %s\n", args[0].c_str());
+  std::printf("method      %s  [peft_type %s]\n", method.c_str(), cfg.peft_type.c_str());
+  std::printf("targets     %s\n", cfg.targets_string().c_str());
+  std::printf("modules     %zu\n", ck.modules.size());
+  std::printf("dtype       %s\n", std::string(peft::safetensors_name(ck.stored_dtype)).c_str());
+  std::printf("lora_bias   %s   fan_in_fan_out %s\n", cfg.lora_bias ? "yes" : "no",
+              cfg.fan_in_fan_out ? "yes" : "no");
+  std::printf("parameters  %zu\n\n", ck.parameter_count());
+  std::printf("%-44s %-14s %5s %9s %10s %9s\n", "base weight", "out x in", "rank", "alpha", "scale",
+              "params");
+  for (auto& m : ck.modules) {
+    std::size_t n = 0;
+    for (const auto& p : m.adapter.parameters()) n += static_cast<std::size_t>(p.value.size());
+    const std::string shape =
+        std::to_string(m.adapter.out_features()) + " x " + std::to_string(m.adapter.in_features());
+    std::printf("%-44s %-14s %5td %9g %10g %9zu\n", m.weight_name.c_str(), shape.c_str(),
+                m.adapter.rank(), cfg.alpha_for(m.path), m.adapter.scale(), n);
+  }
+  for (const auto& s : ck.saved_tensors) {
+    std::printf("%-44s saved whole (modules_to_save), %s\n", s.name.c_str(),
+                std::string(peft::safetensors_name(s.type)).c_str());
+  }
+  return 0;
+}
+
+int merge(const std::vector<std::string>& args) {
+  std::optional<std::string> base, adapter, out;
+  peft::io::merge_options opt;
+  std::string dtype_name = "same";
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= args.size()) throw usage_error(a + " needs a value");
+      return args[++i];
+    };
+    if (a == "--base") {
+      base = value();
+    } else if (a == "--adapter") {
+      adapter = value();
+    } else if (a == "--out") {
+      out = value();
+    } else if (a == "--dtype") {
+      dtype_name = value();
+      if (dtype_name == "same") {
+        opt.out_dtype.reset();
+      } else if (dtype_name == "f32") {
+        opt.out_dtype = peft::dtype::f32;
+      } else if (dtype_name == "bf16") {
+        opt.out_dtype = peft::dtype::bf16;
+      } else if (dtype_name == "f16") {
+        opt.out_dtype = peft::dtype::f16;
+      } else {
+        throw usage_error("--dtype must be same, f32, bf16 or f16, not '" + dtype_name + "'");
+      }
+    } else {
+      throw usage_error("unknown argument '" + a + "'");
+    }
+  }
+  if (!base || !adapter || !out) throw usage_error("merge needs --base, --adapter and --out");
+  const auto report = peft::io::merge_model(*base, *adapter, *out, opt);
+  std::printf("merged %zu tensors (%zu replaced by modules_to_save) of %zu into %s, dtype %s\n",
+              report.merged.size(), report.replaced.size(), report.tensors, out->c_str(),
+              dtype_name.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::vector<std::string> all(argv + 1, argv + argc);
+  try {
+    if (all.empty()) throw usage_error("missing command: inspect or merge");
+    if (all[0] == "-h" || all[0] == "--help") {
+      std::fputs(usage, stdout);
+      return 0;
+    }
+    const std::vector<std::string> rest(all.begin() + 1, all.end());
+    if (all[0] == "inspect") return inspect(rest);
+    if (all[0] == "merge") return merge(rest);
+    throw usage_error("unknown command '" + all[0] + "'");
+  } catch (const usage_error& e) {
+    std::cerr << "peft: " << one_line(e.what()) << " (peft --help for usage)\n";
+  } catch (const std::exception& e) {
+    std::cerr << "peft: error: " << one_line(e.what()) << "\n";
+  }
+  return 2;
+}
