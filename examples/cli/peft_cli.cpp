@@ -5,6 +5,7 @@
 //              [--dtype same|f32|bf16|f16]
 //
 // Exit status 0 on success; 2 on bad input, with one line on stderr and no output file left.
+#include <algorithm>
 #include <cstdio>
 #include <exception>
 #include <iostream>
@@ -34,30 +35,51 @@ std::string one_line(std::string s) {
   return s;
 }
 
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::string t;
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) t += "x";
+    t += std::to_string(shape[i]);
+  }
+  return t.empty() ? "scalar" : t;
+}
+
 int inspect(const std::vector<std::string>& args) {
   if (args.size() != 1) throw usage_error("inspect takes exactly one argument, the adapter directory");
   auto ck = peft::io::load_peft_checkpoint<double>(args[0]);
   const auto& cfg = ck.config;
-  std::string method = "lora";
+  std::string method(ck.modules.front().adapter.active_method());
   if (cfg.use_rslora) method += " (rsLoRA)";
   std::printf("adapter     %s\n", args[0].c_str());
   std::printf("method      %s  [peft_type %s]\n", method.c_str(), cfg.peft_type.c_str());
   std::printf("targets     %s\n", cfg.targets_string().c_str());
   std::printf("modules     %zu\n", ck.modules.size());
   std::printf("dtype       %s\n", std::string(peft::safetensors_name(ck.stored_dtype)).c_str());
-  std::printf("lora_bias   %s   fan_in_fan_out %s\n", cfg.lora_bias ? "yes" : "no",
-              cfg.fan_in_fan_out ? "yes" : "no");
   std::printf("parameters  %zu\n\n", ck.parameter_count());
-  std::printf("%-44s %-14s %5s %9s %10s %9s\n", "base weight", "out x in", "rank", "alpha", "scale",
-              "params");
+  std::printf("%-44s %-12s %9s  %s\n", "base weight", "out x in", "params", "tensors");
+  std::vector<std::string> shared;
   for (auto& m : ck.modules) {
     std::size_t n = 0;
-    for (const auto& p : m.adapter.parameters()) n += static_cast<std::size_t>(p.value.size());
+    std::string tensors;
+    for (const auto& p : m.adapter.parameters()) {
+      const std::string item = p.name + " " + shape_text(p.shape);
+      if (p.shared) {
+        if (std::find(shared.begin(), shared.end(), item) == shared.end()) shared.push_back(item);
+        continue;
+      }
+      n += static_cast<std::size_t>(p.value.size());
+      if (!tensors.empty()) tensors += ", ";
+      tensors += item;
+    }
     const std::string shape =
         std::to_string(m.adapter.out_features()) + " x " + std::to_string(m.adapter.in_features());
-    std::printf("%-44s %-14s %5td %9g %10g %9zu\n", m.weight_name.c_str(), shape.c_str(),
-                m.adapter.rank(), cfg.alpha_for(m.path), m.adapter.scale(), n);
+    std::printf("%-44s %-12s %9zu  %s\n", m.weight_name.c_str(), shape.c_str(), n, tensors.c_str());
+    if (const auto* l = m.adapter.get_if<peft::lora<double>>()) {
+      std::printf("%-44s rank %td, alpha %g, scale %g%s\n", "", l->rank(), cfg.alpha_for(m.path), l->scale(),
+                  l->has_bias() ? ", lora_bias" : "");
+    }
   }
+  for (const auto& s : shared) std::printf("shared: %s\n", s.c_str());
   for (const auto& s : ck.saved_tensors) {
     std::printf("%-44s saved whole (modules_to_save), %s\n", s.name.c_str(),
                 std::string(peft::safetensors_name(s.type)).c_str());

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <list>
 #include <string>
 #include <utility>
 #include <vector>
@@ -43,7 +44,7 @@ class adapted_linear {
   Base& base() noexcept { return base_; }
 
   /// Adds an adapter under a new name (enabled). Throws shape_error on a shape mismatch and
-  /// error on a duplicate name.
+  /// error on a duplicate name. The reference stays valid until that adapter is removed.
   Adapter& add_adapter(std::string name, Adapter a) {
     if (find(name) != nullptr) {
       detail::raise<error>("adapted_linear::add_adapter", "an adapter named '" + name + "' exists");
@@ -62,7 +63,7 @@ class adapted_linear {
   void remove_adapter(const std::string& name) {
     slot& s = get("adapted_linear::remove_adapter", name);
     if (s.merged) unmerge(name);
-    slots_.erase(slots_.begin() + (&s - slots_.data()));
+    slots_.remove_if([&](const slot& other) { return &other == &s; });
   }
 
   Adapter& adapter(const std::string& name) { return get("adapted_linear::adapter", name).adapter; }
@@ -143,7 +144,8 @@ class adapted_linear {
     s.enabled = true;
   }
 
-  /// Subtracts what merge added (recomputed from the adapter's current parameters).
+  /// Subtracts what merge added: recomputed from the adapter's current parameters, or, for an
+  /// adapter with `unmerge_delta(merged_base, dw)` (DoRA), recovered from the merged weight.
   void unmerge(const std::string& name)
     requires mergeable_adapter_for<Adapter, Base> && mutable_base_weight<Base>
   {
@@ -199,7 +201,16 @@ class adapted_linear {
 
   void apply_delta(slot& s, double sign) {
     matrix<scalar> dw(out_features(), in_features());
-    s.adapter.delta_weight(base_, dw.view());
+    if constexpr (requires { s.adapter.unmerge_delta(base_, dw.view()); }) {
+      // Adapters whose delta depends on W0 (DoRA) recover it from the merged weight.
+      if (sign < 0) {
+        s.adapter.unmerge_delta(base_, dw.view());
+      } else {
+        s.adapter.delta_weight(base_, dw.view());
+      }
+    } else {
+      s.adapter.delta_weight(base_, dw.view());
+    }
     std::vector<scalar> db(static_cast<std::size_t>(out_features()));
     const bool has_bias = s.adapter.delta_bias(base_, db.data());
     base_.add_to_weight(matrix_view<const scalar>(dw.view()), sign);
@@ -207,7 +218,7 @@ class adapted_linear {
   }
 
   Base base_;
-  std::vector<slot> slots_;
+  std::list<slot> slots_;  // a list: references handed out survive later additions/removals
   matrix<scalar> h_;  // base output of the last multi-adapter forward (batch, out)
 };
 

@@ -10,7 +10,9 @@
 // dx = g W0 + s (g B) A. Checkpoint names: lora_A.weight, lora_B.weight, lora_B.bias.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -24,6 +26,8 @@
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
+#include "peft/io/adapter_config.hpp"
+#include "peft/io/checkpoint_tensors.hpp"
 #include "peft/kernels/gemm.hpp"
 
 namespace peft {
@@ -175,6 +179,56 @@ class lora {
     if (bias_.empty()) return false;
     for (index j = 0; j < out_features(); ++j) db[j] = scale_ * bias_(0, j);
     return true;
+  }
+
+  // ---- PEFT checkpoints (io/peft_checkpoint.hpp calls these) ------------------------------------
+
+  /// PEFT's "LORA" without use_dora.
+  static bool handles(const io::adapter_config& c) { return c.peft_type == "LORA" && !c.use_dora; }
+  /// Per-module tensor names, and tensors shared by all modules ("base_model.<name>"): none.
+  static std::vector<std::string_view> checkpoint_parameters() {
+    return {"lora_A.weight", "lora_B.weight", "lora_B.bias"};
+  }
+  static std::vector<std::string_view> shared_parameters() { return {}; }
+
+  /// The adapter of one module: rank from lora_A, checked against r / rank_pattern; scale from
+  /// lora_alpha / alpha_pattern and use_rslora.
+  static lora from_checkpoint(const io::adapter_config& c, const io::checkpoint_tensors<T>& m,
+                              const io::checkpoint_tensors<T>& /*shared*/) {
+    constexpr const char* where = "lora::from_checkpoint";
+    const auto& sa = m.shape("lora_A.weight", 2);
+    const auto& sb = m.shape("lora_B.weight", 2);
+    if (sb[1] != sa[0]) {
+      detail::raise<format_error>(where, "module '" + m.module() + "': lora_A " + io::detail::shape_text(sa) +
+                                             " and lora_B " + io::detail::shape_text(sb) + " disagree on the rank");
+    }
+    const auto rank = static_cast<index>(sa[0]);
+    if (rank != c.rank_for(m.module())) {
+      detail::raise<format_error>(where, "module '" + m.module() + "' has rank " + std::to_string(rank) +
+                                             " but adapter_config.json gives " + std::to_string(c.rank_for(m.module())));
+    }
+    std::vector<T> bias;
+    if (m.contains("lora_B.bias")) {
+      bias = m.copy("lora_B.bias", {sb[0]}).storage();
+    } else if (c.lora_bias) {
+      detail::raise<format_error>(where, "module '" + m.module() + "' has no lora_B.bias but lora_bias is true");
+    }
+    const double s = lora_scale(c.alpha_for(m.module()), rank, c.use_rslora);
+    return lora(m.copy("lora_A.weight"), m.copy("lora_B.weight"), static_cast<T>(s), std::move(bias));
+  }
+
+  /// Makes `c` describe this module when saving: an exact rank_pattern / alpha_pattern entry
+  /// where r / lora_alpha do not give this rank and scale; lora_bias when this module has one.
+  void describe_in(io::adapter_config& c, const std::string& module) const {
+    c.peft_type = "LORA";
+    const double s = static_cast<double>(scale_);
+    const double tol = 8.0 * static_cast<double>(std::numeric_limits<T>::epsilon()) * std::max(1.0, std::abs(s));
+    if (c.rank_for(module) != rank()) c.rank_pattern.insert(c.rank_pattern.begin(), {module, rank()});
+    if (std::abs(lora_scale(c.alpha_for(module), rank(), c.use_rslora) - s) > tol) {
+      const double r = static_cast<double>(rank());
+      c.alpha_pattern.insert(c.alpha_pattern.begin(), {module, c.use_rslora ? s * std::sqrt(r) : s * r});
+    }
+    c.lora_bias = c.lora_bias || has_bias();
   }
 
   std::vector<parameter<T>> parameters() {

@@ -57,6 +57,8 @@ class dense {
   static constexpr dtype storage_dtype() noexcept { return dtype_of_v<S>; }
 
   matrix_view<const S> weight() const noexcept { return weight_.view(); }
+  /// Writable storage, for in-place switching (SHiRA scatters values into W0 and restores them).
+  matrix_view<S> mutable_weight() noexcept { return weight_.view(); }
   const std::vector<S>& bias() const noexcept { return bias_; }
 
   template <compute_scalar T>

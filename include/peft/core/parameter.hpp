@@ -23,6 +23,7 @@ struct parameter {
   std::vector<std::int64_t> shape;  // logical shape for checkpoints
   bool trainable = true;
   bool shared = false;
+  bool integer = false;             // saved as an I32 tensor (SHiRA's indices), never trained
 };
 
 namespace detail {

@@ -1,0 +1,287 @@
+// peft/io/adapter_config.hpp — HuggingFace PEFT's adapter_config.json.
+//
+//   auto cfg = peft::io::adapter_config::load(dir);        // dir/adapter_config.json
+//   cfg.rank_for("model.layers.0.self_attn.q_proj");       // r, or its rank_pattern override
+//   cfg.targets("model.layers.0.mlp.up_proj");             // target_modules rule (list/regex)
+//
+// The fields peft-cpp interprets are parsed into members; the whole document is kept (key
+// order included) so that saving writes back every field PEFT wrote, with ours updated.
+// Pattern rules follow PEFT 0.21: rank_pattern/alpha_pattern key k matches a module path p when
+// the regex `(.*\.)?(k)$` matches p from its start, first key in file order wins;
+// target_modules as a string is a regex that must match the whole path, as a list an entry
+// equal to the path or to its last dotted components; "all-linear" matches every module.
+// Regexes use std::regex (ECMAScript), which agrees with Python's `re` on the patterns used in
+// practice (alternation, character classes, `.*`); lookbehind is not available.
+#pragma once
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peft/core/error.hpp"
+#include "peft/core/matrix_view.hpp"
+
+namespace peft::io {
+
+using ordered_json = nlohmann::ordered_json;
+
+/// How `target_modules` names the adapted modules.
+enum class target_kind : std::uint8_t { none, list, regex, all_linear };
+
+struct adapter_config {
+  std::string peft_type = "LORA";                      // "LORA", "VERA", ...
+  index r = 8;
+  double lora_alpha = 8.0;
+  bool use_rslora = false;
+  bool use_dora = false;
+  bool lora_bias = false;
+  bool fan_in_fan_out = false;                          // base weights stored (in, out)
+  double lora_dropout = 0.0;
+  std::vector<std::pair<std::string, index>> rank_pattern;    // in file order
+  std::vector<std::pair<std::string, double>> alpha_pattern;  // in file order
+  target_kind targets_kind = target_kind::none;
+  std::vector<std::string> target_modules;              // list entries, or the one regex
+  std::vector<std::string> modules_to_save;
+  ordered_json raw = ordered_json::object();           // the document as read (or built)
+
+  /// A LoRA config with PEFT's default fields, for adapters made in C++.
+  static adapter_config lora(index r, double alpha, std::vector<std::string> targets,
+                             bool use_rslora = false) {
+    adapter_config c;
+    c.r = r;
+    c.lora_alpha = alpha;
+    c.use_rslora = use_rslora;
+    c.targets_kind = target_kind::list;
+    c.target_modules = std::move(targets);
+    return c;
+  }
+
+  /// Parses the text of an adapter_config.json; `source` names it in errors.
+  static adapter_config parse(const std::string& text, const std::string& source = "adapter_config.json") {
+    constexpr const char* where = "adapter_config::parse";
+    ordered_json j;
+    try {
+      j = ordered_json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+      peft::detail::raise<format_error>(where, source + " is not valid JSON: " + e.what());
+    }
+    if (!j.is_object()) peft::detail::raise<format_error>(where, source + " is not a JSON object");
+    adapter_config c;
+    c.raw = j;
+    auto field = [&](const char* name) -> const ordered_json* {
+      auto it = j.find(name);
+      return (it == j.end() || it->is_null()) ? nullptr : &*it;
+    };
+    auto get_bool = [&](const char* name, bool& out) {
+      if (const auto* v = field(name)) {
+        if (!v->is_boolean()) peft::detail::raise<format_error>(where, source + ": '" + name + "' must be true or false");
+        out = v->get<bool>();
+      }
+    };
+    auto get_number = [&](const char* name, double& out) {
+      if (const auto* v = field(name)) {
+        if (!v->is_number()) peft::detail::raise<format_error>(where, source + ": '" + name + "' must be a number");
+        out = v->get<double>();
+      }
+    };
+    auto get_rank = [&](const ordered_json& v, const std::string& what) -> index {
+      if (!v.is_number_integer() || v.get<long long>() < 1) {
+        peft::detail::raise<format_error>(where, source + ": " + what + " must be a positive integer");
+      }
+      return static_cast<index>(v.get<long long>());
+    };
+    if (const auto* v = field("peft_type")) {
+      if (!v->is_string()) peft::detail::raise<format_error>(where, source + ": 'peft_type' must be a string");
+      c.peft_type = v->get<std::string>();
+    } else {
+      peft::detail::raise<format_error>(where, source + " has no 'peft_type'");
+    }
+    if (const auto* v = field("r")) c.r = get_rank(*v, "'r'");
+    get_number("lora_alpha", c.lora_alpha);
+    get_number("lora_dropout", c.lora_dropout);
+    get_bool("use_rslora", c.use_rslora);
+    get_bool("use_dora", c.use_dora);
+    get_bool("lora_bias", c.lora_bias);
+    get_bool("fan_in_fan_out", c.fan_in_fan_out);
+    if (const auto* v = field("rank_pattern")) {
+      if (!v->is_object()) peft::detail::raise<format_error>(where, source + ": 'rank_pattern' must be an object");
+      for (const auto& [k, val] : v->items()) c.rank_pattern.emplace_back(k, get_rank(val, "rank_pattern['" + k + "']"));
+    }
+    if (const auto* v = field("alpha_pattern")) {
+      if (!v->is_object()) peft::detail::raise<format_error>(where, source + ": 'alpha_pattern' must be an object");
+      for (const auto& [k, val] : v->items()) {
+        if (!val.is_number()) peft::detail::raise<format_error>(where, source + ": alpha_pattern['" + k + "'] must be a number");
+        c.alpha_pattern.emplace_back(k, val.get<double>());
+      }
+    }
+    if (const auto* v = field("target_modules")) {
+      if (v->is_string()) {
+        const auto s = v->get<std::string>();
+        if (s == "all-linear" || s == "ALL-LINEAR" || s == "All-Linear") {
+          c.targets_kind = target_kind::all_linear;
+        } else {
+          c.targets_kind = target_kind::regex;
+          c.target_modules = {s};
+          compile(s, where, source + ": target_modules");
+        }
+      } else if (v->is_array()) {
+        c.targets_kind = target_kind::list;
+        for (const auto& e : *v) {
+          if (!e.is_string()) peft::detail::raise<format_error>(where, source + ": target_modules entries must be strings");
+          c.target_modules.push_back(e.get<std::string>());
+        }
+      } else {
+        peft::detail::raise<format_error>(where, source + ": 'target_modules' must be a string or a list");
+      }
+    }
+    if (const auto* v = field("modules_to_save")) {
+      if (!v->is_array()) peft::detail::raise<format_error>(where, source + ": 'modules_to_save' must be a list");
+      for (const auto& e : *v) {
+        if (!e.is_string()) peft::detail::raise<format_error>(where, source + ": modules_to_save entries must be strings");
+        c.modules_to_save.push_back(e.get<std::string>());
+      }
+    }
+    for (const auto& [k, val] : c.rank_pattern) compile(k, where, source + ": rank_pattern key");
+    for (const auto& [k, val] : c.alpha_pattern) compile(k, where, source + ": alpha_pattern key");
+    return c;
+  }
+
+  /// Reads `path`, or `path`/adapter_config.json when `path` is a directory.
+  static adapter_config load(const std::filesystem::path& path) {
+    const auto file = std::filesystem::is_directory(path) ? path / "adapter_config.json" : path;
+    std::ifstream in(file, std::ios::binary);
+    if (!in) peft::detail::raise<io_error>("adapter_config::load", "cannot open " + file.string());
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    return parse(ss.str(), file.string());
+  }
+
+  /// PEFT's rank for a module path (rank_pattern first).
+  index rank_for(const std::string& module) const {
+    for (const auto& [k, v] : rank_pattern) {
+      if (pattern_matches(k, module)) return v;
+    }
+    return r;
+  }
+  /// PEFT's lora_alpha for a module path (alpha_pattern first).
+  double alpha_for(const std::string& module) const {
+    for (const auto& [k, v] : alpha_pattern) {
+      if (pattern_matches(k, module)) return v;
+    }
+    return lora_alpha;
+  }
+  /// Whether target_modules selects this module path (none: false; all-linear: true).
+  bool targets(const std::string& module) const {
+    switch (targets_kind) {
+      case target_kind::none: return false;
+      case target_kind::all_linear: return true;
+      case target_kind::regex:
+        return std::regex_match(module, compile(target_modules.front(), "adapter_config::targets", "target_modules"));
+      case target_kind::list:
+        for (const auto& t : target_modules) {
+          if (module == t || (module.size() > t.size() && module.ends_with(t) &&
+                              module[module.size() - t.size() - 1] == '.')) {
+            return true;
+          }
+        }
+        return false;
+    }
+    return false;
+  }
+  /// Whether the module path lies inside a modules_to_save module (PEFT's rule).
+  bool saves_module(const std::string& module) const {
+    for (const auto& m : modules_to_save) {
+      if (module == m || module.ends_with("." + m) || module.starts_with(m + ".") ||
+          module.find("." + m + ".") != std::string::npos) {
+        return true;
+      }
+    }
+    return false;
+  }
+  /// target_modules as written: the list, the regex, or "all-linear".
+  std::string targets_string() const {
+    switch (targets_kind) {
+      case target_kind::none: return "(none)";
+      case target_kind::all_linear: return "all-linear";
+      case target_kind::regex: return "regex " + target_modules.front();
+      case target_kind::list: {
+        std::string s;
+        for (const auto& t : target_modules) {
+          if (!s.empty()) s += ", ";
+          s += t;
+        }
+        return s;
+      }
+    }
+    return {};
+  }
+
+  /// The JSON document: the fields read, updated from the members, PEFT's defaults added for a
+  /// config built in C++.
+  ordered_json to_json() const {
+    ordered_json j = raw;
+    if (!j.is_object()) j = ordered_json::object();
+    auto set_default = [&](const char* k, ordered_json v) {
+      if (!j.contains(k)) j[k] = std::move(v);
+    };
+    set_default("base_model_name_or_path", nullptr);
+    set_default("bias", "none");
+    set_default("inference_mode", true);
+    set_default("init_lora_weights", true);
+    set_default("layers_pattern", nullptr);
+    set_default("layers_to_transform", nullptr);
+    set_default("revision", nullptr);
+    set_default("task_type", nullptr);
+    j["peft_type"] = peft_type;
+    j["r"] = r;
+    j["lora_alpha"] = lora_alpha == std::floor(lora_alpha) && std::abs(lora_alpha) < 1e15
+                          ? ordered_json(static_cast<long long>(lora_alpha))
+                          : ordered_json(lora_alpha);
+    j["lora_dropout"] = lora_dropout;
+    j["use_rslora"] = use_rslora;
+    j["use_dora"] = use_dora;
+    j["lora_bias"] = lora_bias;
+    j["fan_in_fan_out"] = fan_in_fan_out;
+    ordered_json rp = ordered_json::object();
+    for (const auto& [k, v] : rank_pattern) rp[k] = v;
+    j["rank_pattern"] = rp;
+    ordered_json ap = ordered_json::object();
+    for (const auto& [k, v] : alpha_pattern) ap[k] = v;
+    j["alpha_pattern"] = ap;
+    switch (targets_kind) {
+      case target_kind::none: j["target_modules"] = nullptr; break;
+      case target_kind::all_linear: j["target_modules"] = "all-linear"; break;
+      case target_kind::regex: j["target_modules"] = target_modules.front(); break;
+      case target_kind::list: j["target_modules"] = target_modules; break;
+    }
+    if (modules_to_save.empty()) {
+      set_default("modules_to_save", nullptr);
+    } else {
+      j["modules_to_save"] = modules_to_save;
+    }
+    return j;
+  }
+
+  /// PEFT's pattern rule: `(.*\.)?(key)$` matched from the start of the module path.
+  static bool pattern_matches(const std::string& key, const std::string& module) {
+    return std::regex_match(module, compile("(.*\\.)?(" + key + ")", "adapter_config::pattern_matches", "pattern"));
+  }
+
+ private:
+  static std::regex compile(const std::string& pattern, const char* where, const std::string& what) {
+    try {
+      return std::regex(pattern, std::regex::ECMAScript);
+    } catch (const std::regex_error& e) {
+      peft::detail::raise<format_error>(where, what + " '" + pattern + "' is not a valid regex: " + e.what());
+    }
+  }
+};
+
+}  // namespace peft::io

@@ -1,0 +1,92 @@
+// peft/io/checkpoint_tensors.hpp — what an adapter type reads from a PEFT checkpoint.
+//
+// The loader groups the tensors of adapter_model.safetensors by module and hands each adapter
+// type's `from_checkpoint` the module's tensors (keyed by parameter name: "lora_A.weight",
+// "vera_lambda_b", ...) converted to the compute scalar, plus the tensors shared by every module
+// ("base_model.vera_A" -> "vera_A"), each loaded once and referenced, never copied, by every
+// adapter that asks for it.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "peft/core/dtype.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/matrix.hpp"
+
+namespace peft::io {
+
+/// One stored tensor, converted to T.
+template <compute_scalar T>
+struct stored_tensor {
+  std::vector<std::int64_t> shape;
+  dtype type = dtype::f32;           // as stored in the file
+  std::shared_ptr<matrix<T>> data;   // 2-D (rows, cols); 1-D as (1, n); n-D as (d0, d1*...*dn)
+};
+
+namespace detail {
+inline std::string shape_text(const std::vector<std::int64_t>& s) {
+  std::string t = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (i) t += ", ";
+    t += std::to_string(s[i]);
+  }
+  return t + "]";
+}
+}  // namespace detail
+
+/// The tensors of one module (or, for `shared`, of the whole model), by parameter name.
+template <compute_scalar T>
+class checkpoint_tensors {
+ public:
+  checkpoint_tensors() = default;
+  explicit checkpoint_tensors(std::string module) : module_(std::move(module)) {}
+
+  const std::string& module() const noexcept { return module_; }
+  bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
+  const std::map<std::string, stored_tensor<T>>& all() const noexcept { return tensors_; }
+  void add(const std::string& name, stored_tensor<T> t) { tensors_[name] = std::move(t); }
+
+  /// The tensor `name`; format_error naming the module when it is missing.
+  const stored_tensor<T>& get(const std::string& name) const {
+    auto it = tensors_.find(name);
+    if (it == tensors_.end()) {
+      peft::detail::raise<format_error>("load_peft_checkpoint", where() + " has no tensor '" + name + "'");
+    }
+    return it->second;
+  }
+  /// A copy of tensor `name` as a matrix; with `shape` given, format_error unless it matches.
+  matrix<T> copy(const std::string& name, const std::vector<std::int64_t>& shape = {}) const {
+    return *shared(name, shape);
+  }
+  /// The tensor `name` itself (shared, not copied), checked against `shape` when given.
+  std::shared_ptr<matrix<T>> shared(const std::string& name, const std::vector<std::int64_t>& shape = {}) const {
+    const auto& t = get(name);
+    if (!shape.empty() && t.shape != shape) {
+      peft::detail::raise<format_error>("load_peft_checkpoint", where() + ": '" + name + "' is " +
+                                                                    detail::shape_text(t.shape) + ", expected " +
+                                                                    detail::shape_text(shape));
+    }
+    return t.data;
+  }
+  /// The dimensions of tensor `name`; format_error unless it has `rank` of them.
+  const std::vector<std::int64_t>& shape(const std::string& name, std::size_t rank) const {
+    const auto& t = get(name);
+    if (t.shape.size() != rank) {
+      peft::detail::raise<format_error>("load_peft_checkpoint", where() + ": '" + name + "' is " +
+                                                                    detail::shape_text(t.shape) + ", expected " +
+                                                                    std::to_string(rank) + " dimensions");
+    }
+    return t.shape;
+  }
+
+ private:
+  std::string where() const { return module_.empty() ? std::string("the checkpoint") : "module '" + module_ + "'"; }
+  std::string module_;
+  std::map<std::string, stored_tensor<T>> tensors_;
+};
+
+}  // namespace peft::io

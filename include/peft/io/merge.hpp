@@ -1,0 +1,203 @@
+// peft/io/merge.hpp — the offline merge_and_unload: base model file(s) + PEFT adapter -> one
+// safetensors file with every targeted weight merged and every other tensor copied unchanged.
+//
+//   peft::io::merge_model("model.safetensors", "adapter/", "merged.safetensors", {});
+//
+// Merged weights are computed in double from the stored values (W0 + s B A, transposed for
+// fan_in_fan_out bases, b0 + s b_B with lora_bias) and rounded once to the output dtype.
+// modules_to_save tensors of the adapter replace the base's. The output is written to a
+// temporary file and renamed, one tensor in memory at a time: on any error nothing is left.
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "peft/base/dense.hpp"
+#include "peft/core/dtype.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/matrix.hpp"
+#include "peft/io/model_files.hpp"
+#include "peft/io/peft_checkpoint.hpp"
+#include "peft/io/safetensors.hpp"
+#include "peft/kernels/gemm.hpp"
+
+namespace peft::io {
+
+struct merge_options {
+  std::optional<dtype> out_dtype;  // nullopt: each tensor keeps its dtype; else floating tensors convert
+};
+
+struct merge_report {
+  std::size_t tensors = 0;               // tensors written
+  std::vector<std::string> merged;       // base tensors that received a delta
+  std::vector<std::string> replaced;     // base tensors replaced by modules_to_save
+};
+
+namespace detail {
+
+using merge_adapter = any_adapter<double>;
+
+struct merge_plan_entry {
+  const adapted_module<merge_adapter>* module = nullptr;
+  bool is_bias = false;
+  const saved_tensor* replacement = nullptr;
+};
+
+/// Whether merging the adapter changes the bias (LoRA with lora_bias).
+inline bool adapter_touches_bias(const merge_adapter& a) {
+  return a.visit([](const auto& x) {
+    if constexpr (requires { x.has_bias(); }) {
+      return x.has_bias();
+    } else {
+      return false;
+    }
+  });
+}
+
+/// The stored base weight as a dense (out, in) double matrix (transposed back for fan_in_fan_out).
+inline dense<double> read_base(const model_files& model, const std::string& name, bool fan_in_fan_out) {
+  const tensor_info& info = model.info(name);
+  const std::byte* src = model.bytes(name).data();
+  const auto rows = static_cast<index>(info.shape[0]), cols = static_cast<index>(info.shape[1]);
+  matrix<double> w = fan_in_fan_out ? matrix<double>(cols, rows) : matrix<double>(rows, cols);
+  for (index i = 0; i < rows; ++i) {
+    for (index j = 0; j < cols; ++j) {
+      const double v = load_element<double>(src, info.type, static_cast<std::size_t>(i * cols + j));
+      if (fan_in_fan_out) {
+        w(j, i) = v;
+      } else {
+        w(i, j) = v;
+      }
+    }
+  }
+  return dense<double>(std::move(w));
+}
+
+}  // namespace detail
+
+/// Merges the adapter in `adapter_dir` into the model at `base` (a .safetensors file, a
+/// model.safetensors.index.json, or a directory holding either) and writes `out`.
+inline merge_report merge_model(const std::filesystem::path& base, const std::filesystem::path& adapter_dir,
+                                const std::filesystem::path& out, const merge_options& opt) {
+  constexpr const char* where = "merge_model";
+  if (opt.out_dtype && !is_floating(*opt.out_dtype)) {
+    peft::detail::raise<unsupported_error>(where, "the output dtype must be f32, bf16, f16 or f64");
+  }
+  const auto ck = load_peft_checkpoint<double>(adapter_dir);
+  const auto model = model_files::open(base);
+  const bool fan_in_fan_out = ck.config.fan_in_fan_out;
+
+  // Plan and validate everything before writing a byte.
+  std::map<std::string, detail::merge_plan_entry> plan;
+  merge_report report;
+  for (const auto& m : ck.modules) {
+    if (!m.adapter.template mergeable<dense<double>>()) {
+      peft::detail::raise<unsupported_error>(where, "module '" + m.path + "': " + std::string(m.adapter.active_method()) +
+                                                        " cannot be merged into a weight");
+    }
+    const auto name = model.resolve(m.path, "weight");
+    if (!name) {
+      peft::detail::raise<format_error>(where, "the base model has no weight for module '" + m.path +
+                                                   "' (looked for '" + m.path + ".weight')");
+    }
+    const tensor_info& info = model.info(*name);
+    const std::int64_t out_f = m.adapter.out_features(), in_f = m.adapter.in_features();
+    const std::vector<std::int64_t> expect =
+        fan_in_fan_out ? std::vector<std::int64_t>{in_f, out_f} : std::vector<std::int64_t>{out_f, in_f};
+    if (info.shape != expect) {
+      peft::detail::raise<format_error>(where, "base weight '" + *name + "' is " + detail::shape_text(info.shape) +
+                                                   ", the adapter for '" + m.path + "' needs " + detail::shape_text(expect) +
+                                                   (fan_in_fan_out ? " (fan_in_fan_out)" : ""));
+    }
+    if (!is_floating(info.type)) {
+      peft::detail::raise<unsupported_error>(where, "base weight '" + *name + "' is " +
+                                                        std::string(safetensors_name(info.type)) + ", not a floating dtype");
+    }
+    if (plan.count(*name)) peft::detail::raise<format_error>(where, "two modules adapt '" + *name + "'");
+    plan[*name] = {&m, false, nullptr};
+    report.merged.push_back(*name);
+    if (detail::adapter_touches_bias(m.adapter)) {
+      const auto bias = model.resolve(m.path, "bias");
+      if (!bias) {
+        peft::detail::raise<format_error>(where, "module '" + m.path + "' has lora_bias but the base has no '" +
+                                                     m.path + ".bias'");
+      }
+      if (model.info(*bias).shape != std::vector<std::int64_t>{out_f} || !is_floating(model.info(*bias).type)) {
+        peft::detail::raise<format_error>(where, "base bias '" + *bias + "' is not a floating vector of " +
+                                                     std::to_string(out_f));
+      }
+      plan[*bias] = {&m, true, nullptr};
+      report.merged.push_back(*bias);
+    }
+  }
+  for (const auto& s : ck.saved_tensors) {
+    const auto dot = s.name.rfind('.');
+    const auto name = dot == std::string::npos ? std::optional<std::string>{}
+                                               : model.resolve(s.name.substr(0, dot), s.name.substr(dot + 1));
+    if (!name) peft::detail::raise<format_error>(where, "the base model has no tensor '" + s.name + "' to replace");
+    if (model.info(*name).shape != s.shape) {
+      peft::detail::raise<format_error>(where, "modules_to_save tensor '" + s.name + "' is " + detail::shape_text(s.shape) +
+                                                   ", the base's is " + detail::shape_text(model.info(*name).shape));
+    }
+    if (plan.count(*name)) peft::detail::raise<format_error>(where, "'" + *name + "' is both adapted and replaced");
+    plan[*name] = {nullptr, false, &s};
+    report.replaced.push_back(*name);
+  }
+
+  safetensors_writer w;
+  w.set_metadata(model.metadata());
+  for (const auto& name : model.names()) {
+    const tensor_info& info = model.info(name);
+    const auto it = plan.find(name);
+    const saved_tensor* repl = it != plan.end() ? it->second.replacement : nullptr;
+    const dtype src_type = repl ? repl->type : info.type;
+    const dtype out_type = (opt.out_dtype && is_floating(src_type)) ? *opt.out_dtype : src_type;
+    if (it == plan.end() || repl) {
+      const std::byte* src = repl ? repl->data.data() : model.bytes(name).data();
+      const std::size_t n = info.numel();
+      if (out_type == src_type) {
+        w.add_lazy(name, out_type, info.shape, [src](std::span<std::byte> dst) {
+          std::copy(src, src + dst.size(), dst.begin());
+        });
+      } else {
+        w.add_lazy(name, out_type, info.shape, [src, n, src_type, out_type](std::span<std::byte> dst) {
+          for (std::size_t i = 0; i < n; ++i) store_element(dst.data(), out_type, i, load_element<double>(src, src_type, i));
+        });
+      }
+      continue;
+    }
+    const auto* m = it->second.module;
+    const std::string weight_name = it->second.is_bias ? *model.resolve(m->path, "weight") : name;
+    const bool is_bias = it->second.is_bias;
+    w.add_lazy(name, out_type, info.shape,
+               [&model, name, weight_name, is_bias, m, out_type, fan_in_fan_out](std::span<std::byte> dst) {
+      const dense<double> w0 = detail::read_base(model, weight_name, fan_in_fan_out);
+      const std::byte* src = model.bytes(name).data();
+      const dtype src_type = model.info(name).type;
+      if (is_bias) {
+        std::vector<double> db(static_cast<std::size_t>(w0.out_features()));
+        m->adapter.delta_bias(w0, db.data());
+        for (std::size_t j = 0; j < db.size(); ++j) {
+          store_element(dst.data(), out_type, j, load_element<double>(src, src_type, j) + db[j]);
+        }
+        return;
+      }
+      const index out_f = w0.out_features(), in_f = w0.in_features();
+      matrix<double> delta(out_f, in_f);
+      m->adapter.delta_weight(w0, delta.view());
+      for (index i = 0; i < out_f; ++i) {
+        for (index j = 0; j < in_f; ++j) {
+          const auto k = static_cast<std::size_t>(fan_in_fan_out ? j * out_f + i : i * in_f + j);
+          store_element(dst.data(), out_type, k, load_element<double>(src, src_type, k) + delta(i, j));
+        }
+      }
+    });
+  }
+  report.tensors = w.size();
+  w.write(out);
+  return report;
+}
+
+}  // namespace peft::io

@@ -1,0 +1,320 @@
+// peft/io/peft_checkpoint.hpp — HuggingFace PEFT checkpoints: adapter_config.json +
+// adapter_model.safetensors, loaded into one adapter per adapted module and saved back.
+//
+//   auto ck = peft::io::load_peft_checkpoint<float>("path/to/adapter");   // any_adapter<float>
+//   for (auto& m : ck.modules) { m.path; m.weight_name; m.adapter.forward(base, x, y, cache); }
+//   peft::io::save_peft_checkpoint("out/adapter", ck);                      // PEFT loads it
+//
+// Keys on disk are "base_model.model.<module path>.<parameter>" (PEFT drops the adapter name on
+// save); tensors shared by all modules are "base_model.<name>" (VeRA's projections). A module's
+// base weight is "<module path>.weight". The adapter type is chosen from adapter_config.json:
+// the first alternative of the adapter type (a variant_adapter, or one concrete type) whose
+// `handles(config)` is true loads every module through its `from_checkpoint`. Tensors of
+// `modules_to_save` modules (whole replacement weights) are kept verbatim in `saved_tensors`.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "peft/adapters/any_adapter.hpp"
+#include "peft/core/dtype.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/matrix.hpp"
+#include "peft/io/adapter_config.hpp"
+#include "peft/io/checkpoint_tensors.hpp"
+#include "peft/io/safetensors.hpp"
+
+namespace peft::io {
+
+inline constexpr std::string_view peft_key_prefix = "base_model.model.";
+inline constexpr std::string_view peft_shared_prefix = "base_model.";
+
+/// One adapted module of a checkpoint.
+template <class Adapter>
+struct adapted_module {
+  std::string path;         // module path, e.g. "model.layers.0.self_attn.q_proj"
+  std::string weight_name;  // the base weight it adapts: path + ".weight"
+  Adapter adapter;
+};
+
+/// A tensor stored verbatim (modules_to_save): `name` is the base tensor it replaces.
+struct saved_tensor {
+  std::string name;
+  dtype type = dtype::f32;
+  std::vector<std::int64_t> shape;
+  std::vector<std::byte> data;
+};
+
+/// A loaded checkpoint. Adapter is any_adapter<T> by default, or one concrete adapter type.
+template <class Adapter>
+struct basic_peft_checkpoint {
+  using adapter_type = Adapter;
+  adapter_config config;
+  std::vector<adapted_module<Adapter>> modules;  // sorted by path
+  std::vector<saved_tensor> saved_tensors;
+  dtype stored_dtype = dtype::f32;               // dtype of the adapter tensors as read
+
+  /// The module adapting base weight `weight_name`, or nullptr.
+  const adapted_module<Adapter>* find(const std::string& weight_name) const {
+    for (const auto& m : modules) {
+      if (m.weight_name == weight_name) return &m;
+    }
+    return nullptr;
+  }
+  adapted_module<Adapter>* find(const std::string& weight_name) {
+    return const_cast<adapted_module<Adapter>*>(std::as_const(*this).find(weight_name));
+  }
+  /// Parameters over all modules; a shared tensor counts once.
+  std::size_t parameter_count() {
+    std::size_t n = 0;
+    std::vector<const void*> seen;
+    for (auto& m : modules) {
+      for (const auto& p : m.adapter.parameters()) {
+        if (p.shared) {
+          if (std::find(seen.begin(), seen.end(), p.value.data()) != seen.end()) continue;
+          seen.push_back(p.value.data());
+        }
+        n += static_cast<std::size_t>(p.value.size());
+      }
+    }
+    return n;
+  }
+};
+
+template <compute_scalar T>
+using peft_checkpoint = basic_peft_checkpoint<any_adapter<T>>;
+
+namespace detail {
+
+template <class Adapter>
+struct alternatives {
+  using type = std::tuple<Adapter>;
+};
+template <class... As>
+struct alternatives<variant_adapter<As...>> {
+  using type = std::tuple<As...>;
+};
+
+/// Splits "base_model.model.<module>.<param>" for a param in `params` (longest match wins).
+inline bool split_key(const std::string& rest, const std::vector<std::string_view>& params, std::string& module,
+                      std::string& param) {
+  std::size_t best = 0;
+  for (auto p : params) {
+    if (rest.size() > p.size() + 1 && rest.ends_with(p) && rest[rest.size() - p.size() - 1] == '.' && p.size() > best) {
+      best = p.size();
+      param = std::string(p);
+    }
+  }
+  if (best == 0) return false;
+  module = rest.substr(0, rest.size() - best - 1);
+  return true;
+}
+
+template <compute_scalar T>
+stored_tensor<T> convert_tensor(const safetensors_file& f, const tensor_info& t) {
+  stored_tensor<T> s;
+  s.shape = t.shape;
+  s.type = t.type;
+  index rows = 1, cols = 1;
+  if (t.shape.size() == 1) {
+    cols = static_cast<index>(t.shape[0]);
+  } else if (!t.shape.empty()) {
+    rows = static_cast<index>(t.shape[0]);
+    for (std::size_t i = 1; i < t.shape.size(); ++i) cols *= static_cast<index>(t.shape[i]);
+  }
+  s.data = std::make_shared<matrix<T>>(rows, cols, f.read<T>(t.name));
+  return s;
+}
+
+template <class A, class Adapter>
+void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& file) {
+  using T = typename A::scalar;
+  constexpr const char* where = "load_peft_checkpoint";
+  const adapter_config& cfg = ck.config;
+  const auto params = A::checkpoint_parameters();
+  const auto shared_names = A::shared_parameters();
+  checkpoint_tensors<T> shared;
+  std::map<std::string, checkpoint_tensors<T>> by_module;
+  bool first = true;
+  for (const auto& t : file.tensors()) {
+    if (!t.name.starts_with(peft_shared_prefix)) {
+      peft::detail::raise<format_error>(where, "key '" + t.name + "' does not start with 'base_model.'");
+    }
+    if (!t.name.starts_with(peft_key_prefix)) {
+      const std::string name = t.name.substr(peft_shared_prefix.size());
+      if (std::find(shared_names.begin(), shared_names.end(), name) == shared_names.end()) {
+        peft::detail::raise<format_error>(where, "key '" + t.name + "' is not a shared tensor of " + std::string(A::method));
+      }
+      shared.add(name, convert_tensor<T>(file, t));
+      continue;
+    }
+    const std::string rest = t.name.substr(peft_key_prefix.size());
+    std::string module, param;
+    if (!split_key(rest, params, module, param)) {
+      const auto dot = rest.rfind('.');
+      const std::string owner = dot == std::string::npos ? rest : rest.substr(0, dot);
+      if (cfg.saves_module(owner)) {
+        saved_tensor s{rest, t.type, t.shape, {}};
+        const auto b = file.bytes(t.name);
+        s.data.assign(b.begin(), b.end());
+        ck.saved_tensors.push_back(std::move(s));
+        continue;
+      }
+      peft::detail::raise<format_error>(where, "key '" + t.name + "' is not a parameter of " + std::string(A::method) +
+                                                   " (peft_type " + cfg.peft_type + ")");
+    }
+    bool integer_ok = false;
+    if constexpr (requires { A::integer_parameter(param); }) integer_ok = A::integer_parameter(param);
+    if (!is_floating(t.type) && !integer_ok) {
+      peft::detail::raise<format_error>(where, "tensor '" + t.name + "' has non-floating dtype " +
+                                                   std::string(safetensors_name(t.type)));
+    }
+    if (first && is_floating(t.type)) {
+      ck.stored_dtype = t.type;
+      first = false;
+    }
+    auto [it, inserted] = by_module.try_emplace(module, module);
+    it->second.add(param, convert_tensor<T>(file, t));
+  }
+  for (auto& [module, tensors] : by_module) {
+    ck.modules.push_back({module, module + ".weight", Adapter(A::from_checkpoint(cfg, tensors, shared))});
+  }
+  if (ck.modules.empty()) peft::detail::raise<format_error>(where, file.path().string() + " holds no adapted module");
+}
+
+inline void write_text_atomically(const std::filesystem::path& path, const std::string& text) {
+  auto tmp = path;
+  tmp += ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) peft::detail::raise<io_error>("save_peft_checkpoint", "cannot write " + tmp.string());
+    out << text;
+    out.flush();
+    if (!out) {
+      std::error_code ec;
+      std::filesystem::remove(tmp, ec);
+      peft::detail::raise<io_error>("save_peft_checkpoint", "cannot write " + tmp.string());
+    }
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    std::filesystem::remove(tmp, ec);
+    peft::detail::raise<io_error>("save_peft_checkpoint", "cannot rename onto " + path.string());
+  }
+}
+
+}  // namespace detail
+
+/// Loads a PEFT checkpoint directory (adapter_config.json + adapter_model.safetensors) into
+/// adapters of type Adapter (default: any_adapter<T>, every method peft-cpp knows). Throws
+/// io_error (missing files), format_error (keys, shapes, a config inconsistent with the tensors),
+/// unsupported_error (a method or variant that no alternative of Adapter handles).
+template <class Adapter>
+basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& dir) {
+  constexpr const char* where = "load_peft_checkpoint";
+  namespace fs = std::filesystem;
+  basic_peft_checkpoint<Adapter> ck;
+  ck.config = adapter_config::load(dir);
+  const fs::path weights = dir / "adapter_model.safetensors";
+  bool loaded = false;
+  std::string supported;
+  auto try_one = [&]<class A>(A*) {
+    if (!supported.empty()) supported += ", ";
+    supported += A::method;
+    if (loaded || !A::handles(ck.config)) return;
+    if (!fs::exists(weights)) {
+      if (fs::exists(dir / "adapter_model.bin")) {
+        peft::detail::raise<unsupported_error>(where, (dir / "adapter_model.bin").string() +
+                                                          " is a pickle checkpoint; save it with safe_serialization=True");
+      }
+      peft::detail::raise<io_error>(where, "no adapter_model.safetensors in " + dir.string());
+    }
+    const auto file = safetensors_file::open(weights);
+    detail::load_modules<A>(ck, file);
+    loaded = true;
+  };
+  std::apply([&](auto... tag) { (try_one(static_cast<decltype(tag)*>(nullptr)), ...); },
+             typename detail::alternatives<Adapter>::type{});
+  if (!loaded) {
+    peft::detail::raise<unsupported_error>(where, "peft_type '" + ck.config.peft_type +
+                                                      (ck.config.use_dora ? "' with use_dora" : "'") +
+                                                      " is not supported (methods: " + supported + ")");
+  }
+  return ck;
+}
+
+/// load_checkpoint_as<any_adapter<T>>: every method peft-cpp loads.
+template <compute_scalar T>
+peft_checkpoint<T> load_peft_checkpoint(const std::filesystem::path& dir) {
+  return load_checkpoint_as<any_adapter<T>>(dir);
+}
+
+/// Writes `dir`/adapter_model.safetensors (tensors stored as `stored_as`) and
+/// `dir`/adapter_config.json, each atomically (temporary file, then rename). The config is made
+/// to describe the modules (each adapter's `describe_in`: LoRA adds exact rank_pattern /
+/// alpha_pattern entries where r / lora_alpha do not give its rank and scale), and target_modules
+/// is extended to every saved module. Shared tensors are written once, as "base_model.<name>".
+template <class Adapter>
+void save_peft_checkpoint(const std::filesystem::path& dir, basic_peft_checkpoint<Adapter>& ck,
+                          dtype stored_as = dtype::f32) {
+  constexpr const char* where = "save_peft_checkpoint";
+  using T = typename Adapter::scalar;
+  if (!is_floating(stored_as)) peft::detail::raise<unsupported_error>(where, "adapter tensors must be stored as a floating dtype");
+  if (ck.modules.empty()) peft::detail::raise<error>(where, "the checkpoint has no module");
+  adapter_config cfg = ck.config;
+  for (auto& m : ck.modules) {
+    if constexpr (requires { m.adapter.visit([](auto&) {}); }) {
+      m.adapter.visit([&](const auto& a) { a.describe_in(cfg, m.path); });
+    } else {
+      m.adapter.describe_in(cfg, m.path);
+    }
+    if (!cfg.targets(m.path)) {
+      if (cfg.targets_kind != target_kind::list) {
+        cfg.targets_kind = target_kind::list;
+        cfg.target_modules.clear();
+        for (const auto& mm : ck.modules) cfg.target_modules.push_back(mm.path);
+      } else {
+        cfg.target_modules.push_back(m.path);
+      }
+    }
+  }
+  safetensors_writer w;
+  w.set_metadata({{"format", "pt"}});
+  std::vector<std::string> shared_written;
+  for (auto& m : ck.modules) {
+    for (const auto& p : m.adapter.parameters()) {
+      std::string key;
+      if (p.shared) {
+        key = std::string(peft_shared_prefix) + p.name;
+        if (std::find(shared_written.begin(), shared_written.end(), key) != shared_written.end()) continue;
+        shared_written.push_back(key);
+      } else {
+        key = std::string(peft_key_prefix) + m.path + "." + p.name;
+      }
+      std::vector<T> values(static_cast<std::size_t>(p.value.size()));
+      for (index i = 0; i < p.value.rows(); ++i) {
+        std::copy(p.value.row(i), p.value.row(i) + p.value.cols(), values.begin() + i * p.value.cols());
+      }
+      w.add(key, p.shape, std::span<const T>(values), p.integer ? dtype::i32 : stored_as);
+    }
+  }
+  for (const auto& s : ck.saved_tensors) {
+    w.add(std::string(peft_key_prefix) + s.name, s.type, s.shape, std::span<const std::byte>(s.data));
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) peft::detail::raise<io_error>(where, "cannot create " + dir.string() + ": " + ec.message());
+  w.write(dir / "adapter_model.safetensors");
+  detail::write_text_atomically(dir / "adapter_config.json", cfg.to_json().dump(2) + "\n");
+  ck.config = cfg;
+}
+
+}  // namespace peft::io

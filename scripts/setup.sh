@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# peft-cpp set-up: installs the Debian packages that are missing, configures, builds, and runs.
+#
+#   scripts/setup.sh example   the main example (LoRA adaptation on the UCI digits)
+#   scripts/setup.sh test      the whole test suite (unit, packaging, fuzzer when clang++ is
+#                              installed), then again under AddressSanitizer + UBSan
+#   scripts/setup.sh bench     peft_bench (Release)
+#
+# Environment: BUILD_DIR (default build), JOBS (default nproc), PEFT_SKIP_SANITIZE=1 skips the
+# sanitizer pass of `test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-test}"
+jobs="${JOBS:-$(nproc)}"
+build="${BUILD_DIR:-build}"
+
+packages=(cmake g++ make libeigen3-dev libxtensor-dev libxsimd-dev nlohmann-json3-dev catch2 libbenchmark-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "== installing: ${missing[*]}"
+  sudo_cmd=()
+  [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+configure() {  # configure DIR [cmake args...]
+  local dir="$1"; shift
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DPEFT_WARNINGS_AS_ERRORS=ON "$@" >/dev/null
+}
+
+case "$what" in
+  example)
+    configure "$build"
+    cmake --build "$build" -j "$jobs" --target lora_digits peft_cli
+    "$build/examples/lora_digits"
+    ;;
+  test)
+    configure "$build"
+    cmake --build "$build" -j "$jobs"
+    ctest --test-dir "$build" --output-on-failure -j "$jobs"
+    if [[ "${PEFT_SKIP_SANITIZE:-0}" != 1 ]]; then
+      echo "== again under AddressSanitizer + UndefinedBehaviorSanitizer"
+      configure "$build-asan" -DCMAKE_BUILD_TYPE=Debug -DPEFT_SANITIZE=address,undefined \
+        -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=ON
+      cmake --build "$build-asan" -j "$jobs" --target peft_tests peft_cli
+      ctest --test-dir "$build-asan" --output-on-failure -j "$jobs" -R '^(unit|cli)'
+    fi
+    ;;
+  bench)
+    configure "$build"
+    cmake --build "$build" -j "$jobs" --target peft_bench
+    "$build/benchmarks/peft_bench" "${@:2}"
+    ;;
+  *)
+    echo "usage: scripts/setup.sh example|test|bench" >&2
+    exit 2
+    ;;
+esac
