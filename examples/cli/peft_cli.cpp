@@ -74,10 +74,16 @@ int inspect(const std::vector<std::string>& args) {
     const std::string shape =
         std::to_string(m.adapter.out_features()) + " x " + std::to_string(m.adapter.in_features());
     std::printf("%-44s %-12s %9zu  %s\n", m.weight_name.c_str(), shape.c_str(), n, tensors.c_str());
-    if (const auto* l = m.adapter.get_if<peft::lora<double>>()) {
-      std::printf("%-44s rank %td, alpha %g, scale %g%s\n", "", l->rank(), cfg.alpha_for(m.path), l->scale(),
-                  l->has_bias() ? ", lora_bias" : "");
-    }
+    m.adapter.visit([&](const auto& a) {
+      if constexpr (requires { a.rank(); a.scale(); }) {
+        std::string extra;
+        if constexpr (requires { a.has_bias(); }) {
+          if (a.has_bias()) extra = ", lora_bias";
+        }
+        std::printf("%-44s rank %td, scale %g%s\n", "", static_cast<std::ptrdiff_t>(a.rank()),
+                    static_cast<double>(a.scale()), extra.c_str());
+      }
+    });
   }
   for (const auto& s : shared) std::printf("shared: %s\n", s.c_str());
   for (const auto& s : ck.saved_tensors) {

@@ -41,7 +41,10 @@ class adapted_linear {
   const Base& base() const noexcept { return base_; }
   /// The base, for callers that replace or inspect it; changing it under a merged adapter
   /// makes unmerge subtract a delta computed from the changed weight.
-  Base& base() noexcept { return base_; }
+  Base& base() noexcept {
+    reset_caches();
+    return base_;
+  }
 
   /// Adds an adapter under a new name (enabled). Throws shape_error on a shape mismatch and
   /// error on a duplicate name. The reference stays valid until that adapter is removed.
@@ -199,6 +202,10 @@ class adapted_linear {
     return active;
   }
 
+  void reset_caches() {
+    for (auto& s : slots_) s.cache = {};
+  }
+
   void apply_delta(slot& s, double sign) {
     matrix<scalar> dw(out_features(), in_features());
     if constexpr (requires { s.adapter.unmerge_delta(base_, dw.view()); }) {
@@ -215,6 +222,7 @@ class adapted_linear {
     const bool has_bias = s.adapter.delta_bias(base_, db.data());
     base_.add_to_weight(matrix_view<const scalar>(dw.view()), sign);
     if (has_bias) base_.add_to_bias(static_cast<const scalar*>(db.data()), sign);
+    reset_caches();  // values derived from W0 (DoRA's row norms) are stale now
   }
 
   Base base_;

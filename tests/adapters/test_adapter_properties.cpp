@@ -3,7 +3,9 @@
 //
 // Adapters may cache values derived from their parameters (DoRA's row norms) until the next
 // non-const parameters() call, the mutable access point: the finite-difference loss calls it
-// before each forward.
+// before each forward. Optional traits hooks: freeze(a, w) / thaw(a) hold a derived quantity
+// fixed during the parameter finite differences; make_default_for(w, g) builds the default
+// init from the base.
 #include <catch2/catch.hpp>
 
 #include <string>
@@ -94,6 +96,9 @@ TEMPLATE_LIST_TEST_CASE("adapter properties: forward, terms, gradients, merge, i
         auto loss_x = [&] { return peft_test::dot(run_forward(a, w, xv), gy); };
         CHECK(peft_test::rel_error(dx, peft_test::fd_gradient(xv.view(), 1e-6, loss_x)) < 1e-7);
       }
+      // Adapters whose gradient treats a derived quantity as constant (DoRA's detached row
+      // norm) hold it fixed for the finite differences of the parameters.
+      if constexpr (requires { traits::freeze(a, w); }) traits::freeze(a, w);
       std::size_t k = 0;
       for (auto& p : a.parameters()) {
         INFO("parameter " << p.name);
@@ -104,6 +109,8 @@ TEMPLATE_LIST_TEST_CASE("adapter properties: forward, terms, gradients, merge, i
         }
         ++k;
       }
+
+      if constexpr (requires { traits::thaw(a); }) traits::thaw(a);
 
       // merged == unmerged
       if constexpr (peft::mergeable_adapter_for<A, dense_base>) {
@@ -119,7 +126,10 @@ TEMPLATE_LIST_TEST_CASE("adapter properties: forward, terms, gradients, merge, i
       }
 
       // identity at the method's default init
-      if constexpr (traits::identity_at_init) {
+      if constexpr (requires { traits::make_default_for(w, g); }) {
+        const A fresh = traits::make_default_for(w, g);  // an init that reads the base (DoRA)
+        CHECK(peft_test::exactly_equal(run_forward(fresh, w, x), h));
+      } else if constexpr (traits::identity_at_init) {
         const A fresh = traits::make_default(in, out, g);
         CHECK(peft_test::exactly_equal(run_forward(fresh, w, x), h));
       }

@@ -124,6 +124,18 @@ class variant_adapter {
       }
     });
   }
+  /// W' - W0 recovered from a merged base: the alternative's `unmerge_delta` (DoRA), else its
+  /// delta_weight.
+  template <class Base>
+  void unmerge_delta(const Base& merged, matrix_view<scalar> dw) const {
+    visit([&](const auto& a) {
+      if constexpr (requires { a.unmerge_delta(merged, dw); }) {
+        a.unmerge_delta(merged, dw);
+      } else {
+        delta_weight(merged, dw);
+      }
+    });
+  }
   template <class Base>
   bool delta_bias(const Base& w, scalar* db) const {
     return visit([&](const auto& a) -> bool {

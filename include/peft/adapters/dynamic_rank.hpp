@@ -1,0 +1,392 @@
+// peft/adapters/dynamic_rank.hpp — DoRA, dynamic rank distribution (Mao et al., ACL 2024;
+// code MIkumikumi0116/DoRA). Not the weight-decomposed DoRA of PEFT (that one is `dora`).
+//
+//   y = x W0^T + b0 + s ((x A^T) * c) B^T          s = alpha / r0
+//   A (r0, in), B (out, r0), c (r0): r0 single-rank components, Delta W = s sum_i c_i b_i a_i^T
+//
+//   peft::dynamic_rank<float> a(in, out, {.rank = 8, .alpha = 16});  // r0 = ceil(1.5 * 8) = 12
+//   ... forward / backward / optimizer step ...
+//   a.update_importance();                        // after every optimizer step
+//   a.prune(mask);                                // a pruning event of the global schedule
+//   std::optional<peft::lora<float>> l = a.compact();   // a plain LoRA of rank |{c_i != 0}|
+//
+// Init: A and B kaiming-uniform with a = 0 as torch.nn.init.kaiming_uniform_ does on the
+// official code's nn.Linear weights: U(+-sqrt(6 / fan_in)), fan_in = in for A (r0, in) and
+// r0 for B (out, r0); c = 0, so the adapter starts as the identity (and only c moves at first).
+//
+// Gradients (g = dL/dy, t = x A^T, u = g B): dB += s g^T (t * c), dA += s (u * c)^T x,
+// dc_i += s sum_b u_bi t_bi, dx = g W0 + s (u * c) A.
+//
+// Importance (per component, without the scale s, as the paper and its code):
+//   s_i = |c_i| ||b_i|| ||a_i|| / (||B diag(c) A||_F + eps)       eps = 1e-8
+// computed from two (r0, r0) Gram matrices, never the (out, in) product (see
+// detail::gated_low_rank::frobenius_norm); update_importance() keeps the EMA
+// S <- 0.9 S + 0.1 s (S starts at 0; both coefficients are options).
+//
+// The global pruning schedule (15%..50% of training, threshold over ALL layers' S) belongs to
+// the trainer; this type gives it: importance() to read S, prune(mask) to zero chosen c_i,
+// prune(mask, true) / set_mask_frozen() for the final mask, apply_mask() to re-zero masked c_i
+// after an optimizer step (needed for momentum optimizers once the mask is frozen).
+//
+// Regulariser (the "dimensional equilibrium modulator"): this layer's share is
+//   R_layer = sum_i (var(A_i,:) + var(B_:,i))     unbiased variance
+// regularizer() returns it; add_regularizer(coef) adds coef * dR_layer/dA, dR_layer/dB into the
+// gradients and returns coef * R_layer. The paper's loss term is lambda_R (0.1) times the mean
+// over layers, R = sum_layers R_layer / (L 2 r0): pass coef = lambda_R / (L 2 r0) to every layer,
+// until pruning ends. A row or column of one element has variance 0 here (PyTorch gives NaN).
+//
+// No PEFT checkpoint exists for this method: compact() to a LoRA and save that. The parameter
+// names (lora_A.weight, lora_B.weight, lora_scaler) follow LoRA and the official code.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "peft/adapters/detail/gated_low_rank.hpp"
+#include "peft/adapters/lora.hpp"
+#include "peft/base/dense.hpp"
+#include "peft/core/adapter.hpp"
+#include "peft/core/base_weight.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/matrix.hpp"
+#include "peft/core/parameter.hpp"
+#include "peft/core/random.hpp"
+#include "peft/io/adapter_config.hpp"
+#include "peft/io/checkpoint_tensors.hpp"
+
+namespace peft {
+
+struct dynamic_rank_options {
+  index rank = 8;                   // target average rank r; a layer starts at r0 = ceil(1.5 r)
+  index initial_rank = 0;           // r0 when > 0 (overrides ceil(1.5 r))
+  double alpha = 8.0;               // s = alpha / r0
+  double importance_decay = 0.9;    // S <- decay S + weight s
+  double importance_weight = 0.1;
+  double importance_eps = 1e-8;     // s_i = ... / (||B diag(c) A||_F + eps)
+  std::uint64_t seed = 0;
+};
+
+/// r0 = ceil(1.5 r), the number of components a layer starts with for a target average rank r.
+inline index dynamic_rank_initial_rank(index target_rank) { return (3 * target_rank + 1) / 2; }
+
+template <compute_scalar T>
+class dynamic_rank {
+ public:
+  using scalar = T;
+  static constexpr std::string_view method = "dynamic_rank";
+  /// t = x A^T (batch, r0) and a work buffer.
+  using cache_type = detail::gated_low_rank_cache<T>;
+
+  dynamic_rank() = default;
+
+  /// A fresh layer: r0 components (options), A and B kaiming-uniform (a = 0), c = 0.
+  dynamic_rank(index in_features, index out_features, const dynamic_rank_options& opt)
+      : dynamic_rank(fresh(in_features, out_features, opt), opt) {}
+
+  /// From existing factors: A (r0, in), B (out, r0), c (r0 values), scale s (alpha / r0).
+  dynamic_rank(matrix<T> a, matrix<T> b, std::vector<T> c, T scale, const dynamic_rank_options& opt = {})
+      : core_("dynamic_rank::dynamic_rank", std::move(a), std::move(b), std::move(c), scale) {
+    init_state(opt);
+  }
+
+  index in_features() const noexcept { return core_.in_features(); }
+  index out_features() const noexcept { return core_.out_features(); }
+  /// r0, the number of components (pruned ones included).
+  index rank() const noexcept { return core_.rank(); }
+  /// Components with c_i != 0: the rank compact() gives.
+  index active_rank() const noexcept { return core_.active_rank(); }
+  T scale() const noexcept { return core_.scale(); }
+  void set_scale(T s) noexcept { core_.set_scale(s); }
+
+  matrix_view<T> A() noexcept { return core_.a().view(); }
+  matrix_view<const T> A() const noexcept { return core_.a().view(); }
+  matrix_view<T> B() noexcept { return core_.b().view(); }
+  matrix_view<const T> B() const noexcept { return core_.b().view(); }
+  /// The component scalars c as a (1, r0) view.
+  matrix_view<T> c() noexcept { return core_.c().view(); }
+  matrix_view<const T> c() const noexcept { return core_.c().view(); }
+  matrix_view<const T> grad_A() const noexcept { return core_.grad_a().view(); }
+  matrix_view<const T> grad_B() const noexcept { return core_.grad_b().view(); }
+  matrix_view<const T> grad_c() const noexcept { return core_.grad_c().view(); }
+
+  /// y = x W0^T + b0 + s ((x A^T) * c) B^T.
+  template <base_weight Base>
+  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
+    core_.check_io("dynamic_rank::forward", w, x, y);
+    w.matmul(x, y);
+    core_.add(x, y, cache);
+  }
+
+  /// y += s ((x A^T) * c) B^T; the term does not depend on h.
+  template <base_weight Base>
+  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
+                cache_type& cache) const {
+    core_.check_io("dynamic_rank::add_term", w, x, y);
+    core_.add(x, y, cache);
+  }
+
+  /// Accumulates dA, dB, dc; writes dx = g W0 + s ((g B) * c) A. With a frozen mask the
+  /// gradient of masked c_i is zero (their A and B gradients already are, as c_i = 0).
+  template <base_weight Base>
+  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
+                cache_type& cache) {
+    core_.check_grad("dynamic_rank::backward", w, x, g, dx);
+    w.matmul_t(g, dx, false);
+    core_.backward(x, g, dx, cache);
+    mask_gradient();
+  }
+
+  /// Accumulates dA, dB, dc and dx += s ((g B) * c) A; dh is untouched (no dependence on h).
+  template <base_weight Base>
+  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/,
+                     matrix_view<const T> g, matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& cache) {
+    core_.check_grad("dynamic_rank::backward_term", w, x, g, dx);
+    core_.backward(x, g, dx, cache);
+    mask_gradient();
+  }
+
+  /// dW = s B diag(c) A (out, in).
+  template <base_weight Base>
+  void delta_weight(const Base& w, matrix_view<T> dw) const {
+    core_.check_base("dynamic_rank::delta_weight", w);
+    detail::expect_shape("dynamic_rank::delta_weight", "dw", dw, out_features(), in_features());
+    core_.delta(dw);
+  }
+
+  /// The bias is not touched: false.
+  template <base_weight Base>
+  bool delta_bias(const Base& /*w*/, T* /*db*/) const {
+    return false;
+  }
+
+  // ---- importance ---------------------------------------------------------------------------
+
+  /// ||B diag(c) A||_F (without s), from (r0, r0) Gram matrices (never the (out, in) product
+  /// unless that is the cheaper one).
+  double delta_norm() const { return core_.frobenius_norm(); }
+
+  /// This step's s_i = |c_i| ||b_i|| ||a_i|| / (||B diag(c) A||_F + eps), r0 values (all 0
+  /// when the product is exactly zero and eps is 0).
+  std::vector<T> component_importance() const {
+    const std::vector<double> n = core_.component_norms();
+    const double denom = core_.frobenius_norm() + eps_;
+    std::vector<T> s(n.size(), T{0});
+    if (!(denom > 0.0)) return s;
+    for (index i = 0; i < rank(); ++i) {
+      const auto k = static_cast<std::size_t>(i);
+      s[k] = static_cast<T>(std::abs(static_cast<double>(core_.c()(0, i))) * n[k] / denom);
+    }
+    return s;
+  }
+
+  /// S <- decay S + weight s (call after every optimizer step; S starts at 0).
+  void update_importance() {
+    const std::vector<T> s = component_importance();
+    for (std::size_t i = 0; i < s.size(); ++i) {
+      importance_[i] = static_cast<T>(decay_ * static_cast<double>(importance_[i]) +
+                                      weight_ * static_cast<double>(s[i]));
+    }
+  }
+
+  /// The running importance S (r0 values): what the global pruning schedule ranks.
+  std::span<const T> importance() const noexcept { return importance_; }
+  /// Restores S (e.g. from a trainer's saved state); r0 values.
+  void set_importance(std::span<const T> s) {
+    if (static_cast<index>(s.size()) != rank()) {
+      detail::raise<shape_error>("dynamic_rank::set_importance", size_message(s.size()));
+    }
+    importance_.assign(s.begin(), s.end());
+  }
+
+  // ---- masks --------------------------------------------------------------------------------
+
+  /// A pruning event: remembers `pruned` (r0 flags, true = pruned) as the mask and sets c_i = 0
+  /// where it is set. Unfrozen, pruned components may regrow (their c_i still has a gradient:
+  /// the paper lets them until the pruning phase ends); `freeze` makes this mask final.
+  /// peft::error when the mask is already frozen.
+  void prune(const std::vector<bool>& pruned, bool freeze = false) {
+    if (static_cast<index>(pruned.size()) != rank()) {
+      detail::raise<shape_error>("dynamic_rank::prune", size_message(pruned.size()));
+    }
+    if (frozen_) {
+      detail::raise<error>("dynamic_rank::prune", "the mask is frozen (the pruning phase has ended)");
+    }
+    mask_ = pruned;
+    frozen_ = freeze;
+    apply_mask();
+  }
+  /// Sets c_i = 0 for every masked component; call after each optimizer step once the mask is
+  /// frozen (an optimizer with momentum would otherwise move a masked c_i off zero).
+  void apply_mask() {
+    for (index i = 0; i < rank(); ++i) {
+      if (mask_[static_cast<std::size_t>(i)]) core_.c()(0, i) = T{0};
+    }
+  }
+  /// The current mask (r0 flags, true = pruned).
+  const std::vector<bool>& mask() const noexcept { return mask_; }
+  bool mask_frozen() const noexcept { return frozen_; }
+  /// Freezes (the pruning phase has ended) or unfreezes the current mask.
+  void set_mask_frozen(bool frozen) noexcept { frozen_ = frozen; }
+
+  // ---- regulariser --------------------------------------------------------------------------
+
+  /// R_layer = sum_i (var(A_i,:) + var(B_:,i)), unbiased variances.
+  double regularizer() const { return regularize(0.0, nullptr, nullptr); }
+
+  /// Adds coef * dR_layer/dA and dR_layer/dB into grad_A, grad_B; returns coef * R_layer.
+  /// d var(v) / d v_k = 2 (v_k - mean(v)) / (n - 1).
+  double add_regularizer(double coef) {
+    return coef * regularize(coef, &core_.grad_a(), &core_.grad_b());
+  }
+
+  // ---- compaction ---------------------------------------------------------------------------
+
+  /// The plain LoRA with identical outputs: S = {i : c_i != 0}, A' = A_S (|S|, in),
+  /// B' = B_S diag(c_S) (out, |S|), scale s unchanged. std::nullopt when every c_i is zero:
+  /// the term is then exactly zero, the layer needs no adapter (lora requires rank >= 1).
+  std::optional<lora<T>> compact() const { return core_.compact(); }
+
+  // ---- PEFT checkpoints: none exist for this method -----------------------------------------
+
+  static bool handles(const io::adapter_config& /*c*/) { return false; }
+  static std::vector<std::string_view> checkpoint_parameters() { return {}; }
+  static std::vector<std::string_view> shared_parameters() { return {}; }
+  [[noreturn]] static dynamic_rank from_checkpoint(const io::adapter_config& /*c*/,
+                                                   const io::checkpoint_tensors<T>& /*m*/,
+                                                   const io::checkpoint_tensors<T>& /*shared*/) {
+    detail::raise<unsupported_error>("dynamic_rank::from_checkpoint", no_checkpoint);
+  }
+  [[noreturn]] void describe_in(io::adapter_config& /*c*/, const std::string& /*module*/) const {
+    detail::raise<unsupported_error>("dynamic_rank::describe_in", no_checkpoint);
+  }
+
+  std::vector<parameter<T>> parameters() {
+    std::vector<parameter<T>> p;
+    p.push_back({"lora_A.weight", core_.a().view(), core_.grad_a().view(), detail::shape_of(A(), false)});
+    p.push_back({"lora_B.weight", core_.b().view(), core_.grad_b().view(), detail::shape_of(B(), false)});
+    p.push_back({"lora_scaler", core_.c().view(), core_.grad_c().view(), detail::shape_of(c(), true)});
+    return p;
+  }
+
+  void zero_grad() { core_.zero_grad(); }
+
+ private:
+  static constexpr std::string_view no_checkpoint =
+      "dynamic_rank has no PEFT checkpoint format: compact() to a LoRA and save that";
+
+  struct factors {
+    matrix<T> a, b;
+    std::vector<T> c;
+    T scale;
+  };
+  dynamic_rank(factors f, const dynamic_rank_options& opt)
+      : core_("dynamic_rank::dynamic_rank", std::move(f.a), std::move(f.b), std::move(f.c), f.scale) {
+    init_state(opt);
+  }
+
+  static factors fresh(index in, index out, const dynamic_rank_options& opt) {
+    constexpr const char* where = "dynamic_rank::dynamic_rank";
+    if (opt.initial_rank < 0 || (opt.initial_rank == 0 && opt.rank < 1)) {
+      std::string m = "rank must be >= 1 (or initial_rank > 0), got rank ";
+      m += std::to_string(opt.rank);
+      m += ", initial_rank ";
+      m += std::to_string(opt.initial_rank);
+      detail::raise<shape_error>(where, m);
+    }
+    if (in < 1 || out < 1) {
+      detail::raise<shape_error>(where, "in_features and out_features must be >= 1, got " +
+                                            detail::shape_string(in, out));
+    }
+    const index r0 = opt.initial_rank > 0 ? opt.initial_rank : dynamic_rank_initial_rank(opt.rank);
+    rng gen(opt.seed);
+    factors f{matrix<T>(r0, in), matrix<T>(out, r0), std::vector<T>(static_cast<std::size_t>(r0), T{0}),
+              static_cast<T>(opt.alpha / static_cast<double>(r0))};
+    const double bound_a = std::sqrt(6.0 / static_cast<double>(in));  // kaiming-uniform, a = 0
+    const double bound_b = std::sqrt(6.0 / static_cast<double>(r0));
+    for (auto& v : f.a.storage()) v = static_cast<T>(gen.uniform(-bound_a, bound_a));
+    for (auto& v : f.b.storage()) v = static_cast<T>(gen.uniform(-bound_b, bound_b));
+    return f;
+  }
+
+  void init_state(const dynamic_rank_options& opt) {
+    if (!(std::isfinite(opt.importance_decay) && std::isfinite(opt.importance_weight) &&
+          std::isfinite(opt.importance_eps) && opt.importance_eps >= 0.0)) {
+      detail::raise<error>("dynamic_rank::dynamic_rank",
+                           "importance_decay, importance_weight must be finite and importance_eps finite, >= 0");
+    }
+    decay_ = opt.importance_decay;
+    weight_ = opt.importance_weight;
+    eps_ = opt.importance_eps;
+    importance_.assign(static_cast<std::size_t>(rank()), T{0});
+    mask_.assign(static_cast<std::size_t>(rank()), false);
+  }
+
+  std::string size_message(std::size_t n) const {
+    std::string m = "got ";
+    m += std::to_string(n);
+    m += " values, expected r0 = ";
+    m += std::to_string(rank());
+    return m;
+  }
+
+  void mask_gradient() {
+    if (!frozen_) return;
+    for (index i = 0; i < rank(); ++i) {
+      if (mask_[static_cast<std::size_t>(i)]) core_.grad_c()(0, i) = T{0};
+    }
+  }
+
+  /// R_layer; with gradients given (and coef != 0) also adds coef * dR_layer into them.
+  double regularize(double coef, matrix<T>* ga, matrix<T>* gb) const {
+    const auto& a = core_.a();
+    const auto& b = core_.b();
+    const bool grads = ga != nullptr && gb != nullptr && coef != 0.0;
+    double total = 0.0;
+    const index in = in_features(), out = out_features();
+    for (index i = 0; i < rank(); ++i) {
+      if (in > 1) {  // var(A_i,:) over in values
+        double mean = 0.0, ss = 0.0;
+        for (index j = 0; j < in; ++j) mean += static_cast<double>(a(i, j));
+        mean /= static_cast<double>(in);
+        for (index j = 0; j < in; ++j) ss += (static_cast<double>(a(i, j)) - mean) * (static_cast<double>(a(i, j)) - mean);
+        total += ss / static_cast<double>(in - 1);
+        if (grads) {
+          const double f = 2.0 * coef / static_cast<double>(in - 1);
+          for (index j = 0; j < in; ++j) (*ga)(i, j) += static_cast<T>(f * (static_cast<double>(a(i, j)) - mean));
+        }
+      }
+      if (out > 1) {  // var(B_:,i) over out values
+        double mean = 0.0, ss = 0.0;
+        for (index j = 0; j < out; ++j) mean += static_cast<double>(b(j, i));
+        mean /= static_cast<double>(out);
+        for (index j = 0; j < out; ++j) ss += (static_cast<double>(b(j, i)) - mean) * (static_cast<double>(b(j, i)) - mean);
+        total += ss / static_cast<double>(out - 1);
+        if (grads) {
+          const double f = 2.0 * coef / static_cast<double>(out - 1);
+          for (index j = 0; j < out; ++j) (*gb)(j, i) += static_cast<T>(f * (static_cast<double>(b(j, i)) - mean));
+        }
+      }
+    }
+    return total;
+  }
+
+  detail::gated_low_rank<T> core_;
+  std::vector<T> importance_;  // S, r0 values
+  std::vector<bool> mask_;     // true = pruned
+  bool frozen_ = false;
+  double decay_ = 0.9;
+  double weight_ = 0.1;
+  double eps_ = 1e-8;
+};
+
+static_assert(mergeable_adapter_for<dynamic_rank<float>, dense<float>>);
+static_assert(mergeable_adapter_for<dynamic_rank<double>, dense<bf16>>);
+
+}  // namespace peft

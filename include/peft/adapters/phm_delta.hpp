@@ -1,0 +1,276 @@
+// peft/adapters/phm_delta.hpp — the mergeable Kronecker form of Compacter's LPHM layer
+// (Mahabadi et al., NeurIPS 2021) used as a weight delta, like LoRA:
+//
+//   y = x (W0 + Delta W)^T + b0,   Delta W = sum_{i<n} A_i kron (u_i v_i^T)     (out, in)
+//
+// A (n, n, n) is the rule ("phm_rule"), u_i = W_left[i] (out/n) and v_i = W_right[i] (in/n)
+// (the names and orientation of tests/data/paper/phm_delta). n divides in and out. The forward
+// never forms Delta W: x Delta W^T = x sum_i A_i^T kron (v_i u_i^T) is the LPHM product of
+// detail/phm.hpp with the rule transposed, O(batch n^2 (in + out) / n) instead of O(batch in out).
+//
+// The rule is shared as in Compacter: layers built from one std::shared_ptr<phm_rule<T>> read the
+// same memory and accumulate into the same gradient; parameters() lists it first with
+// shared = true, and an optimizer must update it ONCE per step (deduplicate by value.data());
+// zero_grad() of any layer clears the shared gradient. Layers sharing a rule must not run
+// backward concurrently.
+//
+// Gradients (g = dL/dy, reshaped per row to G (n, out/n), X (n, in/n)): the LPHM gradients of
+// detail/phm.hpp, i.e. dA_i = sum_rows (G u_i)(X v_i)^T, dW_left[i] = sum_rows G^T A_i (X v_i),
+// dW_right[i] = sum_rows X^T A_i^T (G u_i), dx = g W0 + g Delta W.
+//
+// Init (phm_delta_init::zero_left, default): rule ~ N(0, 1e-4^2) when the adapter creates it,
+// W_right glorot-uniform (as Compacter's factors), W_left = 0, so Delta W = 0 exactly (an exact
+// no-op, like LoRA's B = 0). phm_delta_init::random draws W_left glorot-uniform too.
+//
+// Mergeable: delta_weight writes Delta W (one GEMM per (a, c) block), delta_bias is false.
+// No PEFT checkpoint format exists: handles() is false, from_checkpoint/describe_in raise
+// unsupported_error (merge it into the base, or save parameters() with safetensors).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "peft/adapters/detail/phm.hpp"
+#include "peft/base/dense.hpp"
+#include "peft/core/adapter.hpp"
+#include "peft/core/base_weight.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/matrix.hpp"
+#include "peft/core/parameter.hpp"
+#include "peft/core/random.hpp"
+#include "peft/io/adapter_config.hpp"
+#include "peft/io/checkpoint_tensors.hpp"
+
+namespace peft {
+
+/// zero_left: W_left = 0 (Delta W = 0 at init); random: W_left glorot-uniform as well.
+enum class phm_delta_init : std::uint8_t { zero_left, random };
+
+struct phm_delta_options {
+  index n = 4;                  // PHM order; divides in_features and out_features
+  phm_delta_init init = phm_delta_init::zero_left;
+  double rule_init_std = 1e-4;  // a rule the adapter creates itself ~ N(0, std^2)
+  std::uint64_t seed = 0;
+};
+
+template <compute_scalar T>
+class phm_delta {
+ public:
+  using scalar = T;
+  static constexpr std::string_view method = "phm_delta";
+
+  /// What backward needs from forward: M = X V^T and the rule contraction (batch n, n).
+  struct cache_type {
+    detail::phm::workspace<T> ws;
+  };
+
+  phm_delta() = default;
+
+  /// A fresh adapter with its own rule; share it with rule().
+  phm_delta(index in_features, index out_features, const phm_delta_options& opt)
+      : phm_delta(in_features, out_features,
+                  make_phm_rule<T>(checked_n(opt.n), opt.rule_init_std, opt.seed ^ 0x5255'4c45ull), opt) {}
+
+  /// A fresh adapter reading the shared `rule` (opt.n must equal its order).
+  phm_delta(index in_features, index out_features, std::shared_ptr<phm_rule<T>> rule, const phm_delta_options& opt)
+      : rule_(std::move(rule)) {
+    constexpr const char* where = "phm_delta::phm_delta";
+    const index n = checked_n(opt.n);
+    detail::phm::check_rule(where, rule_, n);
+    check_dims(where, in_features, out_features, n);
+    left_ = matrix<T>(n, out_features / n);
+    right_ = matrix<T>(n, in_features / n);
+    rng gen(opt.seed);
+    detail::phm::glorot_uniform_rows(right_, gen);
+    if (opt.init == phm_delta_init::random) detail::phm::glorot_uniform_rows(left_, gen);
+    allocate_grads();
+  }
+
+  /// An adapter from existing tensors: W_left (n, out/n), W_right (n, in/n), n the rule's order.
+  phm_delta(std::shared_ptr<phm_rule<T>> rule, matrix<T> w_left, matrix<T> w_right)
+      : rule_(std::move(rule)), left_(std::move(w_left)), right_(std::move(w_right)) {
+    constexpr const char* where = "phm_delta::phm_delta";
+    if (!rule_) detail::raise<shape_error>(where, "the rule is null");
+    const index n = rule_->n();
+    detail::phm::check_rule(where, rule_, n);
+    detail::expect_shape(where, "W_left", left_.view(), n, left_.cols());
+    detail::expect_shape(where, "W_right", right_.view(), n, right_.cols());
+    check_dims(where, right_.cols() * n, left_.cols() * n, n);
+    allocate_grads();
+  }
+
+  index in_features() const noexcept { return right_.cols() * right_.rows(); }
+  index out_features() const noexcept { return left_.cols() * left_.rows(); }
+  index n() const noexcept { return rule_ ? rule_->n() : 0; }
+  /// The shared rule: pass it to other layers' constructors to share it.
+  const std::shared_ptr<phm_rule<T>>& rule() const noexcept { return rule_; }
+
+  matrix_view<T> w_left() noexcept { return left_.view(); }
+  matrix_view<T> w_right() noexcept { return right_.view(); }
+  matrix_view<const T> w_left() const noexcept { return left_.view(); }
+  matrix_view<const T> w_right() const noexcept { return right_.view(); }
+  matrix_view<const T> grad_w_left() const noexcept { return gleft_.view(); }
+  matrix_view<const T> grad_w_right() const noexcept { return gright_.view(); }
+  /// The shared rule's gradient (n, n n): the sum over every layer sharing the rule.
+  matrix_view<const T> grad_rule() const noexcept {
+    return rule_ ? matrix_view<const T>(rule_->grad.view()) : matrix_view<const T>{};
+  }
+
+  /// y = x W0^T + b0 + x Delta W^T.
+  template <base_weight Base>
+  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
+    check_io("phm_delta::forward", w, x, y);
+    w.matmul(x, y);
+    add_delta(x, y, cache);
+  }
+
+  /// y += x Delta W^T (h is not needed).
+  template <base_weight Base>
+  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
+                cache_type& cache) const {
+    check_io("phm_delta::add_term", w, x, y);
+    add_delta(x, y, cache);
+  }
+
+  /// Accumulates dA (shared), dW_left, dW_right; writes dx = g W0 + g Delta W.
+  template <base_weight Base>
+  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
+                cache_type& cache) {
+    check_grad("phm_delta::backward", w, x, g, dx);
+    w.matmul_t(g, dx, false);
+    delta_backward(x, g, dx, cache);
+  }
+
+  /// Accumulates the gradients and dx += g Delta W; the term does not depend on h.
+  template <base_weight Base>
+  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
+                     matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& cache) {
+    check_grad("phm_delta::backward_term", w, x, g, dx);
+    delta_backward(x, g, dx, cache);
+  }
+
+  /// dW = sum_i A_i kron (W_left[i] W_right[i]^T) (out, in).
+  template <base_weight Base>
+  void delta_weight(const Base& w, matrix_view<T> dw) const {
+    check_base("phm_delta::delta_weight", w);
+    detail::expect_shape("phm_delta::delta_weight", "dw", dw, out_features(), in_features());
+    detail::phm::kron_sum<T>(rule_->value.view(), detail::phm::rule_side::as_stored, left_.view(), right_.view(), dw);
+  }
+
+  /// No bias: false, db untouched.
+  template <base_weight Base>
+  bool delta_bias(const Base& /*w*/, T* /*db*/) const {
+    return false;
+  }
+
+  // ---- checkpoints: PEFT has no PHM delta ------------------------------------------------------
+
+  static bool handles(const io::adapter_config& /*c*/) { return false; }
+  static std::vector<std::string_view> checkpoint_parameters() { return {}; }
+  static std::vector<std::string_view> shared_parameters() { return {}; }
+  [[noreturn]] static phm_delta from_checkpoint(const io::adapter_config& /*c*/, const io::checkpoint_tensors<T>& /*m*/,
+                                                const io::checkpoint_tensors<T>& /*shared*/) {
+    detail::raise<unsupported_error>("phm_delta::from_checkpoint",
+                                     "PEFT has no PHM checkpoint format; merge the delta into the base weights "
+                                     "(merge_and_unload) or save parameters() with safetensors and use the tensor "
+                                     "constructor");
+  }
+  [[noreturn]] void describe_in(io::adapter_config& /*c*/, const std::string& module) const {
+    detail::raise<unsupported_error>("phm_delta::describe_in",
+                                     "module '" + module + "': PEFT has no PHM checkpoint format; merge the delta into "
+                                     "the base weights or save parameters() with safetensors instead");
+  }
+
+  /// phm_rule (shared, once per model in an optimizer), W_left, W_right.
+  std::vector<parameter<T>> parameters() {
+    std::vector<parameter<T>> p;
+    if (!rule_) return p;  // a default-constructed adapter has no parameters
+    const auto n = static_cast<std::int64_t>(this->n());
+    parameter<T> r{"phm_rule", rule_->value.view(), rule_->grad.view(), {n, n, n}};
+    r.shared = true;
+    p.push_back(std::move(r));
+    p.push_back({"W_left", left_.view(), gleft_.view(), detail::shape_of(left_.view(), false)});
+    p.push_back({"W_right", right_.view(), gright_.view(), detail::shape_of(right_.view(), false)});
+    return p;
+  }
+
+  /// Zeroes this layer's gradients AND the shared rule's (seen by every layer sharing it).
+  void zero_grad() {
+    if (rule_) rule_->zero_grad();
+    gleft_.fill(T{0});
+    gright_.fill(T{0});
+  }
+
+ private:
+  static index checked_n(index n) {
+    if (n < 1) {
+      detail::raise<shape_error>("phm_delta::phm_delta", "the PHM order n must be >= 1, got " + std::to_string(n));
+    }
+    return n;
+  }
+
+  static void check_dims(const char* where, index in, index out, index n) {
+    detail::phm::check_divisible(where, "in_features", in, n);
+    detail::phm::check_divisible(where, "out_features", out, n);
+  }
+
+  void allocate_grads() {
+    gleft_ = matrix<T>(left_.rows(), left_.cols());
+    gright_ = matrix<T>(right_.rows(), right_.cols());
+  }
+
+  template <class Base>
+  void check_base(const char* where, const Base& w) const {
+    detail::phm::check_rule(where, rule_, left_.rows());
+    if (w.in_features() != in_features() || w.out_features() != out_features()) {
+      detail::raise<shape_error>(where, "base weight is " + detail::shape_string(w.out_features(), w.in_features()) +
+                                            ", adapter expects " + detail::shape_string(out_features(), in_features()));
+    }
+  }
+  template <class Base>
+  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
+    check_base(where, w);
+    detail::expect_shape(where, "x", x, x.rows(), in_features());
+    detail::expect_shape(where, "y", y, x.rows(), out_features());
+  }
+  template <class Base>
+  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
+                  matrix_view<T> dx) const {
+    check_base(where, w);
+    detail::expect_shape(where, "x", x, x.rows(), in_features());
+    detail::expect_shape(where, "dy", g, x.rows(), out_features());
+    detail::expect_shape(where, "dx", dx, x.rows(), in_features());
+  }
+
+  // x Delta W^T = x H with H = sum_i A_i^T kron (v_i u_i^T) (in, out): the LPHM product with the
+  // rule transposed, input-side factor W_right, output-side factor W_left.
+  void add_delta(matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
+    detail::phm::apply<T>(rule_->value.view(), detail::phm::rule_side::transposed, right_.view(), left_.view(), x, y,
+                          true, cache.ws);
+  }
+
+  void delta_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& cache) {
+    using namespace detail::phm;
+    const matrix_view<const T> rule = rule_->value.view();
+    if (cache.ws.m.rows() != x.rows() * n() || cache.ws.q.rows() != x.rows() * n()) {
+      prepare<T>(rule, rule_side::transposed, right_.view(), x, cache.ws);  // no forward on this batch
+    }
+    apply_backward<T>(rule, rule_side::transposed, right_.view(), left_.view(), x, g, cache.ws, rule_->grad.view(),
+                      gright_.view(), gleft_.view(), dx, true);
+  }
+
+  std::shared_ptr<phm_rule<T>> rule_;  // shared by every layer built from it
+  matrix<T> left_;                     // W_left (n, out/n): u_i
+  matrix<T> right_;                    // W_right (n, in/n): v_i
+  matrix<T> gleft_;
+  matrix<T> gright_;
+};
+
+static_assert(mergeable_adapter_for<phm_delta<float>, dense<float>>);
+static_assert(mergeable_adapter_for<phm_delta<double>, dense<bf16>>);
+
+}  // namespace peft

@@ -1,0 +1,309 @@
+// peft/adapters/sora.hpp — SoRA, sparse low-rank adaptation (Ding et al., EMNLP 2023; code
+// TsinghuaC3I/SoRA).
+//
+//   y = x W0^T + b0 + s ((x A^T) * g) B^T          s = alpha / r_max
+//   A (r_max, in), B (out, r_max), gate g (r_max)
+//
+//   peft::sora<float> a(in, out, {.rank = 8, .alpha = 16, .seed = 1});
+//   ... forward / backward; the optimizer steps A and B ...
+//   a.gate_step(lr, lambda);                       // the proximal gate update (paper)
+//   std::optional<peft::lora<float>> l = a.compact();   // a plain LoRA of rank |{g_i != 0}|
+//
+// Init: A kaiming-uniform (a = sqrt 5): U(+-1/sqrt(in)); B = 0 (the adapter starts as the
+// identity); g ~ N(0, 1) from the seeded peft::rng.
+//
+// Gradients (G = dL/dy, t = x A^T, u = G B): dB += s G^T (t * g), dA += s (u * g)^T x,
+// dg_i += s sum_b u_bi t_bi, dx = G W0 + s (u * g) A.
+//
+// Gate update, two rules (sora_options::gate_rule, applied by gate_step(eta, xi)):
+//   proximal (the paper, default): g <- T_{eta xi}(g - eta dL/dg), T the soft threshold
+//     T_xi(z) = sign(z) max(|z| - xi, 0). The adapter takes the gradient step itself from the
+//     accumulated gate gradient: the trainer leaves `lora_gate` out of its optimizer.
+//   official_code (TsinghuaC3I/SoRA's SparseAdamW): the trainer's optimizer moves g (Adam, no
+//     weight decay for the gate), then gate_step applies the code's threshold with a fixed xi
+//     (not scaled by the learning rate; eta is unused) and its ordering, which zeroes every
+//     |g| < 2 xi (sora_official_threshold). The code also adds an L1 term lambda_1 sum |g| to the
+//     loss: gate_l1() is its value, add_gate_l1(lambda_1) adds lambda_1 sign(g) into dL/dg.
+//     The Adam step itself (and its state) is the trainer's.
+// Sparsifying schedule: raise xi stage by stage, sora_threshold_schedule(xi_0, xi_max, K)
+// (numpy.linspace, as the code's "linear" lambda_schedule); when to move on is the trainer's.
+//
+// No PEFT checkpoint exists for this method: compact() to a LoRA and save that. Parameter
+// names: lora_A.weight, lora_B.weight (as LoRA) and lora_gate.
+#pragma once
+
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "peft/adapters/detail/gated_low_rank.hpp"
+#include "peft/adapters/lora.hpp"
+#include "peft/base/dense.hpp"
+#include "peft/core/adapter.hpp"
+#include "peft/core/base_weight.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/matrix.hpp"
+#include "peft/core/parameter.hpp"
+#include "peft/core/random.hpp"
+#include "peft/io/adapter_config.hpp"
+#include "peft/io/checkpoint_tensors.hpp"
+
+namespace peft {
+
+/// T_xi(z) = sign(z) max(|z| - xi, 0): the proximal operator of xi |z| (xi >= 0). NaN stays NaN.
+template <std::floating_point F>
+constexpr F soft_threshold(F z, F xi) noexcept {
+  if (z != z) return z;
+  if (z > xi) return z - xi;
+  if (z < -xi) return z + xi;
+  return F{0};
+}
+
+/// The threshold of TsinghuaC3I/SoRA's SparseAdamW, in its order: z > xi: z -= xi; then
+/// z < -xi: z += xi; then |z| < xi: z = 0. Net effect: 0 when |z| < 2 xi (except |z| == xi,
+/// which the strict comparisons leave as is), else sign(z) (|z| - xi).
+template <std::floating_point F>
+constexpr F sora_official_threshold(F z, F xi) noexcept {
+  if (z > xi) z -= xi;
+  if (z < -xi) z += xi;
+  if ((z < F{0} ? -z : z) < xi) z = F{0};
+  return z;
+}
+
+/// The sparsifying schedule: `stages` thresholds from xi_0 to xi_max, evenly spaced
+/// (numpy.linspace: the last is exactly xi_max; one stage gives {xi_0}). stages >= 1.
+inline std::vector<double> sora_threshold_schedule(double xi_0, double xi_max, index stages) {
+  if (stages < 1) {
+    detail::raise<error>("sora_threshold_schedule", "stages must be >= 1, got " + std::to_string(stages));
+  }
+  std::vector<double> xi(static_cast<std::size_t>(stages));
+  for (index k = 0; k < stages; ++k) {
+    xi[static_cast<std::size_t>(k)] =
+        stages == 1 ? xi_0 : xi_0 + (xi_max - xi_0) * static_cast<double>(k) / static_cast<double>(stages - 1);
+  }
+  if (stages > 1) xi.back() = xi_max;
+  return xi;
+}
+
+enum class sora_gate_rule : std::uint8_t {
+  proximal,       // the paper: g <- T_{eta xi}(g - eta dL/dg)
+  official_code,  // TsinghuaC3I/SoRA: optimizer step by the trainer, then a fixed-xi threshold
+};
+
+struct sora_options {
+  index rank = 8;  // r_max
+  double alpha = 8.0;  // s = alpha / r_max
+  sora_gate_rule gate_rule = sora_gate_rule::proximal;
+  std::uint64_t seed = 0;
+};
+
+template <compute_scalar T>
+class sora {
+ public:
+  using scalar = T;
+  static constexpr std::string_view method = "sora";
+  /// t = x A^T (batch, r_max) and a work buffer.
+  using cache_type = detail::gated_low_rank_cache<T>;
+
+  sora() = default;
+
+  /// A fresh adapter: A kaiming-uniform (a = sqrt 5), B = 0, g ~ N(0, 1).
+  sora(index in_features, index out_features, const sora_options& opt)
+      : core_(fresh(in_features, out_features, opt)), rule_(opt.gate_rule) {}
+
+  /// From existing factors: A (r_max, in), B (out, r_max), gate (r_max values), scale s.
+  sora(matrix<T> a, matrix<T> b, std::vector<T> gate, T scale,
+       sora_gate_rule rule = sora_gate_rule::proximal)
+      : core_("sora::sora", std::move(a), std::move(b), std::move(gate), scale), rule_(rule) {}
+
+  index in_features() const noexcept { return core_.in_features(); }
+  index out_features() const noexcept { return core_.out_features(); }
+  /// r_max, the number of gated components.
+  index rank() const noexcept { return core_.rank(); }
+  /// Components with g_i != 0: the rank compact() gives.
+  index active_rank() const noexcept { return core_.active_rank(); }
+  T scale() const noexcept { return core_.scale(); }
+  void set_scale(T s) noexcept { core_.set_scale(s); }
+  sora_gate_rule gate_rule() const noexcept { return rule_; }
+  void set_gate_rule(sora_gate_rule r) noexcept { rule_ = r; }
+
+  matrix_view<T> A() noexcept { return core_.a().view(); }
+  matrix_view<const T> A() const noexcept { return core_.a().view(); }
+  matrix_view<T> B() noexcept { return core_.b().view(); }
+  matrix_view<const T> B() const noexcept { return core_.b().view(); }
+  /// The gate g as a (1, r_max) view.
+  matrix_view<T> gate() noexcept { return core_.c().view(); }
+  matrix_view<const T> gate() const noexcept { return core_.c().view(); }
+  matrix_view<const T> grad_A() const noexcept { return core_.grad_a().view(); }
+  matrix_view<const T> grad_B() const noexcept { return core_.grad_b().view(); }
+  matrix_view<const T> grad_gate() const noexcept { return core_.grad_c().view(); }
+
+  /// y = x W0^T + b0 + s ((x A^T) * g) B^T.
+  template <base_weight Base>
+  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
+    core_.check_io("sora::forward", w, x, y);
+    w.matmul(x, y);
+    core_.add(x, y, cache);
+  }
+
+  /// y += s ((x A^T) * g) B^T; the term does not depend on h.
+  template <base_weight Base>
+  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
+                cache_type& cache) const {
+    core_.check_io("sora::add_term", w, x, y);
+    core_.add(x, y, cache);
+  }
+
+  /// Accumulates dA, dB, dg; writes dx = G W0 + s ((G B) * g) A.
+  template <base_weight Base>
+  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
+                cache_type& cache) {
+    core_.check_grad("sora::backward", w, x, g, dx);
+    w.matmul_t(g, dx, false);
+    core_.backward(x, g, dx, cache);
+  }
+
+  /// Accumulates dA, dB, dg and dx += s ((G B) * g) A; dh is untouched.
+  template <base_weight Base>
+  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/,
+                     matrix_view<const T> g, matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& cache) {
+    core_.check_grad("sora::backward_term", w, x, g, dx);
+    core_.backward(x, g, dx, cache);
+  }
+
+  /// dW = s B diag(g) A (out, in).
+  template <base_weight Base>
+  void delta_weight(const Base& w, matrix_view<T> dw) const {
+    core_.check_base("sora::delta_weight", w);
+    detail::expect_shape("sora::delta_weight", "dw", dw, out_features(), in_features());
+    core_.delta(dw);
+  }
+
+  /// The bias is not touched: false.
+  template <base_weight Base>
+  bool delta_bias(const Base& /*w*/, T* /*db*/) const {
+    return false;
+  }
+
+  // ---- the gate -----------------------------------------------------------------------------
+
+  /// The paper's proximal step from the accumulated gate gradient:
+  /// g <- T_{eta lambda}(g - eta dL/dg). eta, lambda finite and >= 0. The gradient is kept
+  /// (zero_grad() is the caller's).
+  void proximal_step(double eta, double lambda) {
+    check_step("sora::proximal_step", eta, lambda);
+    const double xi = eta * lambda;
+    for (index i = 0; i < rank(); ++i) {
+      const double z = static_cast<double>(core_.c()(0, i)) - eta * static_cast<double>(core_.grad_c()(0, i));
+      core_.c()(0, i) = static_cast<T>(soft_threshold(z, xi));
+    }
+  }
+
+  /// The official code's threshold on the gate as it is (after the trainer's optimizer step),
+  /// with a fixed xi: g_i <- sora_official_threshold(g_i, xi).
+  void official_threshold(double xi) {
+    check_step("sora::official_threshold", 0.0, xi);
+    const T x = static_cast<T>(xi);
+    for (index i = 0; i < rank(); ++i) core_.c()(0, i) = sora_official_threshold(core_.c()(0, i), x);
+  }
+
+  /// The configured rule: proximal_step(eta, xi), or official_threshold(xi) (eta unused).
+  void gate_step(double eta, double xi) {
+    if (rule_ == sora_gate_rule::proximal) {
+      proximal_step(eta, xi);
+    } else {
+      official_threshold(xi);
+    }
+  }
+
+  /// sum_i |g_i|, the official code's L1 term (before its weight).
+  double gate_l1() const {
+    double s = 0.0;
+    for (index i = 0; i < rank(); ++i) s += std::abs(static_cast<double>(core_.c()(0, i)));
+    return s;
+  }
+
+  /// dL/dg += coef sign(g) (sign(0) = 0, as torch); returns coef * gate_l1().
+  double add_gate_l1(double coef) {
+    for (index i = 0; i < rank(); ++i) {
+      const T v = core_.c()(0, i);
+      const T sign = v > T{0} ? T{1} : (v < T{0} ? T{-1} : T{0});
+      core_.grad_c()(0, i) += static_cast<T>(coef) * sign;
+    }
+    return coef * gate_l1();
+  }
+
+  // ---- compaction ---------------------------------------------------------------------------
+
+  /// The plain LoRA with identical outputs: S = {i : g_i != 0}, A' = A_S (|S|, in),
+  /// B' = B_S diag(g_S) (out, |S|), scale s unchanged. std::nullopt when every g_i is zero:
+  /// the term is then exactly zero, the layer needs no adapter (lora requires rank >= 1).
+  std::optional<lora<T>> compact() const { return core_.compact(); }
+
+  // ---- PEFT checkpoints: none exist for this method -----------------------------------------
+
+  static bool handles(const io::adapter_config& /*c*/) { return false; }
+  static std::vector<std::string_view> checkpoint_parameters() { return {}; }
+  static std::vector<std::string_view> shared_parameters() { return {}; }
+  [[noreturn]] static sora from_checkpoint(const io::adapter_config& /*c*/, const io::checkpoint_tensors<T>& /*m*/,
+                                           const io::checkpoint_tensors<T>& /*shared*/) {
+    detail::raise<unsupported_error>("sora::from_checkpoint", no_checkpoint);
+  }
+  [[noreturn]] void describe_in(io::adapter_config& /*c*/, const std::string& /*module*/) const {
+    detail::raise<unsupported_error>("sora::describe_in", no_checkpoint);
+  }
+
+  std::vector<parameter<T>> parameters() {
+    std::vector<parameter<T>> p;
+    p.push_back({"lora_A.weight", core_.a().view(), core_.grad_a().view(), detail::shape_of(A(), false)});
+    p.push_back({"lora_B.weight", core_.b().view(), core_.grad_b().view(), detail::shape_of(B(), false)});
+    p.push_back({"lora_gate", core_.c().view(), core_.grad_c().view(), detail::shape_of(gate(), true)});
+    return p;
+  }
+
+  void zero_grad() { core_.zero_grad(); }
+
+ private:
+  static constexpr std::string_view no_checkpoint =
+      "sora has no PEFT checkpoint format: compact() to a LoRA and save that";
+
+  static detail::gated_low_rank<T> fresh(index in, index out, const sora_options& opt) {
+    constexpr const char* where = "sora::sora";
+    if (opt.rank < 1) detail::raise<shape_error>(where, "rank must be >= 1, got " + std::to_string(opt.rank));
+    if (in < 1 || out < 1) {
+      detail::raise<shape_error>(where, "in_features and out_features must be >= 1, got " +
+                                            detail::shape_string(in, out));
+    }
+    rng gen(opt.seed);
+    matrix<T> a(opt.rank, in);
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in));  // kaiming-uniform, a = sqrt 5
+    for (auto& v : a.storage()) v = static_cast<T>(gen.uniform(-bound, bound));
+    std::vector<T> g(static_cast<std::size_t>(opt.rank));
+    for (auto& v : g) v = static_cast<T>(gen.normal(0.0, 1.0));
+    return detail::gated_low_rank<T>(where, std::move(a), matrix<T>(out, opt.rank), std::move(g),
+                                     static_cast<T>(opt.alpha / static_cast<double>(opt.rank)));
+  }
+
+  static void check_step(const char* where, double eta, double xi) {
+    if (!(std::isfinite(eta) && std::isfinite(xi) && eta >= 0.0 && xi >= 0.0)) {
+      std::string m = "step size and threshold must be finite and >= 0, got eta ";
+      m += std::to_string(eta);
+      m += ", threshold ";
+      m += std::to_string(xi);
+      detail::raise<error>(where, m);
+    }
+  }
+
+  detail::gated_low_rank<T> core_;
+  sora_gate_rule rule_ = sora_gate_rule::proximal;
+};
+
+static_assert(mergeable_adapter_for<sora<float>, dense<float>>);
+static_assert(mergeable_adapter_for<sora<double>, dense<bf16>>);
+
+}  // namespace peft
