@@ -52,6 +52,9 @@ class adapted_linear {
     if (find(name) != nullptr) {
       detail::raise<error>("adapted_linear::add_adapter", "an adapter named '" + name + "' exists");
     }
+    if constexpr (requires { a.set_features(in_features(), out_features()); }) {
+      a.set_features(in_features(), out_features());  // adapters loaded without the base's shape
+    }
     if (a.in_features() != in_features() || a.out_features() != out_features()) {
       detail::raise<shape_error>(
           "adapted_linear::add_adapter",
@@ -219,7 +222,12 @@ class adapted_linear {
       s.adapter.delta_weight(base_, dw.view());
     }
     std::vector<scalar> db(static_cast<std::size_t>(out_features()));
-    const bool has_bias = s.adapter.delta_bias(base_, db.data());
+    bool has_bias = false;
+    if constexpr (requires { s.adapter.unmerge_delta_bias(base_, db.data()); }) {
+      has_bias = sign < 0 ? s.adapter.unmerge_delta_bias(base_, db.data()) : s.adapter.delta_bias(base_, db.data());
+    } else {
+      has_bias = s.adapter.delta_bias(base_, db.data());
+    }
     base_.add_to_weight(matrix_view<const scalar>(dw.view()), sign);
     if (has_bias) base_.add_to_bias(static_cast<const scalar*>(db.data()), sign);
     reset_caches();  // values derived from W0 (DoRA's row norms) are stale now

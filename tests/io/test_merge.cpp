@@ -217,8 +217,8 @@ TEST_CASE("merge_model rejects bad input before writing anything", "[merge][erro
   CHECK_THROWS_AS(peft::io::merge_model(s.dir / "truncated.safetensors", llama / "adapter", out, {}), peft::format_error);
   CHECK(untouched());
   // A method not supported yet.
-  copy_adapter_with(s.dir / "vera", [](auto& j) { j["peft_type"] = "VERA"; });
-  CHECK_THROWS_AS(peft::io::merge_model(llama / "base", s.dir / "vera", out, {}), peft::unsupported_error);
+  copy_adapter_with(s.dir / "prefix", [](auto& j) { j["peft_type"] = "PREFIX_TUNING"; });
+  CHECK_THROWS_AS(peft::io::merge_model(llama / "base", s.dir / "prefix", out, {}), peft::unsupported_error);
   CHECK(untouched());
   // A rank the config contradicts.
   copy_adapter_with(s.dir / "rank", [](auto& j) { j["r"] = 4; });

@@ -89,6 +89,8 @@ class lora {
         for (auto& v : a_.storage()) v = static_cast<T>(gen.uniform(-bound_a, bound_a));
         const double bound_b = 1.0 / std::sqrt(static_cast<double>(opt.rank));
         for (auto& v : b_.storage()) v = static_cast<T>(gen.uniform(-bound_b, bound_b));
+        // nn.Linear's default bias init, which PEFT leaves in place without init_lora_weights.
+        for (auto& v : bias_.storage()) v = static_cast<T>(gen.uniform(-bound_b, bound_b));
         break;
       }
     }

@@ -136,6 +136,37 @@ class variant_adapter {
       }
     });
   }
+  /// b' - b0 recovered from a merged base: the alternative's `unmerge_delta_bias` (IA3's
+  /// multiplicative merge), else its delta_bias.
+  template <class Base>
+  bool unmerge_delta_bias(const Base& merged, scalar* db) const {
+    return visit([&](const auto& a) -> bool {
+      if constexpr (requires { a.unmerge_delta_bias(merged, db); }) {
+        return a.unmerge_delta_bias(merged, db);
+      } else {
+        return delta_bias(merged, db);
+      }
+    });
+  }
+  /// Whether merging changes the bias: the alternative's touches_bias() or has_bias(), else no.
+  bool touches_bias() const {
+    return visit([](const auto& a) -> bool {
+      if constexpr (requires { a.touches_bias(); }) {
+        return a.touches_bias();
+      } else if constexpr (requires { a.has_bias(); }) {
+        return a.has_bias();
+      } else {
+        return false;
+      }
+    });
+  }
+  /// Tells an alternative whose checkpoint does not fix the layer's shape (VeRA, RandLoRA, IA3)
+  /// the base's; a no-op for the others.
+  void set_features(index in_features, index out_features) {
+    visit([&](auto& a) {
+      if constexpr (requires { a.set_features(in_features, out_features); }) a.set_features(in_features, out_features);
+    });
+  }
   template <class Base>
   bool delta_bias(const Base& w, scalar* db) const {
     return visit([&](const auto& a) -> bool {

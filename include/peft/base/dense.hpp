@@ -100,7 +100,8 @@ class dense {
     for (index j = 0; j < in_features(); ++j) out[j] = convert<T>(r[j]);
   }
 
-  /// W0 += alpha * dw, each sum computed in double and rounded once to the storage type.
+  /// W0 += alpha * dw, each sum computed in double and rounded to the storage type (once for
+  /// f64/f32; bf16 and f16 round through float, i.e. twice).
   template <compute_scalar T>
   void add_to_weight(matrix_view<const T> dw, double alpha) {
     detail::expect_shape("dense::add_to_weight", "dw", dw, out_features(), in_features());

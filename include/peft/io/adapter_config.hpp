@@ -110,7 +110,8 @@ struct adapter_config {
     get_bool("use_dora", c.use_dora);
     get_bool("lora_bias", c.lora_bias);
     get_bool("fan_in_fan_out", c.fan_in_fan_out);
-    if (const auto* v = field("rank_pattern")) {
+    // AdaLoRA's rank_pattern holds per-module boolean masks, not ranks: it stays in `raw`.
+    if (const auto* v = c.peft_type == "ADALORA" ? nullptr : field("rank_pattern")) {
       if (!v->is_object()) peft::detail::raise<format_error>(where, source + ": 'rank_pattern' must be an object");
       for (const auto& [k, val] : v->items()) c.rank_pattern.emplace_back(k, get_rank(val, "rank_pattern['" + k + "']"));
     }
@@ -232,29 +233,42 @@ struct adapter_config {
       if (!j.contains(k)) j[k] = std::move(v);
     };
     set_default("base_model_name_or_path", nullptr);
-    set_default("bias", "none");
     set_default("inference_mode", true);
-    set_default("init_lora_weights", true);
-    set_default("layers_pattern", nullptr);
-    set_default("layers_to_transform", nullptr);
     set_default("revision", nullptr);
     set_default("task_type", nullptr);
     j["peft_type"] = peft_type;
-    j["r"] = r;
-    j["lora_alpha"] = lora_alpha == std::floor(lora_alpha) && std::abs(lora_alpha) < 1e15
-                          ? ordered_json(static_cast<long long>(lora_alpha))
-                          : ordered_json(lora_alpha);
-    j["lora_dropout"] = lora_dropout;
-    j["use_rslora"] = use_rslora;
-    j["use_dora"] = use_dora;
-    j["lora_bias"] = lora_bias;
-    j["fan_in_fan_out"] = fan_in_fan_out;
-    ordered_json rp = ordered_json::object();
-    for (const auto& [k, v] : rank_pattern) rp[k] = v;
-    j["rank_pattern"] = rp;
-    ordered_json ap = ordered_json::object();
-    for (const auto& [k, v] : alpha_pattern) ap[k] = v;
-    j["alpha_pattern"] = ap;
+    // Which of LoRA's fields a method's PEFT config class takes: all of them for LORA and
+    // ADALORA (AdaLoraConfig extends LoraConfig; its rank_pattern holds masks, kept in `raw`),
+    // r and the rank/alpha patterns for the LyCORIS methods (LOHA, LOKR); for the others only r,
+    // where the document has it. Other method-specific fields stay as read: adapters'
+    // describe_in edit `raw`.
+    const bool lora_fields = peft_type == "LORA" || peft_type == "ADALORA";
+    const bool pattern_fields = peft_type == "LORA" || peft_type == "LOHA" || peft_type == "LOKR";
+    if (lora_fields || pattern_fields || j.contains("r")) j["r"] = r;
+    if (peft_type == "LORA") {
+      set_default("bias", "none");
+      set_default("init_lora_weights", true);
+      set_default("layers_pattern", nullptr);
+      set_default("layers_to_transform", nullptr);
+    }
+    if (lora_fields) {
+      j["lora_alpha"] = lora_alpha == std::floor(lora_alpha) && std::abs(lora_alpha) < 1e15
+                            ? ordered_json(static_cast<long long>(lora_alpha))
+                            : ordered_json(lora_alpha);
+      j["lora_dropout"] = lora_dropout;
+      j["use_rslora"] = use_rslora;
+      j["use_dora"] = use_dora;
+      j["lora_bias"] = lora_bias;
+      j["fan_in_fan_out"] = fan_in_fan_out;
+    }
+    if (pattern_fields) {
+      ordered_json rp = ordered_json::object();
+      for (const auto& [k, v] : rank_pattern) rp[k] = v;
+      j["rank_pattern"] = rp;
+      ordered_json ap = ordered_json::object();
+      for (const auto& [k, v] : alpha_pattern) ap[k] = v;
+      j["alpha_pattern"] = ap;
+    }
     switch (targets_kind) {
       case target_kind::none: j["target_modules"] = nullptr; break;
       case target_kind::all_linear: j["target_modules"] = "all-linear"; break;

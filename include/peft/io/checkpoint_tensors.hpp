@@ -10,7 +10,9 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "peft/core/dtype.hpp"
@@ -46,6 +48,10 @@ class checkpoint_tensors {
   explicit checkpoint_tensors(std::string module) : module_(std::move(module)) {}
 
   const std::string& module() const noexcept { return module_; }
+  /// The base weight's (out_features, in_features) when the caller of the loader knows it
+  /// (merge_model does): for methods whose tensors do not determine the layer's shape (SHiRA).
+  const std::optional<std::pair<index, index>>& base_shape() const noexcept { return base_shape_; }
+  void set_base_shape(std::optional<std::pair<index, index>> s) { base_shape_ = s; }
   bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
   const std::map<std::string, stored_tensor<T>>& all() const noexcept { return tensors_; }
   void add(const std::string& name, stored_tensor<T> t) { tensors_[name] = std::move(t); }
@@ -87,6 +93,7 @@ class checkpoint_tensors {
   std::string where() const { return module_.empty() ? std::string("the checkpoint") : "module '" + module_ + "'"; }
   std::string module_;
   std::map<std::string, stored_tensor<T>> tensors_;
+  std::optional<std::pair<index, index>> base_shape_;
 };
 
 }  // namespace peft::io

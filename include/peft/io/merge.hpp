@@ -45,19 +45,9 @@ struct merge_plan_entry {
   const saved_tensor* replacement = nullptr;
 };
 
-/// Whether merging the adapter changes the bias (LoRA with lora_bias).
-inline bool adapter_touches_bias(const merge_adapter& a) {
-  return a.visit([](const auto& x) {
-    if constexpr (requires { x.has_bias(); }) {
-      return x.has_bias();
-    } else {
-      return false;
-    }
-  });
-}
-
 /// The stored base weight as a dense (out, in) double matrix (transposed back for fan_in_fan_out).
-inline dense<double> read_base(const model_files& model, const std::string& name, bool fan_in_fan_out) {
+inline dense<double> read_base(const model_files& model, const std::string& name, const std::optional<std::string>& bias,
+                               bool fan_in_fan_out) {
   const tensor_info& info = model.info(name);
   const std::byte* src = model.bytes(name).data();
   const auto rows = static_cast<index>(info.shape[0]), cols = static_cast<index>(info.shape[1]);
@@ -72,7 +62,9 @@ inline dense<double> read_base(const model_files& model, const std::string& name
       }
     }
   }
-  return dense<double>(std::move(w));
+  std::vector<double> b;
+  if (bias) b = model.file_of(*bias).read<double>(*bias);
+  return dense<double>(std::move(w), std::move(b));
 }
 
 }  // namespace detail
@@ -85,9 +77,16 @@ inline merge_report merge_model(const std::filesystem::path& base, const std::fi
   if (opt.out_dtype && !is_floating(*opt.out_dtype)) {
     peft::detail::raise<unsupported_error>(where, "the output dtype must be f32, bf16, f16 or f64");
   }
-  const auto ck = load_peft_checkpoint<double>(adapter_dir);
   const auto model = model_files::open(base);
-  const bool fan_in_fan_out = ck.config.fan_in_fan_out;
+  const bool fan_in_fan_out = adapter_config::load(adapter_dir).fan_in_fan_out;
+  const auto ck = load_peft_checkpoint<double>(adapter_dir, [&](const std::string& module)
+                                                   -> std::optional<std::pair<index, index>> {
+    const auto name = model.resolve(module, "weight");
+    if (!name || model.info(*name).shape.size() != 2) return std::nullopt;
+    const auto& s = model.info(*name).shape;
+    const auto rows = static_cast<index>(s[0]), cols = static_cast<index>(s[1]);
+    return fan_in_fan_out ? std::pair{cols, rows} : std::pair{rows, cols};
+  });
 
   // Plan and validate everything before writing a byte.
   std::map<std::string, detail::merge_plan_entry> plan;
@@ -118,8 +117,8 @@ inline merge_report merge_model(const std::filesystem::path& base, const std::fi
     if (plan.count(*name)) peft::detail::raise<format_error>(where, "two modules adapt '" + *name + "'");
     plan[*name] = {&m, false, nullptr};
     report.merged.push_back(*name);
-    if (detail::adapter_touches_bias(m.adapter)) {
-      const auto bias = model.resolve(m.path, "bias");
+    const auto bias = model.resolve(m.path, "bias");
+    if (m.adapter.touches_bias() && (bias || m.adapter.active_method() == "lora")) {
       if (!bias) {
         peft::detail::raise<format_error>(where, "module '" + m.path + "' has lora_bias but the base has no '" +
                                                      m.path + ".bias'");
@@ -170,10 +169,11 @@ inline merge_report merge_model(const std::filesystem::path& base, const std::fi
     }
     const auto* m = it->second.module;
     const std::string weight_name = it->second.is_bias ? *model.resolve(m->path, "weight") : name;
+    const auto bias_name = model.resolve(m->path, "bias");
     const bool is_bias = it->second.is_bias;
     w.add_lazy(name, out_type, info.shape,
-               [&model, name, weight_name, is_bias, m, out_type, fan_in_fan_out](std::span<std::byte> dst) {
-      const dense<double> w0 = detail::read_base(model, weight_name, fan_in_fan_out);
+               [&model, name, weight_name, bias_name, is_bias, m, out_type, fan_in_fan_out](std::span<std::byte> dst) {
+      const dense<double> w0 = detail::read_base(model, weight_name, bias_name, fan_in_fan_out);
       const std::byte* src = model.bytes(name).data();
       const dtype src_type = model.info(name).type;
       if (is_bias) {

@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -34,6 +35,11 @@
 namespace peft::io {
 
 inline constexpr std::string_view peft_key_prefix = "base_model.model.";
+
+/// Optional knowledge of the base model for the loader: module path -> (out_features,
+/// in_features) of its weight, or nullopt. Needed only by methods whose tensors do not fix the
+/// layer's shape (SHiRA's sparse indices may leave the last rows or columns empty).
+using base_shape_fn = std::function<std::optional<std::pair<index, index>>(const std::string& module)>;
 inline constexpr std::string_view peft_shared_prefix = "base_model.";
 
 /// One adapted module of a checkpoint.
@@ -71,12 +77,14 @@ struct basic_peft_checkpoint {
   adapted_module<Adapter>* find(const std::string& weight_name) {
     return const_cast<adapted_module<Adapter>*>(std::as_const(*this).find(weight_name));
   }
-  /// Parameters over all modules; a shared tensor counts once.
+  /// Trainable parameters over all modules (as PEFT counts them); a shared tensor counts once,
+  /// frozen ones (VeRA's projections) and integer ones (SHiRA's indices) not at all.
   std::size_t parameter_count() {
     std::size_t n = 0;
     std::vector<const void*> seen;
     for (auto& m : modules) {
       for (const auto& p : m.adapter.parameters()) {
+        if (!p.trainable || p.integer) continue;
         if (p.shared) {
           if (std::find(seen.begin(), seen.end(), p.value.data()) != seen.end()) continue;
           seen.push_back(p.value.data());
@@ -134,7 +142,7 @@ stored_tensor<T> convert_tensor(const safetensors_file& f, const tensor_info& t)
 }
 
 template <class A, class Adapter>
-void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& file) {
+void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& file, const base_shape_fn& base_shape) {
   using T = typename A::scalar;
   constexpr const char* where = "load_peft_checkpoint";
   const adapter_config& cfg = ck.config;
@@ -184,7 +192,14 @@ void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& fi
     it->second.add(param, convert_tensor<T>(file, t));
   }
   for (auto& [module, tensors] : by_module) {
-    ck.modules.push_back({module, module + ".weight", Adapter(A::from_checkpoint(cfg, tensors, shared))});
+    std::optional<std::pair<index, index>> shape;
+    if (base_shape) shape = base_shape(module);
+    tensors.set_base_shape(shape);
+    A a = A::from_checkpoint(cfg, tensors, shared);
+    if constexpr (requires { a.set_features(index{}, index{}); }) {
+      if (shape) a.set_features(shape->second, shape->first);
+    }
+    ck.modules.push_back({module, module + ".weight", Adapter(std::move(a))});
   }
   if (ck.modules.empty()) peft::detail::raise<format_error>(where, file.path().string() + " holds no adapted module");
 }
@@ -218,7 +233,7 @@ inline void write_text_atomically(const std::filesystem::path& path, const std::
 /// io_error (missing files), format_error (keys, shapes, a config inconsistent with the tensors),
 /// unsupported_error (a method or variant that no alternative of Adapter handles).
 template <class Adapter>
-basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& dir) {
+basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& dir, const base_shape_fn& base_shape = {}) {
   constexpr const char* where = "load_peft_checkpoint";
   namespace fs = std::filesystem;
   basic_peft_checkpoint<Adapter> ck;
@@ -238,7 +253,7 @@ basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& d
       peft::detail::raise<io_error>(where, "no adapter_model.safetensors in " + dir.string());
     }
     const auto file = safetensors_file::open(weights);
-    detail::load_modules<A>(ck, file);
+    detail::load_modules<A>(ck, file, base_shape);
     loaded = true;
   };
   std::apply([&](auto... tag) { (try_one(static_cast<decltype(tag)*>(nullptr)), ...); },
@@ -253,8 +268,8 @@ basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& d
 
 /// load_checkpoint_as<any_adapter<T>>: every method peft-cpp loads.
 template <compute_scalar T>
-peft_checkpoint<T> load_peft_checkpoint(const std::filesystem::path& dir) {
-  return load_checkpoint_as<any_adapter<T>>(dir);
+peft_checkpoint<T> load_peft_checkpoint(const std::filesystem::path& dir, const base_shape_fn& base_shape = {}) {
+  return load_checkpoint_as<any_adapter<T>>(dir, base_shape);
 }
 
 /// Writes `dir`/adapter_model.safetensors (tensors stored as `stored_as`) and

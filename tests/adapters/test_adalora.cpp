@@ -1,0 +1,457 @@
+// AdaLoRA: parity with HuggingFace PEFT 0.21 (tests/data/peft/adalora), ranknum and scaling as
+// PEFT sets them at load, rank_pattern budget masks, rank 0, the gradients against double loops,
+// initialisation, saving and loading, and the errors.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "peft/adapted_linear.hpp"
+#include "peft/adapters/adalora.hpp"
+#include "peft/base/dense.hpp"
+#include "peft/io/peft_checkpoint.hpp"
+#include "peft/io/safetensors.hpp"
+#include "support/test_support.hpp"
+
+using ix = peft::index;
+
+namespace {
+
+namespace fs = std::filesystem;
+using peft::index;
+using peft_test::rel_error;
+
+const fs::path data_dir = fs::path(PEFT_TEST_DATA_DIR) / "peft";
+
+template <class T>
+double tolerance() {
+  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
+}
+
+// ---- golden harness (the same in test_lokr/loha/adalora/ia3.cpp) ------------------------------
+
+peft::dense<float> load_base(const peft::io::safetensors_file& f, const std::string& name) {
+  return peft::dense<float>(f.read_matrix<float>(name + ".weight"), f.read<float>(name + ".bias"));
+}
+
+/// A PEFT case loaded with load_checkpoint_as<A>, each adapter on its frozen layer.
+template <class A>
+struct golden_case {
+  using T = typename A::scalar;
+  using layer_type = peft::adapted_linear<peft::dense<float>, A>;
+  peft::io::safetensors_file base;
+  peft::io::safetensors_file reference;
+  peft::io::basic_peft_checkpoint<A> checkpoint;
+  layer_type up;
+  layer_type down;
+
+  explicit golden_case(const std::string& name)
+      : base(peft::io::safetensors_file::open(data_dir / name / "base_model.safetensors")),
+        reference(peft::io::safetensors_file::open(data_dir / name / "reference.safetensors")),
+        checkpoint(peft::io::load_checkpoint_as<A>(data_dir / name / "adapter")),
+        up(load_base(base, "up")),
+        down(load_base(base, "down")) {
+    REQUIRE(checkpoint.modules.size() == 2);
+    for (auto* l : {&up, &down}) {
+      A a = checkpoint.find((l == &up ? "up" : "down") + std::string(".weight"))->adapter;
+      if constexpr (requires { a.bind(index{}, index{}); }) a.bind(l->in_features(), l->out_features());
+      l->add_adapter("default", std::move(a));
+    }
+  }
+  layer_type& layer(const std::string& n) { return n == "up" ? up : down; }
+  peft::matrix<double> ref(const std::string& n) const { return reference.read_matrix<double>(n); }
+  peft::matrix<T> ref_t(const std::string& n) const { return reference.read_matrix<T>(n); }
+  /// How many gradients the reference holds for a layer.
+  std::size_t reference_gradients(const std::string& n) const {
+    std::size_t k = 0;
+    for (const auto& t : reference.tensors()) k += t.name.starts_with("grad.base_model.model." + n + ".") ? 1 : 0;
+    return k;
+  }
+};
+
+/// Every parameter gradient of the layer's adapter against PEFT's; all of PEFT's are covered.
+template <class A>
+void check_gradients(golden_case<A>& c, const std::string& name, double tol) {
+  std::size_t checked = 0;
+  for (const auto& p : c.layer(name).adapter("default").parameters()) {
+    INFO("gradient of " << p.name);
+    const auto ref = c.ref("grad.base_model.model." + name + "." + p.name + ".default");
+    REQUIRE(peft_test::count_nonzero(ref) > ref.size() / 2);
+    CHECK(rel_error(p.grad, ref) < tol);
+    ++checked;
+  }
+  CHECK(checked == c.reference_gradients(name));
+}
+
+/// Each layer alone: output, dL/dinput, every parameter gradient.
+template <class A>
+void check_layers(golden_case<A>& c, double tol) {
+  using T = typename A::scalar;
+  for (const std::string name : {"up", "down"}) {
+    INFO("layer " << name);
+    auto& layer = c.layer(name);
+    const auto x = c.ref_t("layer." + name + ".input");
+    const auto g = c.ref_t("layer." + name + ".grad_output");
+    REQUIRE(peft_test::count_nonzero(x) > x.size() / 4);  // the down input is a relu output
+    REQUIRE(peft_test::count_nonzero(g) > g.size() / 4);
+    peft::matrix<T> y(x.rows(), layer.out_features());
+    layer.forward(x, y);
+    const auto y_ref = c.ref("layer." + name + ".output");
+    CHECK(rel_error(y, y_ref) < tol);
+    peft::matrix<T> y0(x.rows(), layer.out_features());
+    layer.base().matmul(peft::matrix_view<const T>(x.view()), y0.view());
+    REQUIRE(rel_error(y0, y_ref) > 1e-3);  // the adapter is not a no-op
+    peft::matrix<T> dx(x.rows(), layer.in_features());
+    layer.zero_grad();
+    layer.backward(x, g, dx);
+    CHECK(rel_error(dx, c.ref("layer." + name + ".grad_input")) < tol);
+    check_gradients(c, name, tol);
+  }
+}
+
+/// The network y = down(relu(up(x))) and dL/dx, with every gradient.
+template <class A>
+void check_network(golden_case<A>& c, double tol) {
+  using T = typename A::scalar;
+  const auto x = c.ref_t("x");
+  const auto gy = c.ref_t("grad_y");
+  REQUIRE(peft_test::nontrivial(x));
+  REQUIRE(peft_test::nontrivial(gy));
+  peft::matrix<T> h(x.rows(), c.up.out_features()), a(h.rows(), h.cols()), y(x.rows(), c.down.out_features());
+  c.up.forward(x, h);
+  for (index i = 0; i < h.rows(); ++i)
+    for (index j = 0; j < h.cols(); ++j) a(i, j) = h(i, j) > 0 ? h(i, j) : T{0};
+  c.down.forward(a, y);
+  CHECK(rel_error(y, c.ref("y")) < tol);
+  peft::matrix<T> da(a.rows(), a.cols()), dx(x.rows(), x.cols());
+  c.up.zero_grad();
+  c.down.zero_grad();
+  c.down.backward(a, gy, da);
+  for (index i = 0; i < da.rows(); ++i)
+    for (index j = 0; j < da.cols(); ++j) da(i, j) = h(i, j) > 0 ? da(i, j) : T{0};
+  c.up.backward(x, da, dx);
+  CHECK(rel_error(dx, c.ref("grad_x")) < tol);
+  check_gradients(c, "up", tol);
+  check_gradients(c, "down", tol);
+}
+
+/// merge_and_unload: the delta in double on a double base (1e-12), and adapted_linear::merge
+/// into the f32 base (rounded to f32: 1e-6), weights and biases.
+template <class A>
+void check_merge(golden_case<A>& c) {
+  using T = typename A::scalar;
+  for (const std::string name : {"up", "down"}) {
+    INFO("layer " << name);
+    auto& layer = c.layer(name);
+    const auto w_ref = c.ref("merged." + name + ".weight");
+    const peft::matrix<double> b_ref(1, layer.out_features(), c.reference.template read<double>("merged." + name + ".bias"));
+    const auto w0 = c.base.template read_matrix<double>(name + ".weight");
+    REQUIRE(rel_error(w0, w_ref) > 1e-3);
+    {
+      const peft::dense<double> exact(w0, c.base.template read<double>(name + ".bias"));
+      const A& a = layer.adapter("default");
+      peft::matrix<T> dw(layer.out_features(), layer.in_features());
+      a.delta_weight(exact, dw.view());
+      CHECK(rel_error(peft_test::add(w0, dw), w_ref) < tolerance<T>());
+      std::vector<T> db(static_cast<std::size_t>(layer.out_features()));
+      peft::matrix<double> b(1, layer.out_features(), exact.bias());
+      if (a.delta_bias(exact, db.data())) b = peft_test::add(b, peft::matrix<T>(1, layer.out_features(), db));
+      CHECK(rel_error(b, b_ref) < tolerance<T>());
+    }
+    layer.merge("default");
+    CHECK(rel_error(layer.base().weight(), w_ref) < 1e-6);
+    CHECK(rel_error(peft::matrix<float>(1, layer.out_features(), layer.base().bias()), b_ref) < 1e-6);
+  }
+}
+
+template <class A>
+void check_golden(const std::string& name) {
+  using T = typename A::scalar;
+  INFO("case " << name);
+  const double tol = tolerance<T>();
+  {
+    golden_case<A> c(name);
+    check_layers(c, tol);
+  }
+  {
+    golden_case<A> c(name);
+    check_network(c, tol);
+  }
+  {
+    golden_case<A> c(name);
+    check_merge(c);
+  }
+}
+
+// ---- AdaLoRA helpers ---------------------------------------------------------------------------
+
+template <class T>
+peft::io::stored_tensor<T> stored(std::vector<std::int64_t> shape, peft::rng& g) {
+  index rows = shape.empty() ? 1 : static_cast<index>(shape[0]), cols = 1;
+  for (std::size_t i = 1; i < shape.size(); ++i) cols *= static_cast<index>(shape[i]);
+  peft::io::stored_tensor<T> s;
+  s.shape = std::move(shape);
+  s.data = std::make_shared<peft::matrix<T>>(peft_test::random_matrix<T>(rows, cols, g));
+  return s;
+}
+
+/// An AdaLoRA config; `masks` is the rank_pattern object (JSON text) or empty.
+peft::io::adapter_config adalora_config(index init_r, double alpha, const std::string& masks = "") {
+  auto c = peft::io::adapter_config::parse(R"({"peft_type": "ADALORA", "target_modules": ["layer"], "r": 8})");
+  c.raw["init_r"] = init_r;
+  c.raw["target_r"] = 2;
+  c.raw["total_step"] = 10;
+  c.lora_alpha = alpha;
+  if (!masks.empty()) c.raw["rank_pattern"] = peft::io::ordered_json::parse(masks);
+  return c;
+}
+
+template <class T>
+peft::io::checkpoint_tensors<T> adalora_tensors(index in, index out, index r, peft::rng& g) {
+  peft::io::checkpoint_tensors<T> m("layer");
+  m.add("lora_A", stored<T>({r, in}, g));
+  m.add("lora_B", stored<T>({out, r}, g));
+  m.add("lora_E", stored<T>({r, 1}, g));
+  return m;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("adalora reproduces PEFT: layers, network, merged weights", "[adalora][golden]", float, double) {
+  check_golden<peft::adalora<TestType>>("adalora");
+}
+
+TEST_CASE("adalora golden checkpoint: ranknum is init_r, scaling is lora_alpha", "[adalora][golden]") {
+  auto ck = peft::io::load_checkpoint_as<peft::adalora<double>>(data_dir / "adalora" / "adapter");
+  for (const auto& m : ck.modules) {
+    CHECK(m.adapter.rank() == 8);
+    CHECK(m.adapter.ranknum() == 8.0);   // float(init_r), a buffer the checkpoint does not hold
+    CHECK(m.adapter.scaling() == 16.0);  // lora_alpha, not lora_alpha / r
+    CHECK(m.adapter.factor() == 16.0 / (8.0 + 1e-5));
+  }
+}
+
+TEST_CASE("adalora rank_pattern masks: shrunk modules keep ranknum = init_r", "[adalora]") {
+  peft::rng g(6);
+  peft::io::checkpoint_tensors<double> none;
+  const auto c = adalora_config(6, 12.0, R"({"layer.lora_E": [true, false, true, false, false, false],
+                                             "other.lora_E": [1, 1, 1, 1, 1, 0]})");
+  CHECK(peft::adalora<double>::rank_for(c, "layer") == 2);
+  CHECK(peft::adalora<double>::rank_for(c, "other") == 5);
+  CHECK(peft::adalora<double>::rank_for(c, "elsewhere") == 6);
+  const auto a = peft::adalora<double>::from_checkpoint(c, adalora_tensors<double>(7, 5, 2, g), none);
+  CHECK(a.rank() == 2);
+  CHECK(a.ranknum() == 6.0);
+  CHECK(a.factor() == 12.0 / (6.0 + 1e-5));
+  // lora_alpha <= 0: PEFT's scaling is the module's (resized) rank.
+  const auto z = peft::adalora<double>::from_checkpoint(adalora_config(6, 0.0, R"({"layer.lora_E": [1, 0, 1, 0, 0, 0]})"),
+                                                        adalora_tensors<double>(7, 5, 2, g), none);
+  CHECK(z.scaling() == 2.0);
+  CHECK_THROWS_WITH(peft::adalora<double>::from_checkpoint(c, adalora_tensors<double>(7, 5, 3, g), none),
+                    Catch::Contains("has rank 3 but adapter_config.json gives 2"));
+  CHECK_THROWS_WITH(peft::adalora<double>::from_checkpoint(adalora_config(6, 1.0, R"({"layer.lora_E": [true]})"),
+                                                           adalora_tensors<double>(7, 5, 1, g), none),
+                    Catch::Contains("list of init_r = 6 booleans"));
+  CHECK_THROWS_AS(peft::adalora<double>::from_checkpoint(adalora_config(6, 1.0, R"({"layer.lora_E": [2, 0, 0, 0, 0, 0]})"),
+                                                         adalora_tensors<double>(7, 5, 1, g), none),
+                  peft::format_error);
+  CHECK_THROWS_AS(peft::adalora<double>::from_checkpoint(adalora_config(6, 1.0, R"([1, 2])"),
+                                                         adalora_tensors<double>(7, 5, 6, g), none),
+                  peft::format_error);
+}
+
+TEMPLATE_TEST_CASE("adalora with rank 0 (allowed by PEFT) is the base layer", "[adalora]", float, double) {
+  using T = TestType;
+  peft::rng g(9);
+  peft::io::checkpoint_tensors<T> none;
+  const auto a = peft::adalora<T>::from_checkpoint(adalora_config(3, 4.0, R"({"layer.lora_E": [false, false, false]})"),
+                                                   adalora_tensors<T>(7, 5, 0, g), none);
+  REQUIRE(a.rank() == 0);
+  const peft::dense<T> w(peft_test::random_matrix<T>(5, 7, g), peft_test::random_vector<T>(5, g));
+  const auto x = peft_test::random_matrix<T>(2, 7, g);
+  const auto gy = peft_test::random_matrix<T>(2, 5, g);
+  peft::matrix<T> h(2, 5), y(2, 5), dx(2, 7), dx0(2, 7), dw(5, 7, T{1});
+  w.matmul(x.view(), h.view());
+  w.matmul_t(gy.view(), dx0.view());
+  auto b = a;
+  typename peft::adalora<T>::cache_type cache;
+  b.forward(w, x.view(), y.view(), cache);
+  CHECK(peft_test::exactly_equal(y, h));
+  b.backward(w, x.view(), gy.view(), dx.view(), cache);
+  CHECK(peft_test::exactly_equal(dx, dx0));
+  b.delta_weight(w, dw.view());
+  CHECK(peft_test::max_abs(dw) == 0.0);
+}
+
+TEMPLATE_TEST_CASE("adalora forward, dx, delta and the gradients of A, E, B equal double loops", "[adalora]", float,
+                   double) {
+  using T = TestType;
+  peft::rng g(12);
+  const ix in = 11, out = 6, batch = 3, r = 4;
+  peft::adalora<T> a(in, out, {.rank = r, .alpha = 5.0, .init = peft::adalora_init::random, .seed = 4});
+  const peft::dense<double> w(peft_test::random_matrix<double>(out, in, g), peft_test::random_vector<double>(out, g));
+  const auto x = peft_test::random_matrix<T>(batch, in, g);
+  const auto gy = peft_test::random_matrix<T>(batch, out, g);
+  REQUIRE(peft_test::nontrivial(x));
+  REQUIRE(peft_test::nontrivial(a.E()));
+  const double f = 5.0 / (4.0 + 1e-5);
+  peft::matrix<double> ae(r, in);  // A * E
+  for (ix k = 0; k < r; ++k)
+    for (ix j = 0; j < in; ++j) ae(k, j) = peft_test::at(a.A(), k, j) * peft_test::at(a.E(), k, 0);
+  const auto dW = peft_test::scaled(peft_test::ref_nn(a.B(), ae), f);
+  const auto w_eff = peft_test::add(w.weight(), dW);
+  typename peft::adalora<T>::cache_type cache;
+  peft::matrix<T> y(batch, out), dx(batch, in), dwt(out, in);
+  a.forward(w, x.view(), y.view(), cache);
+  CHECK(rel_error(y, peft_test::ref_linear(x, w_eff, w.bias())) < tolerance<T>());
+  a.backward(w, x.view(), gy.view(), dx.view(), cache);
+  CHECK(rel_error(dx, peft_test::ref_nn(gy, w_eff)) < tolerance<T>());
+  a.delta_weight(w, dwt.view());
+  CHECK(rel_error(dwt, dW) < tolerance<T>());
+  // D = g^T x = dL/d(dW): dB = f D (A*E)^T, d(A*E) = f B^T D, dA = d(A*E) * E, dE_k = sum_j d(A*E)_kj A_kj.
+  const auto D = peft_test::ref_tn(gy, x);
+  const auto dAE = peft_test::scaled(peft_test::ref_tn(a.B(), D), f);
+  peft::matrix<double> dA(r, in), dE(r, 1);
+  for (ix k = 0; k < r; ++k)
+    for (ix j = 0; j < in; ++j) {
+      dA(k, j) = dAE(k, j) * peft_test::at(a.E(), k, 0);
+      dE(k, 0) += dAE(k, j) * peft_test::at(a.A(), k, j);
+    }
+  CHECK(rel_error(a.grad_B(), peft_test::scaled(peft_test::ref_nt(D, ae), f)) < tolerance<T>());
+  CHECK(rel_error(a.grad_A(), dA) < tolerance<T>());
+  CHECK(rel_error(a.grad_E(), dE) < tolerance<T>());
+  // backward without a forward (empty cache) gives the same.
+  peft::adalora<T> b = a;
+  b.zero_grad();
+  typename peft::adalora<T>::cache_type fresh;
+  b.backward(w, x.view(), gy.view(), dx.view(), fresh);
+  CHECK(rel_error(b.grad_E(), dE) < tolerance<T>());
+}
+
+TEMPLATE_TEST_CASE("adalora init: PEFT's default has E = 0 (a no-op), A and B ~ N(0, 0.02^2)", "[adalora]", float,
+                   double) {
+  using T = TestType;
+  peft::rng g(1);
+  const ix in = 64, out = 48, r = 8;
+  const peft::dense<T> w(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
+  const auto x = peft_test::random_matrix<T>(2, in, g);
+  peft::matrix<T> h(2, out), y(2, out);
+  w.matmul(x.view(), h.view());
+  typename peft::adalora<T>::cache_type cache;
+  peft::adalora<T> a(in, out, {.rank = r, .alpha = 32.0, .seed = 5});
+  a.forward(w, x.view(), y.view(), cache);
+  CHECK(peft_test::exactly_equal(y, h));
+  CHECK(peft_test::max_abs(a.E()) == 0.0);
+  const double sd_a = peft_test::frobenius(a.A()) / std::sqrt(static_cast<double>(r * in));
+  const double sd_b = peft_test::frobenius(a.B()) / std::sqrt(static_cast<double>(out * r));
+  CHECK(sd_a == Approx(0.02).epsilon(0.1));
+  CHECK(sd_b == Approx(0.02).epsilon(0.1));
+  CHECK(a.ranknum() == 8.0);
+  CHECK(a.scaling() == 32.0);
+  peft::adalora<T> zero_alpha(in, out, {.rank = r, .alpha = 0.0});
+  CHECK(zero_alpha.scaling() == 8.0);  // PEFT: lora_alpha if > 0 else r
+  peft::adalora<T> rnd(in, out, {.rank = r, .alpha = 32.0, .init = peft::adalora_init::random, .seed = 5});
+  rnd.forward(w, x.view(), y.view(), cache);
+  CHECK(rel_error(y, h) > 1e-3);
+  CHECK(peft_test::frobenius(rnd.A()) / std::sqrt(static_cast<double>(r * in)) == Approx(1.0).epsilon(0.1));
+}
+
+TEST_CASE("adalora describe_in: init_r, lora_alpha, total_step and rank masks; save and load", "[adalora]") {
+  peft::rng g(3);
+  peft::io::checkpoint_tensors<double> none;
+  // Modules of rank < init_r need a mask; loading with the described config gives them back.
+  peft::io::adapter_config c;
+  c.targets_kind = peft::io::target_kind::list;
+  c.target_modules = {"layer"};
+  const auto full = peft::adalora<double>::from_checkpoint(adalora_config(6, 12.0), adalora_tensors<double>(7, 5, 6, g), none);
+  const auto shrunk = peft::adalora<double>::from_checkpoint(
+      adalora_config(6, 12.0, R"({"layer.lora_E": [1, 1, 0, 0, 0, 0]})"), adalora_tensors<double>(7, 5, 2, g), none);
+  full.describe_in(c, "full");
+  shrunk.describe_in(c, "layer");
+  CHECK(c.peft_type == "ADALORA");
+  CHECK(c.raw["init_r"] == 6);
+  CHECK(c.lora_alpha == 12.0);
+  CHECK(c.raw["total_step"] == 1);
+  CHECK(c.raw["rank_pattern"]["layer.lora_E"] ==
+        peft::io::ordered_json::parse("[true, true, false, false, false, false]"));
+  CHECK(peft::adalora<double>::rank_for(c, "layer") == 2);
+  // Another ranknum or scaling cannot share the config.
+  const peft::adalora<double> other_r(7, 5, {.rank = 4, .alpha = 12.0});
+  CHECK_THROWS_AS(other_r.describe_in(c, "x"), peft::unsupported_error);
+  const peft::adalora<double> other_alpha(7, 5, {.rank = 6, .alpha = 3.0});
+  CHECK_THROWS_AS(other_alpha.describe_in(c, "y"), peft::unsupported_error);
+
+  // A save/load round trip of full-rank modules.
+  peft::io::basic_peft_checkpoint<peft::adalora<double>> ck;
+  ck.config.targets_kind = peft::io::target_kind::none;
+  ck.modules.push_back({"m.a", "m.a.weight", peft::adalora<double>(7, 5, {.rank = 3, .alpha = 6.0, .init = peft::adalora_init::random, .seed = 1})});
+  ck.modules.push_back({"m.b", "m.b.weight", peft::adalora<double>(4, 9, {.rank = 3, .alpha = 6.0, .init = peft::adalora_init::random, .seed = 2})});
+  const auto dir = fs::temp_directory_path() / "peft_adalora_roundtrip";
+  fs::remove_all(dir);
+  peft::io::save_peft_checkpoint(dir, ck);
+  auto back = peft::io::load_checkpoint_as<peft::adalora<double>>(dir);
+  CHECK(back.config.peft_type == "ADALORA");
+  REQUIRE(back.modules.size() == 2);
+  for (auto& m : ck.modules) {
+    auto& b = back.find(m.weight_name)->adapter;
+    CHECK(b.rank() == 3);
+    CHECK(b.ranknum() == 3.0);
+    CHECK(b.factor() == m.adapter.factor());
+    CHECK(rel_error(b.E(), m.adapter.E()) < 1e-7);  // stored as f32
+    CHECK(rel_error(b.B(), m.adapter.B()) < 1e-7);
+  }
+  fs::remove_all(dir);
+}
+
+TEMPLATE_TEST_CASE("adalora rejects bad shapes and bad checkpoints with clear errors", "[adalora]", float, double) {
+  using T = TestType;
+  peft::rng g(14);
+  peft::adalora<T> a(7, 5, {.rank = 2, .init = peft::adalora_init::random});
+  const peft::dense<T> w(peft_test::random_matrix<T>(5, 7, g));
+  const peft::dense<T> wrong(peft_test::random_matrix<T>(5, 8, g));
+  peft::matrix<T> x(2, 7), y(2, 5), dx(2, 7), bad(3, 5);
+  typename peft::adalora<T>::cache_type cache;
+  CHECK_THROWS_WITH(a.forward(wrong, x.view(), y.view(), cache), Catch::Contains("[adalora::forward] base weight is (5, 8)"));
+  CHECK_THROWS_AS(a.forward(w, x.view(), bad.view(), cache), peft::shape_error);
+  CHECK_THROWS_AS(a.backward(w, x.view(), bad.view(), dx.view(), cache), peft::shape_error);
+  CHECK_THROWS_AS(peft::adalora<T>(7, 5, {.rank = -1}), peft::shape_error);
+  CHECK_THROWS_AS(peft::adalora<T>(peft::matrix<T>(2, 7), peft::matrix<T>(5, 2), peft::matrix<T>(2, 2), 1.0, 2.0),
+                  peft::shape_error);
+  CHECK_THROWS_AS(peft::adalora<T>(peft::matrix<T>(2, 7), peft::matrix<T>(5, 2), peft::matrix<T>(2, 1), 1.0, -1e-5),
+                  peft::shape_error);
+
+  peft::io::checkpoint_tensors<T> none;
+  const auto c = adalora_config(2, 4.0);
+  REQUIRE_NOTHROW(peft::adalora<T>::from_checkpoint(c, adalora_tensors<T>(7, 5, 2, g), none));
+  {
+    auto m = adalora_tensors<T>(7, 5, 2, g);
+    m.add("lora_E", stored<T>({2}, g));  // a vector, not (r, 1)
+    CHECK_THROWS_AS(peft::adalora<T>::from_checkpoint(c, m, none), peft::format_error);
+  }
+  {
+    auto m = adalora_tensors<T>(7, 5, 2, g);
+    m.add("lora_B", stored<T>({5, 3}, g));
+    CHECK_THROWS_WITH(peft::adalora<T>::from_checkpoint(c, m, none), Catch::Contains("are not (r, in), (out, r), (r, 1)"));
+  }
+  {
+    auto m = adalora_tensors<T>(7, 5, 2, g);
+    m.add("lora_embedding_A", stored<T>({2, 7}, g));
+    CHECK_THROWS_AS(peft::adalora<T>::from_checkpoint(c, m, none), peft::unsupported_error);
+  }
+  {
+    auto m = adalora_tensors<T>(7, 5, 2, g);
+    m.add("ranknum", stored<T>({1}, g));  // saved by old PEFT versions; PEFT 0.21 ignores it
+    CHECK(peft::adalora<T>::from_checkpoint(c, m, none).ranknum() == 2.0);
+  }
+  CHECK_THROWS_WITH(peft::adalora<T>::from_checkpoint(adalora_config(3, 4.0), adalora_tensors<T>(7, 5, 2, g), none),
+                    Catch::Contains("has rank 2 but adapter_config.json gives 3"));
+  {
+    auto c2 = c;
+    c2.raw["init_r"] = 2.5;
+    CHECK_THROWS_AS(peft::adalora<T>::from_checkpoint(c2, adalora_tensors<T>(7, 5, 2, g), none), peft::format_error);
+  }
+  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::adalora<T>>(data_dir / "lora" / "adapter"), peft::unsupported_error);
+}

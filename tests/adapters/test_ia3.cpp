@@ -1,0 +1,483 @@
+// (IA)^3: parity with HuggingFace PEFT 0.21 (tests/data/peft/ia3: "up" scales its output, "down"
+// its input), feedforward_modules matching, terms and gradients against double loops, the
+// multiplicative merge and its inverse, binding the unknown side, saving and loading, errors.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "peft/adapted_linear.hpp"
+#include "peft/adapters/ia3.hpp"
+#include "peft/base/dense.hpp"
+#include "peft/io/peft_checkpoint.hpp"
+#include "peft/io/safetensors.hpp"
+#include "support/test_support.hpp"
+
+using ix = peft::index;
+
+namespace {
+
+namespace fs = std::filesystem;
+using peft::index;
+using peft_test::rel_error;
+
+const fs::path data_dir = fs::path(PEFT_TEST_DATA_DIR) / "peft";
+
+template <class T>
+double tolerance() {
+  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
+}
+
+// ---- golden harness (the same in test_lokr/loha/adalora/ia3.cpp) ------------------------------
+
+peft::dense<float> load_base(const peft::io::safetensors_file& f, const std::string& name) {
+  return peft::dense<float>(f.read_matrix<float>(name + ".weight"), f.read<float>(name + ".bias"));
+}
+
+/// A PEFT case loaded with load_checkpoint_as<A>, each adapter on its frozen layer.
+template <class A>
+struct golden_case {
+  using T = typename A::scalar;
+  using layer_type = peft::adapted_linear<peft::dense<float>, A>;
+  peft::io::safetensors_file base;
+  peft::io::safetensors_file reference;
+  peft::io::basic_peft_checkpoint<A> checkpoint;
+  layer_type up;
+  layer_type down;
+
+  explicit golden_case(const std::string& name)
+      : base(peft::io::safetensors_file::open(data_dir / name / "base_model.safetensors")),
+        reference(peft::io::safetensors_file::open(data_dir / name / "reference.safetensors")),
+        checkpoint(peft::io::load_checkpoint_as<A>(data_dir / name / "adapter")),
+        up(load_base(base, "up")),
+        down(load_base(base, "down")) {
+    REQUIRE(checkpoint.modules.size() == 2);
+    for (auto* l : {&up, &down}) {
+      A a = checkpoint.find((l == &up ? "up" : "down") + std::string(".weight"))->adapter;
+      if constexpr (requires { a.bind(index{}, index{}); }) a.bind(l->in_features(), l->out_features());
+      l->add_adapter("default", std::move(a));
+    }
+  }
+  layer_type& layer(const std::string& n) { return n == "up" ? up : down; }
+  peft::matrix<double> ref(const std::string& n) const { return reference.read_matrix<double>(n); }
+  peft::matrix<T> ref_t(const std::string& n) const { return reference.read_matrix<T>(n); }
+  /// How many gradients the reference holds for a layer.
+  std::size_t reference_gradients(const std::string& n) const {
+    std::size_t k = 0;
+    for (const auto& t : reference.tensors()) k += t.name.starts_with("grad.base_model.model." + n + ".") ? 1 : 0;
+    return k;
+  }
+};
+
+/// Every parameter gradient of the layer's adapter against PEFT's; all of PEFT's are covered.
+template <class A>
+void check_gradients(golden_case<A>& c, const std::string& name, double tol) {
+  std::size_t checked = 0;
+  for (const auto& p : c.layer(name).adapter("default").parameters()) {
+    INFO("gradient of " << p.name);
+    const auto ref = c.ref("grad.base_model.model." + name + "." + p.name + ".default");
+    REQUIRE(peft_test::count_nonzero(ref) > ref.size() / 2);
+    CHECK(rel_error(p.grad, ref) < tol);
+    ++checked;
+  }
+  CHECK(checked == c.reference_gradients(name));
+}
+
+/// Each layer alone: output, dL/dinput, every parameter gradient.
+template <class A>
+void check_layers(golden_case<A>& c, double tol) {
+  using T = typename A::scalar;
+  for (const std::string name : {"up", "down"}) {
+    INFO("layer " << name);
+    auto& layer = c.layer(name);
+    const auto x = c.ref_t("layer." + name + ".input");
+    const auto g = c.ref_t("layer." + name + ".grad_output");
+    REQUIRE(peft_test::count_nonzero(x) > x.size() / 4);  // the down input is a relu output
+    REQUIRE(peft_test::count_nonzero(g) > g.size() / 4);
+    peft::matrix<T> y(x.rows(), layer.out_features());
+    layer.forward(x, y);
+    const auto y_ref = c.ref("layer." + name + ".output");
+    CHECK(rel_error(y, y_ref) < tol);
+    peft::matrix<T> y0(x.rows(), layer.out_features());
+    layer.base().matmul(peft::matrix_view<const T>(x.view()), y0.view());
+    REQUIRE(rel_error(y0, y_ref) > 1e-3);  // the adapter is not a no-op
+    peft::matrix<T> dx(x.rows(), layer.in_features());
+    layer.zero_grad();
+    layer.backward(x, g, dx);
+    CHECK(rel_error(dx, c.ref("layer." + name + ".grad_input")) < tol);
+    check_gradients(c, name, tol);
+  }
+}
+
+/// The network y = down(relu(up(x))) and dL/dx, with every gradient.
+template <class A>
+void check_network(golden_case<A>& c, double tol) {
+  using T = typename A::scalar;
+  const auto x = c.ref_t("x");
+  const auto gy = c.ref_t("grad_y");
+  REQUIRE(peft_test::nontrivial(x));
+  REQUIRE(peft_test::nontrivial(gy));
+  peft::matrix<T> h(x.rows(), c.up.out_features()), a(h.rows(), h.cols()), y(x.rows(), c.down.out_features());
+  c.up.forward(x, h);
+  for (index i = 0; i < h.rows(); ++i)
+    for (index j = 0; j < h.cols(); ++j) a(i, j) = h(i, j) > 0 ? h(i, j) : T{0};
+  c.down.forward(a, y);
+  CHECK(rel_error(y, c.ref("y")) < tol);
+  peft::matrix<T> da(a.rows(), a.cols()), dx(x.rows(), x.cols());
+  c.up.zero_grad();
+  c.down.zero_grad();
+  c.down.backward(a, gy, da);
+  for (index i = 0; i < da.rows(); ++i)
+    for (index j = 0; j < da.cols(); ++j) da(i, j) = h(i, j) > 0 ? da(i, j) : T{0};
+  c.up.backward(x, da, dx);
+  CHECK(rel_error(dx, c.ref("grad_x")) < tol);
+  check_gradients(c, "up", tol);
+  check_gradients(c, "down", tol);
+}
+
+/// merge_and_unload: the delta in double on a double base (1e-12), and adapted_linear::merge
+/// into the f32 base (rounded to f32: 1e-6), weights and biases.
+template <class A>
+void check_merge(golden_case<A>& c) {
+  using T = typename A::scalar;
+  for (const std::string name : {"up", "down"}) {
+    INFO("layer " << name);
+    auto& layer = c.layer(name);
+    const auto w_ref = c.ref("merged." + name + ".weight");
+    const peft::matrix<double> b_ref(1, layer.out_features(), c.reference.template read<double>("merged." + name + ".bias"));
+    const auto w0 = c.base.template read_matrix<double>(name + ".weight");
+    REQUIRE(rel_error(w0, w_ref) > 1e-3);
+    {
+      const peft::dense<double> exact(w0, c.base.template read<double>(name + ".bias"));
+      const A& a = layer.adapter("default");
+      peft::matrix<T> dw(layer.out_features(), layer.in_features());
+      a.delta_weight(exact, dw.view());
+      CHECK(rel_error(peft_test::add(w0, dw), w_ref) < tolerance<T>());
+      std::vector<T> db(static_cast<std::size_t>(layer.out_features()));
+      peft::matrix<double> b(1, layer.out_features(), exact.bias());
+      if (a.delta_bias(exact, db.data())) b = peft_test::add(b, peft::matrix<T>(1, layer.out_features(), db));
+      CHECK(rel_error(b, b_ref) < tolerance<T>());
+    }
+    layer.merge("default");
+    CHECK(rel_error(layer.base().weight(), w_ref) < 1e-6);
+    CHECK(rel_error(peft::matrix<float>(1, layer.out_features(), layer.base().bias()), b_ref) < 1e-6);
+  }
+}
+
+template <class A>
+void check_golden(const std::string& name) {
+  using T = typename A::scalar;
+  INFO("case " << name);
+  const double tol = tolerance<T>();
+  {
+    golden_case<A> c(name);
+    check_layers(c, tol);
+  }
+  {
+    golden_case<A> c(name);
+    check_network(c, tol);
+  }
+  {
+    golden_case<A> c(name);
+    check_merge(c);
+  }
+}
+
+// ---- IA3 helpers -------------------------------------------------------------------------------
+
+template <class T>
+peft::io::stored_tensor<T> stored(std::vector<std::int64_t> shape, peft::rng& g) {
+  index rows = shape.empty() ? 1 : static_cast<index>(shape[0]), cols = 1;
+  for (std::size_t i = 1; i < shape.size(); ++i) cols *= static_cast<index>(shape[i]);
+  peft::io::stored_tensor<T> s;
+  s.shape = std::move(shape);
+  s.data = std::make_shared<peft::matrix<T>>(peft_test::random_matrix<T>(rows, cols, g, 0.5, 1.5));
+  return s;
+}
+
+peft::io::adapter_config ia3_config(const std::string& feedforward_json) {
+  auto c = peft::io::adapter_config::parse(R"({"peft_type": "IA3", "target_modules": ["up", "down", "layer"]})");
+  c.raw["feedforward_modules"] = peft::io::ordered_json::parse(feedforward_json);
+  return c;
+}
+
+/// A bound adapter of either kind with l random in [0.5, 1.5].
+template <class T>
+peft::ia3<T> random_ia3(index in, index out, bool feedforward, peft::rng& g) {
+  peft::ia3<T> a(in, out, {.feedforward = feedforward});
+  peft_test::fill_random(a.l(), g, 0.5, 1.5);
+  return a;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("ia3 reproduces PEFT: layers, network, merged weights and biases", "[ia3][golden]", float, double) {
+  check_golden<peft::ia3<TestType>>("ia3");
+}
+
+TEST_CASE("ia3 golden checkpoint: kinds from feedforward_modules, the other side unbound until bind", "[ia3][golden]") {
+  auto ck = peft::io::load_checkpoint_as<peft::ia3<double>>(data_dir / "ia3" / "adapter");
+  auto& up = ck.find("up.weight")->adapter;
+  auto& down = ck.find("down.weight")->adapter;
+  CHECK(!up.feedforward());  // [96, 1]: scales up's output
+  CHECK(down.feedforward());  // "down" is in feedforward_modules: [1, 96] scales its input
+  CHECK(up.out_features() == 96);
+  CHECK(up.in_features() == 0);
+  CHECK(down.in_features() == 96);
+  CHECK(down.out_features() == 0);
+  CHECK(!up.bound());
+  CHECK_THROWS_AS(up.bind(64, 95), peft::shape_error);
+  up.bind(64, 96);
+  CHECK(up.bound());
+  CHECK(up.in_features() == 64);
+  // An unbound adapter already works on a base of any size on its unknown side.
+  peft::rng g(1);
+  const peft::dense<double> w(peft_test::random_matrix<double>(48, 96, g));
+  const auto x = peft_test::random_matrix<double>(2, 96, g);
+  peft::matrix<double> y(2, 48), ref(2, 48);
+  typename peft::ia3<double>::cache_type cache;
+  down.forward(w, x.view(), y.view(), cache);
+  auto xs = x;
+  for (ix i = 0; i < 2; ++i)
+    for (ix j = 0; j < 96; ++j) xs(i, j) *= down.l()(0, j);
+  CHECK(rel_error(y, peft_test::ref_nt(xs, w.weight())) < 1e-14);
+}
+
+TEST_CASE("ia3 feedforward_modules: PEFT's rule (plain suffix for a list, fullmatch for a regex)", "[ia3]") {
+  using peft::io::ordered_json;
+  const auto list = ordered_json::parse(R"(["down_proj", "fc2"])");
+  CHECK(peft::ia3_feedforward(list, "model.layers.0.mlp.down_proj"));
+  CHECK(peft::ia3_feedforward(list, "down_proj"));
+  CHECK(peft::ia3_feedforward(list, "encoder.myfc2"));  // a plain suffix, unlike target_modules
+  CHECK(!peft::ia3_feedforward(list, "model.layers.0.mlp.up_proj"));
+  CHECK(!peft::ia3_feedforward(list, "down_proj.inner"));
+  const auto re = ordered_json(R"(.*\.mlp\.(down|gate)_proj)");
+  CHECK(peft::ia3_feedforward(re, "model.layers.3.mlp.down_proj"));
+  CHECK(!peft::ia3_feedforward(re, "model.layers.3.mlp.down_proj_x"));  // fullmatch
+  CHECK(!peft::ia3_feedforward(re, "down_proj"));
+  CHECK(!peft::ia3_feedforward(ordered_json(nullptr), "down_proj"));
+  CHECK_THROWS_AS(peft::ia3_feedforward(ordered_json(3), "x"), peft::format_error);
+  CHECK_THROWS_AS(peft::ia3_feedforward(ordered_json::parse("[1]"), "x"), peft::format_error);
+  CHECK_THROWS_AS(peft::ia3_feedforward(ordered_json("(unclosed"), "x"), peft::format_error);
+}
+
+TEMPLATE_TEST_CASE("ia3 forward, dx, dl, terms and merge equal double loops for both kinds", "[ia3]", float, double) {
+  using T = TestType;
+  peft::rng g(21);
+  const ix in = 9, out = 7, batch = 3;
+  const peft::dense<double> w(peft_test::random_matrix<double>(out, in, g), peft_test::random_vector<double>(out, g));
+  const auto x = peft_test::random_matrix<T>(batch, in, g);
+  const auto gy = peft_test::random_matrix<T>(batch, out, g);
+  REQUIRE(peft_test::nontrivial(x));
+  const auto h = peft_test::ref_linear(x, w.weight(), w.bias());
+  for (const bool ff : {true, false}) {
+    INFO("feedforward " << ff);
+    auto a = random_ia3<T>(in, out, ff, g);
+    auto l = [&](ix k) { return static_cast<double>(ff ? a.l()(0, k) : a.l()(k, 0)); };
+    // Reference: W' = W0 * l (columns or rows), b' = b0 * l for output scaling.
+    peft::matrix<double> w_eff = peft_test::to_double(w.weight());
+    peft::matrix<double> b_eff(1, out, w.bias());
+    for (ix i = 0; i < out; ++i)
+      for (ix j = 0; j < in; ++j) w_eff(i, j) *= ff ? l(j) : l(i);
+    if (!ff)
+      for (ix i = 0; i < out; ++i) b_eff(0, i) *= l(i);
+    const std::vector<double> bias(b_eff.storage());
+    typename peft::ia3<T>::cache_type cache;
+    peft::matrix<T> y(batch, out), dx(batch, in);
+    a.forward(w, x.view(), y.view(), cache);
+    CHECK(rel_error(y, peft_test::ref_linear(x, w_eff, bias)) < tolerance<T>());
+    a.backward(w, x.view(), gy.view(), dx.view(), cache);
+    CHECK(rel_error(dx, peft_test::ref_nn(gy, w_eff)) < tolerance<T>());
+    // dl: input scaling sum_b (g W0)_bi x_bi; output scaling sum_b g_bj h_bj.
+    peft::matrix<double> dl(a.l().rows(), a.l().cols());
+    const auto gw = peft_test::ref_nn(gy, w.weight());
+    for (ix b = 0; b < batch; ++b) {
+      if (ff) {
+        for (ix i = 0; i < in; ++i) dl(0, i) += gw(b, i) * peft_test::at(x, b, i);
+      } else {
+        for (ix j = 0; j < out; ++j) dl(j, 0) += peft_test::at(gy, b, j) * h(b, j);
+      }
+    }
+    CHECK(rel_error(a.grad_l(), dl) < tolerance<T>());
+    // The term and its backward, as the brief states them.
+    const peft::matrix<T> ht = peft_test::convert_matrix<T>(h);
+    peft::matrix<T> yt = ht, dh = gy, dxt(batch, in);
+    a.zero_grad();
+    a.add_term(w, x.view(), ht.view(), yt.view(), cache);
+    a.backward_term(w, x.view(), ht.view(), gy.view(), dh.view(), dxt.view(), cache);
+    peft::matrix<double> term(batch, out), dh_ref = peft_test::to_double(gy), dx_ref(batch, in);
+    if (ff) {
+      auto xs = peft_test::to_double(x);
+      for (ix b = 0; b < batch; ++b)
+        for (ix i = 0; i < in; ++i) xs(b, i) *= l(i) - 1;
+      term = peft_test::ref_nt(xs, w.weight());  // W0 ((l - 1) x), no bias
+      for (ix b = 0; b < batch; ++b)
+        for (ix i = 0; i < in; ++i) dx_ref(b, i) = (l(i) - 1) * gw(b, i);
+    } else {
+      for (ix b = 0; b < batch; ++b)
+        for (ix j = 0; j < out; ++j) {
+          term(b, j) = (l(j) - 1) * h(b, j);
+          dh_ref(b, j) += (l(j) - 1) * peft_test::at(gy, b, j);
+        }
+    }
+    CHECK(rel_error(peft_test::add(yt, ht, -1.0), term) < 10 * tolerance<T>());
+    CHECK(rel_error(dh, dh_ref) < tolerance<T>());
+    CHECK(rel_error(dxt, dx_ref) < tolerance<T>());
+    CHECK(rel_error(a.grad_l(), dl) < tolerance<T>());
+    // delta_weight = W' - W0, delta_bias = b' - b0 (only for output scaling).
+    peft::matrix<T> dw(out, in);
+    a.delta_weight(w, dw.view());
+    CHECK(rel_error(dw, peft_test::add(w_eff, w.weight(), -1.0)) < tolerance<T>());
+    std::vector<T> db(static_cast<std::size_t>(out));
+    CHECK(a.delta_bias(w, db.data()) == !ff);
+    if (!ff) CHECK(rel_error(peft::matrix<T>(1, out, db), peft_test::add(b_eff, peft::matrix<double>(1, out, w.bias()), -1.0)) < tolerance<T>());
+    CHECK(a.touches_bias() == !ff);
+  }
+}
+
+TEMPLATE_TEST_CASE("ia3 merge is multiplicative; unmerge_delta and unmerge_delta_bias recover W0 and b0", "[ia3]", float,
+                   double) {
+  using T = TestType;
+  peft::rng g(23);
+  const ix in = 8, out = 6;
+  const peft::dense<double> w0(peft_test::random_matrix<double>(out, in, g), peft_test::random_vector<double>(out, g));
+  const auto x = peft_test::random_matrix<T>(2, in, g);
+  for (const bool ff : {true, false}) {
+    INFO("feedforward " << ff);
+    const auto a = random_ia3<T>(in, out, ff, g);
+    peft::adapted_linear<peft::dense<double>, peft::ia3<T>> layer(w0);
+    layer.add_adapter("a", a);
+    peft::matrix<T> before(2, out), after(2, out);
+    layer.forward(x, before);
+    layer.merge("a");
+    layer.forward(x, after);
+    CHECK(rel_error(after, before) < tolerance<T>());
+    // unmerge_delta: what merge added, from the merged weight alone.
+    peft::matrix<T> dw(out, in), added(out, in);
+    a.unmerge_delta(layer.base(), dw.view());
+    a.delta_weight(w0, added.view());
+    CHECK(rel_error(dw, added) < tolerance<T>());
+    std::vector<T> db(static_cast<std::size_t>(out)), db_added(static_cast<std::size_t>(out));
+    CHECK(a.unmerge_delta_bias(layer.base(), db.data()) == !ff);
+    if (!ff) {
+      a.delta_bias(w0, db_added.data());
+      CHECK(rel_error(peft::matrix<T>(1, out, db), peft::matrix<T>(1, out, db_added)) < tolerance<T>());
+    }
+    layer.unmerge("a");  // adapted_linear uses unmerge_delta for the weight
+    CHECK(rel_error(layer.base().weight(), w0.weight()) < tolerance<T>());
+  }
+  // A zero in l loses W0: unmerging says so.
+  auto z = random_ia3<T>(in, out, false, g);
+  z.l()(2, 0) = T{0};
+  peft::matrix<T> dw(out, in);
+  CHECK_THROWS_WITH(z.unmerge_delta(w0, dw.view()), Catch::Contains("[ia3::unmerge_delta]") && Catch::Contains("zero"));
+  std::vector<T> db(static_cast<std::size_t>(out));
+  CHECK_THROWS_AS(z.unmerge_delta_bias(w0, db.data()), peft::error);
+  // A base without bias: output scaling leaves the (absent) bias alone.
+  const peft::dense<double> nb(peft_test::random_matrix<double>(out, in, g));
+  CHECK(!random_ia3<T>(in, out, false, g).delta_bias(nb, db.data()));
+}
+
+TEMPLATE_TEST_CASE("ia3 init: PEFT's ones are an exact no-op; random (randn) is not", "[ia3]", float, double) {
+  using T = TestType;
+  peft::rng g(2);
+  const ix in = 10, out = 12;
+  const peft::dense<T> w(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
+  const auto x = peft_test::random_matrix<T>(3, in, g);
+  peft::matrix<T> h(3, out), y(3, out);
+  w.matmul(x.view(), h.view());
+  typename peft::ia3<T>::cache_type cache;
+  for (const bool ff : {true, false}) {
+    peft::ia3<T> a(in, out, {.feedforward = ff});
+    CHECK(a.l().rows() == (ff ? 1 : out));
+    CHECK(a.l().cols() == (ff ? in : 1));
+    a.forward(w, x.view(), y.view(), cache);
+    CHECK(peft_test::exactly_equal(y, h));
+    peft::ia3<T> r(in, out, {.feedforward = ff, .init = peft::ia3_init::random, .seed = 4});
+    r.forward(w, x.view(), y.view(), cache);
+    CHECK(rel_error(y, h) > 1e-2);
+  }
+}
+
+TEST_CASE("ia3 checkpoints: from_checkpoint, describe_in and a save/load round trip", "[ia3]") {
+  peft::rng g(5);
+  peft::io::checkpoint_tensors<double> none;
+  peft::io::checkpoint_tensors<double> ffm("layer"), outm("layer"), one("layer");
+  ffm.add("ia3_l", stored<double>({1, 7}, g));
+  outm.add("ia3_l", stored<double>({5, 1}, g));
+  one.add("ia3_l", stored<double>({1, 1}, g));
+  CHECK(peft::ia3<double>::from_checkpoint(ia3_config(R"(["layer"])"), ffm, none).feedforward());
+  CHECK(!peft::ia3<double>::from_checkpoint(ia3_config(R"(["other"])"), outm, none).feedforward());
+  CHECK(peft::ia3<double>::from_checkpoint(ia3_config(R"(["layer"])"), one, none).feedforward());  // [1, 1]: the config decides
+  CHECK(!peft::ia3<double>::from_checkpoint(ia3_config("null"), one, none).feedforward());
+  CHECK_THROWS_WITH(peft::ia3<double>::from_checkpoint(ia3_config(R"(["layer"])"), outm, none),
+                    Catch::Contains("is a feedforward module") && Catch::Contains("[1, in]"));
+  CHECK_THROWS_WITH(peft::ia3<double>::from_checkpoint(ia3_config("[]"), ffm, none), Catch::Contains("[out, 1]"));
+  peft::io::checkpoint_tensors<double> conv("layer"), vec("layer");
+  conv.add("ia3_l", stored<double>({1, 7, 1, 1}, g));
+  vec.add("ia3_l", stored<double>({7}, g));
+  CHECK_THROWS_AS(peft::ia3<double>::from_checkpoint(ia3_config("[]"), conv, none), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::ia3<double>::from_checkpoint(ia3_config("[]"), vec, none), peft::format_error);
+  CHECK_THROWS_AS(peft::ia3<double>::from_checkpoint(ia3_config("5"), vec, none), peft::format_error);
+
+  // describe_in: a feedforward module joins the list (and a list target_modules), or the regex.
+  auto c = ia3_config(R"(["fc2"])");
+  c.target_modules = {"q_proj", "fc2"};
+  const peft::ia3<double> ff(4, 3, {.feedforward = true}), out(4, 3, {});
+  ff.describe_in(c, "model.l0.mlp.down_proj");
+  CHECK(c.raw["feedforward_modules"] == peft::io::ordered_json::parse(R"(["fc2", "model.l0.mlp.down_proj"])"));
+  CHECK(c.target_modules.back() == "model.l0.mlp.down_proj");
+  ff.describe_in(c, "model.l1.fc2");  // already matched: unchanged
+  CHECK(c.raw["feedforward_modules"].size() == 2);
+  out.describe_in(c, "model.l0.q_proj");
+  CHECK_THROWS_AS(out.describe_in(c, "model.l2.fc2"), peft::unsupported_error);
+  auto cr = ia3_config(R"(".*\\.fc2")");
+  ff.describe_in(cr, "model.x+y");
+  CHECK(peft::ia3<double>::is_feedforward(cr, "model.x+y"));
+  CHECK(peft::ia3<double>::is_feedforward(cr, "a.fc2"));
+  CHECK(!peft::ia3<double>::is_feedforward(cr, "model.xxy"));
+  CHECK(cr.peft_type == "IA3");
+
+  peft::io::basic_peft_checkpoint<peft::ia3<double>> ck;
+  ck.config.targets_kind = peft::io::target_kind::none;
+  ck.modules.push_back({"m.up", "m.up.weight", random_ia3<double>(5, 8, false, g)});
+  ck.modules.push_back({"m.down", "m.down.weight", random_ia3<double>(8, 3, true, g)});
+  const auto dir = fs::temp_directory_path() / "peft_ia3_roundtrip";
+  fs::remove_all(dir);
+  peft::io::save_peft_checkpoint(dir, ck);
+  auto back = peft::io::load_checkpoint_as<peft::ia3<double>>(dir);
+  CHECK(back.config.peft_type == "IA3");
+  CHECK(back.config.raw["feedforward_modules"] == peft::io::ordered_json::parse(R"(["m.down"])"));
+  for (auto& m : ck.modules) {
+    auto& b = back.find(m.weight_name)->adapter;
+    CHECK(b.feedforward() == m.adapter.feedforward());
+    CHECK(rel_error(b.l(), m.adapter.l()) < 1e-7);  // stored as f32
+  }
+  fs::remove_all(dir);
+}
+
+TEMPLATE_TEST_CASE("ia3 rejects bad shapes with clear errors", "[ia3]", float, double) {
+  using T = TestType;
+  peft::rng g(31);
+  auto a = random_ia3<T>(7, 5, true, g);
+  const peft::dense<T> w(peft_test::random_matrix<T>(5, 7, g));
+  const peft::dense<T> wrong(peft_test::random_matrix<T>(5, 8, g));
+  peft::matrix<T> x(2, 7), y(2, 5), dx(2, 7), bad(2, 6);
+  typename peft::ia3<T>::cache_type cache;
+  CHECK_THROWS_WITH(a.forward(wrong, x.view(), y.view(), cache), Catch::Contains("[ia3::forward] base weight is (5, 8)"));
+  CHECK_THROWS_AS(a.forward(w, x.view(), bad.view(), cache), peft::shape_error);
+  CHECK_THROWS_AS(a.backward(w, x.view(), y.view(), bad.view(), cache), peft::shape_error);
+  peft::matrix<T> dw(5, 6);
+  CHECK_THROWS_AS(a.delta_weight(w, dw.view()), peft::shape_error);
+  auto o = random_ia3<T>(7, 5, false, g);
+  CHECK_THROWS_AS(o.add_term(w, x.view(), bad.view(), y.view(), cache), peft::shape_error);  // h is (2, 6)
+  CHECK_THROWS_AS(peft::ia3<T>(0, 5, {}), peft::shape_error);
+  CHECK_THROWS_AS(peft::ia3<T>(std::vector<T>{}, true), peft::shape_error);
+  CHECK_THROWS_AS(peft::ia3<T>(std::vector<T>(3, T{1}), true, 4, 5), peft::shape_error);
+  CHECK_THROWS_AS(a.bind(7, 0), peft::shape_error);
+  CHECK_THROWS_AS(a.bind(6, 5), peft::shape_error);
+  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::ia3<T>>(data_dir / "loha" / "adapter"), peft::unsupported_error);
+}

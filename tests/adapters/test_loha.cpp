@@ -1,0 +1,384 @@
+// LoHa: parity with HuggingFace PEFT 0.21 (tests/data/peft/loha), the Hadamard delta and its
+// gradients against double loops, initialisation, saving and loading, and the errors.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "peft/adapted_linear.hpp"
+#include "peft/adapters/loha.hpp"
+#include "peft/base/dense.hpp"
+#include "peft/io/peft_checkpoint.hpp"
+#include "peft/io/safetensors.hpp"
+#include "support/test_support.hpp"
+
+using ix = peft::index;
+
+namespace {
+
+namespace fs = std::filesystem;
+using peft::index;
+using peft_test::rel_error;
+
+const fs::path data_dir = fs::path(PEFT_TEST_DATA_DIR) / "peft";
+
+template <class T>
+double tolerance() {
+  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
+}
+
+// ---- golden harness (the same in test_lokr/loha/adalora/ia3.cpp) ------------------------------
+
+peft::dense<float> load_base(const peft::io::safetensors_file& f, const std::string& name) {
+  return peft::dense<float>(f.read_matrix<float>(name + ".weight"), f.read<float>(name + ".bias"));
+}
+
+/// A PEFT case loaded with load_checkpoint_as<A>, each adapter on its frozen layer.
+template <class A>
+struct golden_case {
+  using T = typename A::scalar;
+  using layer_type = peft::adapted_linear<peft::dense<float>, A>;
+  peft::io::safetensors_file base;
+  peft::io::safetensors_file reference;
+  peft::io::basic_peft_checkpoint<A> checkpoint;
+  layer_type up;
+  layer_type down;
+
+  explicit golden_case(const std::string& name)
+      : base(peft::io::safetensors_file::open(data_dir / name / "base_model.safetensors")),
+        reference(peft::io::safetensors_file::open(data_dir / name / "reference.safetensors")),
+        checkpoint(peft::io::load_checkpoint_as<A>(data_dir / name / "adapter")),
+        up(load_base(base, "up")),
+        down(load_base(base, "down")) {
+    REQUIRE(checkpoint.modules.size() == 2);
+    for (auto* l : {&up, &down}) {
+      A a = checkpoint.find((l == &up ? "up" : "down") + std::string(".weight"))->adapter;
+      if constexpr (requires { a.bind(index{}, index{}); }) a.bind(l->in_features(), l->out_features());
+      l->add_adapter("default", std::move(a));
+    }
+  }
+  layer_type& layer(const std::string& n) { return n == "up" ? up : down; }
+  peft::matrix<double> ref(const std::string& n) const { return reference.read_matrix<double>(n); }
+  peft::matrix<T> ref_t(const std::string& n) const { return reference.read_matrix<T>(n); }
+  /// How many gradients the reference holds for a layer.
+  std::size_t reference_gradients(const std::string& n) const {
+    std::size_t k = 0;
+    for (const auto& t : reference.tensors()) k += t.name.starts_with("grad.base_model.model." + n + ".") ? 1 : 0;
+    return k;
+  }
+};
+
+/// Every parameter gradient of the layer's adapter against PEFT's; all of PEFT's are covered.
+template <class A>
+void check_gradients(golden_case<A>& c, const std::string& name, double tol) {
+  std::size_t checked = 0;
+  for (const auto& p : c.layer(name).adapter("default").parameters()) {
+    INFO("gradient of " << p.name);
+    const auto ref = c.ref("grad.base_model.model." + name + "." + p.name + ".default");
+    REQUIRE(peft_test::count_nonzero(ref) > ref.size() / 2);
+    CHECK(rel_error(p.grad, ref) < tol);
+    ++checked;
+  }
+  CHECK(checked == c.reference_gradients(name));
+}
+
+/// Each layer alone: output, dL/dinput, every parameter gradient.
+template <class A>
+void check_layers(golden_case<A>& c, double tol) {
+  using T = typename A::scalar;
+  for (const std::string name : {"up", "down"}) {
+    INFO("layer " << name);
+    auto& layer = c.layer(name);
+    const auto x = c.ref_t("layer." + name + ".input");
+    const auto g = c.ref_t("layer." + name + ".grad_output");
+    REQUIRE(peft_test::count_nonzero(x) > x.size() / 4);  // the down input is a relu output
+    REQUIRE(peft_test::count_nonzero(g) > g.size() / 4);
+    peft::matrix<T> y(x.rows(), layer.out_features());
+    layer.forward(x, y);
+    const auto y_ref = c.ref("layer." + name + ".output");
+    CHECK(rel_error(y, y_ref) < tol);
+    peft::matrix<T> y0(x.rows(), layer.out_features());
+    layer.base().matmul(peft::matrix_view<const T>(x.view()), y0.view());
+    REQUIRE(rel_error(y0, y_ref) > 1e-3);  // the adapter is not a no-op
+    peft::matrix<T> dx(x.rows(), layer.in_features());
+    layer.zero_grad();
+    layer.backward(x, g, dx);
+    CHECK(rel_error(dx, c.ref("layer." + name + ".grad_input")) < tol);
+    check_gradients(c, name, tol);
+  }
+}
+
+/// The network y = down(relu(up(x))) and dL/dx, with every gradient.
+template <class A>
+void check_network(golden_case<A>& c, double tol) {
+  using T = typename A::scalar;
+  const auto x = c.ref_t("x");
+  const auto gy = c.ref_t("grad_y");
+  REQUIRE(peft_test::nontrivial(x));
+  REQUIRE(peft_test::nontrivial(gy));
+  peft::matrix<T> h(x.rows(), c.up.out_features()), a(h.rows(), h.cols()), y(x.rows(), c.down.out_features());
+  c.up.forward(x, h);
+  for (index i = 0; i < h.rows(); ++i)
+    for (index j = 0; j < h.cols(); ++j) a(i, j) = h(i, j) > 0 ? h(i, j) : T{0};
+  c.down.forward(a, y);
+  CHECK(rel_error(y, c.ref("y")) < tol);
+  peft::matrix<T> da(a.rows(), a.cols()), dx(x.rows(), x.cols());
+  c.up.zero_grad();
+  c.down.zero_grad();
+  c.down.backward(a, gy, da);
+  for (index i = 0; i < da.rows(); ++i)
+    for (index j = 0; j < da.cols(); ++j) da(i, j) = h(i, j) > 0 ? da(i, j) : T{0};
+  c.up.backward(x, da, dx);
+  CHECK(rel_error(dx, c.ref("grad_x")) < tol);
+  check_gradients(c, "up", tol);
+  check_gradients(c, "down", tol);
+}
+
+/// merge_and_unload: the delta in double on a double base (1e-12), and adapted_linear::merge
+/// into the f32 base (rounded to f32: 1e-6), weights and biases.
+template <class A>
+void check_merge(golden_case<A>& c) {
+  using T = typename A::scalar;
+  for (const std::string name : {"up", "down"}) {
+    INFO("layer " << name);
+    auto& layer = c.layer(name);
+    const auto w_ref = c.ref("merged." + name + ".weight");
+    const peft::matrix<double> b_ref(1, layer.out_features(), c.reference.template read<double>("merged." + name + ".bias"));
+    const auto w0 = c.base.template read_matrix<double>(name + ".weight");
+    REQUIRE(rel_error(w0, w_ref) > 1e-3);
+    {
+      const peft::dense<double> exact(w0, c.base.template read<double>(name + ".bias"));
+      const A& a = layer.adapter("default");
+      peft::matrix<T> dw(layer.out_features(), layer.in_features());
+      a.delta_weight(exact, dw.view());
+      CHECK(rel_error(peft_test::add(w0, dw), w_ref) < tolerance<T>());
+      std::vector<T> db(static_cast<std::size_t>(layer.out_features()));
+      peft::matrix<double> b(1, layer.out_features(), exact.bias());
+      if (a.delta_bias(exact, db.data())) b = peft_test::add(b, peft::matrix<T>(1, layer.out_features(), db));
+      CHECK(rel_error(b, b_ref) < tolerance<T>());
+    }
+    layer.merge("default");
+    CHECK(rel_error(layer.base().weight(), w_ref) < 1e-6);
+    CHECK(rel_error(peft::matrix<float>(1, layer.out_features(), layer.base().bias()), b_ref) < 1e-6);
+  }
+}
+
+template <class A>
+void check_golden(const std::string& name) {
+  using T = typename A::scalar;
+  INFO("case " << name);
+  const double tol = tolerance<T>();
+  {
+    golden_case<A> c(name);
+    check_layers(c, tol);
+  }
+  {
+    golden_case<A> c(name);
+    check_network(c, tol);
+  }
+  {
+    golden_case<A> c(name);
+    check_merge(c);
+  }
+}
+
+// ---- LoHa helpers ------------------------------------------------------------------------------
+
+template <class T>
+peft::io::stored_tensor<T> stored(std::vector<std::int64_t> shape, peft::rng& g) {
+  index rows = shape.empty() ? 1 : static_cast<index>(shape[0]), cols = 1;
+  for (std::size_t i = 1; i < shape.size(); ++i) cols *= static_cast<index>(shape[i]);
+  peft::io::stored_tensor<T> s;
+  s.shape = std::move(shape);
+  s.data = std::make_shared<peft::matrix<T>>(peft_test::random_matrix<T>(rows, cols, g));
+  return s;
+}
+
+peft::io::adapter_config loha_config(index r, double alpha) {
+  auto c = peft::io::adapter_config::parse(R"({"peft_type": "LOHA", "target_modules": ["layer"]})");
+  c.r = r;
+  c.raw["alpha"] = alpha;
+  return c;
+}
+
+/// The four factors of a (out, in) module of rank r.
+template <class T>
+peft::io::checkpoint_tensors<T> loha_tensors(index in, index out, index r, peft::rng& g) {
+  peft::io::checkpoint_tensors<T> m("layer");
+  m.add("hada_w1_a", stored<T>({out, r}, g));
+  m.add("hada_w1_b", stored<T>({r, in}, g));
+  m.add("hada_w2_a", stored<T>({out, r}, g));
+  m.add("hada_w2_b", stored<T>({r, in}, g));
+  return m;
+}
+
+/// a * b elementwise, in double.
+template <class MA, class MB>
+peft::matrix<double> hadamard(const MA& a, const MB& b) {
+  peft::matrix<double> c(a.rows(), a.cols());
+  for (index i = 0; i < a.rows(); ++i)
+    for (index j = 0; j < a.cols(); ++j) c(i, j) = peft_test::at(a, i, j) * peft_test::at(b, i, j);
+  return c;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("loha reproduces PEFT: layers, network, merged weights", "[loha][golden]", float, double) {
+  check_golden<peft::loha<TestType>>("loha");
+}
+
+TEST_CASE("loha golden checkpoint: rank and scale from the config", "[loha][golden]") {
+  auto ck = peft::io::load_checkpoint_as<peft::loha<double>>(data_dir / "loha" / "adapter");
+  const auto& up = ck.find("up.weight")->adapter;
+  CHECK(up.rank() == 8);
+  CHECK(up.alpha() == 16.0);
+  CHECK(up.scale() == 2.0);
+  CHECK(up.in_features() == 64);
+  CHECK(up.out_features() == 96);
+}
+
+TEMPLATE_TEST_CASE("loha forward, dx, delta and the four gradients equal double loops", "[loha]", float, double) {
+  using T = TestType;
+  peft::rng g(17);
+  const ix in = 13, out = 9, batch = 4, r = 3;
+  peft::loha<T> a(in, out, {.rank = r, .alpha = 5.0, .init = peft::loha_init::random, .seed = 3});
+  const peft::dense<double> w(peft_test::random_matrix<double>(out, in, g), peft_test::random_vector<double>(out, g));
+  const auto x = peft_test::random_matrix<T>(batch, in, g);
+  const auto gy = peft_test::random_matrix<T>(batch, out, g);
+  REQUIRE(peft_test::nontrivial(x));
+  REQUIRE(peft_test::nontrivial(a.W2b()));
+  const double s = 5.0 / 3.0;
+  const auto P = peft_test::ref_nn(a.W1a(), a.W1b()), Q = peft_test::ref_nn(a.W2a(), a.W2b());
+  const auto dW = peft_test::scaled(hadamard(P, Q), s);
+  const auto w_eff = peft_test::add(w.weight(), dW);
+  typename peft::loha<T>::cache_type cache;
+  peft::matrix<T> y(batch, out), dx(batch, in), dwt(out, in);
+  a.forward(w, x.view(), y.view(), cache);
+  CHECK(rel_error(y, peft_test::ref_linear(x, w_eff, w.bias())) < tolerance<T>());
+  a.backward(w, x.view(), gy.view(), dx.view(), cache);
+  CHECK(rel_error(dx, peft_test::ref_nn(gy, w_eff)) < tolerance<T>());
+  a.delta_weight(w, dwt.view());
+  CHECK(rel_error(dwt, dW) < tolerance<T>());
+  std::vector<T> db(static_cast<std::size_t>(out));
+  CHECK(!a.delta_bias(w, db.data()));
+  // dL/d(dW) = g^T x; through dW = s P * Q: dP = s M * Q, dQ = s M * P.
+  const auto M = peft_test::ref_tn(gy, x);
+  const auto dP = peft_test::scaled(hadamard(M, Q), s), dQ = peft_test::scaled(hadamard(M, P), s);
+  CHECK(rel_error(a.grad_W1a(), peft_test::ref_nt(dP, a.W1b())) < tolerance<T>());
+  CHECK(rel_error(a.grad_W1b(), peft_test::ref_tn(a.W1a(), dP)) < tolerance<T>());
+  CHECK(rel_error(a.grad_W2a(), peft_test::ref_nt(dQ, a.W2b())) < tolerance<T>());
+  CHECK(rel_error(a.grad_W2b(), peft_test::ref_tn(a.W2a(), dQ)) < tolerance<T>());
+  // A second backward accumulates; zero_grad clears.
+  const auto first = peft_test::to_double(a.grad_W1a());
+  a.backward(w, x.view(), gy.view(), dx.view(), cache);
+  CHECK(rel_error(a.grad_W1a(), peft_test::scaled(first, 2.0)) < tolerance<T>());
+  a.zero_grad();
+  CHECK(peft_test::max_abs(a.grad_W2b()) == 0.0);
+}
+
+TEMPLATE_TEST_CASE("loha init: PEFT's default zeroes hada_w2_b only (a no-op); random is not", "[loha]", float,
+                   double) {
+  using T = TestType;
+  peft::rng g(8);
+  const ix in = 40, out = 24, r = 4;
+  const peft::dense<T> w(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
+  const auto x = peft_test::random_matrix<T>(3, in, g);
+  peft::matrix<T> h(3, out), y(3, out);
+  w.matmul(x.view(), h.view());
+  typename peft::loha<T>::cache_type cache;
+  peft::loha<T> a(in, out, {.rank = r, .alpha = 8.0, .seed = 1});
+  a.forward(w, x.view(), y.view(), cache);
+  CHECK(peft_test::exactly_equal(y, h));
+  CHECK(peft_test::max_abs(a.W2b()) == 0.0);
+  for (auto v : {a.W1a(), a.W1b(), a.W2a()}) {
+    CHECK(peft_test::count_nonzero(v) == v.size());
+    CHECK(peft_test::max_abs(v) <= 1.0 / std::sqrt(static_cast<double>(v.cols())));  // kaiming-uniform, a = sqrt 5
+  }
+  CHECK(peft_test::max_abs(a.W1b()) > 0.5 / std::sqrt(static_cast<double>(in)));
+  CHECK(a.scale() == static_cast<T>(2.0));
+  peft::loha<T> b(in, out, {.rank = r, .alpha = 8.0, .init = peft::loha_init::random, .seed = 1});
+  b.forward(w, x.view(), y.view(), cache);
+  CHECK(rel_error(y, h) > 1e-4);
+}
+
+TEST_CASE("loha checkpoints: rank_pattern and alpha_pattern; save and load keep every module", "[loha]") {
+  peft::rng g(2);
+  peft::io::checkpoint_tensors<double> none;
+  auto c = loha_config(3, 6.0);
+  CHECK(peft::loha<double>::from_checkpoint(c, loha_tensors<double>(7, 5, 3, g), none).scale() == 2.0);
+  c.rank_pattern = {{"layer", 2}};
+  c.alpha_pattern = {{"layer", 3.0}};
+  CHECK(peft::loha<double>::from_checkpoint(c, loha_tensors<double>(7, 5, 2, g), none).scale() == 1.5);
+
+  peft::io::basic_peft_checkpoint<peft::loha<double>> ck;
+  ck.config.targets_kind = peft::io::target_kind::none;
+  ck.modules.push_back({"m.a", "m.a.weight", peft::loha<double>(7, 5, {.rank = 2, .alpha = 3.0, .init = peft::loha_init::random, .seed = 1})});
+  ck.modules.push_back({"m.b", "m.b.weight", peft::loha<double>(4, 6, {.rank = 5, .alpha = 7.5, .init = peft::loha_init::random, .seed = 2})});
+  const auto dir = fs::temp_directory_path() / "peft_loha_roundtrip";
+  fs::remove_all(dir);
+  peft::io::save_peft_checkpoint(dir, ck);
+  auto back = peft::io::load_checkpoint_as<peft::loha<double>>(dir);
+  CHECK(back.config.peft_type == "LOHA");
+  REQUIRE(back.modules.size() == 2);
+  for (auto& m : ck.modules) {
+    auto& b = back.find(m.weight_name)->adapter;
+    CHECK(b.rank() == m.adapter.rank());
+    CHECK(b.scale() == m.adapter.scale());
+    CHECK(rel_error(b.W2b(), m.adapter.W2b()) < 1e-7);  // stored as f32
+  }
+  fs::remove_all(dir);
+}
+
+TEMPLATE_TEST_CASE("loha rejects bad shapes, bad checkpoints and convolutions with clear errors", "[loha]", float,
+                   double) {
+  using T = TestType;
+  peft::rng g(4);
+  peft::loha<T> a(7, 5, {.rank = 2, .init = peft::loha_init::random});
+  const peft::dense<T> w(peft_test::random_matrix<T>(5, 7, g));
+  const peft::dense<T> wrong(peft_test::random_matrix<T>(6, 7, g));
+  peft::matrix<T> x(2, 7), y(2, 5), dx(2, 7), bad(2, 6);
+  typename peft::loha<T>::cache_type cache;
+  CHECK_THROWS_WITH(a.forward(wrong, x.view(), y.view(), cache), Catch::Contains("[loha::forward] base weight is (6, 7)"));
+  CHECK_THROWS_AS(a.add_term(w, x.view(), y.view(), bad.view(), cache), peft::shape_error);
+  CHECK_THROWS_AS(a.backward_term(w, x.view(), y.view(), y.view(), y.view(), bad.view(), cache), peft::shape_error);
+  CHECK_THROWS_AS(peft::loha<T>(7, 5, {.rank = 0}), peft::shape_error);
+  CHECK_THROWS_AS(peft::loha<T>(peft::matrix<T>(5, 2), peft::matrix<T>(2, 7), peft::matrix<T>(5, 3), peft::matrix<T>(2, 7), 1.0),
+                  peft::shape_error);
+
+  const auto c = loha_config(2, 4.0);
+  peft::io::checkpoint_tensors<T> none;
+  REQUIRE_NOTHROW(peft::loha<T>::from_checkpoint(c, loha_tensors<T>(7, 5, 2, g), none));
+  {
+    auto m = loha_tensors<T>(7, 5, 2, g);
+    m.add("hada_t1", stored<T>({2, 2, 3, 3}, g));
+    CHECK_THROWS_WITH(peft::loha<T>::from_checkpoint(c, m, none), Catch::Contains("[loha::from_checkpoint]") &&
+                                                                      Catch::Contains("hada_t1/hada_t2"));
+    CHECK_THROWS_AS(peft::loha<T>::from_checkpoint(c, m, none), peft::unsupported_error);
+  }
+  {
+    auto m = loha_tensors<T>(7, 5, 2, g);
+    m.add("hada_w1_b", stored<T>({2, 7, 1, 1}, g));
+    CHECK_THROWS_AS(peft::loha<T>::from_checkpoint(c, m, none), peft::unsupported_error);
+  }
+  {
+    auto m = loha_tensors<T>(7, 5, 2, g);
+    m.add("hada_w2_b", stored<T>({2, 6}, g));
+    CHECK_THROWS_WITH(peft::loha<T>::from_checkpoint(c, m, none), Catch::Contains("are not (out, r), (r, in)"));
+  }
+  CHECK_THROWS_WITH(peft::loha<T>::from_checkpoint(loha_config(4, 4.0), loha_tensors<T>(7, 5, 2, g), none),
+                    Catch::Contains("has rank 2 but adapter_config.json gives 4"));
+  {
+    peft::io::checkpoint_tensors<T> m("layer");
+    m.add("hada_w1_a", stored<T>({5, 2}, g));
+    CHECK_THROWS_AS(peft::loha<T>::from_checkpoint(c, m, none), peft::format_error);
+  }
+  {
+    auto c2 = c;
+    c2.raw["alpha"] = "big";
+    CHECK_THROWS_AS(peft::loha<T>::from_checkpoint(c2, loha_tensors<T>(7, 5, 2, g), none), peft::format_error);
+  }
+  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::loha<T>>(data_dir / "lokr" / "adapter"), peft::unsupported_error);
+}

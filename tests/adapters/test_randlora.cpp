@@ -1,0 +1,539 @@
+// RandLoRA: parity with HuggingFace PEFT 0.21 (tests/data/peft/randlora: the two-layer MLP,
+// up 64 -> 96 (in < out), down 96 -> 48 (in > out): both of PEFT's orientations; bases
+// randlora_A [8, 1, 96], randlora_B [96, 12, 8] shared by both layers, randlora_alpha 640, r 8),
+// PEFT's flatten orders through a literal transcription of get_scaled_bases, gradients by finite
+// differences, sharing (one object, saved once), slicing, identity at init, per-module copies of
+// the bases (accepted when equal), save_projection=false and malformed shapes rejected.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+
+#include "peft/adapted_linear.hpp"
+#include "peft/adapters/randlora.hpp"
+#include "peft/base/dense.hpp"
+#include "peft/io/peft_checkpoint.hpp"
+#include "peft/io/safetensors.hpp"
+#include "support/test_support.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using peft_test::rel_error;
+
+const fs::path case_dir = fs::path(PEFT_TEST_DATA_DIR) / "peft" / "randlora";
+
+template <class T>
+double tolerance() {
+  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
+}
+
+template <class T>
+using layer_t = peft::adapted_linear<peft::dense<float>, peft::randlora<T>>;
+
+peft::dense<float> load_base(const peft::io::safetensors_file& f, const std::string& name) {
+  return peft::dense<float>(f.read_matrix<float>(name + ".weight"), f.read<float>(name + ".bias"));
+}
+
+/// Loads a RandLoRA checkpoint and gives each module its base layer's shape (the checkpoint
+/// only determines min(in, out)).
+template <class T>
+peft::io::basic_peft_checkpoint<peft::randlora<T>> load_bound(const fs::path& dir,
+                                                              const peft::io::safetensors_file& base) {
+  auto ck = peft::io::load_checkpoint_as<peft::randlora<T>>(dir);
+  for (auto& m : ck.modules) {
+    const auto& s = base.info(m.weight_name).shape;
+    m.adapter.set_features(static_cast<peft::index>(s[1]), static_cast<peft::index>(s[0]));
+  }
+  return ck;
+}
+
+template <class T>
+struct golden_case {
+  peft::io::safetensors_file base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
+  peft::io::safetensors_file reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
+  peft::io::basic_peft_checkpoint<peft::randlora<T>> checkpoint = load_bound<T>(case_dir / "adapter", base);
+  layer_t<T> up{load_base(base, "up")};
+  layer_t<T> down{load_base(base, "down")};
+
+  golden_case() {
+    REQUIRE(checkpoint.modules.size() == 2);
+    up.add_adapter("default", checkpoint.find("up.weight")->adapter);
+    down.add_adapter("default", checkpoint.find("down.weight")->adapter);
+  }
+  layer_t<T>& layer(const std::string& n) { return n == "up" ? up : down; }
+  template <class U>
+  peft::matrix<U> ref(const std::string& name) const {
+    return reference.read_matrix<U>(name);
+  }
+};
+
+/// PEFT's get_delta_weight transcribed literally, in double, with 3-D indexing of the bases:
+///   update_A = (lambda[:, :, None] * A[:, :nb, :mn] * gamma[None]).flatten(end_dim=1)   (R, mn)
+///   update_B = B[:mx, :nb, :].flatten(start_dim=1)                                       (mx, R)
+///   in == mn: (update_B, update_A) = (update_A, update_B); else (update_B^T, update_A^T)
+///   delta = (update_B^T @ update_A^T)^T * scaling
+template <class T>
+peft::matrix<double> peft_delta_weight(const peft::randlora<T>& a) {
+  const peft::index in = a.in_features(), out = a.out_features(), r = a.rank();
+  const peft::index mn = std::min(in, out), mx = std::max(in, out), nb = (mn + r - 1) / r;
+  const peft::index nb_max = a.max_num_bases(), mn_max = a.shared_A()->cols();
+  const auto A3 = [&](peft::index k, peft::index m, peft::index j) {  // A[k, m, j] of [r, 1, mn_max]
+    return static_cast<double>(a.shared_A()->data()[(k * 1 + m) * mn_max + j]);
+  };
+  const auto B3 = [&](peft::index i, peft::index b, peft::index k) {  // B[i, b, k] of [mx_max, nb_max, r]
+    return static_cast<double>(a.shared_B()->data()[(i * nb_max + b) * r + k]);
+  };
+  peft::matrix<double> ua(r * nb, mn), ub(mx, nb * r);
+  for (peft::index k = 0; k < r; ++k)
+    for (peft::index b = 0; b < nb; ++b)
+      for (peft::index j = 0; j < mn; ++j)
+        ua(k * nb + b, j) = static_cast<double>(a.lambda()(k, b)) * A3(k, 0, j) * static_cast<double>(a.gamma()(b, j));
+  for (peft::index i = 0; i < mx; ++i)
+    for (peft::index b = 0; b < nb; ++b)
+      for (peft::index k = 0; k < r; ++k) ub(i, b * r + k) = B3(i, b, k);
+  // in == mn: update_B := ua, update_A := ub; delta = (ua^T ub^T)^T = ub ua.
+  // else:     update_B := ub^T, update_A := ua^T; delta = (ub ua)^T.
+  const auto vu = peft_test::ref_nn(ub, ua);  // (mx, mn)
+  const double s = static_cast<double>(a.scale());
+  peft::matrix<double> d(out, in);
+  for (peft::index i = 0; i < out; ++i)
+    for (peft::index j = 0; j < in; ++j) d(i, j) = s * (in == mn ? vu(i, j) : vu(j, i));
+  return d;
+}
+
+/// Copies the golden adapter to `dst`, letting `edit_config` change adapter_config.json,
+/// `edit_tensors` replace tensors (name -> (shape, values)) and `drop` leave tensors out.
+void rewrite_adapter(const fs::path& dst, const std::function<void(nlohmann::ordered_json&)>& edit_config,
+                     const std::map<std::string, std::pair<std::vector<std::int64_t>, std::vector<float>>>& edit_tensors = {},
+                     const std::vector<std::string>& drop = {}) {
+  fs::create_directories(dst);
+  std::ifstream in(case_dir / "adapter" / "adapter_config.json");
+  auto cfg = nlohmann::ordered_json::parse(in);
+  edit_config(cfg);
+  std::ofstream(dst / "adapter_config.json") << cfg.dump(2);
+  const auto f = peft::io::safetensors_file::open(case_dir / "adapter" / "adapter_model.safetensors");
+  peft::io::safetensors_writer w;
+  for (const auto& t : f.tensors()) {
+    if (std::find(drop.begin(), drop.end(), t.name) != drop.end()) continue;
+    auto it = edit_tensors.find(t.name);
+    if (it == edit_tensors.end()) {
+      w.add(t.name, t.type, t.shape, f.bytes(t.name));
+    } else {
+      w.add(t.name, it->second.first, std::span<const float>(it->second.second));
+    }
+  }
+  w.write(dst / "adapter_model.safetensors");
+}
+
+/// A temporary directory of this process: test binaries run concurrently (ctest -j, several
+/// builds), so fixed names would collide.
+fs::path scratch_dir(const std::string& stem) {
+  static const std::string tag = std::to_string(std::random_device{}());
+  return fs::temp_directory_path() / (stem + "_" + tag);
+}
+
+std::string message_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return {};
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("randlora golden: each layer's output, dx and gamma/lambda gradients match PEFT",
+                   "[randlora][golden]", float, double) {
+  using T = TestType;
+  const double tol = tolerance<T>();
+  golden_case<T> c;
+  for (const std::string name : {"up", "down"}) {
+    INFO("layer " << name);
+    auto& layer = c.layer(name);
+    const auto x = c.template ref<T>("layer." + name + ".input");
+    const auto g = c.template ref<T>("layer." + name + ".grad_output");
+    REQUIRE(peft_test::count_nonzero(x) > x.size() / 4);  // the down input is a relu output
+    REQUIRE(peft_test::count_nonzero(g) > g.size() / 4);
+    const auto& a = layer.adapter("default");
+    REQUIRE(peft_test::nontrivial(a.lambda()));  // the golden adapter is not the identity
+    REQUIRE(peft_test::nontrivial(a.gamma()));
+    CHECK(a.scale() == static_cast<T>(80));     // randlora_alpha 640 / r 8
+    CHECK(a.num_bases() == (name == "up" ? 8 : 6));
+    peft::matrix<T> y(x.rows(), layer.out_features());
+    layer.forward(x, y);
+    const auto y_ref = c.template ref<double>("layer." + name + ".output");
+    CHECK(rel_error(y, y_ref) < tol);
+    peft::matrix<T> h(x.rows(), layer.out_features());
+    layer.base().matmul(peft::matrix_view<const T>(x.view()), h.view());
+    CHECK(rel_error(h, y_ref) > 1e-3);  // the adapter's term is a visible part of the output
+    peft::matrix<T> dx(x.rows(), layer.in_features());
+    layer.zero_grad();
+    layer.backward(x, g, dx);
+    CHECK(rel_error(dx, c.template ref<double>("layer." + name + ".grad_input")) < tol);
+    const std::string key = "grad.base_model.model." + name;
+    CHECK(rel_error(a.grad_lambda(), c.template ref<double>(key + ".randlora_lambda.default")) < tol);
+    CHECK(rel_error(a.grad_gamma(), c.template ref<double>(key + ".randlora_gamma.default")) < tol);
+  }
+}
+
+TEMPLATE_TEST_CASE("randlora golden: the two-layer network's output, dL/dx and gradients match PEFT",
+                   "[randlora][golden]", float, double) {
+  using T = TestType;
+  const double tol = tolerance<T>();
+  golden_case<T> c;
+  const auto x = c.template ref<T>("x");
+  const auto gy = c.template ref<T>("grad_y");
+  REQUIRE(peft_test::nontrivial(x));
+  REQUIRE(peft_test::nontrivial(gy));
+  peft::matrix<T> h(x.rows(), c.up.out_features()), a(h.rows(), h.cols()), y(x.rows(), c.down.out_features());
+  c.up.forward(x, h);
+  for (peft::index i = 0; i < h.rows(); ++i)
+    for (peft::index j = 0; j < h.cols(); ++j) a(i, j) = h(i, j) > 0 ? h(i, j) : T{0};
+  c.down.forward(a, y);
+  CHECK(rel_error(y, c.template ref<double>("y")) < tol);
+  peft::matrix<T> da(a.rows(), a.cols()), dx(x.rows(), x.cols());
+  c.up.zero_grad();
+  c.down.zero_grad();
+  c.down.backward(a, gy, da);
+  for (peft::index i = 0; i < da.rows(); ++i)
+    for (peft::index j = 0; j < da.cols(); ++j) da(i, j) = h(i, j) > 0 ? da(i, j) : T{0};
+  c.up.backward(x, da, dx);
+  CHECK(rel_error(dx, c.template ref<double>("grad_x")) < tol);
+  for (const std::string name : {"up", "down"}) {
+    INFO("layer " << name);
+    const auto& ad = c.layer(name).adapter("default");
+    const std::string key = "grad.base_model.model." + name;
+    CHECK(rel_error(ad.grad_lambda(), c.template ref<double>(key + ".randlora_lambda.default")) < tol);
+    CHECK(rel_error(ad.grad_gamma(), c.template ref<double>(key + ".randlora_gamma.default")) < tol);
+  }
+}
+
+TEMPLATE_TEST_CASE("randlora golden: delta_weight and merge give PEFT's merged weights", "[randlora][golden][merge]",
+                   float, double) {
+  using T = TestType;
+  golden_case<T> c;
+  for (const std::string name : {"up", "down"}) {
+    INFO("layer " << name);
+    auto& layer = c.layer(name);
+    const auto w0 = peft_test::to_double(layer.base().weight());
+    const auto merged = c.template ref<double>("merged." + name + ".weight");
+    peft::matrix<T> dw(layer.out_features(), layer.in_features());
+    layer.adapter("default").delta_weight(layer.base(), dw.view());
+    REQUIRE(peft_test::max_abs(dw) > 1e-2);
+    CHECK(rel_error(dw, peft_delta_weight(layer.adapter("default"))) < tolerance<T>());
+    CHECK(rel_error(peft_test::add(w0, dw), merged) < tolerance<T>());
+    layer.merge("default");  // rounds into the f32 base: 1e-6 is the fair bound
+    CHECK(rel_error(layer.base().weight(), merged) < 1e-6);
+    const peft::matrix<float> b(1, layer.out_features(), layer.base().bias());
+    CHECK(rel_error(b, c.template ref<double>("merged." + name + ".bias")) < 1e-7);  // bias untouched
+  }
+}
+
+TEMPLATE_TEST_CASE("randlora: forward and delta_weight follow PEFT's flatten orders on odd shapes",
+                   "[randlora][slicing]", float, double) {
+  using T = TestType;
+  peft::rng g(31);
+  // (in, out): both orientations, ranks that do not divide min(in, out), bases larger than every layer.
+  const std::vector<std::pair<peft::index, peft::index>> layers{{5, 11}, {11, 5}, {7, 7}, {1, 4}, {12, 3}};
+  for (const peft::index r : {1, 3, 4}) {
+    const auto p = peft::make_randlora_projections<T>(r, layers, 1000 + static_cast<std::uint64_t>(r));
+    REQUIRE(p.A->cols() == 11);  // min of the largest (out, in) = (11, 12)
+    REQUIRE(p.B->rows() == 12);
+    REQUIRE(p.B->cols() == peft::randlora_num_bases(11, r) * r);
+    for (auto [in, out] : layers) {
+      INFO("r " << r << " in " << in << " out " << out);
+      const peft::index mn = std::min(in, out), nb = peft::randlora_num_bases(mn, r);
+      const peft::randlora<T> a(p.A, p.B, in, out, 2.5 * static_cast<double>(r), peft_test::random_matrix<T>(r, nb, g),
+                                peft_test::random_matrix<T>(nb, mn, g));
+      CHECK(a.A_slice().stride() == 11);
+      CHECK(a.B_slice().stride() == p.B->cols());
+      CHECK(a.B_slice().cols() == nb * r);
+      const auto d_ref = peft_delta_weight(a);
+      const peft::dense<T> w(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
+      peft::matrix<T> dw(out, in);
+      a.delta_weight(w, dw.view());
+      const double tol = std::is_same_v<T, double> ? 1e-13 : 1e-5;
+      CHECK(rel_error(dw, d_ref) < tol);
+      const auto x = peft_test::random_matrix<T>(3, in, g);
+      REQUIRE(peft_test::nontrivial(x));
+      const auto y_ref = peft_test::add(peft_test::ref_linear(x, w.weight(), w.bias()), peft_test::ref_nt(x, d_ref));
+      peft::matrix<T> y(3, out);
+      typename peft::randlora<T>::cache_type cache;
+      a.forward(w, x.view(), y.view(), cache);
+      CHECK(rel_error(y, y_ref) < tol);
+      // U as PEFT builds it (k-major rows).
+      const auto u = a.scaled_basis();
+      CHECK(u.rows() == r * nb);
+      CHECK(u(r * nb - 1, mn - 1) == a.lambda()(r - 1, nb - 1) * (*p.A)(r - 1, mn - 1) * a.gamma()(nb - 1, mn - 1));
+    }
+  }
+}
+
+TEST_CASE("randlora: gradients of lambda, gamma and x agree with finite differences (both orientations)",
+          "[randlora][gradients]") {
+  const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
+  const auto reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
+  auto ck = load_bound<double>(case_dir / "adapter", base);
+  peft::rng g(3);
+  for (const std::string name : {"up", "down"}) {
+    INFO("layer " << name);
+    auto a = ck.find(name + ".weight")->adapter;
+    const peft::dense<double> w = peft::dense<double>::from(peft::matrix_view<const float>(base.read_matrix<float>(name + ".weight").view()));
+    auto x = reference.read_matrix<double>("layer." + name + ".input");
+    const auto gy = peft_test::random_matrix<double>(x.rows(), w.out_features(), g);
+    peft::matrix<double> y(x.rows(), w.out_features()), dx(x.rows(), w.in_features());
+    peft::randlora<double>::cache_type cache;
+    a.zero_grad();
+    a.forward(w, x.view(), y.view(), cache);
+    a.backward(w, x.view(), gy.view(), dx.view(), cache);
+    auto loss = [&] {
+      peft::matrix<double> yy(x.rows(), w.out_features());
+      peft::randlora<double>::cache_type c;
+      a.forward(w, x.view(), yy.view(), c);
+      return peft_test::dot(yy, gy);
+    };
+    // The loss is linear in each lambda, gamma and x entry: a large step is exact up to rounding.
+    CHECK(rel_error(dx, peft_test::fd_gradient(x.view(), 1e-2, loss)) < 1e-8);
+    CHECK(rel_error(a.grad_lambda(), peft_test::fd_gradient(a.lambda(), 1e-2, loss)) < 1e-8);
+    CHECK(rel_error(a.grad_gamma(), peft_test::fd_gradient(a.gamma(), 1e-2, loss)) < 1e-8);
+    CHECK(peft_test::nontrivial(a.grad_lambda()));
+    CHECK(peft_test::nontrivial(a.grad_gamma()));
+  }
+}
+
+TEST_CASE("randlora: the bases are shared, never copied; PEFT's per-module copies are checked and dropped",
+          "[randlora][shared]") {
+  const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
+  auto ck = load_bound<double>(case_dir / "adapter", base);
+  auto& up = ck.find("up.weight")->adapter;
+  auto& down = ck.find("down.weight")->adapter;
+  REQUIRE(up.shared_A() != nullptr);
+  CHECK(up.shared_A().get() == down.shared_A().get());
+  CHECK(up.shared_B().get() == down.shared_B().get());
+  CHECK(up.A_slice().data() == up.shared_A()->data());
+  CHECK(down.B_slice().data() == up.shared_B()->data());
+  CHECK(up.shared_A().use_count() == 2);  // the per-module copies were not kept
+  layer_t<double> layer(load_base(base, "up"));
+  const auto& held = layer.add_adapter("default", up);
+  CHECK(held.shared_B().get() == up.shared_B().get());
+  CHECK(up.shared_B().use_count() == 3);
+  for (auto& p : up.parameters()) {
+    INFO(p.name);
+    const bool basis = p.name == "randlora_A" || p.name == "randlora_B";
+    CHECK(p.shared == basis);
+    CHECK(p.trainable == !basis);
+    if (p.name == "randlora_A") CHECK(p.shape == std::vector<std::int64_t>{8, 1, 96});
+    if (p.name == "randlora_B") CHECK(p.shape == std::vector<std::int64_t>{96, 12, 8});
+  }
+  CHECK(ck.parameter_count() == (8 * 8 + 8 * 64) + (8 * 6 + 6 * 48));  // trainable only, as PEFT counts
+  CHECK(ck.parameter_count() == 912);  // PEFT's trainable count (case.json)
+  // The bases are the same memory: a change through one module shows in the other.
+  const auto w_down = load_base(base, "down");
+  peft::matrix<double> d0(48, 96), d1(48, 96);
+  down.delta_weight(w_down, d0.view());
+  for (auto& p : up.parameters()) {
+    if (p.name == "randlora_B") p.value(90, 0) += 1.0;  // row 90 < max(in, out) = 96 of down
+  }
+  down.delta_weight(w_down, d1.view());
+  CHECK(rel_error(d1, d0) > 1e-9);
+}
+
+TEST_CASE("randlora: save_peft_checkpoint writes the bases once and reloads to identical outputs",
+          "[randlora][shared][io]") {
+  const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
+  const auto reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
+  auto ck = load_bound<double>(case_dir / "adapter", base);
+  const auto dir = scratch_dir("peft_randlora_roundtrip");
+  fs::remove_all(dir);
+  peft::io::save_peft_checkpoint(dir, ck);
+  const auto saved = peft::io::safetensors_file::open(dir / "adapter_model.safetensors");
+  std::vector<std::string> names;
+  for (const auto& t : saved.tensors()) names.push_back(t.name);
+  std::sort(names.begin(), names.end());
+  CHECK(names == std::vector<std::string>{"base_model.model.down.randlora_gamma", "base_model.model.down.randlora_lambda",
+                                          "base_model.model.up.randlora_gamma", "base_model.model.up.randlora_lambda",
+                                          "base_model.randlora_A", "base_model.randlora_B"});
+  CHECK(saved.info("base_model.randlora_A").shape == std::vector<std::int64_t>{8, 1, 96});
+  CHECK(saved.info("base_model.randlora_B").shape == std::vector<std::int64_t>{96, 12, 8});
+  const auto original = peft::io::safetensors_file::open(case_dir / "adapter" / "adapter_model.safetensors");
+  for (const auto& n : names) {
+    INFO(n);
+    CHECK(saved.read<float>(n) == original.read<float>(n));  // f32 in, f32 out: bit-exact
+  }
+  const auto cfg = peft::io::adapter_config::load(dir);
+  CHECK(cfg.peft_type == "RANDLORA");
+  CHECK(cfg.r == 8);
+  CHECK(cfg.raw["randlora_alpha"] == 640);
+  CHECK(cfg.raw["randlora_alpha"].is_number_integer());
+  CHECK(cfg.raw["save_projection"] == true);
+
+  auto back = load_bound<double>(dir, base);  // without the per-module copies
+  CHECK(back.find("up.weight")->adapter.shared_A().get() == back.find("down.weight")->adapter.shared_A().get());
+  for (const std::string name : {"up", "down"}) {
+    INFO(name);
+    const auto w = load_base(base, name);
+    const auto x = reference.read_matrix<double>("layer." + name + ".input");
+    peft::matrix<double> y0(x.rows(), w.out_features()), y1(x.rows(), w.out_features());
+    peft::randlora<double>::cache_type c0, c1;
+    ck.find(name + ".weight")->adapter.forward(w, x.view(), y0.view(), c0);
+    back.find(name + ".weight")->adapter.forward(w, x.view(), y1.view(), c1);
+    CHECK(peft_test::exactly_equal(y1, y0));
+    CHECK(rel_error(y1, reference.read_matrix<double>("layer." + name + ".output")) < 1e-12);
+  }
+  fs::remove_all(dir);
+}
+
+TEMPLATE_TEST_CASE("randlora: a fresh adapter is the identity (lambda = 0, gamma = 1 / max(nb, mn))",
+                   "[randlora][init]", float, double) {
+  using T = TestType;
+  peft::rng g(8);
+  const auto p = peft::make_randlora_projections<T>(4, {{10, 6}, {20, 30}}, 3);
+  for (auto [in, out] : std::vector<std::pair<peft::index, peft::index>>{{10, 6}, {6, 10}, {20, 30}}) {
+    INFO("in " << in << " out " << out);
+    peft::randlora<T> a(p, in, out, 80.0);
+    const peft::index mn = std::min(in, out), nb = peft::randlora_num_bases(mn, 4);
+    CHECK(a.lambda().rows() == 4);
+    CHECK(a.lambda().cols() == nb);
+    CHECK(peft_test::count_nonzero(a.lambda()) == 0);
+    CHECK(a.gamma()(nb - 1, mn - 1) == static_cast<T>(1.0 / static_cast<double>(std::max(nb, mn))));
+    CHECK(a.scale() == static_cast<T>(20));
+    const peft::dense<T> w(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
+    const auto x = peft_test::random_matrix<T>(3, in, g);
+    REQUIRE(peft_test::nontrivial(x));
+    peft::matrix<T> y(3, out), h(3, out);
+    typename peft::randlora<T>::cache_type cache;
+    a.forward(w, x.view(), y.view(), cache);
+    w.matmul(peft::matrix_view<const T>(x.view()), h.view());
+    CHECK(peft_test::exactly_equal(y, h));
+    peft::matrix<T> dx(3, in);
+    a.backward(w, x.view(), peft_test::random_matrix<T>(3, out, g).view(), dx.view(), cache);
+    CHECK(peft_test::nontrivial(a.grad_lambda()));  // training moves it off the identity
+  }
+}
+
+TEST_CASE("randlora: make_randlora_projections draws PEFT's distribution from peft::rng", "[randlora][init]") {
+  const auto p = peft::make_randlora_projections<double>(8, {{64, 96}, {96, 48}}, 9);
+  CHECK(p.A->rows() == 8);
+  CHECK(p.A->cols() == 96);
+  CHECK(p.B->rows() == 96);
+  CHECK(p.B->cols() == 12 * 8);
+  for (const auto* m : {p.A.get(), p.B.get()}) {  // unit sample standard deviation
+    double mean = 0, var = 0;
+    for (double v : m->storage()) mean += v;
+    mean /= static_cast<double>(m->size());
+    for (double v : m->storage()) var += (v - mean) * (v - mean);
+    CHECK(std::sqrt(var / static_cast<double>(m->size() - 1)) == Approx(1.0).epsilon(1e-12));
+  }
+  const auto same = peft::make_randlora_projections<double>(8, {{64, 96}, {96, 48}}, 9);
+  CHECK(peft_test::exactly_equal(*same.B, *p.B));
+  CHECK_THROWS_AS(peft::make_randlora_projections<double>(0, {{4, 4}}), peft::shape_error);
+}
+
+TEST_CASE("randlora: per-module copies of the bases must equal the shared ones", "[randlora][errors][io]") {
+  const auto dir = scratch_dir("peft_randlora_copies");
+  const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
+  const auto original = peft::io::safetensors_file::open(case_dir / "adapter" / "adapter_model.safetensors");
+  auto keep = [](auto&) {};
+  SECTION("a differing copy is rejected") {
+    auto b = original.read<float>("base_model.model.down.randlora_B");
+    b[5] += 1.0f;
+    rewrite_adapter(dir, keep, {{"base_model.model.down.randlora_B", {{96, 12, 8}, b}}});
+    const auto msg = message_of([&] { peft::io::load_checkpoint_as<peft::randlora<double>>(dir); });
+    CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
+    CHECK(msg.find("module 'down': its copy of randlora_B differs from base_model.randlora_B") != std::string::npos);
+  }
+  SECTION("a copy of another shape is rejected") {
+    rewrite_adapter(dir, keep, {{"base_model.model.up.randlora_A", {{8, 96}, original.read<float>("base_model.randlora_A")}}});
+    CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
+  }
+  SECTION("missing copies are fine") {
+    rewrite_adapter(dir, keep, {}, {"base_model.model.up.randlora_A", "base_model.model.up.randlora_B"});
+    auto ck = load_bound<double>(dir, base);
+    CHECK(ck.modules.size() == 2);
+  }
+  SECTION("the shared bases are required") {
+    rewrite_adapter(dir, keep, {}, {"base_model.randlora_A"});
+    CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
+  }
+  fs::remove_all(dir);
+}
+
+TEST_CASE("randlora: save_projection=false is rejected with a clear message", "[randlora][errors][io]") {
+  const auto dir = scratch_dir("peft_randlora_no_projection");
+  rewrite_adapter(dir, [](auto& c) { c["save_projection"] = false; });
+  const auto msg = message_of([&] { peft::io::load_checkpoint_as<peft::randlora<float>>(dir); });
+  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<float>>(dir), peft::unsupported_error);
+  CHECK(msg.rfind("[randlora::from_checkpoint]", 0) == 0);
+  CHECK(msg.find("save_projection") != std::string::npos);
+  CHECK(msg.find("PyTorch") != std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("randlora: malformed checkpoints are rejected", "[randlora][errors][io]") {
+  const auto dir = scratch_dir("peft_randlora_malformed");
+  auto keep = [](auto&) {};
+  SECTION("lambda with the wrong rank") {
+    rewrite_adapter(dir, keep, {{"base_model.model.up.randlora_lambda", {{9, 8}, std::vector<float>(72, 0.5f)}}});
+    CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
+  }
+  SECTION("gamma with a number of bases that is not ceil(min / r)") {
+    rewrite_adapter(dir, keep,
+                    {{"base_model.model.up.randlora_gamma", {{7, 64}, std::vector<float>(7 * 64, 0.5f)}},
+                     {"base_model.model.up.randlora_lambda", {{8, 7}, std::vector<float>(56, 0.5f)}}});
+    const auto msg = message_of([&] { peft::io::load_checkpoint_as<peft::randlora<double>>(dir); });
+    CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
+    CHECK(msg.find("ceil(min(in, out) / r)") != std::string::npos);
+  }
+  SECTION("gamma wider than the bases") {
+    rewrite_adapter(dir, keep,
+                    {{"base_model.model.up.randlora_gamma", {{13, 97}, std::vector<float>(13 * 97, 0.5f)}},
+                     {"base_model.model.up.randlora_lambda", {{8, 13}, std::vector<float>(8 * 13, 0.5f)}}});
+    CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
+  }
+  SECTION("randlora_A without its unit middle dimension") {
+    rewrite_adapter(dir, keep, {{"base_model.randlora_A", {{8, 2, 48}, std::vector<float>(8 * 96, 0.5f)}}},
+                    {"base_model.model.up.randlora_A", "base_model.model.down.randlora_A"});
+    CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
+  }
+  SECTION("r in the config differs from the bases") {
+    rewrite_adapter(dir, [](auto& c) { c["r"] = 4; });
+    CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
+  }
+  fs::remove_all(dir);
+}
+
+TEST_CASE("randlora: malformed shapes are rejected by the constructors and at use", "[randlora][errors]") {
+  peft::rng g(2);
+  const auto p = peft::make_randlora_projections<double>(3, {{8, 6}}, 1);  // A (3, 6), B (8, 2 * 3)
+  using R = peft::randlora<double>;
+  CHECK_THROWS_AS(R(p.A, p.B, 8, 6, 6.0, peft::matrix<double>(3, 3), {}), peft::shape_error);  // lambda (r, nb+1)
+  CHECK_THROWS_AS(R(p.A, p.B, 8, 6, 6.0, peft::matrix<double>(4, 2), {}), peft::shape_error);
+  CHECK_THROWS_AS(R(p.A, p.B, 8, 6, 6.0, {}, peft::matrix<double>(2, 5)), peft::shape_error);
+  CHECK_THROWS_AS(R(p.A, p.B, 9, 6, 6.0), peft::shape_error);  // max(in, out) above randlora_B's height
+  CHECK_THROWS_AS(R(p.A, p.B, 8, 7, 6.0), peft::shape_error);  // min(in, out) above randlora_A's width
+  CHECK_THROWS_AS(R(p.A, p.B, 0, 6, 6.0), peft::shape_error);
+  CHECK_THROWS_AS(R(nullptr, p.B, 8, 6, 6.0), peft::shape_error);
+  CHECK_THROWS_AS(R(p.A, std::make_shared<peft::matrix<double>>(8, 5), 8, 6, 6.0), peft::shape_error);  // 5 % 3
+  R a(p, 8, 6, 6.0);
+  CHECK_THROWS_AS(a.set_features(8, 5), peft::shape_error);  // min(in, out) is fixed by gamma
+  a.set_features(6, 8);                                      // the other orientation
+  CHECK(a.in_features() == 6);
+  CHECK(a.out_features() == 8);
+  const peft::dense<double> w(peft_test::random_matrix<double>(6, 8, g));
+  peft::matrix<double> x(2, 8), y(2, 6);
+  R::cache_type cache;
+  const auto msg = message_of([&] { a.forward(w, x.view(), y.view(), cache); });
+  CHECK(msg.rfind("[randlora::forward] base weight is (6, 8), adapter expects (8, 6)", 0) == 0);
+  a.set_features(8, 6);
+  peft::matrix<double> bad_dx(2, 7);
+  CHECK_THROWS_AS(a.backward(w, x.view(), y.view(), bad_dx.view(), cache), peft::shape_error);
+  R empty;
+  CHECK_THROWS_AS(empty.forward(w, x.view(), y.view(), cache), peft::error);
+}

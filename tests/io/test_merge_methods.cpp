@@ -1,0 +1,52 @@
+// `merge_model` (what `peft merge` runs) against PEFT's merge_and_unload for every mergeable
+// method in tests/data/peft: the merged up/down weights and biases, from the F32 base file.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <string>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "peft/io/merge.hpp"
+#include "peft/io/peft_checkpoint.hpp"
+#include "peft/io/safetensors.hpp"
+#include "support/test_support.hpp"
+
+TEST_CASE("merge_model reproduces PEFT's merged weights for every PEFT method", "[merge][golden]") {
+  namespace fs = std::filesystem;
+  const fs::path data = fs::path(PEFT_TEST_DATA_DIR) / "peft";
+  const std::string method = GENERATE(as<std::string>{}, "lora", "lora_rslora", "lora_bias", "lora_rank_pattern",
+                                      "dora", "vera", "randlora", "shira", "lokr", "lokr_full", "loha", "adalora",
+                                      "ia3");
+  INFO("case " << method);
+  const fs::path out = fs::temp_directory_path() / ("peft_merge_methods_" + method + ".safetensors");
+  const auto report = peft::io::merge_model(data / method / "base_model.safetensors", data / method / "adapter", out, {});
+  CHECK(report.tensors == 4);
+  const auto merged = peft::io::safetensors_file::open(out);
+  const auto reference = peft::io::safetensors_file::open(data / method / "reference.safetensors");
+  const auto base = peft::io::safetensors_file::open(data / method / "base_model.safetensors");
+  for (const std::string t : {"up.weight", "down.weight", "up.bias", "down.bias"}) {
+    INFO(t);
+    const auto want = reference.read_matrix<double>("merged." + t);
+    CHECK(peft_test::rel_error(merged.read_matrix<double>(t), want) < 1e-6);
+    if (t.ends_with("weight")) {  // the adapter really changed the weight
+      CHECK(peft_test::rel_error(base.read_matrix<double>(t), want) > 1e-4);
+    }
+  }
+  fs::remove(out);
+}
+
+TEST_CASE("every PEFT case loads with PEFT's trainable parameter count", "[golden][load]") {
+  namespace fs = std::filesystem;
+  const fs::path data = fs::path(PEFT_TEST_DATA_DIR) / "peft";
+  const std::string method = GENERATE(as<std::string>{}, "lora", "lora_rslora", "lora_bias", "lora_rank_pattern",
+                                      "dora", "vera", "randlora", "shira", "lokr", "lokr_full", "loha", "adalora",
+                                      "ia3");
+  INFO("case " << method);
+  std::ifstream in(data / method / "case.json");
+  const auto expected = nlohmann::json::parse(in).at("trainable_parameters").get<std::size_t>();
+  auto ck = peft::io::load_peft_checkpoint<double>(data / method / "adapter");
+  CHECK(ck.modules.size() == 2);
+  CHECK(ck.parameter_count() == expected);
+}
