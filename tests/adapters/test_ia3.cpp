@@ -4,16 +4,14 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
-#include <memory>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "peft/adapted_linear.hpp"
 #include "peft/adapters/ia3.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
-#include "peft/io/safetensors.hpp"
+#include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
 using ix = peft::index;
@@ -22,181 +20,12 @@ namespace {
 
 namespace fs = std::filesystem;
 using peft::index;
+using peft_test::golden_dir;
 using peft_test::rel_error;
-
-const fs::path data_dir = fs::path(PEFT_TEST_DATA_DIR) / "peft";
-
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
-}
-
-// ---- golden harness (the same in test_lokr/loha/adalora/ia3.cpp) ------------------------------
-
-peft::dense<float> load_base(const peft::io::safetensors_file& f, const std::string& name) {
-  return peft::dense<float>(f.read_matrix<float>(name + ".weight"), f.read<float>(name + ".bias"));
-}
-
-/// A PEFT case loaded with load_checkpoint_as<A>, each adapter on its frozen layer.
-template <class A>
-struct golden_case {
-  using T = typename A::scalar;
-  using layer_type = peft::adapted_linear<peft::dense<float>, A>;
-  peft::io::safetensors_file base;
-  peft::io::safetensors_file reference;
-  peft::io::basic_peft_checkpoint<A> checkpoint;
-  layer_type up;
-  layer_type down;
-
-  explicit golden_case(const std::string& name)
-      : base(peft::io::safetensors_file::open(data_dir / name / "base_model.safetensors")),
-        reference(peft::io::safetensors_file::open(data_dir / name / "reference.safetensors")),
-        checkpoint(peft::io::load_checkpoint_as<A>(data_dir / name / "adapter")),
-        up(load_base(base, "up")),
-        down(load_base(base, "down")) {
-    REQUIRE(checkpoint.modules.size() == 2);
-    for (auto* l : {&up, &down}) {
-      A a = checkpoint.find((l == &up ? "up" : "down") + std::string(".weight"))->adapter;
-      if constexpr (requires { a.bind(index{}, index{}); }) a.bind(l->in_features(), l->out_features());
-      l->add_adapter("default", std::move(a));
-    }
-  }
-  layer_type& layer(const std::string& n) { return n == "up" ? up : down; }
-  peft::matrix<double> ref(const std::string& n) const { return reference.read_matrix<double>(n); }
-  peft::matrix<T> ref_t(const std::string& n) const { return reference.read_matrix<T>(n); }
-  /// How many gradients the reference holds for a layer.
-  std::size_t reference_gradients(const std::string& n) const {
-    std::size_t k = 0;
-    for (const auto& t : reference.tensors()) k += t.name.starts_with("grad.base_model.model." + n + ".") ? 1 : 0;
-    return k;
-  }
-};
-
-/// Every parameter gradient of the layer's adapter against PEFT's; all of PEFT's are covered.
-template <class A>
-void check_gradients(golden_case<A>& c, const std::string& name, double tol) {
-  std::size_t checked = 0;
-  for (const auto& p : c.layer(name).adapter("default").parameters()) {
-    INFO("gradient of " << p.name);
-    const auto ref = c.ref("grad.base_model.model." + name + "." + p.name + ".default");
-    REQUIRE(peft_test::count_nonzero(ref) > ref.size() / 2);
-    CHECK(rel_error(p.grad, ref) < tol);
-    ++checked;
-  }
-  CHECK(checked == c.reference_gradients(name));
-}
-
-/// Each layer alone: output, dL/dinput, every parameter gradient.
-template <class A>
-void check_layers(golden_case<A>& c, double tol) {
-  using T = typename A::scalar;
-  for (const std::string name : {"up", "down"}) {
-    INFO("layer " << name);
-    auto& layer = c.layer(name);
-    const auto x = c.ref_t("layer." + name + ".input");
-    const auto g = c.ref_t("layer." + name + ".grad_output");
-    REQUIRE(peft_test::count_nonzero(x) > x.size() / 4);  // the down input is a relu output
-    REQUIRE(peft_test::count_nonzero(g) > g.size() / 4);
-    peft::matrix<T> y(x.rows(), layer.out_features());
-    layer.forward(x, y);
-    const auto y_ref = c.ref("layer." + name + ".output");
-    CHECK(rel_error(y, y_ref) < tol);
-    peft::matrix<T> y0(x.rows(), layer.out_features());
-    layer.base().matmul(peft::matrix_view<const T>(x.view()), y0.view());
-    REQUIRE(rel_error(y0, y_ref) > 1e-3);  // the adapter is not a no-op
-    peft::matrix<T> dx(x.rows(), layer.in_features());
-    layer.zero_grad();
-    layer.backward(x, g, dx);
-    CHECK(rel_error(dx, c.ref("layer." + name + ".grad_input")) < tol);
-    check_gradients(c, name, tol);
-  }
-}
-
-/// The network y = down(relu(up(x))) and dL/dx, with every gradient.
-template <class A>
-void check_network(golden_case<A>& c, double tol) {
-  using T = typename A::scalar;
-  const auto x = c.ref_t("x");
-  const auto gy = c.ref_t("grad_y");
-  REQUIRE(peft_test::nontrivial(x));
-  REQUIRE(peft_test::nontrivial(gy));
-  peft::matrix<T> h(x.rows(), c.up.out_features()), a(h.rows(), h.cols()), y(x.rows(), c.down.out_features());
-  c.up.forward(x, h);
-  for (index i = 0; i < h.rows(); ++i)
-    for (index j = 0; j < h.cols(); ++j) a(i, j) = h(i, j) > 0 ? h(i, j) : T{0};
-  c.down.forward(a, y);
-  CHECK(rel_error(y, c.ref("y")) < tol);
-  peft::matrix<T> da(a.rows(), a.cols()), dx(x.rows(), x.cols());
-  c.up.zero_grad();
-  c.down.zero_grad();
-  c.down.backward(a, gy, da);
-  for (index i = 0; i < da.rows(); ++i)
-    for (index j = 0; j < da.cols(); ++j) da(i, j) = h(i, j) > 0 ? da(i, j) : T{0};
-  c.up.backward(x, da, dx);
-  CHECK(rel_error(dx, c.ref("grad_x")) < tol);
-  check_gradients(c, "up", tol);
-  check_gradients(c, "down", tol);
-}
-
-/// merge_and_unload: the delta in double on a double base (1e-12), and adapted_linear::merge
-/// into the f32 base (rounded to f32: 1e-6), weights and biases.
-template <class A>
-void check_merge(golden_case<A>& c) {
-  using T = typename A::scalar;
-  for (const std::string name : {"up", "down"}) {
-    INFO("layer " << name);
-    auto& layer = c.layer(name);
-    const auto w_ref = c.ref("merged." + name + ".weight");
-    const peft::matrix<double> b_ref(1, layer.out_features(), c.reference.template read<double>("merged." + name + ".bias"));
-    const auto w0 = c.base.template read_matrix<double>(name + ".weight");
-    REQUIRE(rel_error(w0, w_ref) > 1e-3);
-    {
-      const peft::dense<double> exact(w0, c.base.template read<double>(name + ".bias"));
-      const A& a = layer.adapter("default");
-      peft::matrix<T> dw(layer.out_features(), layer.in_features());
-      a.delta_weight(exact, dw.view());
-      CHECK(rel_error(peft_test::add(w0, dw), w_ref) < tolerance<T>());
-      std::vector<T> db(static_cast<std::size_t>(layer.out_features()));
-      peft::matrix<double> b(1, layer.out_features(), exact.bias());
-      if (a.delta_bias(exact, db.data())) b = peft_test::add(b, peft::matrix<T>(1, layer.out_features(), db));
-      CHECK(rel_error(b, b_ref) < tolerance<T>());
-    }
-    layer.merge("default");
-    CHECK(rel_error(layer.base().weight(), w_ref) < 1e-6);
-    CHECK(rel_error(peft::matrix<float>(1, layer.out_features(), layer.base().bias()), b_ref) < 1e-6);
-  }
-}
-
-template <class A>
-void check_golden(const std::string& name) {
-  using T = typename A::scalar;
-  INFO("case " << name);
-  const double tol = tolerance<T>();
-  {
-    golden_case<A> c(name);
-    check_layers(c, tol);
-  }
-  {
-    golden_case<A> c(name);
-    check_network(c, tol);
-  }
-  {
-    golden_case<A> c(name);
-    check_merge(c);
-  }
-}
+using peft_test::stored;
+using peft_test::tolerance;
 
 // ---- IA3 helpers -------------------------------------------------------------------------------
-
-template <class T>
-peft::io::stored_tensor<T> stored(std::vector<std::int64_t> shape, peft::rng& g) {
-  index rows = shape.empty() ? 1 : static_cast<index>(shape[0]), cols = 1;
-  for (std::size_t i = 1; i < shape.size(); ++i) cols *= static_cast<index>(shape[i]);
-  peft::io::stored_tensor<T> s;
-  s.shape = std::move(shape);
-  s.data = std::make_shared<peft::matrix<T>>(peft_test::random_matrix<T>(rows, cols, g, 0.5, 1.5));
-  return s;
-}
 
 peft::io::adapter_config ia3_config(const std::string& feedforward_json) {
   auto c = peft::io::adapter_config::parse(R"({"peft_type": "IA3", "target_modules": ["up", "down", "layer"]})");
@@ -215,11 +44,11 @@ peft::ia3<T> random_ia3(index in, index out, bool feedforward, peft::rng& g) {
 }  // namespace
 
 TEMPLATE_TEST_CASE("ia3 reproduces PEFT: layers, network, merged weights and biases", "[ia3][golden]", float, double) {
-  check_golden<peft::ia3<TestType>>("ia3");
+  peft_test::check_golden<peft::ia3<TestType>>("ia3");
 }
 
 TEST_CASE("ia3 golden checkpoint: kinds from feedforward_modules, the other side unbound until bind", "[ia3][golden]") {
-  auto ck = peft::io::load_checkpoint_as<peft::ia3<double>>(data_dir / "ia3" / "adapter");
+  auto ck = peft::io::load_checkpoint_as<peft::ia3<double>>(golden_dir("ia3") / "adapter");
   auto& up = ck.find("up.weight")->adapter;
   auto& down = ck.find("down.weight")->adapter;
   CHECK(!up.feedforward());  // [96, 1]: scales up's output
@@ -406,9 +235,9 @@ TEST_CASE("ia3 checkpoints: from_checkpoint, describe_in and a save/load round t
   peft::rng g(5);
   peft::io::checkpoint_tensors<double> none;
   peft::io::checkpoint_tensors<double> ffm("layer"), outm("layer"), one("layer");
-  ffm.add("ia3_l", stored<double>({1, 7}, g));
-  outm.add("ia3_l", stored<double>({5, 1}, g));
-  one.add("ia3_l", stored<double>({1, 1}, g));
+  ffm.add("ia3_l", stored<double>({1, 7}, g, 0.5, 1.5));
+  outm.add("ia3_l", stored<double>({5, 1}, g, 0.5, 1.5));
+  one.add("ia3_l", stored<double>({1, 1}, g, 0.5, 1.5));
   CHECK(peft::ia3<double>::from_checkpoint(ia3_config(R"(["layer"])"), ffm, none).feedforward());
   CHECK(!peft::ia3<double>::from_checkpoint(ia3_config(R"(["other"])"), outm, none).feedforward());
   CHECK(peft::ia3<double>::from_checkpoint(ia3_config(R"(["layer"])"), one, none).feedforward());  // [1, 1]: the config decides
@@ -417,8 +246,8 @@ TEST_CASE("ia3 checkpoints: from_checkpoint, describe_in and a save/load round t
                     Catch::Contains("is a feedforward module") && Catch::Contains("[1, in]"));
   CHECK_THROWS_WITH(peft::ia3<double>::from_checkpoint(ia3_config("[]"), ffm, none), Catch::Contains("[out, 1]"));
   peft::io::checkpoint_tensors<double> conv("layer"), vec("layer");
-  conv.add("ia3_l", stored<double>({1, 7, 1, 1}, g));
-  vec.add("ia3_l", stored<double>({7}, g));
+  conv.add("ia3_l", stored<double>({1, 7, 1, 1}, g, 0.5, 1.5));
+  vec.add("ia3_l", stored<double>({7}, g, 0.5, 1.5));
   CHECK_THROWS_AS(peft::ia3<double>::from_checkpoint(ia3_config("[]"), conv, none), peft::unsupported_error);
   CHECK_THROWS_AS(peft::ia3<double>::from_checkpoint(ia3_config("[]"), vec, none), peft::format_error);
   CHECK_THROWS_AS(peft::ia3<double>::from_checkpoint(ia3_config("5"), vec, none), peft::format_error);
@@ -479,5 +308,5 @@ TEMPLATE_TEST_CASE("ia3 rejects bad shapes with clear errors", "[ia3]", float, d
   CHECK_THROWS_AS(peft::ia3<T>(std::vector<T>(3, T{1}), true, 4, 5), peft::shape_error);
   CHECK_THROWS_AS(a.bind(7, 0), peft::shape_error);
   CHECK_THROWS_AS(a.bind(6, 5), peft::shape_error);
-  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::ia3<T>>(data_dir / "loha" / "adapter"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::ia3<T>>(golden_dir("loha") / "adapter"), peft::unsupported_error);
 }

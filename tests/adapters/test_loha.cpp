@@ -3,16 +3,13 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
-#include <memory>
 #include <string>
-#include <type_traits>
 #include <vector>
 
-#include "peft/adapted_linear.hpp"
 #include "peft/adapters/loha.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
-#include "peft/io/safetensors.hpp"
+#include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
 using ix = peft::index;
@@ -21,181 +18,12 @@ namespace {
 
 namespace fs = std::filesystem;
 using peft::index;
+using peft_test::golden_dir;
 using peft_test::rel_error;
-
-const fs::path data_dir = fs::path(PEFT_TEST_DATA_DIR) / "peft";
-
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
-}
-
-// ---- golden harness (the same in test_lokr/loha/adalora/ia3.cpp) ------------------------------
-
-peft::dense<float> load_base(const peft::io::safetensors_file& f, const std::string& name) {
-  return peft::dense<float>(f.read_matrix<float>(name + ".weight"), f.read<float>(name + ".bias"));
-}
-
-/// A PEFT case loaded with load_checkpoint_as<A>, each adapter on its frozen layer.
-template <class A>
-struct golden_case {
-  using T = typename A::scalar;
-  using layer_type = peft::adapted_linear<peft::dense<float>, A>;
-  peft::io::safetensors_file base;
-  peft::io::safetensors_file reference;
-  peft::io::basic_peft_checkpoint<A> checkpoint;
-  layer_type up;
-  layer_type down;
-
-  explicit golden_case(const std::string& name)
-      : base(peft::io::safetensors_file::open(data_dir / name / "base_model.safetensors")),
-        reference(peft::io::safetensors_file::open(data_dir / name / "reference.safetensors")),
-        checkpoint(peft::io::load_checkpoint_as<A>(data_dir / name / "adapter")),
-        up(load_base(base, "up")),
-        down(load_base(base, "down")) {
-    REQUIRE(checkpoint.modules.size() == 2);
-    for (auto* l : {&up, &down}) {
-      A a = checkpoint.find((l == &up ? "up" : "down") + std::string(".weight"))->adapter;
-      if constexpr (requires { a.bind(index{}, index{}); }) a.bind(l->in_features(), l->out_features());
-      l->add_adapter("default", std::move(a));
-    }
-  }
-  layer_type& layer(const std::string& n) { return n == "up" ? up : down; }
-  peft::matrix<double> ref(const std::string& n) const { return reference.read_matrix<double>(n); }
-  peft::matrix<T> ref_t(const std::string& n) const { return reference.read_matrix<T>(n); }
-  /// How many gradients the reference holds for a layer.
-  std::size_t reference_gradients(const std::string& n) const {
-    std::size_t k = 0;
-    for (const auto& t : reference.tensors()) k += t.name.starts_with("grad.base_model.model." + n + ".") ? 1 : 0;
-    return k;
-  }
-};
-
-/// Every parameter gradient of the layer's adapter against PEFT's; all of PEFT's are covered.
-template <class A>
-void check_gradients(golden_case<A>& c, const std::string& name, double tol) {
-  std::size_t checked = 0;
-  for (const auto& p : c.layer(name).adapter("default").parameters()) {
-    INFO("gradient of " << p.name);
-    const auto ref = c.ref("grad.base_model.model." + name + "." + p.name + ".default");
-    REQUIRE(peft_test::count_nonzero(ref) > ref.size() / 2);
-    CHECK(rel_error(p.grad, ref) < tol);
-    ++checked;
-  }
-  CHECK(checked == c.reference_gradients(name));
-}
-
-/// Each layer alone: output, dL/dinput, every parameter gradient.
-template <class A>
-void check_layers(golden_case<A>& c, double tol) {
-  using T = typename A::scalar;
-  for (const std::string name : {"up", "down"}) {
-    INFO("layer " << name);
-    auto& layer = c.layer(name);
-    const auto x = c.ref_t("layer." + name + ".input");
-    const auto g = c.ref_t("layer." + name + ".grad_output");
-    REQUIRE(peft_test::count_nonzero(x) > x.size() / 4);  // the down input is a relu output
-    REQUIRE(peft_test::count_nonzero(g) > g.size() / 4);
-    peft::matrix<T> y(x.rows(), layer.out_features());
-    layer.forward(x, y);
-    const auto y_ref = c.ref("layer." + name + ".output");
-    CHECK(rel_error(y, y_ref) < tol);
-    peft::matrix<T> y0(x.rows(), layer.out_features());
-    layer.base().matmul(peft::matrix_view<const T>(x.view()), y0.view());
-    REQUIRE(rel_error(y0, y_ref) > 1e-3);  // the adapter is not a no-op
-    peft::matrix<T> dx(x.rows(), layer.in_features());
-    layer.zero_grad();
-    layer.backward(x, g, dx);
-    CHECK(rel_error(dx, c.ref("layer." + name + ".grad_input")) < tol);
-    check_gradients(c, name, tol);
-  }
-}
-
-/// The network y = down(relu(up(x))) and dL/dx, with every gradient.
-template <class A>
-void check_network(golden_case<A>& c, double tol) {
-  using T = typename A::scalar;
-  const auto x = c.ref_t("x");
-  const auto gy = c.ref_t("grad_y");
-  REQUIRE(peft_test::nontrivial(x));
-  REQUIRE(peft_test::nontrivial(gy));
-  peft::matrix<T> h(x.rows(), c.up.out_features()), a(h.rows(), h.cols()), y(x.rows(), c.down.out_features());
-  c.up.forward(x, h);
-  for (index i = 0; i < h.rows(); ++i)
-    for (index j = 0; j < h.cols(); ++j) a(i, j) = h(i, j) > 0 ? h(i, j) : T{0};
-  c.down.forward(a, y);
-  CHECK(rel_error(y, c.ref("y")) < tol);
-  peft::matrix<T> da(a.rows(), a.cols()), dx(x.rows(), x.cols());
-  c.up.zero_grad();
-  c.down.zero_grad();
-  c.down.backward(a, gy, da);
-  for (index i = 0; i < da.rows(); ++i)
-    for (index j = 0; j < da.cols(); ++j) da(i, j) = h(i, j) > 0 ? da(i, j) : T{0};
-  c.up.backward(x, da, dx);
-  CHECK(rel_error(dx, c.ref("grad_x")) < tol);
-  check_gradients(c, "up", tol);
-  check_gradients(c, "down", tol);
-}
-
-/// merge_and_unload: the delta in double on a double base (1e-12), and adapted_linear::merge
-/// into the f32 base (rounded to f32: 1e-6), weights and biases.
-template <class A>
-void check_merge(golden_case<A>& c) {
-  using T = typename A::scalar;
-  for (const std::string name : {"up", "down"}) {
-    INFO("layer " << name);
-    auto& layer = c.layer(name);
-    const auto w_ref = c.ref("merged." + name + ".weight");
-    const peft::matrix<double> b_ref(1, layer.out_features(), c.reference.template read<double>("merged." + name + ".bias"));
-    const auto w0 = c.base.template read_matrix<double>(name + ".weight");
-    REQUIRE(rel_error(w0, w_ref) > 1e-3);
-    {
-      const peft::dense<double> exact(w0, c.base.template read<double>(name + ".bias"));
-      const A& a = layer.adapter("default");
-      peft::matrix<T> dw(layer.out_features(), layer.in_features());
-      a.delta_weight(exact, dw.view());
-      CHECK(rel_error(peft_test::add(w0, dw), w_ref) < tolerance<T>());
-      std::vector<T> db(static_cast<std::size_t>(layer.out_features()));
-      peft::matrix<double> b(1, layer.out_features(), exact.bias());
-      if (a.delta_bias(exact, db.data())) b = peft_test::add(b, peft::matrix<T>(1, layer.out_features(), db));
-      CHECK(rel_error(b, b_ref) < tolerance<T>());
-    }
-    layer.merge("default");
-    CHECK(rel_error(layer.base().weight(), w_ref) < 1e-6);
-    CHECK(rel_error(peft::matrix<float>(1, layer.out_features(), layer.base().bias()), b_ref) < 1e-6);
-  }
-}
-
-template <class A>
-void check_golden(const std::string& name) {
-  using T = typename A::scalar;
-  INFO("case " << name);
-  const double tol = tolerance<T>();
-  {
-    golden_case<A> c(name);
-    check_layers(c, tol);
-  }
-  {
-    golden_case<A> c(name);
-    check_network(c, tol);
-  }
-  {
-    golden_case<A> c(name);
-    check_merge(c);
-  }
-}
+using peft_test::stored;
+using peft_test::tolerance;
 
 // ---- LoHa helpers ------------------------------------------------------------------------------
-
-template <class T>
-peft::io::stored_tensor<T> stored(std::vector<std::int64_t> shape, peft::rng& g) {
-  index rows = shape.empty() ? 1 : static_cast<index>(shape[0]), cols = 1;
-  for (std::size_t i = 1; i < shape.size(); ++i) cols *= static_cast<index>(shape[i]);
-  peft::io::stored_tensor<T> s;
-  s.shape = std::move(shape);
-  s.data = std::make_shared<peft::matrix<T>>(peft_test::random_matrix<T>(rows, cols, g));
-  return s;
-}
 
 peft::io::adapter_config loha_config(index r, double alpha) {
   auto c = peft::io::adapter_config::parse(R"({"peft_type": "LOHA", "target_modules": ["layer"]})");
@@ -227,11 +55,11 @@ peft::matrix<double> hadamard(const MA& a, const MB& b) {
 }  // namespace
 
 TEMPLATE_TEST_CASE("loha reproduces PEFT: layers, network, merged weights", "[loha][golden]", float, double) {
-  check_golden<peft::loha<TestType>>("loha");
+  peft_test::check_golden<peft::loha<TestType>>("loha");
 }
 
 TEST_CASE("loha golden checkpoint: rank and scale from the config", "[loha][golden]") {
-  auto ck = peft::io::load_checkpoint_as<peft::loha<double>>(data_dir / "loha" / "adapter");
+  auto ck = peft::io::load_checkpoint_as<peft::loha<double>>(golden_dir("loha") / "adapter");
   const auto& up = ck.find("up.weight")->adapter;
   CHECK(up.rank() == 8);
   CHECK(up.alpha() == 16.0);
@@ -380,5 +208,5 @@ TEMPLATE_TEST_CASE("loha rejects bad shapes, bad checkpoints and convolutions wi
     c2.raw["alpha"] = "big";
     CHECK_THROWS_AS(peft::loha<T>::from_checkpoint(c2, loha_tensors<T>(7, 5, 2, g), none), peft::format_error);
   }
-  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::loha<T>>(data_dir / "lokr" / "adapter"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::loha<T>>(golden_dir("lokr") / "adapter"), peft::unsupported_error);
 }

@@ -7,11 +7,6 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
-#include <fstream>
-#include <functional>
-#include <map>
-#include <nlohmann/json.hpp>
-#include <random>
 #include <string>
 
 #include "peft/adapted_linear.hpp"
@@ -19,59 +14,26 @@
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
+using peft_test::load_base;
+using peft_test::load_bound;
+using peft_test::message_of;
 using peft_test::rel_error;
+using peft_test::rewrite_adapter;
+using peft_test::scratch_dir;
+using peft_test::tolerance;
 
-const fs::path case_dir = fs::path(PEFT_TEST_DATA_DIR) / "peft" / "randlora";
-
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
-}
+const fs::path case_dir = peft_test::golden_dir("randlora");
 
 template <class T>
 using layer_t = peft::adapted_linear<peft::dense<float>, peft::randlora<T>>;
-
-peft::dense<float> load_base(const peft::io::safetensors_file& f, const std::string& name) {
-  return peft::dense<float>(f.read_matrix<float>(name + ".weight"), f.read<float>(name + ".bias"));
-}
-
-/// Loads a RandLoRA checkpoint and gives each module its base layer's shape (the checkpoint
-/// only determines min(in, out)).
 template <class T>
-peft::io::basic_peft_checkpoint<peft::randlora<T>> load_bound(const fs::path& dir,
-                                                              const peft::io::safetensors_file& base) {
-  auto ck = peft::io::load_checkpoint_as<peft::randlora<T>>(dir);
-  for (auto& m : ck.modules) {
-    const auto& s = base.info(m.weight_name).shape;
-    m.adapter.set_features(static_cast<peft::index>(s[1]), static_cast<peft::index>(s[0]));
-  }
-  return ck;
-}
-
-template <class T>
-struct golden_case {
-  peft::io::safetensors_file base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
-  peft::io::safetensors_file reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
-  peft::io::basic_peft_checkpoint<peft::randlora<T>> checkpoint = load_bound<T>(case_dir / "adapter", base);
-  layer_t<T> up{load_base(base, "up")};
-  layer_t<T> down{load_base(base, "down")};
-
-  golden_case() {
-    REQUIRE(checkpoint.modules.size() == 2);
-    up.add_adapter("default", checkpoint.find("up.weight")->adapter);
-    down.add_adapter("default", checkpoint.find("down.weight")->adapter);
-  }
-  layer_t<T>& layer(const std::string& n) { return n == "up" ? up : down; }
-  template <class U>
-  peft::matrix<U> ref(const std::string& name) const {
-    return reference.read_matrix<U>(name);
-  }
-};
+using golden_case = peft_test::golden_case<peft::randlora<T>>;
 
 /// PEFT's get_delta_weight transcribed literally, in double, with 3-D indexing of the bases:
 ///   update_A = (lambda[:, :, None] * A[:, :nb, :mn] * gamma[None]).flatten(end_dim=1)   (R, mn)
@@ -107,79 +69,28 @@ peft::matrix<double> peft_delta_weight(const peft::randlora<T>& a) {
   return d;
 }
 
-/// Copies the golden adapter to `dst`, letting `edit_config` change adapter_config.json,
-/// `edit_tensors` replace tensors (name -> (shape, values)) and `drop` leave tensors out.
-void rewrite_adapter(const fs::path& dst, const std::function<void(nlohmann::ordered_json&)>& edit_config,
-                     const std::map<std::string, std::pair<std::vector<std::int64_t>, std::vector<float>>>& edit_tensors = {},
-                     const std::vector<std::string>& drop = {}) {
-  fs::create_directories(dst);
-  std::ifstream in(case_dir / "adapter" / "adapter_config.json");
-  auto cfg = nlohmann::ordered_json::parse(in);
-  edit_config(cfg);
-  std::ofstream(dst / "adapter_config.json") << cfg.dump(2);
-  const auto f = peft::io::safetensors_file::open(case_dir / "adapter" / "adapter_model.safetensors");
-  peft::io::safetensors_writer w;
-  for (const auto& t : f.tensors()) {
-    if (std::find(drop.begin(), drop.end(), t.name) != drop.end()) continue;
-    auto it = edit_tensors.find(t.name);
-    if (it == edit_tensors.end()) {
-      w.add(t.name, t.type, t.shape, f.bytes(t.name));
-    } else {
-      w.add(t.name, it->second.first, std::span<const float>(it->second.second));
-    }
-  }
-  w.write(dst / "adapter_model.safetensors");
-}
-
-/// A temporary directory of this process: test binaries run concurrently (ctest -j, several
-/// builds), so fixed names would collide.
-fs::path scratch_dir(const std::string& stem) {
-  static const std::string tag = std::to_string(std::random_device{}());
-  return fs::temp_directory_path() / (stem + "_" + tag);
-}
-
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return {};
-}
-
 }  // namespace
 
 TEMPLATE_TEST_CASE("randlora golden: each layer's output, dx and gamma/lambda gradients match PEFT",
                    "[randlora][golden]", float, double) {
   using T = TestType;
   const double tol = tolerance<T>();
-  golden_case<T> c;
+  golden_case<T> c("randlora");
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
-    auto& layer = c.layer(name);
-    const auto x = c.template ref<T>("layer." + name + ".input");
-    const auto g = c.template ref<T>("layer." + name + ".grad_output");
-    REQUIRE(peft_test::count_nonzero(x) > x.size() / 4);  // the down input is a relu output
-    REQUIRE(peft_test::count_nonzero(g) > g.size() / 4);
-    const auto& a = layer.adapter("default");
+    const auto& a = c.layer(name).adapter("default");
     REQUIRE(peft_test::nontrivial(a.lambda()));  // the golden adapter is not the identity
     REQUIRE(peft_test::nontrivial(a.gamma()));
     CHECK(a.scale() == static_cast<T>(80));     // randlora_alpha 640 / r 8
     CHECK(a.num_bases() == (name == "up" ? 8 : 6));
-    peft::matrix<T> y(x.rows(), layer.out_features());
-    layer.forward(x, y);
-    const auto y_ref = c.template ref<double>("layer." + name + ".output");
-    CHECK(rel_error(y, y_ref) < tol);
-    peft::matrix<T> h(x.rows(), layer.out_features());
-    layer.base().matmul(peft::matrix_view<const T>(x.view()), h.view());
-    CHECK(rel_error(h, y_ref) > 1e-3);  // the adapter's term is a visible part of the output
-    peft::matrix<T> dx(x.rows(), layer.in_features());
-    layer.zero_grad();
-    layer.backward(x, g, dx);
-    CHECK(rel_error(dx, c.template ref<double>("layer." + name + ".grad_input")) < tol);
+    const auto r = peft_test::run_layer(c, name);
+    const auto y_ref = c.ref("layer." + name + ".output");
+    CHECK(rel_error(r.y, y_ref) < tol);
+    CHECK(rel_error(r.y_base, y_ref) > 1e-3);  // the adapter's term is a visible part of the output
+    CHECK(rel_error(r.dx, c.ref("layer." + name + ".grad_input")) < tol);
     const std::string key = "grad.base_model.model." + name;
-    CHECK(rel_error(a.grad_lambda(), c.template ref<double>(key + ".randlora_lambda.default")) < tol);
-    CHECK(rel_error(a.grad_gamma(), c.template ref<double>(key + ".randlora_gamma.default")) < tol);
+    CHECK(rel_error(a.grad_lambda(), c.ref(key + ".randlora_lambda.default")) < tol);
+    CHECK(rel_error(a.grad_gamma(), c.ref(key + ".randlora_gamma.default")) < tol);
   }
 }
 
@@ -187,52 +98,31 @@ TEMPLATE_TEST_CASE("randlora golden: the two-layer network's output, dL/dx and g
                    "[randlora][golden]", float, double) {
   using T = TestType;
   const double tol = tolerance<T>();
-  golden_case<T> c;
-  const auto x = c.template ref<T>("x");
-  const auto gy = c.template ref<T>("grad_y");
-  REQUIRE(peft_test::nontrivial(x));
-  REQUIRE(peft_test::nontrivial(gy));
-  peft::matrix<T> h(x.rows(), c.up.out_features()), a(h.rows(), h.cols()), y(x.rows(), c.down.out_features());
-  c.up.forward(x, h);
-  for (peft::index i = 0; i < h.rows(); ++i)
-    for (peft::index j = 0; j < h.cols(); ++j) a(i, j) = h(i, j) > 0 ? h(i, j) : T{0};
-  c.down.forward(a, y);
-  CHECK(rel_error(y, c.template ref<double>("y")) < tol);
-  peft::matrix<T> da(a.rows(), a.cols()), dx(x.rows(), x.cols());
-  c.up.zero_grad();
-  c.down.zero_grad();
-  c.down.backward(a, gy, da);
-  for (peft::index i = 0; i < da.rows(); ++i)
-    for (peft::index j = 0; j < da.cols(); ++j) da(i, j) = h(i, j) > 0 ? da(i, j) : T{0};
-  c.up.backward(x, da, dx);
-  CHECK(rel_error(dx, c.template ref<double>("grad_x")) < tol);
+  golden_case<T> c("randlora");
+  peft_test::check_network_outputs(c, tol);
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
     const auto& ad = c.layer(name).adapter("default");
     const std::string key = "grad.base_model.model." + name;
-    CHECK(rel_error(ad.grad_lambda(), c.template ref<double>(key + ".randlora_lambda.default")) < tol);
-    CHECK(rel_error(ad.grad_gamma(), c.template ref<double>(key + ".randlora_gamma.default")) < tol);
+    CHECK(rel_error(ad.grad_lambda(), c.ref(key + ".randlora_lambda.default")) < tol);
+    CHECK(rel_error(ad.grad_gamma(), c.ref(key + ".randlora_gamma.default")) < tol);
   }
 }
 
 TEMPLATE_TEST_CASE("randlora golden: delta_weight and merge give PEFT's merged weights", "[randlora][golden][merge]",
                    float, double) {
   using T = TestType;
-  golden_case<T> c;
+  golden_case<T> c("randlora");
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
     auto& layer = c.layer(name);
     const auto w0 = peft_test::to_double(layer.base().weight());
-    const auto merged = c.template ref<double>("merged." + name + ".weight");
     peft::matrix<T> dw(layer.out_features(), layer.in_features());
     layer.adapter("default").delta_weight(layer.base(), dw.view());
     REQUIRE(peft_test::max_abs(dw) > 1e-2);
     CHECK(rel_error(dw, peft_delta_weight(layer.adapter("default"))) < tolerance<T>());
-    CHECK(rel_error(peft_test::add(w0, dw), merged) < tolerance<T>());
-    layer.merge("default");  // rounds into the f32 base: 1e-6 is the fair bound
-    CHECK(rel_error(layer.base().weight(), merged) < 1e-6);
-    const peft::matrix<float> b(1, layer.out_features(), layer.base().bias());
-    CHECK(rel_error(b, c.template ref<double>("merged." + name + ".bias")) < 1e-7);  // bias untouched
+    CHECK(rel_error(peft_test::add(w0, dw), c.ref("merged." + name + ".weight")) < tolerance<T>());
+    peft_test::check_merged_base(c, name, 1e-7);  // the bias is untouched
   }
 }
 
@@ -280,7 +170,7 @@ TEST_CASE("randlora: gradients of lambda, gamma and x agree with finite differen
           "[randlora][gradients]") {
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
   const auto reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
-  auto ck = load_bound<double>(case_dir / "adapter", base);
+  auto ck = load_bound<peft::randlora<double>>(case_dir / "adapter", base);
   peft::rng g(3);
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
@@ -311,7 +201,7 @@ TEST_CASE("randlora: gradients of lambda, gamma and x agree with finite differen
 TEST_CASE("randlora: the bases are shared, never copied; PEFT's per-module copies are checked and dropped",
           "[randlora][shared]") {
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
-  auto ck = load_bound<double>(case_dir / "adapter", base);
+  auto ck = load_bound<peft::randlora<double>>(case_dir / "adapter", base);
   auto& up = ck.find("up.weight")->adapter;
   auto& down = ck.find("down.weight")->adapter;
   REQUIRE(up.shared_A() != nullptr);
@@ -349,7 +239,7 @@ TEST_CASE("randlora: save_peft_checkpoint writes the bases once and reloads to i
           "[randlora][shared][io]") {
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
   const auto reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
-  auto ck = load_bound<double>(case_dir / "adapter", base);
+  auto ck = load_bound<peft::randlora<double>>(case_dir / "adapter", base);
   const auto dir = scratch_dir("peft_randlora_roundtrip");
   fs::remove_all(dir);
   peft::io::save_peft_checkpoint(dir, ck);
@@ -374,7 +264,7 @@ TEST_CASE("randlora: save_peft_checkpoint writes the bases once and reloads to i
   CHECK(cfg.raw["randlora_alpha"].is_number_integer());
   CHECK(cfg.raw["save_projection"] == true);
 
-  auto back = load_bound<double>(dir, base);  // without the per-module copies
+  auto back = load_bound<peft::randlora<double>>(dir, base);  // without the per-module copies
   CHECK(back.find("up.weight")->adapter.shared_A().get() == back.find("down.weight")->adapter.shared_A().get());
   for (const std::string name : {"up", "down"}) {
     INFO(name);
@@ -444,22 +334,23 @@ TEST_CASE("randlora: per-module copies of the bases must equal the shared ones",
   SECTION("a differing copy is rejected") {
     auto b = original.read<float>("base_model.model.down.randlora_B");
     b[5] += 1.0f;
-    rewrite_adapter(dir, keep, {{"base_model.model.down.randlora_B", {{96, 12, 8}, b}}});
+    rewrite_adapter("randlora", dir, keep, {{"base_model.model.down.randlora_B", {{96, 12, 8}, b}}});
     const auto msg = message_of([&] { peft::io::load_checkpoint_as<peft::randlora<double>>(dir); });
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
     CHECK(msg.find("module 'down': its copy of randlora_B differs from base_model.randlora_B") != std::string::npos);
   }
   SECTION("a copy of another shape is rejected") {
-    rewrite_adapter(dir, keep, {{"base_model.model.up.randlora_A", {{8, 96}, original.read<float>("base_model.randlora_A")}}});
+    rewrite_adapter("randlora", dir, keep,
+                    {{"base_model.model.up.randlora_A", {{8, 96}, original.read<float>("base_model.randlora_A")}}});
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
   }
   SECTION("missing copies are fine") {
-    rewrite_adapter(dir, keep, {}, {"base_model.model.up.randlora_A", "base_model.model.up.randlora_B"});
-    auto ck = load_bound<double>(dir, base);
+    rewrite_adapter("randlora", dir, keep, {}, {"base_model.model.up.randlora_A", "base_model.model.up.randlora_B"});
+    auto ck = load_bound<peft::randlora<double>>(dir, base);
     CHECK(ck.modules.size() == 2);
   }
   SECTION("the shared bases are required") {
-    rewrite_adapter(dir, keep, {}, {"base_model.randlora_A"});
+    rewrite_adapter("randlora", dir, keep, {}, {"base_model.randlora_A"});
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
   }
   fs::remove_all(dir);
@@ -467,7 +358,7 @@ TEST_CASE("randlora: per-module copies of the bases must equal the shared ones",
 
 TEST_CASE("randlora: save_projection=false is rejected with a clear message", "[randlora][errors][io]") {
   const auto dir = scratch_dir("peft_randlora_no_projection");
-  rewrite_adapter(dir, [](auto& c) { c["save_projection"] = false; });
+  rewrite_adapter("randlora", dir, [](auto& c) { c["save_projection"] = false; });
   const auto msg = message_of([&] { peft::io::load_checkpoint_as<peft::randlora<float>>(dir); });
   CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<float>>(dir), peft::unsupported_error);
   CHECK(msg.rfind("[randlora::from_checkpoint]", 0) == 0);
@@ -480,11 +371,12 @@ TEST_CASE("randlora: malformed checkpoints are rejected", "[randlora][errors][io
   const auto dir = scratch_dir("peft_randlora_malformed");
   auto keep = [](auto&) {};
   SECTION("lambda with the wrong rank") {
-    rewrite_adapter(dir, keep, {{"base_model.model.up.randlora_lambda", {{9, 8}, std::vector<float>(72, 0.5f)}}});
+    rewrite_adapter("randlora", dir, keep,
+                    {{"base_model.model.up.randlora_lambda", {{9, 8}, std::vector<float>(72, 0.5f)}}});
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
   }
   SECTION("gamma with a number of bases that is not ceil(min / r)") {
-    rewrite_adapter(dir, keep,
+    rewrite_adapter("randlora", dir, keep,
                     {{"base_model.model.up.randlora_gamma", {{7, 64}, std::vector<float>(7 * 64, 0.5f)}},
                      {"base_model.model.up.randlora_lambda", {{8, 7}, std::vector<float>(56, 0.5f)}}});
     const auto msg = message_of([&] { peft::io::load_checkpoint_as<peft::randlora<double>>(dir); });
@@ -492,18 +384,18 @@ TEST_CASE("randlora: malformed checkpoints are rejected", "[randlora][errors][io
     CHECK(msg.find("ceil(min(in, out) / r)") != std::string::npos);
   }
   SECTION("gamma wider than the bases") {
-    rewrite_adapter(dir, keep,
+    rewrite_adapter("randlora", dir, keep,
                     {{"base_model.model.up.randlora_gamma", {{13, 97}, std::vector<float>(13 * 97, 0.5f)}},
                      {"base_model.model.up.randlora_lambda", {{8, 13}, std::vector<float>(8 * 13, 0.5f)}}});
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
   }
   SECTION("randlora_A without its unit middle dimension") {
-    rewrite_adapter(dir, keep, {{"base_model.randlora_A", {{8, 2, 48}, std::vector<float>(8 * 96, 0.5f)}}},
+    rewrite_adapter("randlora", dir, keep, {{"base_model.randlora_A", {{8, 2, 48}, std::vector<float>(8 * 96, 0.5f)}}},
                     {"base_model.model.up.randlora_A", "base_model.model.down.randlora_A"});
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
   }
   SECTION("r in the config differs from the bases") {
-    rewrite_adapter(dir, [](auto& c) { c["r"] = 4; });
+    rewrite_adapter("randlora", dir, [](auto& c) { c["r"] = 4; });
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
   }
   fs::remove_all(dir);

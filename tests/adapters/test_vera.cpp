@@ -5,11 +5,6 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
-#include <fstream>
-#include <functional>
-#include <map>
-#include <nlohmann/json.hpp>
-#include <random>
 #include <string>
 
 #include "peft/adapted_linear.hpp"
@@ -17,96 +12,26 @@
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
+using peft_test::load_base;
+using peft_test::load_bound;
+using peft_test::message_of;
 using peft_test::rel_error;
+using peft_test::rewrite_adapter;
+using peft_test::scratch_dir;
+using peft_test::tolerance;
 
-const fs::path case_dir = fs::path(PEFT_TEST_DATA_DIR) / "peft" / "vera";
-
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
-}
+const fs::path case_dir = peft_test::golden_dir("vera");
 
 template <class T>
 using layer_t = peft::adapted_linear<peft::dense<float>, peft::vera<T>>;
-
-peft::dense<float> load_base(const peft::io::safetensors_file& f, const std::string& name) {
-  return peft::dense<float>(f.read_matrix<float>(name + ".weight"), f.read<float>(name + ".bias"));
-}
-
-/// Loads a VeRA checkpoint and gives each module its base layer's shape (the checkpoint does
-/// not determine in_features).
 template <class T>
-peft::io::basic_peft_checkpoint<peft::vera<T>> load_bound(const fs::path& dir, const peft::io::safetensors_file& base) {
-  auto ck = peft::io::load_checkpoint_as<peft::vera<T>>(dir);
-  for (auto& m : ck.modules) {
-    const auto& s = base.info(m.weight_name).shape;
-    m.adapter.set_features(static_cast<peft::index>(s[1]), static_cast<peft::index>(s[0]));
-  }
-  return ck;
-}
-
-template <class T>
-struct golden_case {
-  peft::io::safetensors_file base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
-  peft::io::safetensors_file reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
-  peft::io::basic_peft_checkpoint<peft::vera<T>> checkpoint = load_bound<T>(case_dir / "adapter", base);
-  layer_t<T> up{load_base(base, "up")};
-  layer_t<T> down{load_base(base, "down")};
-
-  golden_case() {
-    REQUIRE(checkpoint.modules.size() == 2);
-    up.add_adapter("default", checkpoint.find("up.weight")->adapter);
-    down.add_adapter("default", checkpoint.find("down.weight")->adapter);
-  }
-  layer_t<T>& layer(const std::string& n) { return n == "up" ? up : down; }
-  template <class U>
-  peft::matrix<U> ref(const std::string& name) const {
-    return reference.read_matrix<U>(name);
-  }
-};
-
-/// Copies the golden adapter to `dst`, letting `edit_config` change adapter_config.json and
-/// `edit_tensors` replace tensors (name -> (shape, values)).
-void rewrite_adapter(const fs::path& dst, const std::function<void(nlohmann::ordered_json&)>& edit_config,
-                     const std::map<std::string, std::pair<std::vector<std::int64_t>, std::vector<float>>>& edit_tensors = {}) {
-  fs::create_directories(dst);
-  std::ifstream in(case_dir / "adapter" / "adapter_config.json");
-  auto cfg = nlohmann::ordered_json::parse(in);
-  edit_config(cfg);
-  std::ofstream(dst / "adapter_config.json") << cfg.dump(2);
-  const auto f = peft::io::safetensors_file::open(case_dir / "adapter" / "adapter_model.safetensors");
-  peft::io::safetensors_writer w;
-  for (const auto& t : f.tensors()) {
-    auto it = edit_tensors.find(t.name);
-    if (it == edit_tensors.end()) {
-      w.add(t.name, t.type, t.shape, f.bytes(t.name));
-    } else {
-      w.add(t.name, it->second.first, std::span<const float>(it->second.second));
-    }
-  }
-  w.write(dst / "adapter_model.safetensors");
-}
-
-/// A temporary directory of this process: test binaries run concurrently (ctest -j, several
-/// builds), so fixed names would collide.
-fs::path scratch_dir(const std::string& stem) {
-  static const std::string tag = std::to_string(std::random_device{}());
-  return fs::temp_directory_path() / (stem + "_" + tag);
-}
-
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return {};
-}
+using golden_case = peft_test::golden_case<peft::vera<T>>;
 
 }  // namespace
 
@@ -114,32 +39,20 @@ TEMPLATE_TEST_CASE("vera golden: each layer's output, dx and lambda gradients ma
                    double) {
   using T = TestType;
   const double tol = tolerance<T>();
-  golden_case<T> c;
+  golden_case<T> c("vera");
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
-    auto& layer = c.layer(name);
-    const auto x = c.template ref<T>("layer." + name + ".input");
-    const auto g = c.template ref<T>("layer." + name + ".grad_output");
-    REQUIRE(peft_test::count_nonzero(x) > x.size() / 4);  // the down input is a relu output
-    REQUIRE(peft_test::count_nonzero(g) > g.size() / 4);
-    const auto& a = layer.adapter("default");
+    const auto& a = c.layer(name).adapter("default");
     REQUIRE(peft_test::nontrivial(a.lambda_b()));  // the golden adapter is not the identity
     REQUIRE(peft_test::nontrivial(a.lambda_d()));
-    peft::matrix<T> y(x.rows(), layer.out_features());
-    layer.forward(x, y);
-    const auto y_ref = c.template ref<double>("layer." + name + ".output");
-    CHECK(rel_error(y, y_ref) < tol);
-    // The adapter's term is a visible part of the output.
-    peft::matrix<T> h(x.rows(), layer.out_features());
-    layer.base().matmul(peft::matrix_view<const T>(x.view()), h.view());
-    CHECK(rel_error(h, y_ref) > 1e-3);
-    peft::matrix<T> dx(x.rows(), layer.in_features());
-    layer.zero_grad();
-    layer.backward(x, g, dx);
-    CHECK(rel_error(dx, c.template ref<double>("layer." + name + ".grad_input")) < tol);
+    const auto r = peft_test::run_layer(c, name);
+    const auto y_ref = c.ref("layer." + name + ".output");
+    CHECK(rel_error(r.y, y_ref) < tol);
+    CHECK(rel_error(r.y_base, y_ref) > 1e-3);  // the adapter's term is a visible part of the output
+    CHECK(rel_error(r.dx, c.ref("layer." + name + ".grad_input")) < tol);
     const std::string key = "grad.base_model.model." + name;
-    CHECK(rel_error(a.grad_lambda_b(), c.template ref<double>(key + ".vera_lambda_b.default")) < tol);
-    CHECK(rel_error(a.grad_lambda_d(), c.template ref<double>(key + ".vera_lambda_d.default")) < tol);
+    CHECK(rel_error(a.grad_lambda_b(), c.ref(key + ".vera_lambda_b.default")) < tol);
+    CHECK(rel_error(a.grad_lambda_d(), c.ref(key + ".vera_lambda_d.default")) < tol);
   }
 }
 
@@ -147,43 +60,25 @@ TEMPLATE_TEST_CASE("vera golden: the two-layer network's output, dL/dx and gradi
                    float, double) {
   using T = TestType;
   const double tol = tolerance<T>();
-  golden_case<T> c;
-  const auto x = c.template ref<T>("x");
-  const auto gy = c.template ref<T>("grad_y");
-  REQUIRE(peft_test::nontrivial(x));
-  REQUIRE(peft_test::nontrivial(gy));
-  peft::matrix<T> h(x.rows(), c.up.out_features()), a(h.rows(), h.cols()), y(x.rows(), c.down.out_features());
-  c.up.forward(x, h);
-  for (peft::index i = 0; i < h.rows(); ++i)
-    for (peft::index j = 0; j < h.cols(); ++j) a(i, j) = h(i, j) > 0 ? h(i, j) : T{0};
-  c.down.forward(a, y);
-  CHECK(rel_error(y, c.template ref<double>("y")) < tol);
-  peft::matrix<T> da(a.rows(), a.cols()), dx(x.rows(), x.cols());
-  c.up.zero_grad();
-  c.down.zero_grad();
-  c.down.backward(a, gy, da);
-  for (peft::index i = 0; i < da.rows(); ++i)
-    for (peft::index j = 0; j < da.cols(); ++j) da(i, j) = h(i, j) > 0 ? da(i, j) : T{0};
-  c.up.backward(x, da, dx);
-  CHECK(rel_error(dx, c.template ref<double>("grad_x")) < tol);
+  golden_case<T> c("vera");
+  peft_test::check_network_outputs(c, tol);
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
     const auto& ad = c.layer(name).adapter("default");
     const std::string key = "grad.base_model.model." + name;
-    CHECK(rel_error(ad.grad_lambda_b(), c.template ref<double>(key + ".vera_lambda_b.default")) < tol);
-    CHECK(rel_error(ad.grad_lambda_d(), c.template ref<double>(key + ".vera_lambda_d.default")) < tol);
+    CHECK(rel_error(ad.grad_lambda_b(), c.ref(key + ".vera_lambda_b.default")) < tol);
+    CHECK(rel_error(ad.grad_lambda_d(), c.ref(key + ".vera_lambda_d.default")) < tol);
   }
 }
 
 TEMPLATE_TEST_CASE("vera golden: delta_weight and merge give PEFT's merged weights", "[vera][golden][merge]", float,
                    double) {
   using T = TestType;
-  golden_case<T> c;
+  golden_case<T> c("vera");
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
     auto& layer = c.layer(name);
     const auto w0 = peft_test::to_double(layer.base().weight());
-    const auto merged = c.template ref<double>("merged." + name + ".weight");
     // delta_weight in the compute type, added in double: the reference is exact in double.
     peft::matrix<T> dw(layer.out_features(), layer.in_features());
     layer.adapter("default").delta_weight(layer.base(), dw.view());
@@ -191,18 +86,14 @@ TEMPLATE_TEST_CASE("vera golden: delta_weight and merge give PEFT's merged weigh
     peft::matrix<double> sum = w0;
     for (peft::index i = 0; i < sum.rows(); ++i)
       for (peft::index j = 0; j < sum.cols(); ++j) sum(i, j) += static_cast<double>(dw(i, j));
-    CHECK(rel_error(sum, merged) < tolerance<T>());
-    // adapted_linear::merge rounds into the f32 base: 1e-6 is the fair bound.
-    layer.merge("default");
-    CHECK(rel_error(layer.base().weight(), merged) < 1e-6);
-    const peft::matrix<float> b(1, layer.out_features(), layer.base().bias());
-    CHECK(rel_error(b, c.template ref<double>("merged." + name + ".bias")) < 1e-7);  // bias untouched
+    CHECK(rel_error(sum, c.ref("merged." + name + ".weight")) < tolerance<T>());
+    peft_test::check_merged_base(c, name, 1e-7);  // the bias is untouched
   }
 }
 
 TEST_CASE("vera: the projections are shared, never copied", "[vera][shared]") {
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
-  auto ck = load_bound<double>(case_dir / "adapter", base);
+  auto ck = load_bound<peft::vera<double>>(case_dir / "adapter", base);
   auto& up = ck.find("up.weight")->adapter;
   auto& down = ck.find("down.weight")->adapter;
   // One object for both modules, and the slices are views into it.
@@ -248,7 +139,7 @@ TEST_CASE("vera: save_peft_checkpoint writes the projections once and reloads to
           "[vera][shared][io]") {
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
   const auto reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
-  auto ck = load_bound<double>(case_dir / "adapter", base);
+  auto ck = load_bound<peft::vera<double>>(case_dir / "adapter", base);
   const auto dir = scratch_dir("peft_vera_roundtrip");
   fs::remove_all(dir);
   peft::io::save_peft_checkpoint(dir, ck);
@@ -273,7 +164,7 @@ TEST_CASE("vera: save_peft_checkpoint writes the projections once and reloads to
   CHECK(cfg.raw["d_initial"] == 0.1);
   CHECK(cfg.raw["projection_prng_key"] == 1234);  // kept from the loaded config
 
-  auto back = load_bound<double>(dir, base);
+  auto back = load_bound<peft::vera<double>>(dir, base);
   CHECK(back.find("up.weight")->adapter.shared_A().get() == back.find("down.weight")->adapter.shared_A().get());
   for (const std::string name : {"up", "down"}) {
     INFO(name);
@@ -374,7 +265,7 @@ TEST_CASE("vera: make_vera_projections draws PEFT's distribution from peft::rng"
 
 TEST_CASE("vera: save_projection=false is rejected with a clear message", "[vera][errors][io]") {
   const auto dir = scratch_dir("peft_vera_no_projection");
-  rewrite_adapter(dir, [](auto& c) { c["save_projection"] = false; });
+  rewrite_adapter("vera", dir, [](auto& c) { c["save_projection"] = false; });
   const auto msg = message_of([&] { peft::io::load_checkpoint_as<peft::vera<float>>(dir); });
   CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::vera<float>>(dir), peft::unsupported_error);
   CHECK(msg.rfind("[vera::from_checkpoint]", 0) == 0);
@@ -387,25 +278,25 @@ TEST_CASE("vera: malformed checkpoints are rejected", "[vera][errors][io]") {
   const auto dir = scratch_dir("peft_vera_malformed");
   auto keep = [](auto&) {};
   SECTION("vera_lambda_d longer than r") {
-    rewrite_adapter(dir, keep, {{"base_model.model.up.vera_lambda_d", {{17}, std::vector<float>(17, 0.5f)}}});
+    rewrite_adapter("vera", dir, keep, {{"base_model.model.up.vera_lambda_d", {{17}, std::vector<float>(17, 0.5f)}}});
     const auto msg = message_of([&] { peft::io::load_checkpoint_as<peft::vera<double>>(dir); });
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::vera<double>>(dir), peft::format_error);
     CHECK(msg.find("vera_lambda_d has 17 values") != std::string::npos);
   }
   SECTION("vera_lambda_b longer than vera_B") {
-    rewrite_adapter(dir, keep, {{"base_model.model.down.vera_lambda_b", {{97}, std::vector<float>(97, 0.5f)}}});
+    rewrite_adapter("vera", dir, keep, {{"base_model.model.down.vera_lambda_b", {{97}, std::vector<float>(97, 0.5f)}}});
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::vera<double>>(dir), peft::format_error);
   }
   SECTION("vera_B's rank differs from vera_A's") {
-    rewrite_adapter(dir, keep, {{"base_model.vera_B", {{96, 15}, std::vector<float>(96 * 15, 0.5f)}}});
+    rewrite_adapter("vera", dir, keep, {{"base_model.vera_B", {{96, 15}, std::vector<float>(96 * 15, 0.5f)}}});
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::vera<double>>(dir), peft::format_error);
   }
   SECTION("a 3-D vera_A") {
-    rewrite_adapter(dir, keep, {{"base_model.vera_A", {{16, 1, 96}, std::vector<float>(16 * 96, 0.5f)}}});
+    rewrite_adapter("vera", dir, keep, {{"base_model.vera_A", {{16, 1, 96}, std::vector<float>(16 * 96, 0.5f)}}});
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::vera<double>>(dir), peft::format_error);
   }
   SECTION("r in the config differs from the projections") {
-    rewrite_adapter(dir, [](auto& c) { c["r"] = 8; });
+    rewrite_adapter("vera", dir, [](auto& c) { c["r"] = 8; });
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::vera<double>>(dir), peft::format_error);
   }
   fs::remove_all(dir);
