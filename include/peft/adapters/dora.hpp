@@ -56,6 +56,7 @@
 #include "peft/adapters/lora.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
+#include "peft/core/adapter_checks.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
@@ -412,24 +413,16 @@ class dora {
 
   template <class Base>
   void check_base(const char* where, const Base& w) const {
-    if (w.in_features() != in_features() || w.out_features() != out_features()) {
-      detail::raise<shape_error>(where, "base weight is " + detail::shape_string(w.out_features(), w.in_features()) +
-                                            ", adapter expects " + detail::shape_string(out_features(), in_features()));
-    }
+    detail::check_adapter_base(where, *this, w);
   }
   template <class Base>
   void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    check_base(where, w);
-    detail::expect_shape(where, "x", x, x.rows(), in_features());
-    detail::expect_shape(where, "y", y, x.rows(), out_features());
+    detail::check_adapter_io(where, *this, w, x, y);
   }
   template <class Base>
   void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
                   matrix_view<T> dx) const {
-    check_base(where, w);
-    detail::expect_shape(where, "x", x, x.rows(), in_features());
-    detail::expect_shape(where, "dy", g, x.rows(), out_features());
-    detail::expect_shape(where, "dx", dx, x.rows(), in_features());
+    detail::check_adapter_grad(where, *this, w, x, g, dx);
   }
 
   static T kv(const cache_type& c, index j) { return c.k[static_cast<std::size_t>(j)]; }

@@ -38,6 +38,7 @@
 #include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
 #include "peft/core/base_weight.hpp"
+#include "peft/core/adapter_checks.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
@@ -226,10 +227,7 @@ class phm_delta {
   template <class Base>
   void check_base(const char* where, const Base& w) const {
     detail::phm::check_rule(where, rule_, left_.rows());
-    if (w.in_features() != in_features() || w.out_features() != out_features()) {
-      detail::raise<shape_error>(where, "base weight is " + detail::shape_string(w.out_features(), w.in_features()) +
-                                            ", adapter expects " + detail::shape_string(out_features(), in_features()));
-    }
+    detail::check_adapter_base(where, *this, w);
   }
   template <class Base>
   void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {

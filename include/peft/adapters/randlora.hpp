@@ -46,6 +46,7 @@
 #include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
 #include "peft/core/base_weight.hpp"
+#include "peft/core/adapter_checks.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
@@ -434,10 +435,7 @@ class randlora {
   template <class Base>
   void check_base(const char* where, const Base& w) const {
     if (!a_ || !b_) detail::raise<error>(where, "the adapter is default-constructed (no bases)");
-    if (w.in_features() != in_ || w.out_features() != out_) {
-      detail::raise<shape_error>(where, "base weight is " + detail::shape_string(w.out_features(), w.in_features()) +
-                                            ", adapter expects " + detail::shape_string(out_, in_));
-    }
+    detail::check_adapter_base(where, *this, w);
   }
   template <class Base>
   void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {

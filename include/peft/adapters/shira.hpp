@@ -47,6 +47,7 @@
 #include "peft/core/adapter.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/dtype.hpp"
+#include "peft/core/adapter_checks.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
@@ -449,10 +450,7 @@ class shira {
 
   template <class Base>
   void check_base(const char* where, const Base& w) const {
-    if (w.in_features() != in_ || w.out_features() != out_) {
-      detail::raise<shape_error>(where, "base weight is " + detail::shape_string(w.out_features(), w.in_features()) +
-                                            ", adapter expects " + detail::shape_string(out_, in_));
-    }
+    detail::check_adapter_base(where, *this, w);
   }
   /// Running the adapter over a base that already holds its values would count them twice.
   template <class Base>

@@ -17,6 +17,7 @@
 
 #include "peft/adapters/lora.hpp"
 #include "peft/core/dtype.hpp"
+#include "peft/core/adapter_checks.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/matrix_view.hpp"
@@ -92,10 +93,7 @@ class gated_low_rank {
 
   template <class Base>
   void check_base(const char* where, const Base& w) const {
-    if (w.in_features() != in_features() || w.out_features() != out_features()) {
-      raise<shape_error>(where, "base weight is " + shape_string(w.out_features(), w.in_features()) +
-                                    ", adapter expects " + shape_string(out_features(), in_features()));
-    }
+    detail::check_adapter_base(where, *this, w);
   }
   template <class Base>
   void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
