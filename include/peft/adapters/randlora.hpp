@@ -47,6 +47,7 @@
 #include "peft/core/adapter.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/adapter_checks.hpp"
+#include "peft/core/additive_adapter.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
@@ -119,7 +120,9 @@ randlora_projections<T> make_randlora_projections(index rank, std::initializer_l
 }
 
 template <compute_scalar T>
-class randlora {
+class randlora : public additive_adapter<randlora<T>, T> {
+  friend class additive_adapter<randlora<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "randlora";
@@ -229,39 +232,6 @@ class randlora {
     matrix<T> u(rank() * num_bases(), min_features());
     fill_scaled_basis(u.view(), false);
     return u;
-  }
-
-  /// y = x W0^T + b0 + the RandLoRA term (see the header comment).
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
-    check_io("randlora::forward", w, x, y);
-    w.matmul(x, y);
-    add_randlora(x, y, cache);
-  }
-
-  /// y += the RandLoRA term; h (the base output) is not needed.
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& cache) const {
-    check_io("randlora::add_term", w, x, y);
-    add_randlora(x, y, cache);
-  }
-
-  /// Accumulates d lambda, d gamma; writes dx = g W0 + the term's input gradient.
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
-                cache_type& cache) {
-    check_grad("randlora::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    randlora_backward(x, g, dx, cache);
-  }
-
-  /// Accumulates d lambda, d gamma and dx += the term's input gradient; the term does not use h.
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
-                     matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& cache) {
-    check_grad("randlora::backward_term", w, x, g, dx);
-    randlora_backward(x, g, dx, cache);
   }
 
   /// dW = s V U (in <= out) or s U^T V^T (in > out), PEFT's get_delta_weight (out, in).
@@ -496,7 +466,7 @@ class randlora {
     }
   }
 
-  void add_randlora(matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
+  void add_delta(matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
     project(x, cache);
     const index n = x.rows(), r = rank(), nb = num_bases(), mn = min_features();
     if (in_ <= out_) {
@@ -522,7 +492,7 @@ class randlora {
     }
   }
 
-  void randlora_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& cache) {
+  void delta_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& cache) {
     const index n = x.rows(), r = rank(), nb = num_bases(), mn = min_features();
     if (cache.q.rows() != n || cache.q.cols() != r * nb) project(x, cache);
     const auto a = A_slice();

@@ -37,6 +37,7 @@
 #include "peft/core/adapter.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/adapter_checks.hpp"
+#include "peft/core/additive_adapter.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
@@ -92,7 +93,9 @@ vera_projections<T> make_vera_projections(index rank, std::initializer_list<std:
 }
 
 template <compute_scalar T>
-class vera {
+class vera : public additive_adapter<vera<T>, T> {
+  friend class additive_adapter<vera<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "vera";
@@ -180,39 +183,6 @@ class vera {
   matrix_view<const T> lambda_b() const noexcept { return lambda_b_.view(); }
   matrix_view<const T> grad_lambda_d() const noexcept { return gd_.view(); }
   matrix_view<const T> grad_lambda_b() const noexcept { return gb_.view(); }
-
-  /// y = x W0^T + b0 + lambda_b * ((lambda_d * (x A_s^T)) B_s^T).
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
-    check_io("vera::forward", w, x, y);
-    w.matmul(x, y);
-    add_vera(x, y, cache);
-  }
-
-  /// y += lambda_b * ((lambda_d * (x A_s^T)) B_s^T); h (the base output) is not needed.
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& cache) const {
-    check_io("vera::add_term", w, x, y);
-    add_vera(x, y, cache);
-  }
-
-  /// Accumulates d lambda_d, d lambda_b; writes dx = g W0 + (u * lambda_d) A_s.
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
-                cache_type& cache) {
-    check_grad("vera::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    vera_backward(x, g, dx, cache);
-  }
-
-  /// Accumulates d lambda_d, d lambda_b and dx += (u * lambda_d) A_s; the term does not use h.
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
-                     matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& cache) {
-    check_grad("vera::backward_term", w, x, g, dx);
-    vera_backward(x, g, dx, cache);
-  }
 
   /// dW = diag(lambda_b) B_s diag(lambda_d) A_s (out, in).
   template <base_weight Base>
@@ -373,7 +343,7 @@ class vera {
     kernels::gemm_nt<T, T>(1.0, u.view(), B_slice(), 0.0, cache.z.view());           // (batch, out)
   }
 
-  void add_vera(matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
+  void add_delta(matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
     project(x, cache);
     for (index i = 0; i < y.rows(); ++i) {
       T* row = y.row(i);
@@ -381,7 +351,7 @@ class vera {
     }
   }
 
-  void vera_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& cache) {
+  void delta_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& cache) {
     const index n = x.rows(), r = rank();
     if (cache.t.rows() != n || cache.t.cols() != r || cache.z.rows() != n || cache.z.cols() != out_) {
       project(x, cache);
