@@ -63,6 +63,7 @@
 #include "peft/core/parameter.hpp"
 #include "peft/io/adapter_config.hpp"
 #include "peft/io/checkpoint_tensors.hpp"
+#include "peft/kernels/epilogue.hpp"
 #include "peft/kernels/gemm.hpp"
 
 namespace peft {
@@ -248,8 +249,36 @@ class dora {
   template <base_weight Base>
   void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
     check_io("dora::forward", w, x, y);
-    w.matmul(x, y);
-    apply(w, x, matrix_view<const T>(y), y, cache);
+    if constexpr (fused_base_weight<Base, T>) {
+      // One pass: each tile of h = x W0^T + b0 gets z = h - b0, l = s t B^T and the rescaling
+      // while it is in cache (the same arithmetic as apply()).
+      ensure_norms(w, cache);
+      lora_.project(x, cache.low_rank);
+      const index batch = x.rows(), out = out_features();
+      if (cache.z.rows() != batch || cache.z.cols() != out) cache.z = matrix<T>(batch, out);
+      if (cache.l.rows() != batch || cache.l.cols() != out) cache.l = matrix<T>(batch, out);
+      const matrix_view<const T> t = cache.low_rank.t.view();
+      w.matmul(x, y, [&](index i0, index j0, matrix_view<T> tile) {
+        matrix_view<T> z = cache.z.view().block(i0, j0, tile.rows(), tile.cols());
+        matrix_view<T> l = cache.l.view().block(i0, j0, tile.rows(), tile.cols());
+        for (index i = 0; i < tile.rows(); ++i) {
+          for (index j = 0; j < tile.cols(); ++j) {
+            z(i, j) = tile(i, j) - w.template bias_value<T>(j0 + j);
+            l(i, j) = T{0};
+          }
+        }
+        lora_.add_projected(t, i0, j0, l, lora_.scale());
+        for (index i = 0; i < tile.rows(); ++i) {
+          for (index j = 0; j < tile.cols(); ++j) {
+            const T k = kv(cache, j0 + j);
+            tile(i, j) += (k - T{1}) * z(i, j) + k * l(i, j);
+          }
+        }
+      });
+    } else {
+      w.matmul(x, y);
+      apply(w, x, matrix_view<const T>(y), y, cache);
+    }
   }
 
   /// y += (k - 1) (h - b0) + k s x A^T B^T, h = x W0^T + b0 the layer's base output.

@@ -28,7 +28,9 @@
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
 #include "peft/io/adapter_config.hpp"
+#include "peft/interop/eigen.hpp"
 #include "peft/io/checkpoint_tensors.hpp"
+#include "peft/kernels/epilogue.hpp"
 #include "peft/kernels/gemm.hpp"
 
 namespace peft {
@@ -134,12 +136,43 @@ class lora {
   matrix_view<const T> grad_B() const noexcept { return gb_.view(); }
   matrix_view<const T> grad_bias() const noexcept { return gbias_.view(); }
 
-  /// y = x W0^T + b0 + s (x A^T B^T + b_B).
+  /// y = x W0^T + b0 + s (x A^T B^T + b_B). On a base with a fused product (dense f32, the
+  /// quantized bases) t = x A^T comes first and s t B^T is added to each output tile of the base
+  /// product while it is in cache.
   template <base_weight Base>
   void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
     check_io("lora::forward", w, x, y);
-    w.matmul(x, y);
-    add_low_rank(x, y, cache);
+    if constexpr (fused_base_weight<Base, T>) {
+      project(x, cache);
+      const matrix_view<const T> t = cache.t.view();
+      w.matmul(x, y, [this, t](index i0, index j0, matrix_view<T> tile) {
+        add_projected(t, i0, j0, tile, scale_);
+      });
+    } else {
+      w.matmul(x, y);
+      add_low_rank(x, y, cache);
+    }
+  }
+
+  /// cache.t = x A^T (batch, r): the first half of the low-rank term.
+  void project(matrix_view<const T> x, cache_type& cache) const {
+    if (cache.t.rows() != x.rows() || cache.t.cols() != rank()) cache.t = matrix<T>(x.rows(), rank());
+    kernels::gemm_nt<T, T>(1.0, x, a_.view(), 0.0, cache.t.view());
+  }
+
+  /// The second half on one output tile at (i0, j0): tile += f (t[i0.., :] B[j0.., :]^T + b_B),
+  /// with f = s for the plain term (DoRA passes its own factor). Reads only; safe to call
+  /// concurrently on disjoint tiles.
+  void add_projected(matrix_view<const T> t, index i0, index j0, matrix_view<T> tile, T f) const {
+    const matrix_view<const T> tb = t.block(i0, 0, tile.rows(), rank());
+    const matrix_view<const T> bb = b_.view().block(j0, 0, tile.cols(), rank());
+    as_eigen(tile).noalias() += f * (as_eigen(tb) * as_eigen(bb).transpose());
+    if (!bias_.empty()) {
+      for (index i = 0; i < tile.rows(); ++i) {
+        T* row = tile.row(i);
+        for (index j = 0; j < tile.cols(); ++j) row[j] += f * bias_(0, j0 + j);
+      }
+    }
   }
 
   /// y += s (x A^T B^T + b_B); h (the base output) is not needed by LoRA.
@@ -257,8 +290,10 @@ class lora {
   }
   static index checked_dim(index d, const char* what) {
     if (d < 1) {
-      detail::raise<shape_error>("lora::lora", std::string(what) + " must be >= 1, got " +
-                                                   std::to_string(d));
+      std::string msg = what;  // appended piece by piece: g++ 12 -Warray-bounds false positive
+      msg += " must be >= 1, got ";
+      msg += std::to_string(d);
+      detail::raise<shape_error>("lora::lora", msg);
     }
     return d;
   }
@@ -278,8 +313,7 @@ class lora {
   }
 
   void add_low_rank(matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
-    if (cache.t.rows() != x.rows() || cache.t.cols() != rank()) cache.t = matrix<T>(x.rows(), rank());
-    kernels::gemm_nt<T, T>(1.0, x, a_.view(), 0.0, cache.t.view());                // (batch, r)
+    project(x, cache);                                                              // (batch, r)
     kernels::gemm_nt<T, T>(static_cast<double>(scale_), cache.t.view(), b_.view(), 1.0, y);
     if (!bias_.empty()) {
       for (index i = 0; i < y.rows(); ++i) {

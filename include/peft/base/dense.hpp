@@ -10,13 +10,16 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "peft/core/base_weight.hpp"
 #include "peft/core/dtype.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
+#include "peft/kernels/epilogue.hpp"
 #include "peft/kernels/gemm.hpp"
+#include "peft/kernels/linear.hpp"
 
 namespace peft {
 
@@ -69,14 +72,28 @@ class dense {
   /// y = x W0^T + b0. x (batch, in), y (batch, out); y is overwritten.
   template <compute_scalar T>
   void matmul(matrix_view<const T> x, matrix_view<T> y) const {
+    matmul(x, y, kernels::no_epilogue{});
+  }
+
+  /// y = x W0^T + b0, then epi(i0, j0, tile) on each finished output tile (kernels/epilogue.hpp).
+  /// f32 weights under f32 compute run the fused kernels of kernels/linear.hpp (the epilogue sees
+  /// tiles while they are in cache); other combinations call it once on the whole of y.
+  template <compute_scalar T, class Epi>
+    requires kernels::epilogue_for<Epi, T>
+  void matmul(matrix_view<const T> x, matrix_view<T> y, const Epi& epi) const {
     detail::expect_shape("dense::matmul", "x", x, x.rows(), in_features());
     detail::expect_shape("dense::matmul", "y", y, x.rows(), out_features());
-    kernels::gemm_nt<T, S>(1.0, x, weight_.view(), 0.0, y);
-    if (!bias_.empty()) {
-      for (index i = 0; i < y.rows(); ++i) {
-        T* row = y.row(i);
-        for (index j = 0; j < y.cols(); ++j) row[j] += bias_value<T>(j);
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<S, float>) {
+      kernels::linear_nt(x, weight_.view(), bias_.empty() ? nullptr : bias_.data(), y, epi);
+    } else {
+      kernels::gemm_nt<T, S>(1.0, x, weight_.view(), 0.0, y);
+      if (!bias_.empty()) {
+        for (index i = 0; i < y.rows(); ++i) {
+          T* row = y.row(i);
+          for (index j = 0; j < y.cols(); ++j) row[j] += bias_value<T>(j);
+        }
       }
+      if (!y.empty()) epi(index{0}, index{0}, y);
     }
   }
 
@@ -85,7 +102,11 @@ class dense {
   void matmul_t(matrix_view<const T> dy, matrix_view<T> dx, bool accumulate = false) const {
     detail::expect_shape("dense::matmul_t", "dy", dy, dy.rows(), out_features());
     detail::expect_shape("dense::matmul_t", "dx", dx, dy.rows(), in_features());
-    kernels::gemm_nn<T, S>(1.0, dy, weight_.view(), accumulate ? 1.0 : 0.0, dx);
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<S, float>) {
+      kernels::linear_nn(dy, weight_.view(), dx, accumulate);
+    } else {
+      kernels::gemm_nn<T, S>(1.0, dy, weight_.view(), accumulate ? 1.0 : 0.0, dx);
+    }
   }
 
   /// out[0..in) = W0[i, :] in the compute type.
@@ -130,5 +151,6 @@ class dense {
 
 static_assert(mutable_base_weight<dense<float>>);
 static_assert(mutable_base_weight<dense<bf16>>);
+static_assert(fused_base_weight<dense<float>, float> && fused_base_weight<dense<bf16>, double>);
 
 }  // namespace peft
