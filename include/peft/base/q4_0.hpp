@@ -1,0 +1,158 @@
+// peft/base/q4_0.hpp — a frozen weight in ggml's Q4_0 format: 4.5 bits per weight.
+//
+//   auto w = peft::q4_0::quantize(weight_view, bias_ptr);   // weight (out, in)
+//   w.matmul(x, y);   // y = x W0^T + b0, blocks decoded in registers
+//
+// Layout (ggml block_q4_0, kernels::block_q4_0): each row is split into blocks of 32
+// consecutive weights; a block is the fp16 scale d and 16 bytes, byte i holding weight i in its
+// low nibble and weight i + 16 in its high nibble; W0 = (q - 8) * d. A row whose in_features is
+// not a multiple of 32 is padded with zeros to whole blocks (ggml requires whole blocks; the
+// padding quantizes to q = 8, i.e. exactly 0, and counts in storage_bytes()).
+//
+// Quantization follows ggml's quantize_row_q4_0_ref on the row rounded to f32: max = the value
+// of largest magnitude (the first one on ties), d = max / -8, id = 1 / d (0 when d == 0),
+// q = min(15, (int)(w * id + 8.5)) in f32 arithmetic, and d is stored rounded to fp16 (nearest
+// even). An element is within |d| / 2 of its value (plus the fp16 rounding of d, up to
+// 8 |d| 2^-11) except when w * id > 7.5 (values of the sign opposite to max near its magnitude),
+// which clamp to q = 15 and are within |d|. The bias is kept in f32.
+// Merging (add_to_weight) re-quantizes each row: lossy.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+#include "peft/base/detail/quantized_common.hpp"
+#include "peft/core/base_weight.hpp"
+#include "peft/core/dtype.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/matrix_view.hpp"
+#include "peft/kernels/quantized.hpp"
+
+namespace peft {
+
+class q4_0 : public detail::quantized_linear<q4_0> {
+  using base = detail::quantized_linear<q4_0>;
+  friend base;
+
+ public:
+  static constexpr std::string_view name = "q4_0";
+  using block_type = kernels::block_q4_0;
+  static constexpr index block_size = kernels::q4_0_block_size;
+
+  q4_0() = default;
+
+  /// Quantizes a weight (out, in) and an optional bias of `out` values (nullptr: none).
+  /// Throws shape_error for an empty weight, format_error for non-finite values and for a
+  /// scale d beyond fp16's range (|w| above about 5.2e5).
+  template <class U>
+  static q4_0 quantize(matrix_view<const U> weight, const U* bias = nullptr) {
+    detail::check_quantizable(detail::quantized_where(name, "quantize"), weight, bias);
+    q4_0 w(weight.rows(), weight.cols(), bias_from(bias, weight.rows()));
+    std::vector<float> row(static_cast<std::size_t>(w.padded_in()), 0.0f);
+    for (index i = 0; i < weight.rows(); ++i) {
+      row_to_f32(weight, i, row.data());
+      w.quantize_row(i, row.data());
+    }
+    return w;
+  }
+
+  /// Blocks per row: ceil(in / 32).
+  index blocks_per_row() const noexcept { return (in_ + block_size - 1) / block_size; }
+
+  /// Bytes of the quantized weight: out * ceil(in / 32) blocks of 18 bytes (bias excluded).
+  std::size_t storage_bytes() const noexcept { return blocks_.size() * sizeof(block_type); }
+
+  /// The blocks, row-major: row i's blocks are [i * blocks_per_row(), (i + 1) * blocks_per_row()).
+  const std::vector<block_type>& blocks() const noexcept { return blocks_; }
+
+  /// out[0..in) = W0[i, :] (exact in f32 and f64).
+  template <compute_scalar T>
+  void dequantize_row(index i, T* out) const {
+    check_row("dequantize_row", i);
+    const index nb = blocks_per_row();
+    T w[block_size];
+    for (index b = 0; b < nb; ++b) {
+      kernels::reference::decode_q4_0_block(blocks_[static_cast<std::size_t>(i * nb + b)], w);
+      const index n = std::min(block_size, in_ - b * block_size);
+      std::copy(w, w + n, out + b * block_size);
+    }
+  }
+
+ private:
+  q4_0(index out, index in, std::vector<float> bias)
+      : base(out, in, std::move(bias)),
+        blocks_(static_cast<std::size_t>(out * ((in + block_size - 1) / block_size))) {}
+
+  index padded_in() const noexcept { return blocks_per_row() * block_size; }
+  bool has_dot() const noexcept { return true; }
+
+  void dot_rows(kernels::isa which, index j0, index n, const float* x, index ldx, index m,
+                float* y, index ldy, std::vector<float>& /*scratch*/) const {
+    const index nb = blocks_per_row();
+    kernels::q4_0_dot(which, blocks_.data() + j0 * nb, nb, n, x, ldx, m, y, ldy);
+  }
+
+  template <class T>
+  void decode_rows(index j0, index n, T* out, index ld) const {
+    const index nb = blocks_per_row();
+    for (index j = 0; j < n; ++j) {
+      const block_type* b = blocks_.data() + (j0 + j) * nb;
+      if constexpr (std::is_same_v<T, float>) {
+        kernels::decode_q4_0_row(b, nb, out + j * ld);
+      } else {
+        for (index k = 0; k < nb; ++k) kernels::reference::decode_q4_0_block(b[k], out + j * ld + k * block_size);
+      }
+    }
+  }
+
+  /// ggml's quantize_row_q4_0_ref on row[0..in) (zeros beyond).
+  void quantize_row(index i, const float* row) {
+    const index nb = blocks_per_row();
+    for (index b = 0; b < nb; ++b) {
+      float x[block_size];
+      for (index k = 0; k < block_size; ++k) {
+        const index c = b * block_size + k;
+        x[k] = c < in_ ? row[c] : 0.0f;
+      }
+      float amax = 0.0f;
+      float max = 0.0f;
+      for (float v : x) {
+        if (amax < std::abs(v)) {
+          amax = std::abs(v);
+          max = v;
+        }
+      }
+      const float d = max / -8.0f;
+      const float id = d != 0.0f ? 1.0f / d : 0.0f;
+      const f16 dh(d);
+      if (!std::isfinite(static_cast<float>(dh))) {
+        std::string msg = "row ";
+        msg += std::to_string(i);
+        msg += " has a block scale beyond fp16's range (|w| up to ";
+        msg += std::to_string(amax);
+        msg += ')';
+        detail::raise<format_error>(detail::quantized_where(name, "quantize"), msg);
+      }
+      block_type& out = blocks_[static_cast<std::size_t>(i * nb + b)];
+      out.d = dh.bits;
+      for (int k = 0; k < 16; ++k) {
+        // volatile: the product is rounded to f32 before the add, as in ggml (no FMA contraction).
+        volatile float p0 = x[k] * id;
+        volatile float p1 = x[k + 16] * id;
+        const int q0 = std::min(15, static_cast<int>(static_cast<float>(p0) + 8.5f));
+        const int q1 = std::min(15, static_cast<int>(static_cast<float>(p1) + 8.5f));
+        out.qs[k] = static_cast<std::uint8_t>(q0 | (q1 << 4));
+      }
+    }
+  }
+
+  std::vector<block_type> blocks_;  // (out, ceil(in / 32))
+};
+
+static_assert(mutable_base_weight<q4_0>);
+static_assert(fused_base_weight<q4_0, float> && fused_base_weight<q4_0, double>);
+
+}  // namespace peft

@@ -1,0 +1,631 @@
+// Quantized frozen bases (int8_rowwise, q4_0, nf4 with and without double quantization):
+// exact storage sizes, round-trip error bounds, hand-derived encodings, the fused products of
+// every kernel version the CPU runs against a double reference over the dequantized weight
+// (with bias, epilogues and tails), matmul_t, LoRA and DoRA over every format against the same
+// adapter over a dense copy of the dequantized weight, merging (re-quantization), and errors.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "peft/adapters/dora.hpp"
+#include "peft/adapters/lora.hpp"
+#include "peft/base/dense.hpp"
+#include "peft/base/int8_rowwise.hpp"
+#include "peft/base/nf4.hpp"
+#include "peft/base/q4_0.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/matrix.hpp"
+#include "peft/core/random.hpp"
+#include "peft/kernels/isa.hpp"
+#include "peft/kernels/quantized.hpp"
+#include "support/test_support.hpp"
+
+using ix = peft::index;
+
+namespace {
+
+// ---- formats under test ----------------------------------------------------------------------
+
+struct int8_format {
+  using type = peft::int8_rowwise;
+  static constexpr const char* label = "int8_rowwise";
+  template <class U>
+  static type make(peft::matrix_view<const U> w, const U* b) { return type::quantize(w, b); }
+};
+struct q4_0_format {
+  using type = peft::q4_0;
+  static constexpr const char* label = "q4_0";
+  template <class U>
+  static type make(peft::matrix_view<const U> w, const U* b) { return type::quantize(w, b); }
+};
+struct nf4_dq_format {
+  using type = peft::nf4;
+  static constexpr const char* label = "nf4 (double quant)";
+  template <class U>
+  static type make(peft::matrix_view<const U> w, const U* b) { return type::quantize(w, b); }
+};
+struct nf4_plain_format {
+  using type = peft::nf4;
+  static constexpr const char* label = "nf4";
+  template <class U>
+  static type make(peft::matrix_view<const U> w, const U* b) {
+    return type::quantize(w, b, peft::nf4_options{.double_quant = false});
+  }
+};
+
+/// Relative Frobenius tolerance of a product computed in T against a double reference.
+template <class T>
+constexpr double tol() {
+  return std::is_same_v<T, float> ? 1e-5 : 1e-12;
+}
+
+/// Every kernel version this CPU runs.
+std::vector<peft::kernels::isa> supported_isas() {
+  std::vector<peft::kernels::isa> r;
+  for (auto i : {peft::kernels::isa::reference, peft::kernels::isa::portable,
+                 peft::kernels::isa::avx2, peft::kernels::isa::avx512}) {
+    if (peft::kernels::isa_supported(i)) r.push_back(i);
+  }
+  return r;
+}
+
+/// W0 decoded in double (the reference every product is held to).
+template <class B>
+peft::matrix<double> decoded(const B& b) {
+  peft::matrix<double> w(b.out_features(), b.in_features());
+  for (ix i = 0; i < b.out_features(); ++i) b.dequantize_row(i, w.row(i));
+  return w;
+}
+
+template <class B>
+std::vector<double> bias_of(const B& b) {
+  std::vector<double> r;
+  if (b.has_bias()) {
+    for (ix j = 0; j < b.out_features(); ++j) r.push_back(b.template bias_value<double>(j));
+  }
+  return r;
+}
+
+// ---- error bounds per format ---------------------------------------------------------------------
+
+/// Largest |element error| allowed, per element, for a weight w (f32 values) and its quantization.
+double bound(const peft::int8_rowwise& q, const peft::matrix<float>& /*w*/, ix i, ix /*j*/) {
+  // round(w / scale) is within 1/2 of w / scale; the decoded product q * scale is exact in double.
+  return 0.5 * static_cast<double>(q.scales()[static_cast<std::size_t>(i)]) * (1.0 + 1e-12);
+}
+
+double bound(const peft::q4_0& q, const peft::matrix<float>& w, ix i, ix j) {
+  // Recompute ggml's exact scale of the block, then: nearest code (|d| / 2) unless the element
+  // clamps at q = 15 (w / d > 7.5: within |d|), plus the fp16 rounding of d times |q - 8| <= 8.
+  const ix b = j / 32;
+  float amax = 0.0f, max = 0.0f;
+  for (ix c = b * 32; c < std::min<ix>(w.cols(), b * 32 + 32); ++c) {
+    if (amax < std::abs(w(i, c))) {
+      amax = std::abs(w(i, c));
+      max = w(i, c);
+    }
+  }
+  const double d = static_cast<double>(max) / -8.0;
+  const double dq = peft::kernels::reference::half_to_float(
+      q.blocks()[static_cast<std::size_t>(i * q.blocks_per_row() + b)].d);
+  const double ratio = d != 0.0 ? static_cast<double>(w(i, j)) / d : 0.0;
+  const double base = ratio > 7.5 ? std::abs(d) : 0.5 * std::abs(d);
+  return base * (1.0 + 1e-6) + 8.0 * std::abs(dq - d) + 1e-30;
+}
+
+/// Half the largest gap between neighbouring NF4 values (between -1 and -0.6961928).
+constexpr double nf4_half_gap = 0.5 * (1.0 - 0.6961928009986877);
+
+double bound(const peft::nf4& q, const peft::matrix<float>& w, ix i, ix j) {
+  const ix e = i * w.cols() + j;
+  const ix b = e / 64;
+  double am = 0.0;  // the exact block absmax over the flattened tensor
+  for (ix f = b * 64; f < std::min<ix>(w.rows() * w.cols(), b * 64 + 64); ++f) {
+    am = std::max(am, std::abs(static_cast<double>(w.data()[f])));
+  }
+  const double decoded_am = q.block_absmax(b);
+  return nf4_half_gap * am * (1.0 + 1e-6) + std::abs(decoded_am - am) + 1e-30;
+}
+
+/// Checks every element of q's decoded weight against w within the format's bound.
+template <class Q>
+void check_round_trip(const Q& q, const peft::matrix<float>& w) {
+  const auto d = decoded(q);
+  ix violations = 0;
+  double worst = 0.0;
+  for (ix i = 0; i < w.rows(); ++i) {
+    for (ix j = 0; j < w.cols(); ++j) {
+      const double err = std::abs(d(i, j) - static_cast<double>(w(i, j)));
+      const double lim = bound(q, w, i, j);
+      worst = std::max(worst, err / lim);
+      if (err > lim) ++violations;
+    }
+  }
+  INFO("worst error / bound " << worst);
+  CHECK(violations == 0);
+}
+
+/// For double quantization: |decoded absmax - absmax| <= absmax2 * 0.0070313 (half the widest
+/// gap of the dynamic map, including -1 -> -0.99296875) plus f32 rounding.
+void check_absmax_error(const peft::nf4& q, const peft::matrix<float>& w) {
+  const ix n = w.rows() * w.cols();
+  for (ix b = 0; b < q.blocks(); ++b) {
+    double am = 0.0;
+    for (ix f = b * 64; f < std::min<ix>(n, b * 64 + 64); ++f) am = std::max(am, std::abs(static_cast<double>(w.data()[f])));
+    const double a2 = q.group_absmax()[static_cast<std::size_t>(b / 256)];
+    const double lim = a2 * 0.0070313 + 4e-7 * (am + a2) + 1e-30;
+    REQUIRE(std::abs(q.block_absmax(b) - am) <= lim);
+  }
+}
+
+/// Weight values with a spread of magnitudes per row (so scales differ), all non-zero.
+peft::matrix<float> random_weight(ix out, ix in, peft::rng& gen) {
+  peft::matrix<float> w(out, in);
+  for (ix i = 0; i < out; ++i) {
+    const double s = 0.1 + 2.0 * gen.uniform();
+    for (ix j = 0; j < in; ++j) {
+      double v = gen.uniform(-s, s);
+      if (v == 0.0) v = s / 3;
+      w(i, j) = static_cast<float>(v);
+    }
+  }
+  return w;
+}
+
+/// Counts how often each element of y is covered by an epilogue tile and records each tile's
+/// contents at the time of the call.
+template <class T>
+struct recording_epilogue {
+  peft::matrix<int>* cover;
+  peft::matrix<double>* seen;
+  std::mutex* mutex;
+  void operator()(ix i0, ix j0, peft::matrix_view<T> tile) const {
+    const std::lock_guard<std::mutex> lock(*mutex);
+    for (ix r = 0; r < tile.rows(); ++r) {
+      for (ix c = 0; c < tile.cols(); ++c) {
+        (*cover)(i0 + r, j0 + c) += 1;
+        (*seen)(i0 + r, j0 + c) = static_cast<double>(tile(r, c));
+      }
+    }
+  }
+};
+
+struct shape {
+  ix out, in;
+};
+const std::vector<shape> product_shapes{{13, 45}, {33, 100}, {7, 64}, {20, 128}, {256, 256}, {5, 31}};
+const std::vector<ix> batches{1, 3, 17, 40};
+
+template <class Format, class T>
+void check_products(peft::rng& gen) {
+  using Q = typename Format::type;
+  for (const auto& s : product_shapes) {
+    for (bool with_bias : {false, true}) {
+      const auto w = random_weight(s.out, s.in, gen);
+      const auto b = peft_test::random_vector<float>(s.out, gen);
+      const Q q = Format::make(w.view(), with_bias ? b.data() : nullptr);
+      const auto wd = decoded(q);
+      const auto bd = bias_of(q);
+      REQUIRE(peft_test::nontrivial(wd));
+      for (ix m : batches) {
+        const auto x = peft_test::random_matrix<T>(m, s.in, gen);
+        REQUIRE(peft_test::nontrivial(x));
+        const auto ref = peft_test::ref_linear(x, wd, bd);
+        const auto dy = peft_test::random_matrix<T>(m, s.out, gen);
+        const auto ref_t = peft_test::ref_nn(dy, wd);
+        const auto dx0 = peft_test::random_matrix<T>(m, s.in, gen);
+        for (auto which : supported_isas()) {
+          peft::kernels::scoped_isa scope(which);
+          INFO(Format::label << " out " << s.out << " in " << s.in << " batch " << m << " bias "
+                             << with_bias << " isa " << peft::kernels::isa_name(which));
+          peft::matrix<T> y(m, s.out, T{-77});
+          q.matmul(x.view(), y.view());
+          CHECK(peft_test::rel_error(y, ref) <= tol<T>());
+
+          // With an epilogue: tiles are disjoint, cover y once, and hold x W^T + b when called.
+          peft::matrix<T> y2(m, s.out, T{-77});
+          peft::matrix<int> cover(m, s.out, 0);
+          peft::matrix<double> seen(m, s.out, 0.0);
+          std::mutex mutex;
+          q.matmul(x.view(), y2.view(), recording_epilogue<T>{&cover, &seen, &mutex});
+          CHECK(std::all_of(cover.storage().begin(), cover.storage().end(), [](int c) { return c == 1; }));
+          CHECK(peft_test::rel_error(seen, ref) <= tol<T>());
+          CHECK(peft_test::exactly_equal(y2, y));
+
+          // dx = dy W, written and accumulated.
+          peft::matrix<T> dx(m, s.in, T{55});
+          q.matmul_t(dy.view(), dx.view(), false);
+          CHECK(peft_test::rel_error(dx, ref_t) <= tol<T>());
+          auto dx2 = dx0;
+          q.matmul_t(dy.view(), dx2.view(), true);
+          CHECK(peft_test::rel_error(dx2, peft_test::add(dx0, ref_t)) <= tol<T>());
+        }
+      }
+    }
+  }
+}
+
+/// Runs f and checks it throws peft::error of type E whose message starts with "[where]".
+template <class E, class F>
+void check_error(F&& f, const std::string& where) {
+  try {
+    f();
+    FAIL("expected an error from " << where);
+  } catch (const E& e) {
+    INFO(e.what());
+    CHECK(std::string(e.what()).rfind("[" + where + "]", 0) == 0);
+    const peft::error* base = &e;
+    CHECK(base != nullptr);
+  }
+}
+
+}  // namespace
+
+// ---- storage -------------------------------------------------------------------------------------
+
+TEST_CASE("quantized storage sizes are exact per format", "[quantized]") {
+  peft::rng gen(1);
+  for (const shape s : {shape{1, 1}, shape{3, 32}, shape{5, 40}, shape{7, 64}, shape{2, 100},
+                        shape{4, 130}, shape{300, 64}, shape{9, 1000}}) {
+    INFO("out " << s.out << " in " << s.in);
+    const auto w = random_weight(s.out, s.in, gen);
+    const std::size_t out = static_cast<std::size_t>(s.out), in = static_cast<std::size_t>(s.in);
+    const std::size_t n = out * in;
+    CHECK(peft::int8_rowwise::quantize(w.view()).storage_bytes() == n + 4 * out);
+    CHECK(peft::q4_0::quantize(w.view()).storage_bytes() == out * ((in + 31) / 32) * 18);
+    const std::size_t blocks = (n + 63) / 64;
+    const std::size_t groups = (blocks + 255) / 256;
+    const auto dq = peft::nf4::quantize(w.view());
+    CHECK(dq.storage_bytes() == (n + 1) / 2 + blocks + 4 * groups + 4);
+    CHECK(static_cast<std::size_t>(dq.groups()) == groups);
+    CHECK(peft::nf4::quantize(w.view(), static_cast<const float*>(nullptr), {.double_quant = false})
+              .storage_bytes() == (n + 1) / 2 + 4 * blocks);
+  }
+  static_assert(sizeof(peft::kernels::block_q4_0) == 18);
+}
+
+// ---- round trips -----------------------------------------------------------------------------------
+
+TEST_CASE("quantized round trips stay within each format's bound", "[quantized]") {
+  peft::rng gen(2);
+  for (const shape s : {shape{3, 32}, shape{5, 40}, shape{7, 64}, shape{4, 130}, shape{300, 64},
+                        shape{6, 1000}, shape{1, 1}}) {
+    INFO("out " << s.out << " in " << s.in);
+    const auto w = random_weight(s.out, s.in, gen);
+    REQUIRE(peft_test::nontrivial(w));
+    check_round_trip(peft::int8_rowwise::quantize(w.view()), w);
+    check_round_trip(peft::q4_0::quantize(w.view()), w);
+    const auto dq = peft::nf4::quantize(w.view());
+    check_round_trip(dq, w);
+    check_absmax_error(dq, w);
+    check_round_trip(peft::nf4::quantize(w.view(), static_cast<const float*>(nullptr), {.double_quant = false}), w);
+    // Round trips are not trivially exact: the formats do lose information.
+    if (s.in >= 32) CHECK(peft_test::rel_error(decoded(peft::q4_0::quantize(w.view())), w) > 1e-3);
+  }
+  // Double input is rounded to f32 first: the same quantization as its f32 rounding.
+  const auto wd = peft_test::random_matrix<double>(4, 70, gen);
+  const auto wf = peft_test::convert_matrix<float>(wd);
+  CHECK(peft::q4_0::quantize(wd.view()).blocks().size() == peft::q4_0::quantize(wf.view()).blocks().size());
+  CHECK(peft_test::exactly_equal(decoded(peft::q4_0::quantize(wd.view())), decoded(peft::q4_0::quantize(wf.view()))));
+  CHECK(peft_test::exactly_equal(decoded(peft::nf4::quantize(wd.view())), decoded(peft::nf4::quantize(wf.view()))));
+  CHECK(peft_test::exactly_equal(decoded(peft::int8_rowwise::quantize(wd.view())),
+                                 decoded(peft::int8_rowwise::quantize(wf.view()))));
+}
+
+// ---- hand-derived encodings -------------------------------------------------------------------------
+
+TEST_CASE("q4_0 encodes a block as ggml's quantize_row_q4_0_ref does", "[quantized][q4_0]") {
+  // max = -4 (the first of two values of magnitude 4), so d = -4 / -8 = 0.5 (fp16 0x3800) and
+  // id = 2: w[k] = (k - 8) / 2 for k < 16 gives q = k; w[16 + k] = (7 - k) / 2 gives q = 15 - k;
+  // then three edits: w[15] = 0.25 -> 0.5 + 8.5 = 9 (halves round up), w[17] = 4 -> 8 + 8.5 = 16.5
+  // -> clamped to 15, w[31] = -3.9 -> -7.8 + 8.5 = 0.7 -> 0.
+  std::vector<float> w(40, 0.0f);
+  for (int k = 0; k < 16; ++k) w[static_cast<std::size_t>(k)] = static_cast<float>(k - 8) * 0.5f;
+  for (int k = 0; k < 16; ++k) w[static_cast<std::size_t>(16 + k)] = static_cast<float>(7 - k) * 0.5f;
+  w[15] = 0.25f;
+  w[17] = 4.0f;
+  w[31] = -3.9f;
+  // A second, partial block (in = 40): 8 values then 24 zeros of padding; max = 1, d = -0.125.
+  for (int k = 0; k < 8; ++k) w[static_cast<std::size_t>(32 + k)] = static_cast<float>(k) / 7.0f;
+  const peft::matrix<float> wm(1, 40, w);
+  const auto q = peft::q4_0::quantize(wm.view());
+  REQUIRE(q.blocks().size() == 2);
+  const auto& b0 = q.blocks()[0];
+  CHECK(b0.d == 0x3800);
+  for (int k = 0; k < 16; ++k) {
+    int lo = k, hi = 15 - k;
+    if (k == 15) {
+      lo = 9;
+      hi = 0;  // w[31] = -3.9 -> q = 0
+    }
+    if (k == 1) hi = 15;  // w[17] = 4 clamps
+    INFO("byte " << k);
+    CHECK(static_cast<int>(b0.qs[k]) == (lo | (hi << 4)));
+  }
+  const auto& b1 = q.blocks()[1];
+  CHECK(b1.d == peft::f16(-0.125f).bits);
+  // x * id + 8.5 with id = -8: k / 7 * -8 + 8.5 -> q = (int)(8.5 - 8k/7), padding (0) -> 8.
+  for (int k = 0; k < 16; ++k) {
+    const int lo = k < 8 ? static_cast<int>(static_cast<float>(k) / 7.0f * -8.0f + 8.5f) : 8;
+    CHECK(static_cast<int>(b1.qs[k]) == (lo | (8 << 4)));
+  }
+  // Decoding: (q - 8) * d.
+  std::vector<double> row(40);
+  q.dequantize_row(0, row.data());
+  CHECK(row[0] == -4.0);
+  CHECK(row[15] == 0.5);
+  CHECK(row[17] == 3.5);
+  CHECK(row[31] == -4.0);
+  CHECK(row[32] == 0.0);
+}
+
+TEST_CASE("nf4 encodes table values exactly, first element in the high nibble", "[quantized][nf4]") {
+  // Block absmax 2: w = 2 * nf4_values[q] for a chosen code sequence (including 0 and 15).
+  const std::vector<int> codes{15, 0, 7, 8, 3, 12, 1, 14, 5, 9, 2, 11, 6, 13, 4, 10};
+  peft::matrix<float> w(2, 64);
+  for (ix e = 0; e < 128; ++e) {
+    const int c = codes[static_cast<std::size_t>(e % 16)];
+    w.data()[e] = 2.0f * peft::kernels::nf4_values[static_cast<std::size_t>(c)] * (e < 64 ? 1.0f : 0.5f);
+  }
+  for (bool dq : {false, true}) {
+    const auto q = peft::nf4::quantize(std::as_const(w).view(), static_cast<const float*>(nullptr), {.double_quant = dq});
+    INFO("double quant " << dq);
+    for (ix e = 0; e < 128; ++e) CHECK(static_cast<int>(q.code(e)) == codes[static_cast<std::size_t>(e % 16)]);
+    CHECK(q.packed()[0] == 0xF0);  // codes 15 (element 0, high) and 0 (element 1, low)
+    CHECK(q.packed()[1] == 0x78);
+    if (!dq) {
+      CHECK(q.block_absmax(0) == 2.0f);
+      CHECK(q.block_absmax(1) == 1.0f);
+      CHECK(peft_test::exactly_equal(q.dequantize(), w));
+    } else {
+      // Absmaxes 2 and 1: offset 1.5, centred +-0.5 with group absmax 0.5 -> codes of +-1.
+      CHECK(q.absmax_offset() == 1.5f);
+      CHECK(q.group_absmax()[0] == 0.5f);
+      CHECK(q.absmax_codes()[0] == 255);
+      CHECK(q.absmax_codes()[1] == 0);
+      CHECK(q.block_absmax(0) == 2.0f);
+      CHECK(q.block_absmax(1) == 1.5f - 0.5f * 0.99296873807907104f);
+    }
+  }
+  // Ties at a threshold go down (x > t): the midpoint between codes 14 and 15 encodes as 14.
+  CHECK(peft::kernels::nf4_encode(0.8614784181118011f) == 14);
+  CHECK(peft::kernels::nf4_encode(std::nextafter(0.8614784181118011f, 2.0f)) == 15);
+  CHECK(peft::kernels::nf4_encode(-1.0f) == 0);
+  CHECK(peft::kernels::nf4_encode(0.0f) == 7);
+}
+
+TEST_CASE("the dynamic map has bitsandbytes' shape", "[quantized][nf4]") {
+  const auto& m = peft::kernels::dynamic_map();
+  CHECK(std::is_sorted(m.begin(), m.end()));
+  CHECK(m[127] == 0.0f);
+  CHECK(m[255] == 1.0f);
+  CHECK(m[0] == -0.99296873807907104f);
+  CHECK(m[254] == 0.99296873807907104f);
+  CHECK(m[128] == 5.5e-7f);  // 1e-6 * (0.1 + 1) / 2, the smallest positive entry
+  CHECK(m[200] == -m[54]);
+  CHECK(peft::kernels::dynamic_encode(1.0f) == 255);
+  CHECK(peft::kernels::dynamic_encode(-1.0f) == 0);
+  CHECK(peft::kernels::dynamic_encode(0.0f) == 127);
+  for (int i = 0; i < 256; ++i) CHECK(peft::kernels::dynamic_encode(m[static_cast<std::size_t>(i)]) == i);
+}
+
+TEST_CASE("int8_rowwise rounds w / scale to nearest, ties to even", "[quantized][int8]") {
+  const peft::matrix<float> w(2, 5, std::vector<float>{127.f, -63.f, 2.5f, 0.5f, -1.5f,  //
+                                                       0.f, 0.f, 0.f, 0.f, 0.f});
+  const auto q = peft::int8_rowwise::quantize(w.view());
+  CHECK(q.scales()[0] == 1.0f);
+  CHECK(q.scales()[1] == 0.0f);
+  const std::vector<std::int8_t> want{127, -63, 2, 0, -2, 0, 0, 0, 0, 0};
+  CHECK(q.values() == want);
+}
+
+// ---- products ---------------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("quantized matmul and matmul_t equal the dequantized reference on every isa",
+                   "[quantized]", int8_format, q4_0_format, nf4_dq_format, nf4_plain_format) {
+  peft::rng gen(3);
+  check_products<TestType, float>(gen);
+  check_products<TestType, double>(gen);
+}
+
+TEMPLATE_TEST_CASE("quantized dot kernels agree with the reference kernels", "[quantized]",
+                   float) {
+  // The kernels directly, on strided x and y and every batch size 1..8.
+  peft::rng gen(4);
+  const auto w = random_weight(9, 192, gen);
+  const auto q = peft::q4_0::quantize(w.view());
+  const auto i8 = peft::int8_rowwise::quantize(w.view());
+  const auto x = peft_test::random_matrix<float>(8, 200, gen);  // ldx 200 > 192
+  for (ix m = 1; m <= 8; ++m) {
+    peft::matrix<float> want(m, 12, 0.0f), want8(m, 12, 0.0f);
+    peft::kernels::reference::q4_0_dot(q.blocks().data(), 6, 9, x.data(), 200, m, want.data(), 12);
+    peft::kernels::reference::int8_dot(i8.values().data(), i8.scales().data(), 192, 9, x.data(), 200, m,
+                                       want8.data(), 12);
+    for (auto which : supported_isas()) {
+      INFO("m " << m << " isa " << peft::kernels::isa_name(which));
+      peft::matrix<float> got(m, 12, 0.0f), got8(m, 12, 0.0f);
+      peft::kernels::q4_0_dot(which, q.blocks().data(), 6, 9, x.data(), 200, m, got.data(), 12);
+      peft::kernels::int8_dot(which, i8.values().data(), i8.scales().data(), 192, 9, x.data(), 200, m,
+                              got8.data(), 12);
+      CHECK(peft_test::rel_error(got, want) <= 1e-5);
+      CHECK(peft_test::rel_error(got8, want8) <= 1e-5);
+      REQUIRE(peft_test::nontrivial(got.view().block(0, 0, m, 9)));
+    }
+  }
+}
+
+// ---- adapters over quantized bases ------------------------------------------------------------------
+
+namespace {
+
+template <class T, class Q>
+peft::dense<T> dense_copy(const Q& q) {
+  peft::matrix<T> w(q.out_features(), q.in_features());
+  for (ix i = 0; i < q.out_features(); ++i) q.dequantize_row(i, w.row(i));
+  std::vector<T> b;
+  for (ix j = 0; j < q.out_features() && q.has_bias(); ++j) b.push_back(q.template bias_value<T>(j));
+  return peft::dense<T>(std::move(w), std::move(b));
+}
+
+template <class Format, class T>
+void check_lora(peft::rng& gen) {
+  for (const shape s : {shape{13, 45}, shape{24, 128}, shape{40, 64}}) {
+    for (ix m : {ix{1}, ix{3}, ix{17}}) {
+      const auto w = random_weight(s.out, s.in, gen);
+      const auto bias = peft_test::random_vector<float>(s.out, gen);
+      const auto q = Format::make(w.view(), bias.data());
+      const auto d = dense_copy<T>(q);
+      peft::lora<T> a(s.in, s.out, peft::lora_options{.rank = 4, .alpha = 8.0, .bias = true,
+                                                      .init = peft::lora_init::random, .seed = gen.next()});
+      peft_test::fill_random(a.bias(), gen);
+      peft::lora<T> b = a;
+      const auto x = peft_test::random_matrix<T>(m, s.in, gen);
+      const auto g = peft_test::random_matrix<T>(m, s.out, gen);
+      peft::matrix<T> ya(m, s.out), yb(m, s.out), dxa(m, s.in), dxb(m, s.in);
+      typename peft::lora<T>::cache_type ca, cb;
+      INFO(Format::label << " out " << s.out << " in " << s.in << " batch " << m);
+      a.forward(q, x.view(), ya.view(), ca);
+      b.forward(d, x.view(), yb.view(), cb);
+      REQUIRE(peft_test::nontrivial(yb));
+      CHECK(peft_test::rel_error(ya, yb) <= tol<T>());
+      a.backward(q, x.view(), g.view(), dxa.view(), ca);
+      b.backward(d, x.view(), g.view(), dxb.view(), cb);
+      CHECK(peft_test::rel_error(dxa, dxb) <= tol<T>());
+      CHECK(peft_test::rel_error(a.grad_A(), b.grad_A()) <= tol<T>());
+      CHECK(peft_test::rel_error(a.grad_B(), b.grad_B()) <= tol<T>());
+      CHECK(peft_test::rel_error(a.grad_bias(), b.grad_bias()) <= tol<T>());
+      REQUIRE(peft_test::nontrivial(b.grad_A()));
+    }
+  }
+}
+
+template <class Format, class T>
+void check_dora(peft::rng& gen) {
+  for (const shape s : {shape{13, 45}, shape{24, 128}}) {
+    for (ix m : {ix{1}, ix{5}, ix{18}}) {
+      const auto w = random_weight(s.out, s.in, gen);
+      const auto bias = peft_test::random_vector<float>(s.out, gen);
+      const auto q = Format::make(w.view(), bias.data());
+      const auto d = dense_copy<T>(q);
+      peft::dora<T> a(d, peft::lora_options{.rank = 3, .alpha = 6.0, .init = peft::lora_init::random,
+                                            .seed = gen.next()});
+      peft_test::fill_random(a.magnitude(), gen, 0.5, 2.0);
+      peft::dora<T> b = a;
+      const auto x = peft_test::random_matrix<T>(m, s.in, gen);
+      const auto g = peft_test::random_matrix<T>(m, s.out, gen);
+      peft::matrix<T> ya(m, s.out), yb(m, s.out), dxa(m, s.in), dxb(m, s.in);
+      typename peft::dora<T>::cache_type ca, cb;
+      INFO(Format::label << " out " << s.out << " in " << s.in << " batch " << m);
+      a.forward(q, x.view(), ya.view(), ca);
+      b.forward(d, x.view(), yb.view(), cb);
+      REQUIRE(peft_test::nontrivial(yb));
+      CHECK(peft_test::rel_error(ya, yb) <= tol<T>());
+      a.backward(q, x.view(), g.view(), dxa.view(), ca);
+      b.backward(d, x.view(), g.view(), dxb.view(), cb);
+      CHECK(peft_test::rel_error(dxa, dxb) <= tol<T>());
+      CHECK(peft_test::rel_error(a.grad_A(), b.grad_A()) <= tol<T>());
+      CHECK(peft_test::rel_error(a.grad_B(), b.grad_B()) <= tol<T>());
+      CHECK(peft_test::rel_error(a.grad_magnitude(), b.grad_magnitude()) <= tol<T>());
+      REQUIRE(peft_test::nontrivial(b.grad_B()));
+    }
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("lora and dora over a quantized base equal them over its dense copy",
+                   "[quantized][lora][dora]", int8_format, q4_0_format, nf4_dq_format,
+                   nf4_plain_format) {
+  peft::rng gen(5);
+  check_lora<TestType, float>(gen);
+  check_lora<TestType, double>(gen);
+  check_dora<TestType, float>(gen);
+  check_dora<TestType, double>(gen);
+}
+
+// ---- merging -----------------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("add_to_weight re-quantizes W + alpha dW within the format's bound",
+                   "[quantized]", int8_format, q4_0_format, nf4_dq_format, nf4_plain_format) {
+  peft::rng gen(6);
+  for (const shape s : {shape{5, 40}, shape{9, 128}, shape{3, 70}}) {
+    const auto w = random_weight(s.out, s.in, gen);
+    auto q = TestType::make(w.view(), static_cast<const float*>(nullptr));
+    const auto before = decoded(q);
+    const auto dw = peft_test::random_matrix<double>(s.out, s.in, gen, -0.3, 0.3);
+    const double alpha = 0.75;
+    q.add_to_weight(dw.view(), alpha);
+    // The target: the decoded weight plus the update, in f32 as the merge rounds it.
+    peft::matrix<float> target(s.out, s.in);
+    for (ix i = 0; i < s.out; ++i) {
+      for (ix j = 0; j < s.in; ++j) target(i, j) = static_cast<float>(before(i, j) + alpha * dw(i, j));
+    }
+    INFO(TestType::label << " out " << s.out << " in " << s.in);
+    check_round_trip(q, target);
+    CHECK(peft_test::rel_error(decoded(q), before) > 1e-2);  // the merge did change W
+
+    // add_to_bias gives a base without bias one.
+    REQUIRE_FALSE(q.has_bias());
+    const auto db = peft_test::random_vector<float>(s.out, gen);
+    q.add_to_bias(db.data(), 2.0);
+    REQUIRE(q.has_bias());
+    CHECK(q.template bias_value<double>(1) == static_cast<double>(2.0f * db[1]));
+  }
+}
+
+// ---- errors ------------------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("quantized bases reject bad input with the function in the message",
+                   "[quantized]", int8_format, q4_0_format, nf4_dq_format) {
+  using Q = typename TestType::type;
+  const std::string n(Q::name);
+  peft::rng gen(7);
+  const auto w = random_weight(6, 40, gen);
+  const auto q = TestType::make(w.view(), static_cast<const float*>(nullptr));
+  const peft::matrix<float> empty(0, 4);
+  check_error<peft::shape_error>([&] { TestType::make(empty.view(), static_cast<const float*>(nullptr)); },
+                                 n + "::quantize");
+  auto bad = w;
+  bad(2, 3) = std::nanf("");
+  check_error<peft::format_error>([&] { TestType::make(std::as_const(bad).view(), static_cast<const float*>(nullptr)); },
+                                  n + "::quantize");
+  bad(2, 3) = INFINITY;
+  check_error<peft::format_error>([&] { TestType::make(std::as_const(bad).view(), static_cast<const float*>(nullptr)); },
+                                  n + "::quantize");
+  std::vector<float> bias(6, 1.0f);
+  bias[4] = std::nanf("");
+  check_error<peft::format_error>([&] { TestType::make(w.view(), bias.data()); }, n + "::quantize");
+
+  peft::matrix<float> x(3, 41), y(3, 6), xg(3, 40), yb(2, 6);
+  check_error<peft::shape_error>([&] { q.matmul(peft::matrix_view<const float>(x.view()), y.view()); },
+                                 n + "::matmul");
+  check_error<peft::shape_error>([&] { q.matmul(peft::matrix_view<const float>(xg.view()), yb.view()); },
+                                 n + "::matmul");
+  check_error<peft::shape_error>(
+      [&] { q.matmul(peft::matrix_view<const float>(x.view()), y.view(), peft::kernels::no_epilogue{}); },
+      n + "::matmul");
+  check_error<peft::shape_error>([&] { q.matmul_t(peft::matrix_view<const float>(yb.view()), xg.view()); },
+                                 n + "::matmul_t");
+  std::vector<double> row(40);
+  check_error<peft::shape_error>([&] { q.dequantize_row(6, row.data()); }, n + "::dequantize_row");
+  check_error<peft::shape_error>([&] { q.dequantize_row(-1, row.data()); }, n + "::dequantize_row");
+  auto m = q;
+  const peft::matrix<double> dw(6, 39);
+  check_error<peft::shape_error>([&] { m.add_to_weight(dw.view(), 1.0); }, n + "::add_to_weight");
+  peft::matrix<double> huge(6, 40, 1e300);
+  check_error<peft::format_error>([&] { m.add_to_weight(std::as_const(huge).view(), 1.0); }, n + "::add_to_weight");
+  CHECK(peft_test::exactly_equal(decoded(m), decoded(q)));  // a failed merge changes nothing
+}
+
+TEST_CASE("q4_0 rejects weights whose block scale overflows fp16", "[quantized][q4_0]") {
+  peft::matrix<float> w(1, 32, 1.0f);
+  w(0, 5) = 1e6f;
+  check_error<peft::format_error>([&] { peft::q4_0::quantize(std::as_const(w).view()); }, "q4_0::quantize");
+}
