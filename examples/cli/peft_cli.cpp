@@ -2,7 +2,9 @@
 //
 //   peft inspect ADAPTER_DIR
 //   peft merge --base BASE.safetensors --adapter ADAPTER_DIR --out OUT.safetensors
-//              [--dtype same|f32|bf16|f16]
+//              [--dtype same|f32|bf16|f16] [--quantized-base int8|q4_0|nf4]
+//   (--quantized-base: the adapter was trained over that frozen quantized base (QLoRA); the merged
+//   weights are re-quantized to it, and the tool says so on stderr)
 //
 // Exit status 0 on success; 2 on bad input, with one line on stderr and no output file left.
 #include <algorithm>
@@ -22,7 +24,7 @@ namespace {
 constexpr const char* usage =
     "usage: peft inspect ADAPTER_DIR\n"
     "       peft merge --base BASE.safetensors --adapter ADAPTER_DIR --out OUT.safetensors "
-    "[--dtype same|f32|bf16|f16]\n";
+    "[--dtype same|f32|bf16|f16] [--quantized-base int8|q4_0|nf4]\n";
 
 struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -122,6 +124,10 @@ int merge(const std::vector<std::string>& args) {
       } else {
         throw usage_error("--dtype must be same, f32, bf16 or f16, not '" + dtype_name + "'");
       }
+    } else if (a == "--quantized-base") {
+      const std::string q = value();
+      opt.quantized_base = peft::io::quantized_format_from_name(q);
+      if (!opt.quantized_base) throw usage_error("--quantized-base must be int8, q4_0 or nf4, not '" + q + "'");
     } else {
       throw usage_error("unknown argument '" + a + "'");
     }
@@ -131,6 +137,14 @@ int merge(const std::vector<std::string>& args) {
   std::printf("merged %zu tensors (%zu replaced by modules_to_save) of %zu into %s, dtype %s\n",
               report.merged.size(), report.replaced.size(), report.tensors, out->c_str(),
               dtype_name.c_str());
+  if (report.requantized) {
+    std::fprintf(stderr,
+                 "peft: note: merged into a %s base: the merged weights were re-quantized to %s "
+                 "(max change %.3g from W + dW); the output holds their dequantized values\n",
+                 std::string(peft::io::quantized_format_name(*report.requantized)).c_str(),
+                 std::string(peft::io::quantized_format_name(*report.requantized)).c_str(),
+                 report.max_requantization_error);
+  }
   return 0;
 }
 

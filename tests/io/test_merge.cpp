@@ -116,7 +116,7 @@ TEST_CASE("merge_model converts the output dtype", "[merge][llama]") {
   scratch s("dtype");
   for (auto [type, tol] : {std::pair{peft::dtype::bf16, 8e-3}, std::pair{peft::dtype::f16, 1e-3}}) {
     const auto out = s.dir / "out.safetensors";
-    peft::io::merge_model(llama / "base" / "model.safetensors", llama / "adapter", out, {type});
+    peft::io::merge_model(llama / "base" / "model.safetensors", llama / "adapter", out, {.out_dtype = type});
     check_against_reference(out, tol, tol, type);
   }
 }

@@ -7,14 +7,29 @@
 // fan_in_fan_out bases, b0 + s b_B with lora_bias) and rounded once to the output dtype.
 // modules_to_save tensors of the adapter replace the base's. The output is written to a
 // temporary file and renamed, one tensor in memory at a time: on any error nothing is left.
+//
+// Quantized bases (merge_options::quantized_base, QLoRA): when the adapter was trained over a
+// frozen int8_rowwise / q4_0 / nf4 base, each targeted weight is quantized as that base was, the
+// delta is computed against its dequantized values (DoRA's norms see the quantized weight), and
+// the sum is RE-QUANTIZED to the format, as merging into a quantized layer must (PEFT warns the
+// same for bitsandbytes layers). The output holds the dequantized values of the re-quantized
+// weights (exactly representable in the format, so quantizing them again changes nothing for
+// int8 and q4_0); merge_report says how far re-quantization moved them from Wq + dW.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "peft/base/dense.hpp"
+#include "peft/base/int8_rowwise.hpp"
+#include "peft/base/nf4.hpp"
+#include "peft/base/q4_0.hpp"
 #include "peft/core/dtype.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
@@ -25,14 +40,38 @@
 
 namespace peft::io {
 
+/// Frozen quantized base formats a merge can target (base/int8_rowwise.hpp, q4_0.hpp, nf4.hpp).
+enum class quantized_format : std::uint8_t { int8_rowwise, q4_0, nf4 };
+
+/// "int8", "q4_0", "nf4".
+constexpr std::string_view quantized_format_name(quantized_format f) noexcept {
+  switch (f) {
+    case quantized_format::int8_rowwise: return "int8";
+    case quantized_format::q4_0: return "q4_0";
+    case quantized_format::nf4: return "nf4";
+  }
+  return "?";
+}
+
+/// Parses "int8", "q4_0" or "nf4"; nullopt otherwise.
+constexpr std::optional<quantized_format> quantized_format_from_name(std::string_view s) noexcept {
+  for (auto f : {quantized_format::int8_rowwise, quantized_format::q4_0, quantized_format::nf4}) {
+    if (s == quantized_format_name(f)) return f;
+  }
+  return std::nullopt;
+}
+
 struct merge_options {
-  std::optional<dtype> out_dtype;  // nullopt: each tensor keeps its dtype; else floating tensors convert
+  std::optional<dtype> out_dtype{};  // nullopt: each tensor keeps its dtype; else floating tensors convert
+  std::optional<quantized_format> quantized_base{};  // the adapter was trained over this frozen base
 };
 
 struct merge_report {
   std::size_t tensors = 0;               // tensors written
   std::vector<std::string> merged;       // base tensors that received a delta
   std::vector<std::string> replaced;     // base tensors replaced by modules_to_save
+  std::optional<quantized_format> requantized;  // set when merged weights were re-quantized
+  double max_requantization_error = 0.0;        // max |re-quantized - (Wq + dW)| over them
 };
 
 namespace detail {
@@ -65,6 +104,38 @@ inline dense<double> read_base(const model_files& model, const std::string& name
   std::vector<double> b;
   if (bias) b = model.file_of(*bias).read<double>(*bias);
   return dense<double>(std::move(w), std::move(b));
+}
+
+/// The merge into a quantized base: Wq = deq(Q(W0)), dW against Wq, out = deq(Q(Wq + dW)).
+/// Returns max |out - (Wq + dW)|.
+template <class Q, class... Opt>
+double requantized_merge(const dense<double>& w0, const merge_adapter& a, matrix<double>& out, Opt... opt) {
+  Q q = Q::quantize(w0.weight(), static_cast<const double*>(nullptr), opt...);
+  const index rows = w0.out_features(), cols = w0.in_features();
+  matrix<double> wq(rows, cols);
+  for (index i = 0; i < rows; ++i) q.dequantize_row(i, wq.view().row(i));
+  const dense<double> base(std::move(wq), w0.bias());
+  matrix<double> delta(rows, cols);
+  a.delta_weight(base, delta.view());
+  q.add_to_weight(matrix_view<const double>(delta.view()), 1.0);
+  out = matrix<double>(rows, cols);
+  double worst = 0.0;
+  for (index i = 0; i < rows; ++i) {
+    double* r = out.view().row(i);
+    q.dequantize_row(i, r);
+    for (index j = 0; j < cols; ++j) worst = std::max(worst, std::abs(r[j] - (base.weight()(i, j) + delta(i, j))));
+  }
+  return worst;
+}
+
+inline double requantized_merge(quantized_format f, const dense<double>& w0, const merge_adapter& a,
+                                matrix<double>& out) {
+  switch (f) {
+    case quantized_format::int8_rowwise: return requantized_merge<int8_rowwise>(w0, a, out);
+    case quantized_format::q4_0: return requantized_merge<q4_0>(w0, a, out);
+    case quantized_format::nf4: return requantized_merge<nf4>(w0, a, out);
+  }
+  return 0.0;
 }
 
 }  // namespace detail
@@ -172,7 +243,8 @@ inline merge_report merge_model(const std::filesystem::path& base, const std::fi
     const auto bias_name = model.resolve(m->path, "bias");
     const bool is_bias = it->second.is_bias;
     w.add_lazy(name, out_type, info.shape,
-               [&model, name, weight_name, bias_name, is_bias, m, out_type, fan_in_fan_out](std::span<std::byte> dst) {
+               [&model, &report, &opt, name, weight_name, bias_name, is_bias, m, out_type,
+                fan_in_fan_out](std::span<std::byte> dst) {
       const dense<double> w0 = detail::read_base(model, weight_name, bias_name, fan_in_fan_out);
       const std::byte* src = model.bytes(name).data();
       const dtype src_type = model.info(name).type;
@@ -185,6 +257,18 @@ inline merge_report merge_model(const std::filesystem::path& base, const std::fi
         return;
       }
       const index out_f = w0.out_features(), in_f = w0.in_features();
+      if (opt.quantized_base) {
+        matrix<double> merged;
+        const double err = detail::requantized_merge(*opt.quantized_base, w0, m->adapter, merged);
+        report.max_requantization_error = std::max(report.max_requantization_error, err);
+        for (index i = 0; i < out_f; ++i) {
+          for (index j = 0; j < in_f; ++j) {
+            const auto k = static_cast<std::size_t>(fan_in_fan_out ? j * out_f + i : i * in_f + j);
+            store_element(dst.data(), out_type, k, merged(i, j));
+          }
+        }
+        return;
+      }
       matrix<double> delta(out_f, in_f);
       m->adapter.delta_weight(w0, delta.view());
       for (index i = 0; i < out_f; ++i) {
@@ -197,6 +281,7 @@ inline merge_report merge_model(const std::filesystem::path& base, const std::fi
   }
   report.tensors = w.size();
   w.write(out);
+  if (opt.quantized_base) report.requantized = opt.quantized_base;
   return report;
 }
 
