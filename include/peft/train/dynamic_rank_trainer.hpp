@@ -1,0 +1,367 @@
+// peft/train/dynamic_rank_trainer.hpp — the training procedure of DoRA, dynamic rank
+// distribution (Mao et al., ACL 2024; code MIkumikumi0116/DoRA) over ALL the dynamic_rank
+// layers of a model: importance EMA, the global cubic pruning schedule, the regulariser until
+// pruning ends, the frozen final mask, and compaction to plain LoRAs.
+//
+//   std::vector<peft::dynamic_rank<float>*> layers = {&q, &k, &v};      // r0 = 12 each (r = 8)
+//   peft::train::dynamic_rank_trainer<float> tr(layers, {.total_steps = T, .target_rank = 8});
+//   peft::train::adamw<float> opt(tr.parameters(), {.lr = 1e-3});
+//   for (index step = 1; step <= T; ++step) {                           // 1-based, see below
+//     zero_grad; forward; backward;
+//     const double reg = tr.add_regularizer(step);   // its gradients, until pruning ends
+//     opt.step(tr.parameters());
+//     tr.after_step(step);                           // importance; pruning events; the mask
+//   }
+//   std::vector<peft::index> r = tr.ranks();         // components kept per layer
+//   auto loras = tr.compact();                       // per layer a LoRA, or nullopt
+//
+// Step counting: `step` is the number of the optimizer step just taken (add_regularizer: about
+// to be taken), 1-based, 1 .. total_steps, as the official code's step_num (incremented before
+// the forward; Finetune_And_Benchmark.py). With T = total_steps, N = sum of every layer's r0,
+// L = the number of layers, r = target_rank:
+//   s0 = floor(start_fraction T), s1 = floor(end_fraction T)      (a product within 1e-9 below
+//        an integer counts as that integer: 0.29 * 100 = 28.999999999999996 gives 29)
+//   t = step - s0, Tp = s1 - s0 >= 1 (the pruning phase is steps s0 .. s1)
+// The official code computes t = int(step - T start) and Tp = int(T (1 - start - end')), its
+// end' = 1 - end_fraction being the share of training AFTER pruning (0.5 in its configs); the
+// two agree whenever start T and end T are integers.
+//
+// Pruning events: every step with 0 <= t <= Tp and (t % interval == 0 or t == Tp) (the code's
+// condition; the paper's scripts use interval 100). At an event the components over ALL layers
+// are ranked by their importance EMA S (after this step's update) and the budget(step) most
+// important are kept, the others pruned: dynamic_rank::prune(mask) sets their c_i = 0; they may
+// regrow until the phase ends (their c_i keeps its gradient; masks are not re-applied between
+// events, as in the code). Ties in S: the component earlier in (layer order, component index)
+// is kept — the selection is deterministic. A layer may keep all or none of its components.
+// At t = Tp the mask is final: prune(mask, true) freezes it, and from then on every after_step
+// re-applies it (apply_mask(): an optimizer with momentum or weight decay would move a masked
+// c_i). If after_step is first called after s1 (the end step was skipped), that call makes the
+// final event.
+//   Differences from the code, which prunes S <= kthvalue(S, max(k, 1)) with k the number to
+// prune: it prunes at least one component at every event (even at t = 0, where k = 0) and every
+// component tied with the threshold; here exactly N - budget are pruned (none at t = 0).
+//
+// The budget, components kept over all layers (cubic, as the code's prune_rank_rate):
+//   D = N - r L,   B(t) = N - floor(D (t / Tp)^3)   (in double: q = t / Tp, D * q * q * q)
+//   budget(step) = N before the first event (t < 0), B(t_e) for the last event t_e <= t, and
+//   B(Tp) = N - floor(D) = ceil(r L) from the end on.
+// With every layer at r0, D (t/Tp)^3 = N ((r0 - r) / r0) (t/Tp)^3: the code's int(N rate) (up to
+// rounding at exact integers). Note the shape: the pruned share grows as t^3 (slowly first);
+// AdaLoRA's budget_schedule (huggingface/peft tuners/adalora/layer.py) decays as (1 - t)^3.
+//
+// Importance: dynamic_rank::update_importance() on every layer at every after_step (the EMA
+// S <- 0.9 S + 0.1 s with the layer's options; the code stops updating once pruning has ended,
+// when S no longer matters).
+//
+// Regulariser (the "dimensional equilibrium modulator"): while step <= s1 (the code's
+// regularization_loss: off once current_prune_step > max_prune_step), add_regularizer(step)
+// adds the gradients of
+//   lambda_R R,   R = sum_layers sum_i (var(A_i,:) + var(B_:,i)) / (2 N)
+// (the mean of the 2 N unbiased variances; the code divides by L 2 r0, the same when every layer
+// has r0 components) and returns that loss term; after s1 it adds nothing and returns 0.
+// lambda_R = dynamic_rank_schedule_options::regularizer (0.1, regularization_loss_alpha in the
+// code's configs).
+//
+// ranks()[i]: components of layer i not pruned by the current mask (r0 before the first event);
+// sum(ranks()) == budget(last step). active_ranks()[i]: components with c_i != 0 (what compact()
+// keeps: equal to ranks() after training unless a kept c_i is exactly 0, e.g. before the first
+// optimizer step, as c starts at 0). compact()[i] is dynamic_rank::compact().
+//
+// Errors (peft::error, "[dynamic_rank_trainer::<function>] ..."): no layers, a null or repeated
+// layer, total_steps < 1, fractions outside [0, 1] or start >= end, an empty pruning phase
+// (floor(start T) == floor(end T)), interval < 1, target_rank not in (0, N / L] (larger than the
+// layers' average initial rank), a negative or non-finite regularizer; a step < 1 (budget: < 0),
+// and after_step with a step not after the previous one.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <numeric>
+#include <optional>
+#include <string>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "peft/adapters/dynamic_rank.hpp"
+#include "peft/adapters/lora.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/parameter.hpp"
+
+namespace peft::train {
+
+/// The schedule of the global pruning; see the header comment. total_steps must be set.
+struct dynamic_rank_schedule_options {
+  index total_steps = 0;        // T, optimizer steps of the whole training
+  double start_fraction = 0.15;  // pruning starts at floor(0.15 T)
+  double end_fraction = 0.5;     // and ends (mask frozen, regulariser off after) at floor(0.5 T)
+  index interval = 10;           // steps between pruning events (the paper's scripts: 100)
+  double target_rank = 8;        // r: the final budget is ceil(r L) components over L layers
+  double regularizer = 0.1;      // lambda_R
+};
+
+template <compute_scalar T>
+class dynamic_rank_trainer {
+ public:
+  /// Schedules the pruning of `layers` (not owned; they must outlive the trainer). peft::error
+  /// for an empty list, a null or repeated layer, or invalid options.
+  dynamic_rank_trainer(std::vector<dynamic_rank<T>*> layers, dynamic_rank_schedule_options opt)
+      : layers_(std::move(layers)), opt_(opt) {
+    constexpr const char* where = "dynamic_rank_trainer::dynamic_rank_trainer";
+    if (layers_.empty()) peft::detail::raise<error>(where, "no layers given");
+    std::unordered_set<const dynamic_rank<T>*> seen;
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      if (layers_[i] == nullptr) {
+        std::string m = "layer ";
+        m += std::to_string(i);
+        m += " is null";
+        peft::detail::raise<error>(where, m);
+      }
+      if (!seen.insert(layers_[i]).second) {
+        std::string m = "layer ";
+        m += std::to_string(i);
+        m += " is listed twice";
+        peft::detail::raise<error>(where, m);
+      }
+      n_ += layers_[i]->rank();
+    }
+    if (opt_.total_steps < 1) {
+      std::string m = "total_steps must be >= 1, got ";
+      m += std::to_string(opt_.total_steps);
+      peft::detail::raise<error>(where, m);
+    }
+    const auto in_unit = [](double f) { return std::isfinite(f) && f >= 0.0 && f <= 1.0; };
+    if (!in_unit(opt_.start_fraction) || !in_unit(opt_.end_fraction) || !(opt_.start_fraction < opt_.end_fraction)) {
+      std::string m = "need 0 <= start_fraction < end_fraction <= 1, got ";
+      m += std::to_string(opt_.start_fraction);
+      m += " and ";
+      m += std::to_string(opt_.end_fraction);
+      peft::detail::raise<error>(where, m);
+    }
+    if (opt_.interval < 1) {
+      std::string m = "interval must be >= 1, got ";
+      m += std::to_string(opt_.interval);
+      peft::detail::raise<error>(where, m);
+    }
+    const double layers_d = static_cast<double>(layers_.size());
+    if (!(std::isfinite(opt_.target_rank) && opt_.target_rank > 0.0 &&
+          opt_.target_rank * layers_d <= static_cast<double>(n_))) {
+      std::string m = "target_rank must be in (0, ";
+      m += std::to_string(static_cast<double>(n_) / layers_d);
+      m += "] (the layers' average initial rank), got ";
+      m += std::to_string(opt_.target_rank);
+      peft::detail::raise<error>(where, m);
+    }
+    if (!(std::isfinite(opt_.regularizer) && opt_.regularizer >= 0.0)) {
+      std::string m = "regularizer must be finite and >= 0, got ";
+      m += std::to_string(opt_.regularizer);
+      peft::detail::raise<error>(where, m);
+    }
+    start_ = fraction_step(opt_.start_fraction, opt_.total_steps);
+    end_ = fraction_step(opt_.end_fraction, opt_.total_steps);
+    if (end_ <= start_) {
+      std::string m = "the pruning phase is empty: floor(start_fraction T) = floor(end_fraction T) = ";
+      m += std::to_string(start_);
+      m += " for total_steps T = ";
+      m += std::to_string(opt_.total_steps);
+      peft::detail::raise<error>(where, m);
+    }
+    excess_ = static_cast<double>(n_) - opt_.target_rank * layers_d;
+  }
+
+  /// Call after backward, before the optimizer step `step` (1-based): while step <= s1 adds the
+  /// gradients of lambda_R R into every layer's grad_A, grad_B and returns lambda_R R; after
+  /// s1 returns 0 and changes nothing.
+  double add_regularizer(index step) {
+    check_step("dynamic_rank_trainer::add_regularizer", step, 1);
+    if (!regularizer_active(step) || opt_.regularizer == 0.0) return 0.0;
+    const double coef = opt_.regularizer / (2.0 * static_cast<double>(n_));
+    double total = 0.0;
+    for (dynamic_rank<T>* l : layers_) total += l->add_regularizer(coef);
+    return total;
+  }
+
+  /// Call after the optimizer step `step` (1-based, increasing from call to call): updates
+  /// every layer's importance; at a pruning event keeps the budget(step) most important
+  /// components over all layers and prunes the rest; at the end of the phase freezes that mask;
+  /// once frozen re-applies it.
+  void after_step(index step) {
+    constexpr const char* where = "dynamic_rank_trainer::after_step";
+    check_step(where, step, 1);
+    if (step <= last_step_) {
+      std::string m = "steps must increase: got ";
+      m += std::to_string(step);
+      m += " after ";
+      m += std::to_string(last_step_);
+      peft::detail::raise<error>(where, m);
+    }
+    last_step_ = step;
+    for (dynamic_rank<T>* l : layers_) l->update_importance();
+    const index t = step - start_;
+    const index tp = end_ - start_;
+    if (!finished_ && t >= tp) {
+      select(where, budget_at(tp), true);  // the final event (at s1, or late if s1 was skipped)
+      finished_ = true;
+    } else if (!finished_ && t >= 0 && t % opt_.interval == 0) {
+      select(where, budget_at(t), false);
+    }
+    if (finished_) {
+      for (dynamic_rank<T>* l : layers_) l->apply_mask();
+    }
+  }
+
+  /// Components kept over all layers after `step` (>= 0; 0 = before training): N before the
+  /// first event, then B(t_e) of the last event step t_e <= step (see the header comment).
+  index budget(index step) const {
+    check_step("dynamic_rank_trainer::budget", step, 0);
+    const index t = step - start_;
+    const index tp = end_ - start_;
+    if (t < 0) return n_;
+    if (t >= tp) return budget_at(tp);
+    return budget_at(t - t % opt_.interval);
+  }
+
+  /// True when after_step(step) makes a pruning event (s0 <= step <= s1, (step - s0) % interval
+  /// == 0 or step == s1).
+  bool is_pruning_step(index step) const noexcept {
+    const index t = step - start_;
+    return step >= 1 && t >= 0 && t <= end_ - start_ && (t % opt_.interval == 0 || t == end_ - start_);
+  }
+  /// True while the regulariser is on (step <= s1).
+  bool regularizer_active(index step) const noexcept { return step <= end_; }
+  /// s0 = floor(start_fraction T) and s1 = floor(end_fraction T).
+  index pruning_start() const noexcept { return start_; }
+  index pruning_end() const noexcept { return end_; }
+  /// N, every layer's r0 summed; and the final budget ceil(target_rank L).
+  index initial_budget() const noexcept { return n_; }
+  index final_budget() const { return budget_at(end_ - start_); }
+  /// True once the final mask is frozen.
+  bool finished() const noexcept { return finished_; }
+  /// The last step given to after_step (0 before the first).
+  index last_step() const noexcept { return last_step_; }
+  const dynamic_rank_schedule_options& options() const noexcept { return opt_; }
+  std::size_t size() const noexcept { return layers_.size(); }
+
+  /// Components not pruned by the current mask, per layer (sum == budget(last_step())).
+  std::vector<index> ranks() const {
+    std::vector<index> r;
+    r.reserve(layers_.size());
+    for (const dynamic_rank<T>* l : layers_) {
+      const auto& m = l->mask();
+      r.push_back(l->rank() - static_cast<index>(std::count(m.begin(), m.end(), true)));
+    }
+    return r;
+  }
+  /// Components with c_i != 0 per layer (the rank compact() gives each layer).
+  std::vector<index> active_ranks() const {
+    std::vector<index> r;
+    r.reserve(layers_.size());
+    for (const dynamic_rank<T>* l : layers_) r.push_back(l->active_rank());
+    return r;
+  }
+
+  /// Per layer the plain LoRA with identical outputs (dynamic_rank::compact), std::nullopt when
+  /// every c_i of the layer is zero.
+  std::vector<std::optional<lora<T>>> compact() const {
+    std::vector<std::optional<lora<T>>> out;
+    out.reserve(layers_.size());
+    for (const dynamic_rank<T>* l : layers_) out.push_back(l->compact());
+    return out;
+  }
+
+  /// Every layer's parameters, named "layers.<i>.<name>" (lora_A.weight, lora_B.weight,
+  /// lora_scaler): what the optimizer steps. Fetch anew for every step().
+  std::vector<parameter<T>> parameters() {
+    std::vector<parameter<T>> all;
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      for (auto& p : layers_[i]->parameters()) {
+        std::string name = "layers.";
+        name += std::to_string(i);
+        name += '.';
+        name += p.name;
+        p.name = std::move(name);
+        all.push_back(std::move(p));
+      }
+    }
+    return all;
+  }
+
+ private:
+  /// floor(f total), a product within 1e-9 below an integer counted as that integer.
+  static index fraction_step(double f, index total) {
+    const double x = f * static_cast<double>(total);
+    auto k = static_cast<index>(std::floor(x));
+    if (x - static_cast<double>(k) > 1.0 - 1e-9) ++k;
+    return k;
+  }
+
+  static void check_step(const char* where, index step, index lowest) {
+    if (step < lowest) {
+      std::string m = "step must be >= ";
+      m += std::to_string(lowest);
+      m += ", got ";
+      m += std::to_string(step);
+      peft::detail::raise<error>(where, m);
+    }
+  }
+
+  /// B(t) = N - floor(D (t / Tp)^3), 0 <= t <= Tp.
+  index budget_at(index t) const {
+    const double q = static_cast<double>(t) / static_cast<double>(end_ - start_);
+    const auto pruned = static_cast<index>(std::floor(excess_ * q * q * q));
+    return n_ - std::clamp<index>(pruned, 0, n_);
+  }
+
+  /// Keeps the `keep` components of largest S over all layers (ties: earlier layer, then earlier
+  /// component), prunes the others; `freeze` makes the masks final.
+  void select(const char* where, index keep, bool freeze) {
+    struct entry {
+      double s;
+      std::size_t layer;
+      index component;
+    };
+    std::vector<entry> all;
+    all.reserve(static_cast<std::size_t>(n_));
+    for (std::size_t li = 0; li < layers_.size(); ++li) {
+      const auto s = layers_[li]->importance();
+      for (index i = 0; i < layers_[li]->rank(); ++i) {
+        const double v = static_cast<double>(s[static_cast<std::size_t>(i)]);
+        if (std::isnan(v)) {
+          std::string m = "layer ";
+          m += std::to_string(li);
+          m += " component ";
+          m += std::to_string(i);
+          m += " has a NaN importance";
+          peft::detail::raise<error>(where, m);
+        }
+        all.push_back({v, li, i});
+      }
+    }
+    std::sort(all.begin(), all.end(), [](const entry& a, const entry& b) {
+      if (a.s != b.s) return a.s > b.s;
+      if (a.layer != b.layer) return a.layer < b.layer;
+      return a.component < b.component;
+    });
+    std::vector<std::vector<bool>> masks(layers_.size());
+    for (std::size_t li = 0; li < layers_.size(); ++li) {
+      masks[li].assign(static_cast<std::size_t>(layers_[li]->rank()), true);
+    }
+    for (index k = 0; k < keep && k < static_cast<index>(all.size()); ++k) {
+      const entry& e = all[static_cast<std::size_t>(k)];
+      masks[e.layer][static_cast<std::size_t>(e.component)] = false;
+    }
+    for (std::size_t li = 0; li < layers_.size(); ++li) layers_[li]->prune(masks[li], freeze);
+  }
+
+  std::vector<dynamic_rank<T>*> layers_;
+  dynamic_rank_schedule_options opt_;
+  index n_ = 0;          // N: components over all layers
+  index start_ = 0;      // s0
+  index end_ = 0;        // s1
+  double excess_ = 0.0;  // D = N - r L
+  index last_step_ = 0;
+  bool finished_ = false;
+};
+
+}  // namespace peft::train

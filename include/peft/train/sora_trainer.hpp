@@ -1,0 +1,232 @@
+// peft/train/sora_trainer.hpp — SoRA's training procedure over all the sora layers of a model
+// (Ding et al., "Sparse Low-rank Adaptation of Pre-trained Language Models", EMNLP 2023; code
+// TsinghuaC3I/SoRA): the gate step after every optimizer step, the sparsifying scheduler, and
+// compaction of every layer to a plain LoRA at the end.
+//
+//   std::vector<peft::sora<float>*> layers = {&q, &k, &v};
+//   peft::train::sora_trainer<float> tr(layers, {.xi0 = 1e-4, .xi_max = 1e-3, .stages = 4});
+//   peft::train::adamw<float> opt(tr.optimizer_parameters(), {.lr = 1e-3});   // A, B only
+//   for (stage = 0; stage < 4; ++stage) {
+//     for (step ...) {
+//       zero_grad; forward; backward;           // gate gradients accumulate in every layer
+//       opt.step(tr.optimizer_parameters());    // A and B
+//       tr.after_step(lr);                      // the gates: g <- T_{lr xi}(g - lr dL/dg)
+//     }
+//     tr.next_stage();                          // xi <- the next value of the schedule
+//   }
+//   std::vector<peft::index> r = tr.ranks();    // non-zero gates per layer
+//   auto loras = tr.compact();                  // per layer a LoRA of that rank, or nullopt
+//
+// The gate rule (sora_training_options::rule; the layers' own gate_rule() is not consulted):
+//   proximal (the paper, default): after_step(lr) applies, on every layer,
+//       g <- T_{lr xi}(g - lr dL/dg),   T_t(z) = sign(z) max(|z| - t, 0)
+//     (sora::proximal_step(lr, xi)). xi is the weight lambda of the L1 term lambda ||g||_1 of the
+//     paper's objective; the gate takes this plain proximal-gradient step from its accumulated
+//     gradient, so the gates must NOT be in the optimizer: optimizer_parameters() leaves them
+//     out. Pass the lr the optimizer used for this step (its schedule applied) or a gate lr of
+//     your own.
+//   official_code (TsinghuaC3I/SoRA, src/sparse_optimizer.py SparseAdamW): the gates ARE in the
+//     optimizer (AdamW, weight decay 0 as the code's separate gate optimizer: use a parameter
+//     group selecting name_contains{"lora_gate"}); after_step(lr) then applies the code's
+//     threshold with the fixed xi (not scaled by lr; lr is only checked) in the code's order:
+//       z > xi: z -= xi;  then z < -xi: z += xi;  then |z| < xi: z = 0
+//     which zeroes every |g| < 2 xi (sora_official_threshold). The code also adds
+//     lambda_1 sum|g| / (number of gates) to the loss (src/trainer.py compute_loss):
+//     add_gate_l1(lambda_1) adds its gradient and returns its value.
+//
+// Sparsifying scheduler: the thresholds are sora_threshold_schedule(xi0, xi_max, stages), i.e.
+// numpy.linspace(xi0, xi_max, stages) as the code's "linear" lambda_schedule. stage() is 0-based
+// and starts at 0 (xi() = xi0); next_stage() moves to the next value; at the last stage it keeps
+// xi_max (SparseAdamW.step_lambda: "reach end of self._lambdas, keep using lambda"). How long a
+// stage trains is the caller's (the code's run_glue.py trains the first stage for the full run,
+// every later one for 15 more epochs, keeping the model, optimizers and lr schedule).
+//
+// Defaults (sora_training_options): xi0 = 1e-4, xi_max = 1e-3, stages = 1 (no schedule: xi0
+// throughout), rule = proximal. The code's scripts use a fixed threshold xi = 3e-4
+// (scripts/run_glue_sora_no_schedule.sh, sparse_lambda_2) and, with the scheduler, linspace(0,
+// 7e-4, 7) (scripts/run_glue_sora_schedule_dense.sh); [1e-4, 1e-3] brackets those. Under the
+// proximal rule the same number is an L1 weight, compared with dL/dg, and the per-step shrink is
+// lr xi: tune it for the problem (the training test uses xi 0.01 .. 0.03 with a gate lr of 0.05).
+//
+// Ranks and compaction: ranks()[i] is the number of non-zero gates of layer i (sora::active_rank),
+// the rank compact()[i] has; compact()[i] is sora::compact() (S = {g != 0}, A' = A_S,
+// B' = B_S diag(g_S), the scale kept), std::nullopt when every gate of the layer is zero (the
+// layer then needs no adapter). The outputs are those of the gated adapters.
+//
+// Errors (peft::error, "[sora_trainer::<function>] ..."): no layers, a null layer, the same
+// layer twice, a negative or non-finite xi0 or xi_max, xi_max < xi0 with stages > 1, stages < 1;
+// after_step with a negative or non-finite lr.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "peft/adapters/lora.hpp"
+#include "peft/adapters/sora.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/matrix_view.hpp"
+#include "peft/core/parameter.hpp"
+
+namespace peft::train {
+
+/// SoRA's schedule of thresholds and gate rule; see the header comment for the defaults.
+struct sora_training_options {
+  double xi0 = 1e-4;     // the first stage's xi (lambda of the L1 term for the proximal rule)
+  double xi_max = 1e-3;  // the last stage's xi (unused when stages == 1)
+  index stages = 1;      // number of values of the linear schedule, >= 1
+  sora_gate_rule rule = sora_gate_rule::proximal;
+};
+
+template <compute_scalar T>
+class sora_trainer {
+ public:
+  /// Trains the gates of `layers` (not owned; they must outlive the trainer). peft::error for
+  /// an empty list, a null or repeated layer, or invalid options.
+  sora_trainer(std::vector<sora<T>*> layers, sora_training_options opt) : layers_(std::move(layers)), opt_(opt) {
+    constexpr const char* where = "sora_trainer::sora_trainer";
+    if (layers_.empty()) peft::detail::raise<error>(where, "no layers given");
+    std::unordered_set<const sora<T>*> seen;
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      if (layers_[i] == nullptr) {
+        std::string m = "layer ";
+        m += std::to_string(i);
+        m += " is null";
+        peft::detail::raise<error>(where, m);
+      }
+      if (!seen.insert(layers_[i]).second) {
+        std::string m = "layer ";
+        m += std::to_string(i);
+        m += " is listed twice";
+        peft::detail::raise<error>(where, m);
+      }
+    }
+    if (!(std::isfinite(opt_.xi0) && opt_.xi0 >= 0.0 && std::isfinite(opt_.xi_max) && opt_.xi_max >= 0.0)) {
+      std::string m = "xi0 and xi_max must be finite and >= 0, got xi0 ";
+      m += std::to_string(opt_.xi0);
+      m += ", xi_max ";
+      m += std::to_string(opt_.xi_max);
+      peft::detail::raise<error>(where, m);
+    }
+    if (opt_.stages < 1) {
+      std::string m = "stages must be >= 1, got ";
+      m += std::to_string(opt_.stages);
+      peft::detail::raise<error>(where, m);
+    }
+    if (opt_.stages > 1 && opt_.xi_max < opt_.xi0) {
+      std::string m = "the sparsifying schedule must not decrease: xi_max ";
+      m += std::to_string(opt_.xi_max);
+      m += " < xi0 ";
+      m += std::to_string(opt_.xi0);
+      peft::detail::raise<error>(where, m);
+    }
+    schedule_ = sora_threshold_schedule(opt_.xi0, opt_.xi_max, opt_.stages);
+  }
+
+  /// The gate step on every layer with the current xi (see the header comment): proximal,
+  /// sora::proximal_step(lr, xi()) (uses and keeps the accumulated gate gradients; call it
+  /// before zero_grad); official_code, sora::official_threshold(xi()). lr finite and >= 0.
+  void after_step(double lr) {
+    if (!(std::isfinite(lr) && lr >= 0.0)) {
+      std::string m = "lr must be finite and >= 0, got ";
+      m += std::to_string(lr);
+      peft::detail::raise<error>("sora_trainer::after_step", m);
+    }
+    const double x = xi();
+    for (sora<T>* l : layers_) {
+      if (opt_.rule == sora_gate_rule::proximal) {
+        l->proximal_step(lr, x);
+      } else {
+        l->official_threshold(x);
+      }
+    }
+  }
+
+  /// The sparsifying scheduler: moves to the next stage's xi; at the last stage xi stays xi_max.
+  void next_stage() noexcept {
+    if (stage_ + 1 < opt_.stages) ++stage_;
+  }
+
+  /// The current threshold (the schedule's value at stage()).
+  double xi() const noexcept { return schedule_[static_cast<std::size_t>(stage_)]; }
+  /// The current stage, 0-based (0 .. stages - 1).
+  index stage() const noexcept { return stage_; }
+  /// True at the last stage (next_stage() no longer changes xi).
+  bool last_stage() const noexcept { return stage_ + 1 == opt_.stages; }
+  /// Every stage's xi: numpy.linspace(xi0, xi_max, stages).
+  const std::vector<double>& schedule() const noexcept { return schedule_; }
+  const sora_training_options& options() const noexcept { return opt_; }
+  /// Number of layers.
+  std::size_t size() const noexcept { return layers_.size(); }
+
+  /// Non-zero gates per layer (the rank each compacted LoRA has).
+  std::vector<index> ranks() const {
+    std::vector<index> r;
+    r.reserve(layers_.size());
+    for (const sora<T>* l : layers_) r.push_back(l->active_rank());
+    return r;
+  }
+  /// Non-zero gates over all layers.
+  index total_rank() const {
+    index n = 0;
+    for (const sora<T>* l : layers_) n += l->active_rank();
+    return n;
+  }
+
+  /// Per layer the plain LoRA with identical outputs (sora::compact), std::nullopt when every
+  /// gate of the layer is zero.
+  std::vector<std::optional<lora<T>>> compact() const {
+    std::vector<std::optional<lora<T>>> out;
+    out.reserve(layers_.size());
+    for (const sora<T>* l : layers_) out.push_back(l->compact());
+    return out;
+  }
+
+  /// The parameters the caller's optimizer steps, named "layers.<i>.<name>": lora_A.weight and
+  /// lora_B.weight of every layer, plus lora_gate with the official_code rule (give the gates a
+  /// group with weight decay 0: name_contains{"lora_gate"}). Fetch anew for every step().
+  std::vector<parameter<T>> optimizer_parameters() {
+    std::vector<parameter<T>> all;
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      for (auto& p : layers_[i]->parameters()) {
+        if (opt_.rule == sora_gate_rule::proximal && p.name == "lora_gate") continue;
+        std::string name = "layers.";
+        name += std::to_string(i);
+        name += '.';
+        name += p.name;
+        p.name = std::move(name);
+        all.push_back(std::move(p));
+      }
+    }
+    return all;
+  }
+
+  /// The official code's L1 term lambda_1 sum_layers sum_i |g_i| / (number of gates): adds its
+  /// gradient (lambda_1 / n) sign(g) into every layer's gate gradient (after backward) and
+  /// returns its value. lambda_1 finite and >= 0.
+  double add_gate_l1(double lambda_1) {
+    if (!(std::isfinite(lambda_1) && lambda_1 >= 0.0)) {
+      std::string m = "lambda_1 must be finite and >= 0, got ";
+      m += std::to_string(lambda_1);
+      peft::detail::raise<error>("sora_trainer::add_gate_l1", m);
+    }
+    index n = 0;
+    for (const sora<T>* l : layers_) n += l->rank();
+    const double coef = lambda_1 / static_cast<double>(n);
+    double total = 0.0;
+    for (sora<T>* l : layers_) total += l->add_gate_l1(coef);
+    return total;
+  }
+
+ private:
+  std::vector<sora<T>*> layers_;
+  sora_training_options opt_;
+  std::vector<double> schedule_;
+  index stage_ = 0;
+};
+
+}  // namespace peft::train
