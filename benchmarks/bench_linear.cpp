@@ -1,41 +1,38 @@
-// peft_bench — the linear family: y = x W^T (+ adapter) at LLM shapes, against Eigen's dense
-// product measured in the same run, and the LoRA merge/unmerge switch.
+// peft_bench — the linear family: y = x W^T (+ adapter) at LLM shapes (k = n = 4096), against
+// the dense baselines measured in the same run.
 //
-//   linear/eigen_dense   Y.noalias() = X * W.transpose() on row-major Eigen matrices (baseline)
-//   linear/lora_naive    the same plus (X A^T) B^T added: what a careless user writes
-//   linear/dense_f32     peft::dense<float>::matmul, the base alone
-//   linear/lora_f32      peft::lora<float>::forward, base + adapter in one call
-//   switch/lora_merge    adapted_linear::merge then unmerge (k x n weight)
-//   switch/shira         shira::apply then remove: scatter K = r (k + n) values, restore bit for bit
+//   linear/eigen_dense     Y.noalias() = X * W.transpose() on row-major Eigen matrices (baseline)
+//   linear/openblas_dense  cblas_sgemm (cblas_sgemv at m = 1), when OpenBLAS was found
+//   linear/lora_naive      Eigen's product plus (X A^T) B^T added: what a careless user writes
+//   linear/dense_f32       peft::dense<float>::matmul, the base alone
+//   linear/lora_f32        peft::lora<float>::forward, base + adapter, fused (also r = 4, 64)
+//   linear/dora_f32        peft::dora<float>::forward (norms cached: inference)
+//   linear/dense_<q>, linear/lora_<q>   the same over a quantized base, q = int8, q4_0, nf4
 //
-// Counters: GFLOP/s of the dense product (2 m k n per call) and weight GB/s (4 k n bytes per call).
-#include <benchmark/benchmark.h>
-
+// Counters: GFLOP/s of the dense product (2 m k n per call) and weight GB/s (bytes of the
+// stored weight per call: 4 k n for f32, storage_bytes() for a quantized base).
 #include <Eigen/Core>
-#include <peft/peft.hpp>
+
+#include <peft/adapters/dora.hpp>
+#include <peft/adapters/lora.hpp>
+#include <peft/base/dense.hpp>
+#include <peft/base/int8_rowwise.hpp>
+#include <peft/base/nf4.hpp>
+#include <peft/base/q4_0.hpp>
+
+#include "bench_common.hpp"
+
+#ifdef PEFT_BENCH_OPENBLAS
+#include <cblas.h>
+#endif
 
 namespace {
 
-using peft::index;
+using bench::index;
+using bench::shape;
 using row_major = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-peft::matrix<float> random_matrix(index rows, index cols, std::uint64_t seed) {
-  peft::rng g(seed);
-  peft::matrix<float> m(rows, cols);
-  for (auto& v : m.storage()) v = static_cast<float>(g.uniform(-1, 1));
-  return m;
-}
-
-void counters(benchmark::State& state, index m, index k, index n) {
-  const double calls = static_cast<double>(state.iterations());
-  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * m * k * n * calls * 1e-9, benchmark::Counter::kIsRate);
-  state.counters["weight_GB/s"] = benchmark::Counter(4.0 * k * n * calls * 1e-9, benchmark::Counter::kIsRate);
-}
-
-struct shape {
-  index m, k, n, r;
-  explicit shape(const benchmark::State& s) : m(s.range(0)), k(s.range(1)), n(s.range(2)), r(s.range(3)) {}
-};
+double f32_bytes(const shape& s) { return 4.0 * static_cast<double>(s.k) * static_cast<double>(s.n); }
 
 void linear_eigen_dense(benchmark::State& state) {
   const shape s(state);
@@ -44,8 +41,27 @@ void linear_eigen_dense(benchmark::State& state) {
     y.noalias() = x * w.transpose();
     benchmark::DoNotOptimize(y.data());
   }
-  counters(state, s.m, s.k, s.n);
+  bench::counters(state, s, f32_bytes(s));
 }
+
+#ifdef PEFT_BENCH_OPENBLAS
+void linear_openblas_dense(benchmark::State& state) {
+  const shape s(state);
+  const auto x = bench::random_matrix(s.m, s.k, 2), w = bench::random_matrix(s.n, s.k, 1);
+  peft::matrix<float> y(s.m, s.n);
+  const auto m = static_cast<int>(s.m), k = static_cast<int>(s.k), n = static_cast<int>(s.n);
+  for (auto _ : state) {
+    if (m == 1) {
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w.data(), k, x.data(), 1, 0.0f, y.data(), 1);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x.data(), k, w.data(), k, 0.0f,
+                  y.data(), n);
+    }
+    benchmark::DoNotOptimize(y.data());
+  }
+  bench::counters(state, s, f32_bytes(s));
+}
+#endif
 
 void linear_lora_naive(benchmark::State& state) {
   const shape s(state);
@@ -56,79 +72,104 @@ void linear_lora_naive(benchmark::State& state) {
     y.noalias() += 2.0f * ((x * a.transpose()) * b.transpose());
     benchmark::DoNotOptimize(y.data());
   }
-  counters(state, s.m, s.k, s.n);
+  bench::counters(state, s, f32_bytes(s));
 }
 
-void linear_dense_f32(benchmark::State& state) {
-  const shape s(state);
-  const peft::dense<float> w(random_matrix(s.n, s.k, 1));
-  const auto x = random_matrix(s.m, s.k, 2);
+peft::lora_options lora_opts(const shape& s) {
+  return {.rank = s.r, .alpha = 2.0 * static_cast<double>(s.r), .init = peft::lora_init::random, .seed = 3};
+}
+
+template <class Base>
+double weight_bytes(const Base& w, const shape& s) {
+  if constexpr (requires { w.storage_bytes(); }) {
+    return static_cast<double>(w.storage_bytes());
+  } else {
+    return f32_bytes(s);
+  }
+}
+
+template <class Base>
+void run_dense(benchmark::State& state, const Base& w, const shape& s) {
+  const auto x = bench::random_matrix(s.m, s.k, 2);
   peft::matrix<float> y(s.m, s.n);
   for (auto _ : state) {
-    w.matmul<float>(x, y);
+    w.template matmul<float>(x, y);
     benchmark::DoNotOptimize(y.data());
   }
-  counters(state, s.m, s.k, s.n);
+  bench::counters(state, s, weight_bytes(w, s));
 }
 
-void linear_lora_f32(benchmark::State& state) {
-  const shape s(state);
-  const peft::dense<float> w(random_matrix(s.n, s.k, 1));
-  const peft::lora<float> a(s.k, s.n, {.rank = s.r, .alpha = 2.0 * static_cast<double>(s.r),
-                                       .init = peft::lora_init::random, .seed = 3});
-  const auto x = random_matrix(s.m, s.k, 2);
+template <class Base>
+void run_lora(benchmark::State& state, const Base& w, const shape& s) {
+  const peft::lora<float> a(s.k, s.n, lora_opts(s));
+  const auto x = bench::random_matrix(s.m, s.k, 2);
   peft::matrix<float> y(s.m, s.n);
   peft::lora<float>::cache_type cache;
   for (auto _ : state) {
     a.forward(w, x.view(), y.view(), cache);
     benchmark::DoNotOptimize(y.data());
   }
-  counters(state, s.m, s.k, s.n);
+  bench::counters(state, s, weight_bytes(w, s));
 }
 
-void switch_lora_merge(benchmark::State& state) {
-  const index k = state.range(0), n = state.range(1), r = state.range(2);
-  peft::adapted_linear<peft::dense<float>, peft::lora<float>> layer{peft::dense<float>(random_matrix(n, k, 1))};
-  layer.add_adapter("a", peft::lora<float>(k, n, {.rank = r, .alpha = 16, .init = peft::lora_init::random}));
+peft::dense<float> dense_base(const shape& s) { return peft::dense<float>(bench::random_matrix(s.n, s.k, 1)); }
+
+template <class Q>
+Q quantized_base(const shape& s) {
+  const auto w = bench::random_matrix(s.n, s.k, 1);
+  return Q::quantize(peft::matrix_view<const float>(w.view()));
+}
+
+void linear_dense_f32(benchmark::State& state) {
+  const shape s(state);
+  run_dense(state, dense_base(s), s);
+}
+
+void linear_lora_f32(benchmark::State& state) {
+  const shape s(state);
+  run_lora(state, dense_base(s), s);
+}
+
+void linear_dora_f32(benchmark::State& state) {
+  const shape s(state);
+  const auto w = dense_base(s);
+  const peft::dora<float> a(w, lora_opts(s));
+  const auto x = bench::random_matrix(s.m, s.k, 2);
+  peft::matrix<float> y(s.m, s.n);
+  peft::dora<float>::cache_type cache;
+  a.forward(w, x.view(), y.view(), cache);  // norms computed once, as in inference
   for (auto _ : state) {
-    layer.merge("a");
-    layer.unmerge("a");
-    benchmark::ClobberMemory();
+    a.forward(w, x.view(), y.view(), cache);
+    benchmark::DoNotOptimize(y.data());
   }
+  bench::counters(state, s, f32_bytes(s));
 }
 
-void switch_shira(benchmark::State& state) {
-  const index k = state.range(0), n = state.range(1), r = state.range(2);
-  peft::dense<float> base(random_matrix(n, k, 1));
-  peft::shira<float> a(k, n, {.rank = r, .random_init = true, .seed = 5});  // K = r (k + n) values
-  for (auto _ : state) {
-    a.apply(base);
-    a.remove(base);
-    benchmark::ClobberMemory();
-  }
+template <class Q>
+void linear_dense_q(benchmark::State& state) {
+  const shape s(state);
+  run_dense(state, quantized_base<Q>(s), s);
 }
 
-void linear_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"m", "k", "n", "r"});
-  for (index m : {1, 8, 64, 512}) b->Args({m, 4096, 4096, 16});
-  b->Unit(benchmark::kMillisecond)->UseRealTime();
+template <class Q>
+void linear_lora_q(benchmark::State& state) {
+  const shape s(state);
+  run_lora(state, quantized_base<Q>(s), s);
 }
 
 }  // namespace
 
-BENCHMARK(linear_eigen_dense)->Name("linear/eigen_dense")->Apply(linear_args);
-BENCHMARK(linear_lora_naive)->Name("linear/lora_naive")->Apply(linear_args);
-BENCHMARK(linear_dense_f32)->Name("linear/dense_f32")->Apply(linear_args);
-BENCHMARK(linear_lora_f32)->Name("linear/lora_f32")->Apply(linear_args);
-BENCHMARK(switch_lora_merge)
-    ->Name("switch/lora_merge")
-    ->ArgNames({"k", "n", "r"})
-    ->Args({4096, 4096, 16})
-    ->Unit(benchmark::kMillisecond)
-    ->UseRealTime();
-BENCHMARK(switch_shira)
-    ->Name("switch/shira")
-    ->ArgNames({"k", "n", "r"})
-    ->Args({4096, 4096, 16})
-    ->Unit(benchmark::kMillisecond)
-    ->UseRealTime();
+BENCHMARK(linear_eigen_dense)->Name("linear/eigen_dense")->Apply(bench::linear_args);
+#ifdef PEFT_BENCH_OPENBLAS
+BENCHMARK(linear_openblas_dense)->Name("linear/openblas_dense")->Apply(bench::linear_args);
+#endif
+BENCHMARK(linear_lora_naive)->Name("linear/lora_naive")->Apply(bench::linear_args);
+BENCHMARK(linear_dense_f32)->Name("linear/dense_f32")->Apply(bench::linear_args);
+BENCHMARK(linear_lora_f32)->Name("linear/lora_f32")->Apply(bench::linear_rank_args);
+BENCHMARK(linear_dora_f32)->Name("linear/dora_f32")->Apply(bench::linear_args);
+BENCHMARK_TEMPLATE(linear_dense_q, peft::int8_rowwise)->Name("linear/dense_int8")->Apply(bench::linear_args);
+BENCHMARK_TEMPLATE(linear_lora_q, peft::int8_rowwise)->Name("linear/lora_int8")->Apply(bench::linear_args);
+BENCHMARK_TEMPLATE(linear_dense_q, peft::q4_0)->Name("linear/dense_q4_0")->Apply(bench::linear_args);
+BENCHMARK_TEMPLATE(linear_lora_q, peft::q4_0)->Name("linear/lora_q4_0")->Apply(bench::linear_args);
+BENCHMARK_TEMPLATE(linear_dense_q, peft::nf4)->Name("linear/dense_nf4")->Apply(bench::linear_args);
+BENCHMARK_TEMPLATE(linear_lora_q, peft::nf4)->Name("linear/lora_nf4")->Apply(bench::linear_args);
