@@ -21,8 +21,10 @@
 // a time (dequantize_row, in double) and, with w_j row j of W0 and B_j row j of B,
 //   n_j^2 = ||w_j||^2 + 2 s B_j (A w_j) + s^2 B_j (A A^T) B_j^T      (A W0^T by panel GEMM);
 // a row whose expansion cancels badly (n_j^2 < 1e-2 (||w_j||^2 + s^2 ||B_j A||^2)) is
-// recomputed directly as ||w_j + s B_j A||^2 from the same decoded row. ||w_j||^2 is not kept
-// between calls: the panel pass that A W0^T needs yields it for a fraction of the cost.
+// recomputed directly as ||w_j + s B_j A||^2 from the same decoded row. In float over a base with
+// a fused product (dense f32, the quantized bases) -- training, where the norms change every step --
+// ||w_j||^2 is computed once per base and kept in the cache, and A W0^T is the base's own product
+// of the r rows of A (row_norms_fast); otherwise everything is recomputed in double (row_norms).
 // Norms below norm_floor() = sqrt(numeric_limits<T>::min()) are raised to it, so a zero row
 // gives k = m / floor instead of PEFT's 0 / 0 = NaN (PEFT issues #1692, #2049).
 //
@@ -51,6 +53,7 @@
 #include <limits>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "peft/adapters/lora.hpp"
@@ -91,10 +94,13 @@ class dora {
     std::vector<T> k;                        // m / n (out)
     std::uint64_t stamp = 0;                 // parameter stamp n and k belong to; 0: none
     const void* base = nullptr;              // the base object n was computed from
+    std::vector<double> w_sq;                // ||w_j||^2 of the frozen base (f32 fast path)
+    const void* sq_base = nullptr;           // the base w_sq belongs to
     /// Forgets the norms: the next forward recomputes them.
     void invalidate() noexcept {
       stamp = 0;
       base = nullptr;
+      sq_base = nullptr;
     }
   };
 
@@ -214,6 +220,56 @@ class dora {
         }
         n[static_cast<std::size_t>(j)] = std::max(static_cast<T>(std::sqrt(std::max(n2, 0.0))), norm_floor());
       }
+    }
+    return n;
+  }
+
+  /// The f32 path of the norms, taken in training where they change every step: ||w_j||^2 once
+  /// per base (kept in the cache: W0 is frozen), A W0^T through the base's own fused product (a
+  /// batch of r rows), the O(out r^2) rest and the cancellation fallback in double as row_norms.
+  template <class Base>
+  std::vector<T> row_norms_fast(const Base& w, cache_type& cache) const {
+    const index out = out_features(), in = in_features(), r = rank();
+    std::vector<double> row(static_cast<std::size_t>(in));
+    if (cache.sq_base != static_cast<const void*>(&w) || static_cast<index>(cache.w_sq.size()) != out) {
+      cache.w_sq.assign(static_cast<std::size_t>(out), 0.0);
+      for (index j = 0; j < out; ++j) {
+        w.dequantize_row(j, row.data());
+        double sq = 0.0;
+        for (double e : row) sq += e * e;
+        cache.w_sq[static_cast<std::size_t>(j)] = sq;
+      }
+      cache.sq_base = &w;
+    }
+    matrix<T> aw(r, out);  // A W0^T + b0: the base product of the r rows of A
+    w.matmul(lora_.A(), aw.view());
+    const double s = static_cast<double>(scale());
+    const matrix<double> a = widen(lora_.A());  // (r, in)
+    const matrix<double> b = widen(lora_.B());  // (out, r)
+    matrix<double> gram(r, r);                  // A A^T
+    kernels::gemm_nt<double, double>(1.0, a.view(), a.view(), 0.0, gram.view());
+    matrix<double> bg(out, r);                  // B A A^T
+    kernels::gemm_nn<double, double>(1.0, b.view(), gram.view(), 0.0, bg.view());
+    std::vector<T> n(static_cast<std::size_t>(out));
+    for (index j = 0; j < out; ++j) {
+      const double bias = w.template bias_value<double>(j);
+      const double sq = cache.w_sq[static_cast<std::size_t>(j)];
+      double cross = 0.0, quad = 0.0;
+      for (index p = 0; p < r; ++p) {
+        cross += b(j, p) * (static_cast<double>(aw(p, j)) - bias);
+        quad += b(j, p) * bg(j, p);
+      }
+      double n2 = sq + 2.0 * s * cross + s * s * quad;
+      if (!(n2 > cancellation_limit * (sq + s * s * quad))) {
+        w.dequantize_row(j, row.data());  // as row_norms: ||w_j + s B_j A||^2 directly
+        for (index p = 0; p < r; ++p) {
+          const double f = s * b(j, p);
+          for (index c = 0; c < in; ++c) row[static_cast<std::size_t>(c)] += f * a(p, c);
+        }
+        n2 = 0.0;
+        for (double e : row) n2 += e * e;
+      }
+      n[static_cast<std::size_t>(j)] = std::max(static_cast<T>(std::sqrt(std::max(n2, 0.0))), norm_floor());
     }
     return n;
   }
@@ -464,7 +520,11 @@ class dora {
       cache.norm = pinned_;
       cache.invalidate();
     } else if (cache.stamp != stamp_ || cache.base != static_cast<const void*>(&w) || cache.norm.size() != out) {
-      cache.norm = row_norms(w);
+      if constexpr (std::is_same_v<T, float> && fused_base_weight<Base, T>) {
+        cache.norm = row_norms_fast(w, cache);
+      } else {
+        cache.norm = row_norms(w);
+      }
       cache.stamp = stamp_;
       cache.base = &w;
     } else if (cache.k.size() == out) {
