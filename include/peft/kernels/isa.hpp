@@ -78,8 +78,12 @@ inline bool isa_supported(isa i) noexcept {
   return false;
 }
 
-/// The best supported version, capped by PEFT_ISA when it is set to a known name.
+/// The best supported version, capped by PEFT_ISA when it is set to a known name (and the
+/// reference when the program is compiled with PEFT_FORCE_REFERENCE).
 inline isa best_isa() noexcept {
+#ifdef PEFT_FORCE_REFERENCE
+  return isa::reference;
+#endif
   isa cap = isa::avx512;
   if (const char* env = std::getenv("PEFT_ISA")) {
     const std::string_view v(env);
