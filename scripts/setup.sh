@@ -16,7 +16,7 @@ build="${BUILD_DIR:-build}"
 
 packages=(cmake g++ make libeigen3-dev libxtensor-dev libxsimd-dev nlohmann-json3-dev catch2 libbenchmark-dev)
 # The benchmarks also compare against OpenBLAS and plot with gnuplot (benchmarks/plot.sh).
-[[ "$what" == bench ]] && packages+=(libopenblas-dev gnuplot-nox)
+[[ "$what" == bench ]] && packages+=(libopenblas-openmp-dev gnuplot-nox)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
