@@ -5,12 +5,15 @@
 #include <cstddef>
 #include <limits>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
 
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/lora.hpp"
+#include "peft/adapters/shira.hpp"
+#include "peft/adapters/vera.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/random.hpp"
@@ -244,6 +247,55 @@ TEST_CASE("fused LoRA and DoRA forwards over dense<float> equal the unfused doub
         INFO(gpf[q].name);
         CHECK(peft_test::rel_error(gpf[q].grad, gpd[q].grad) <= 2e-5);
       }
+    }
+  }
+}
+
+TEST_CASE("fused VeRA and SHiRA forwards over dense<float> equal base + add_term", "[kernels][linear][vera][shira]") {
+  peft::rng gen(11);
+  for (auto version : supported_versions()) {
+    kernels::scoped_isa guard(version);
+    for (const shape s : {shape{1, 70, 33}, shape{17, 129, 64}, shape{260, 131, 9}}) {
+      INFO("isa " << kernels::isa_name(version) << " m " << s.m << " n " << s.n << " k " << s.k);
+      const auto w = peft_test::random_matrix<float>(s.n, s.k, gen);
+      std::vector<float> bias(static_cast<std::size_t>(s.n));
+      for (auto& b : bias) b = static_cast<float>(gen.uniform(-1.0, 1.0));
+      const auto base = peft::dense<float>::from(peft::matrix_view<const float>(w.view()), bias.data());
+      const auto x = peft_test::random_matrix<float>(s.m, s.k, gen);
+      peft::matrix<float> fused(s.m, s.n), plain(s.m, s.n);
+
+      const std::pair<ix, ix> dims[] = {{s.k, s.n}};
+      auto proj = peft::make_vera_projections<float>(8, dims, 4);
+      peft::vera<float> v(proj, s.k, s.n);
+      for (ix j = 0; j < s.n; ++j) v.lambda_b()(0, j) = static_cast<float>(gen.uniform(-1.0, 1.0));
+      REQUIRE(peft_test::nontrivial(v.lambda_b()));
+      peft::vera<float>::cache_type c1, c2;
+      v.forward(base, x.view(), fused.view(), c1);
+      base.matmul<float>(x.view(), plain.view());
+      v.add_term(base, x.view(), plain.view(), plain.view(), c2);
+      CHECK(peft_test::rel_error(fused.view(), plain.view()) <= 1e-6);
+      // The cache the fused forward filled gives backward the same gradients.
+      const auto g = peft_test::random_matrix<float>(s.m, s.n, gen);
+      peft::matrix<float> dx1(s.m, s.k), dx2(s.m, s.k);
+      v.zero_grad();
+      v.backward(base, x.view(), g.view(), dx1.view(), c1);
+      std::vector<peft::matrix<double>> g1;
+      for (auto& p : v.parameters())
+        if (p.trainable) g1.push_back(peft_test::to_double(p.grad));
+      v.zero_grad();
+      v.backward(base, x.view(), g.view(), dx2.view(), c2);
+      CHECK(peft_test::rel_error(dx1.view(), dx2.view()) <= 1e-6);
+      std::size_t q = 0;
+      for (auto& p : v.parameters())
+        if (p.trainable) CHECK(peft_test::rel_error(g1[q++], p.grad) <= 1e-6);
+
+      peft::shira<float> a(s.k, s.n, {.rank = 2, .random_init = true, .seed = 9});
+      REQUIRE(peft_test::nontrivial(a.values()));
+      peft::shira<float>::cache_type sc;
+      a.forward(base, x.view(), fused.view(), sc);
+      base.matmul<float>(x.view(), plain.view());
+      a.add_term(base, x.view(), plain.view(), plain.view(), sc);
+      CHECK(peft_test::rel_error(fused.view(), plain.view()) <= 1e-6);
     }
   }
 }

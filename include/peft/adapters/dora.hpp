@@ -207,21 +207,31 @@ class dora {
           cross += b(j, p) * wa(i, p);
           quad += b(j, p) * bg(j, p);
         }
-        double n2 = sq + 2.0 * s * cross + s * s * quad;
-        if (!(n2 > cancellation_limit * (sq + s * s * quad))) {
-          // The expansion lost most of its digits (or the row is zero): ||w_j + s B_j A||^2.
-          std::copy(rows.row(i), rows.row(i) + in, v.begin());
-          for (index p = 0; p < r; ++p) {
-            const double f = s * b(j, p);
-            for (index c = 0; c < in; ++c) v[static_cast<std::size_t>(c)] += f * a(p, c);
-          }
-          n2 = 0.0;
-          for (double e : v) n2 += e * e;
-        }
-        n[static_cast<std::size_t>(j)] = std::max(static_cast<T>(std::sqrt(std::max(n2, 0.0))), norm_floor());
+        n[static_cast<std::size_t>(j)] = norm_of_row(j, sq, cross, quad, s, a, b, [&](double* dst) {
+          std::copy(rows.row(i), rows.row(i) + in, dst);
+        }, v);
       }
     }
     return n;
+  }
+
+  /// n_j from the expansion ||w_j||^2 + 2 s B_j (A w_j) + s^2 B_j A A^T B_j^T (sq, cross, quad);
+  /// where it cancels (or the row is zero), ||w_j + s B_j A||^2 directly from the row that
+  /// `load_row` writes into `scratch` (in values). Raised to norm_floor().
+  template <class LoadRow>
+  static T norm_of_row(index j, double sq, double cross, double quad, double s, const matrix<double>& a,
+                       const matrix<double>& b, LoadRow&& load_row, std::vector<double>& scratch) {
+    double n2 = sq + 2.0 * s * cross + s * s * quad;
+    if (!(n2 > cancellation_limit * (sq + s * s * quad))) {
+      load_row(scratch.data());
+      for (index p = 0; p < a.rows(); ++p) {
+        const double f = s * b(j, p);
+        for (index c = 0; c < a.cols(); ++c) scratch[static_cast<std::size_t>(c)] += f * a(p, c);
+      }
+      n2 = 0.0;
+      for (double e : scratch) n2 += e * e;
+    }
+    return std::max(static_cast<T>(std::sqrt(std::max(n2, 0.0))), norm_floor());
   }
 
   /// The f32 path of the norms, taken in training where they change every step: ||w_j||^2 once
@@ -259,17 +269,8 @@ class dora {
         cross += b(j, p) * (static_cast<double>(aw(p, j)) - bias);
         quad += b(j, p) * bg(j, p);
       }
-      double n2 = sq + 2.0 * s * cross + s * s * quad;
-      if (!(n2 > cancellation_limit * (sq + s * s * quad))) {
-        w.dequantize_row(j, row.data());  // as row_norms: ||w_j + s B_j A||^2 directly
-        for (index p = 0; p < r; ++p) {
-          const double f = s * b(j, p);
-          for (index c = 0; c < in; ++c) row[static_cast<std::size_t>(c)] += f * a(p, c);
-        }
-        n2 = 0.0;
-        for (double e : row) n2 += e * e;
-      }
-      n[static_cast<std::size_t>(j)] = std::max(static_cast<T>(std::sqrt(std::max(n2, 0.0))), norm_floor());
+      n[static_cast<std::size_t>(j)] =
+          norm_of_row(j, sq, cross, quad, s, a, b, [&](double* dst) { w.dequantize_row(j, dst); }, row);
     }
     return n;
   }

@@ -51,6 +51,7 @@
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
+#include "peft/kernels/epilogue.hpp"
 #include "peft/core/random.hpp"
 #include "peft/io/adapter_config.hpp"
 #include "peft/io/checkpoint_tensors.hpp"
@@ -111,6 +112,7 @@ class shira {
                                             std::to_string(idx_.cols()) + " indices");
     }
     check_entries(where, "", in_, out_, idx_);
+    index_by_row();
     values_ = matrix<T>(1, idx_.cols(), std::move(values));
     grad_ = matrix<T>(1, idx_.cols());
     mirror_ = matrix<T>(2, idx_.cols());
@@ -135,8 +137,13 @@ class shira {
   template <base_weight Base>
   void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& /*cache*/) const {
     check_io("shira::forward", w, x, y);
-    w.matmul(x, y);
-    add_sparse(x, y);
+    if constexpr (fused_base_weight<Base, T>) {
+      // Each output tile of the base product gets the entries of its output rows while in cache.
+      w.matmul(x, y, [this, x](index i0, index j0, matrix_view<T> tile) { add_sparse_tile(x, i0, j0, tile); });
+    } else {
+      w.matmul(x, y);
+      add_sparse(x, y);
+    }
   }
 
   /// y += x Delta W^T; h (the base output) is not needed.
@@ -510,6 +517,32 @@ class shira {
 #endif
   }
 
+  /// The entries grouped by output row (a CSR view of the mask): entries by_row_[row_start_[j] ..
+  /// row_start_[j + 1]) have output index j. Built once: the mask is fixed for the adapter's life.
+  void index_by_row() {
+    row_start_.assign(static_cast<std::size_t>(out_ + 1), 0);
+    for (index k = 0; k < idx_.cols(); ++k) ++row_start_[static_cast<std::size_t>(idx_(0, k)) + 1];
+    for (std::size_t j = 1; j < row_start_.size(); ++j) row_start_[j] += row_start_[j - 1];
+    by_row_.assign(static_cast<std::size_t>(idx_.cols()), 0);
+    std::vector<index> next(row_start_.begin(), row_start_.end() - 1);
+    for (index k = 0; k < idx_.cols(); ++k) by_row_[static_cast<std::size_t>(next[static_cast<std::size_t>(idx_(0, k))]++)] = k;
+  }
+
+  /// tile[i, j] += s v_k x[i0 + i, c_k] for the entries k of output rows j0 .. j0 + tile.cols().
+  void add_sparse_tile(matrix_view<const T> x, index i0, index j0, matrix_view<T> tile) const {
+    const std::int32_t* cols = idx_.row(1);
+    const T* v = values_.data();
+    const auto first = static_cast<std::size_t>(row_start_[static_cast<std::size_t>(j0)]);
+    const auto last = static_cast<std::size_t>(row_start_[static_cast<std::size_t>(j0 + tile.cols())]);
+    for (std::size_t e = first; e < last; ++e) {
+      const index k = by_row_[e];
+      const index j = idx_(0, k) - j0;
+      const T f = scale_ * v[k];
+      const index c = cols[k];
+      for (index i = 0; i < tile.rows(); ++i) tile(i, j) += f * x(i0 + i, c);
+    }
+  }
+
   /// y[:, r_k] += s v_k x[:, c_k].
   void add_sparse(matrix_view<const T> x, matrix_view<T> y) const {
     const std::int32_t* rows = idx_.row(0);
@@ -542,6 +575,8 @@ class shira {
   index in_ = 0;
   index out_ = 0;
   matrix<std::int32_t> idx_;  // (2, K): output indices, input indices
+  std::vector<index> row_start_;  // (out + 1): CSR offsets of the entries by output row
+  std::vector<index> by_row_;     // (K): entry numbers ordered by output row
   matrix<T> values_;          // (1, K) shira_weight
   matrix<T> grad_;            // (1, K)
   matrix<T> mirror_;          // (2, K) idx_ as T, for parameters()

@@ -38,6 +38,7 @@
 #include "peft/core/base_weight.hpp"
 #include "peft/core/adapter_checks.hpp"
 #include "peft/core/additive_adapter.hpp"
+#include "peft/interop/eigen.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
@@ -341,6 +342,26 @@ class vera : public additive_adapter<vera<T>, T> {
       for (index k = 0; k < r; ++k) u(i, k) = cache.t(i, k) * lambda_d_(0, k);
     }
     kernels::gemm_nt<T, T>(1.0, u.view(), B_slice(), 0.0, cache.z.view());           // (batch, out)
+  }
+
+  /// Fused form (core/additive_adapter.hpp): t = x A_s^T once; each output tile then gets
+  /// z = (t * lambda_d) B_s^T for its block (kept in the cache for backward) and lambda_b * z.
+  void prepare_tiles(matrix_view<const T> x, cache_type& cache) const {
+    const index n = x.rows(), r = rank();
+    if (cache.t.rows() != n || cache.t.cols() != r) cache.t = matrix<T>(n, r);
+    if (cache.z.rows() != n || cache.z.cols() != out_) cache.z = matrix<T>(n, out_);
+    kernels::gemm_nt<T, T>(1.0, x, A_slice(), 0.0, cache.t.view());                  // (batch, r)
+  }
+  void add_delta_tile(index i0, index j0, matrix_view<T> tile, cache_type& cache) const {
+    const index r = rank();
+    const auto tb = as_eigen(matrix_view<const T>(cache.t.view()).block(i0, 0, tile.rows(), r));
+    const auto bb = as_eigen(B_slice().block(j0, 0, tile.cols(), r));
+    const auto d = as_eigen(matrix_view<const T>(lambda_d_.view()).block(0, 0, 1, r));
+    auto z = as_eigen(cache.z.view().block(i0, j0, tile.rows(), tile.cols()));
+    z.noalias() = (tb.array().rowwise() * d.array().row(0)).matrix() * bb.transpose();
+    for (index i = 0; i < tile.rows(); ++i) {
+      for (index j = 0; j < tile.cols(); ++j) tile(i, j) += lambda_b_(0, j0 + j) * z(i, j);
+    }
   }
 
   void add_delta(matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {

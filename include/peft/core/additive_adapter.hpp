@@ -8,6 +8,9 @@
 //     void delta_backward(x, g, dx, cache);      // parameter grads += ; dx += (d term / dx)^T g
 //     template <class Base> void check_io(where, w, x, y) const;   // argument checks
 //     template <class Base> void check_grad(where, w, x, g, dx) const;
+//     // optional, for bases with a fused product (kernels/epilogue.hpp):
+//     void prepare_tiles(x, cache) const;                 // what every tile needs, once
+//     void add_delta_tile(i0, j0, tile, cache) const;     // tile += term(x)[i0.., j0..]
 //   };
 //
 // provides forward, add_term, backward and backward_term with the adapter concept's signatures;
@@ -19,6 +22,7 @@
 #include "peft/core/base_weight.hpp"
 #include "peft/core/dtype.hpp"
 #include "peft/core/matrix_view.hpp"
+#include "peft/kernels/epilogue.hpp"
 
 namespace peft {
 
@@ -29,8 +33,16 @@ class additive_adapter {
   template <base_weight Base, class Cache>
   void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, Cache& cache) const {
     self().check_io(where("forward").c_str(), w, x, y);
-    w.matmul(x, y);
-    self().add_delta(x, y, cache);
+    if constexpr (fused_base_weight<Base, T> && has_tile_hooks<Cache>) {
+      // The term joins each output tile of the base product while it is in cache.
+      self().prepare_tiles(x, cache);
+      w.matmul(x, y, [this, &cache](index i0, index j0, matrix_view<T> tile) {
+        self().add_delta_tile(i0, j0, tile, cache);
+      });
+    } else {
+      w.matmul(x, y);
+      self().add_delta(x, y, cache);
+    }
   }
   /// y += term(x); the base output h is not needed.
   template <base_weight Base, class Cache>
@@ -55,6 +67,15 @@ class additive_adapter {
   }
 
  private:
+  /// The optional fused form: prepare_tiles(x, cache) once, then add_delta_tile(i0, j0, tile,
+  /// cache) adds the term to each finished output tile (concurrently on disjoint tiles).
+  template <class Cache>
+  static constexpr bool has_tile_hooks = requires(const Derived& d, matrix_view<const T> x, matrix_view<T> t,
+                                                  Cache& c, index i) {
+    d.prepare_tiles(x, c);
+    d.add_delta_tile(i, i, t, c);
+  };
+
   static std::string where(const char* pass) {
     std::string s;
     s.reserve(Derived::method.size() + 16);  // built with += and reserve: g++ 12 misreports `a + b`
