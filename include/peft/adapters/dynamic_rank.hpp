@@ -53,6 +53,7 @@
 #include "peft/adapters/lora.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
+#include "peft/core/additive_adapter.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
@@ -77,7 +78,9 @@ struct dynamic_rank_options {
 inline index dynamic_rank_initial_rank(index target_rank) { return (3 * target_rank + 1) / 2; }
 
 template <compute_scalar T>
-class dynamic_rank {
+class dynamic_rank : public additive_adapter<dynamic_rank<T>, T> {
+  friend class additive_adapter<dynamic_rank<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "dynamic_rank";
@@ -116,41 +119,8 @@ class dynamic_rank {
   matrix_view<const T> grad_B() const noexcept { return core_.grad_b().view(); }
   matrix_view<const T> grad_c() const noexcept { return core_.grad_c().view(); }
 
-  /// y = x W0^T + b0 + s ((x A^T) * c) B^T.
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
-    core_.check_io("dynamic_rank::forward", w, x, y);
-    w.matmul(x, y);
-    core_.add(x, y, cache);
-  }
-
-  /// y += s ((x A^T) * c) B^T; the term does not depend on h.
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& cache) const {
-    core_.check_io("dynamic_rank::add_term", w, x, y);
-    core_.add(x, y, cache);
-  }
-
-  /// Accumulates dA, dB, dc; writes dx = g W0 + s ((g B) * c) A. With a frozen mask the
-  /// gradient of masked c_i is zero (their A and B gradients already are, as c_i = 0).
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
-                cache_type& cache) {
-    core_.check_grad("dynamic_rank::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    core_.backward(x, g, dx, cache);
-    mask_gradient();
-  }
-
-  /// Accumulates dA, dB, dc and dx += s ((g B) * c) A; dh is untouched (no dependence on h).
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/,
-                     matrix_view<const T> g, matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& cache) {
-    core_.check_grad("dynamic_rank::backward_term", w, x, g, dx);
-    core_.backward(x, g, dx, cache);
-    mask_gradient();
-  }
+  // forward, add_term, backward, backward_term: core/additive_adapter.hpp over the hooks below
+  // (y = x W0^T + b0 + s ((x A^T) * c) B^T; the term does not depend on h).
 
   /// dW = s B diag(c) A (out, in).
   template <base_weight Base>
@@ -278,6 +248,22 @@ class dynamic_rank {
   void zero_grad() { core_.zero_grad(); }
 
  private:
+  // ---- additive_adapter hooks ------------------------------------------------------------------
+  void add_delta(matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const { core_.add(x, y, cache); }
+  void delta_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& cache) {
+    core_.backward(x, g, dx, cache);
+    mask_gradient();  // a frozen mask keeps masked c_i gradients at zero
+  }
+  template <class Base>
+  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
+    core_.check_io(where, w, x, y);
+  }
+  template <class Base>
+  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
+                  matrix_view<T> dx) const {
+    core_.check_grad(where, w, x, g, dx);
+  }
+
   static constexpr std::string_view no_checkpoint =
       "dynamic_rank has no PEFT checkpoint format: compact() to a LoRA and save that";
 

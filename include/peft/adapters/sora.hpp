@@ -45,6 +45,7 @@
 #include "peft/adapters/lora.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
+#include "peft/core/additive_adapter.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
@@ -103,7 +104,9 @@ struct sora_options {
 };
 
 template <compute_scalar T>
-class sora {
+class sora : public additive_adapter<sora<T>, T> {
+  friend class additive_adapter<sora<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "sora";
@@ -143,38 +146,8 @@ class sora {
   matrix_view<const T> grad_B() const noexcept { return core_.grad_b().view(); }
   matrix_view<const T> grad_gate() const noexcept { return core_.grad_c().view(); }
 
-  /// y = x W0^T + b0 + s ((x A^T) * g) B^T.
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
-    core_.check_io("sora::forward", w, x, y);
-    w.matmul(x, y);
-    core_.add(x, y, cache);
-  }
-
-  /// y += s ((x A^T) * g) B^T; the term does not depend on h.
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& cache) const {
-    core_.check_io("sora::add_term", w, x, y);
-    core_.add(x, y, cache);
-  }
-
-  /// Accumulates dA, dB, dg; writes dx = G W0 + s ((G B) * g) A.
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
-                cache_type& cache) {
-    core_.check_grad("sora::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    core_.backward(x, g, dx, cache);
-  }
-
-  /// Accumulates dA, dB, dg and dx += s ((G B) * g) A; dh is untouched.
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/,
-                     matrix_view<const T> g, matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& cache) {
-    core_.check_grad("sora::backward_term", w, x, g, dx);
-    core_.backward(x, g, dx, cache);
-  }
+  // forward, add_term, backward, backward_term: core/additive_adapter.hpp over the hooks below
+  // (y = x W0^T + b0 + s ((x A^T) * g) B^T, g the gate; the term does not depend on h).
 
   /// dW = s B diag(g) A (out, in).
   template <base_weight Base>
@@ -269,6 +242,21 @@ class sora {
   void zero_grad() { core_.zero_grad(); }
 
  private:
+  // ---- additive_adapter hooks ------------------------------------------------------------------
+  void add_delta(matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const { core_.add(x, y, cache); }
+  void delta_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& cache) {
+    core_.backward(x, g, dx, cache);
+  }
+  template <class Base>
+  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
+    core_.check_io(where, w, x, y);
+  }
+  template <class Base>
+  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
+                  matrix_view<T> dx) const {
+    core_.check_grad(where, w, x, g, dx);
+  }
+
   static constexpr std::string_view no_checkpoint =
       "sora has no PEFT checkpoint format: compact() to a LoRA and save that";
 
