@@ -3,7 +3,8 @@
 #
 #   scripts/setup.sh example   the main example (LoRA adaptation on the UCI digits)
 #   scripts/setup.sh test      the whole test suite (unit, packaging, fuzzer when clang++ is
-#                              installed), then again under AddressSanitizer + UBSan
+#                              installed, MPI tests when MPI is installed), then again under
+#                              AddressSanitizer + UBSan, and the hot-swap test under ThreadSanitizer
 #   scripts/setup.sh bench     peft_bench (Release)
 #
 # Environment: BUILD_DIR (default build), JOBS (default nproc), PEFT_SKIP_SANITIZE=1 skips the
@@ -17,6 +18,8 @@ build="${BUILD_DIR:-build}"
 packages=(cmake g++ make libeigen3-dev libxtensor-dev libxsimd-dev nlohmann-json3-dev catch2 libbenchmark-dev)
 # The benchmarks also compare against OpenBLAS and plot with gnuplot (benchmarks/plot.sh).
 [[ "$what" == bench ]] && packages+=(libopenblas-openmp-dev gnuplot-nox)
+# The data-parallel tests (tests/dist) run where MPI is installed: install it for the test suite.
+[[ "$what" == test ]] && packages+=(libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -50,6 +53,11 @@ case "$what" in
         -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=ON
       cmake --build "$build-asan" -j "$jobs" --target peft_tests peft_cli
       ctest --test-dir "$build-asan" --output-on-failure -j "$jobs" -R '^(unit|cli)'
+      echo "== the hot-swap test under ThreadSanitizer (OpenMP off: libgomp is not instrumented)"
+      configure "$build-tsan" -DCMAKE_BUILD_TYPE=Debug -DPEFT_SANITIZE=thread -DPEFT_USE_OPENMP=OFF \
+        -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=OFF
+      cmake --build "$build-tsan" -j "$jobs" --target peft_thread_tests
+      ctest --test-dir "$build-tsan" --output-on-failure -R '^thread'
     fi
     ;;
   bench)
