@@ -43,17 +43,20 @@
 #include <utility>
 #include <vector>
 
-#include "../common/digits_data.hpp"
+#include "../common/digits_mlp.hpp"
 
 namespace {
 
+using digits::accuracy;
 using digits::classes;
 using digits::dataset;
+using digits::linear;
+using digits::mlp;
 using digits::pixels;
+using digits::softmax_cross_entropy;
 using peft::index;
 using peft::matrix;
 using peft::matrix_view;
-using cview = matrix_view<const float>;
 using lora_layer = peft::adapted_linear<peft::dense<float>, peft::lora<float>>;
 using clock_type = std::chrono::steady_clock;
 
@@ -75,131 +78,16 @@ struct options {
   bool help = false;
 };
 
-// ---- model (as lora_digits) --------------------------------------------------------------------
-
-/// A fully trainable y = x W^T + b, for pretraining; the same interface as peft::adapted_linear.
-class linear {
- public:
-  linear(index in, index out, peft::rng& gen) : w_(out, in), b_(1, out), dw_(out, in), db_(1, out) {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(in));  // as PyTorch's nn.Linear
-    for (auto& v : w_.storage()) v = static_cast<float>(gen.uniform(-bound, bound));
-    for (auto& v : b_.storage()) v = static_cast<float>(gen.uniform(-bound, bound));
-  }
-  void forward(cview x, matrix_view<float> y) {
-    peft::kernels::gemm_nt<float, float>(1.0, x, w_.view(), 0.0, y);  // y = x W^T
-    for (index i = 0; i < y.rows(); ++i) {
-      for (index j = 0; j < y.cols(); ++j) y(i, j) += b_(0, j);
-    }
-  }
-  void backward(cview x, cview dy, matrix_view<float> dx) {
-    peft::kernels::gemm_tn<float>(1.0, dy, x, 1.0, dw_.view());         // dW += dy^T x
-    for (index i = 0; i < dy.rows(); ++i) {
-      for (index j = 0; j < dy.cols(); ++j) db_(0, j) += dy(i, j);      // db += column sums
-    }
-    peft::kernels::gemm_nn<float, float>(1.0, dy, w_.view(), 0.0, dx);  // dx = dy W
-  }
-  std::vector<peft::parameter<float>> parameters() {
-    return {{"weight", w_.view(), dw_.view(), {w_.rows(), w_.cols()}},
-            {"bias", b_.view(), db_.view(), {b_.cols()}}};
-  }
-  void zero_grad() {
-    dw_.fill(0.0f);
-    db_.fill(0.0f);
-  }
-  peft::dense<float> frozen() const { return peft::dense<float>::from(w_.view(), b_.data()); }
-  /// A checksum of the weights, to confirm every rank built the same model.
-  std::uint64_t checksum(std::uint64_t seed) const {
-    return peft::dist::checksum(b_.view(), peft::dist::checksum(w_.view(), seed));
-  }
-
- private:
-  matrix<float> w_, b_, dw_, db_;  // W (out, in), b (1, out) and their gradients
-};
+/// A checksum of a layer's weights, to confirm every rank built the same model.
+std::uint64_t checksum(const linear& l, std::uint64_t seed) {
+  return peft::dist::checksum(l.bias(), peft::dist::checksum(l.weight(), seed));
+}
 
 lora_layer with_lora(const linear& trained, std::uint64_t seed) {
   lora_layer layer(trained.frozen());
   const peft::lora_options o{.rank = lora_rank, .alpha = 2.0 * static_cast<double>(lora_rank), .seed = seed};
   layer.add_adapter("default", {layer.in_features(), layer.out_features(), o});
   return layer;
-}
-
-template <class Layer>
-struct mlp {
-  Layer fc1, fc2;
-  matrix<float> z, h, logits;  // the last forward's (batch, 128) before and after relu, (batch, 10)
-
-  mlp(Layer first, Layer second) : fc1(std::move(first)), fc2(std::move(second)) {}
-
-  cview forward(cview x) {
-    if (z.rows() != x.rows()) z = h = matrix<float>(x.rows(), hidden);
-    if (logits.rows() != x.rows()) logits = matrix<float>(x.rows(), classes);
-    fc1.forward(x, z);
-    for (index k = 0; k < z.size(); ++k) h.data()[k] = std::max(z.data()[k], 0.0f);
-    fc2.forward(h.view(), logits);
-    return logits.view();
-  }
-  void backward(cview x, cview dlogits) {
-    matrix<float> dh(x.rows(), hidden), dx(x.rows(), pixels);
-    fc2.backward(h.view(), dlogits, dh);
-    for (index k = 0; k < dh.size(); ++k) dh.data()[k] *= z.data()[k] > 0.0f ? 1.0f : 0.0f;
-    fc1.backward(x, dh.view(), dx);
-  }
-  std::vector<peft::parameter<float>> parameters() {
-    auto all = fc1.parameters(), second = fc2.parameters();
-    all.insert(all.end(), second.begin(), second.end());
-    return all;
-  }
-  void zero_grad() {
-    fc1.zero_grad();
-    fc2.zero_grad();
-  }
-};
-
-/// Mean softmax cross-entropy of logits (n, 10) against labels; writes dL/dlogits to grad.
-double softmax_cross_entropy(cview logits, const int* labels, matrix_view<float> grad) {
-  const auto n = static_cast<double>(logits.rows());
-  double loss = 0.0;
-  for (index i = 0; i < logits.rows(); ++i) {
-    const float* l = logits.row(i);
-    const double top = *std::max_element(l, l + classes);
-    double sum = 0.0;
-    for (index j = 0; j < classes; ++j) sum += std::exp(l[j] - top);
-    for (index j = 0; j < classes; ++j) {
-      const double p = std::exp(l[j] - top) / sum;
-      grad(i, j) = static_cast<float>((p - (j == labels[i] ? 1.0 : 0.0)) / n);
-    }
-    loss += std::log(sum) - (l[labels[i]] - top);
-  }
-  return loss / n;
-}
-
-double accuracy(cview logits, const std::vector<int>& y) {
-  index right = 0;
-  for (index i = 0; i < logits.rows(); ++i) {
-    right += std::max_element(logits.row(i), logits.row(i) + classes) - logits.row(i) == y[std::size_t(i)];
-  }
-  return static_cast<double>(right) / static_cast<double>(logits.rows());
-}
-
-/// The pretraining every rank repeats: Adam (AdamW without decay) on shuffled batches of 32 for
-/// 10 epochs, from `gen` — deterministic, so every rank ends with the same weights.
-void pretrain(mlp<linear>& net, const dataset& train, peft::rng& gen) {
-  constexpr index batch = 32;
-  auto params = net.parameters();
-  peft::train::adamw<float> opt(params, {.lr = 5e-3, .weight_decay = 0.0});
-  matrix<float> dlogits(batch, classes);
-  for (int epoch = 0; epoch < 10; ++epoch) {
-    const dataset d = digits::subset(train, digits::permutation(train.size(), gen), 0, train.size());
-    for (index first = 0; first < d.size(); first += batch) {
-      const index n = std::min(batch, d.size() - first);
-      const cview x = d.x.view().row_block(first, n);
-      const auto g = dlogits.view().row_block(0, n);
-      softmax_cross_entropy(net.forward(x), &d.y[std::size_t(first)], g);
-      net.zero_grad();
-      net.backward(x, g);
-      opt.step();
-    }
-  }
 }
 
 // ---- the data-parallel fine-tuning -------------------------------------------------------------
@@ -234,8 +122,8 @@ int run(const options& opt) {
 
   // 1. The frozen model, built by every rank; only a checksum travels.
   mlp<linear> source(linear(pixels, hidden, gen), linear(hidden, classes, gen));
-  pretrain(source, train, gen);
-  if (!peft::dist::same_on_all_ranks(comm, source.fc2.checksum(source.fc1.checksum(opt.seed)))) {
+  digits::pretrain(source, train, gen);
+  if (!peft::dist::same_on_all_ranks(comm, checksum(source.fc2, checksum(source.fc1, opt.seed)))) {
     throw peft::error("[finetune_mpi] the ranks pretrained different models (same binary, data and seed?)");
   }
   if (root) {

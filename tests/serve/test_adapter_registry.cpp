@@ -106,8 +106,9 @@ TEST_CASE("adapter_registry serves a mixed batch over two layers from loaded PEF
     // The reference: each row through its adapter's own forward (f32 checkpoints reload exactly).
     std::vector<const peft::any_adapter<float>*> who;
     std::vector<double> f;
+    const std::string weight = w;  // (clang 14 cannot capture a structured binding)
     auto module = [&](const peft::io::peft_checkpoint<float>& ck) -> const peft::any_adapter<float>* {
-      const auto* mod = ck.find(w);
+      const auto* mod = ck.find(weight);
       return mod ? &mod->adapter : nullptr;
     };
     for (const auto& r : rows) {
