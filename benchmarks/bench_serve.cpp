@@ -9,9 +9,10 @@
 //                         a server that cannot mix adapters in a batch does (llama.cpp)
 //   serve/gather_scatter  the base product once, then per group gather, x A^T, (.) B^T, scatter:
 //                         PEFT's mixed-batch algorithm (LoraLayer._mixed_batch_forward), in C++
-//   serve/fuse_lora       adapter_registry::fuse switching between two LoRA adapters (take the
-//                         old delta out, put the new one in); counters unfuse_ms and fuse_ms
-//   serve/fuse_shira      the same for SHiRA adapters (restore the kept values, scatter the new)
+//   serve/fuse_lora       adapter_registry::fuse of a LoRA adapter: W0 += s B A (the time the
+//                         registry reports for putting it in); serve/unfuse_lora taking it out
+//   serve/fuse_shira      the same for SHiRA (scatter K values; unfuse restores the kept bits)
+//   serve/unfuse_shira    (a switch between two adapters costs unfuse + fuse)
 #include <string>
 #include <vector>
 
@@ -63,10 +64,9 @@ std::vector<peft::serve::request> requests(const serve_shape& s, bool single) {
   return rows;
 }
 
+/// The counters of every family (the CSV reporter needs the same set in every benchmark).
 void report(benchmark::State& state, const serve_shape& s) {
   bench::counters(state, bench::shape{state}, 4.0 * static_cast<double>(s.k) * static_cast<double>(s.n));
-  state.counters["rows/s"] = benchmark::Counter(static_cast<double>(s.m) * static_cast<double>(state.iterations()),
-                                                benchmark::Counter::kIsRate);
 }
 
 void serve_dense(benchmark::State& state) {
@@ -156,35 +156,30 @@ void serve_gather_scatter(benchmark::State& state) {
   report(state, s);
 }
 
+/// adapter_registry::fuse then unfuse of one adapter per iteration; the benchmark's time is the
+/// registry's own measurement of one half (manual time): putting the adapter in, or taking it out.
 template <class Make>
-void serve_fuse(benchmark::State& state, Make make) {
+void serve_fuse(benchmark::State& state, Make make, bool in) {
   const index k = state.range(0), n = state.range(1), r = state.range(2);
   registry reg(layer, peft::dense<float>(bench::random_matrix(n, k, 1)));
   reg.add("x", layer, make(k, n, r, 7));
-  reg.add("y", layer, make(k, n, r, 8));
-  double out = 0, in = 0;
-  bool which = false;
   for (auto _ : state) {
-    const auto t = reg.fuse(which ? "x" : "y");
-    out += t.unfuse_seconds;
-    in += t.fuse_seconds;
-    which = !which;
+    const double put_in = reg.fuse("x").fuse_seconds;
+    const double taken_out = reg.unfuse().unfuse_seconds;
+    state.SetIterationTime(in ? put_in : taken_out);
     benchmark::ClobberMemory();
   }
-  const double calls = static_cast<double>(state.iterations());
-  state.counters["unfuse_ms"] = 1e3 * out / calls;
-  state.counters["fuse_ms"] = 1e3 * in / calls;
 }
-void serve_fuse_lora(benchmark::State& state) {
-  serve_fuse(state, [](index k, index n, index r, std::uint64_t seed) {
-    return peft::lora<float>(k, n, {.rank = r, .alpha = 32, .init = peft::lora_init::random, .seed = seed});
-  });
+peft::lora<float> lora_of(index k, index n, index r, std::uint64_t seed) {
+  return peft::lora<float>(k, n, {.rank = r, .alpha = 32, .init = peft::lora_init::random, .seed = seed});
 }
-void serve_fuse_shira(benchmark::State& state) {
-  serve_fuse(state, [](index k, index n, index r, std::uint64_t seed) {
-    return peft::shira<float>(k, n, {.rank = r, .random_init = true, .seed = seed});
-  });
+peft::shira<float> shira_of(index k, index n, index r, std::uint64_t seed) {
+  return peft::shira<float>(k, n, {.rank = r, .random_init = true, .seed = seed});
 }
+void serve_fuse_lora(benchmark::State& state) { serve_fuse(state, lora_of, true); }
+void serve_unfuse_lora(benchmark::State& state) { serve_fuse(state, lora_of, false); }
+void serve_fuse_shira(benchmark::State& state) { serve_fuse(state, shira_of, true); }
+void serve_unfuse_shira(benchmark::State& state) { serve_fuse(state, shira_of, false); }
 
 void serve_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"m", "k", "n", "r", "adapters"});
@@ -194,7 +189,7 @@ void serve_args(benchmark::internal::Benchmark* b) {
 }
 
 void fuse_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"k", "n", "r"})->Args({4096, 4096, 16})->Unit(benchmark::kMillisecond)->UseRealTime();
+  b->ArgNames({"k", "n", "r"})->Args({4096, 4096, 16})->Unit(benchmark::kMillisecond)->UseManualTime();
 }
 
 }  // namespace
@@ -205,4 +200,6 @@ BENCHMARK(serve_mixed)->Name("serve/mixed")->Apply(serve_args);
 BENCHMARK(serve_loop)->Name("serve/loop")->Apply(serve_args);
 BENCHMARK(serve_gather_scatter)->Name("serve/gather_scatter")->Apply(serve_args);
 BENCHMARK(serve_fuse_lora)->Name("serve/fuse_lora")->Apply(fuse_args);
+BENCHMARK(serve_unfuse_lora)->Name("serve/unfuse_lora")->Apply(fuse_args);
 BENCHMARK(serve_fuse_shira)->Name("serve/fuse_shira")->Apply(fuse_args);
+BENCHMARK(serve_unfuse_shira)->Name("serve/unfuse_shira")->Apply(fuse_args);

@@ -26,7 +26,7 @@ def load(path):
         if agg is None and name in rows:
             continue  # keep the median when repetitions were reported
         scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[r["time_unit"]]
-        name = name.replace("/real_time", "")
+        name = name.replace("/real_time", "").replace("/manual_time", "")
         rows[name] = float(r["real_time"]) * scale
     return rows
 
@@ -44,6 +44,13 @@ def main():
     def ratio(a, b):
         return None if a is None or b is None else a / b
 
+    if any(k.startswith("linear/") for k in t):
+        linear_tables(t, get, fmt, ratio, ms)
+    if any(k.startswith("serve/") for k in t):
+        serve_tables(t, fmt, ratio)
+
+
+def linear_tables(t, get, fmt, ratio, ms):
     impls = ["eigen_dense", "openblas_dense", "lora_naive", "dense_f32", "lora_f32", "dora_f32",
              "dense_int8", "lora_int8", "dense_q4_0", "lora_q4_0", "dense_nf4", "lora_nf4"]
     print("Median ms per call, k = n = 4096, r = 16:\n")
@@ -86,6 +93,35 @@ def main():
     print(f"| switch/lora_merge (merge + unmerge) | {fmt(merge)} |")
     print(f"| switch/shira (apply + remove) | {fmt(shira)} |")
     print(f"| lora_merge / shira [>= 20] | {fmt(ratio(merge, shira))} |")
+
+
+
+def serve_tables(t, fmt, ratio):
+    def get(impl, m, a):
+        return t.get(f"serve/{impl}/m:{m}/k:4096/n:4096/r:16/adapters:{a}")
+
+    cols = [(m, a) for m in (8, 64) for a in (1, 8, 64)]
+    print("\nServing, k = n = 4096, r = 16, median ms per batch of m rows over `adapters` adapters:\n")
+    print("| impl | " + " | ".join(f"m = {m}, {a}" for m, a in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for impl in ["dense", "single", "mixed", "loop", "gather_scatter"]:
+        print(f"| serve/{impl} | " + " | ".join(fmt(get(impl, m, a)) for m, a in cols) + " |")
+    print("\n| ratio (throughput) | " + " | ".join(f"m = {m}, {a}" for m, a in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    rows = [
+        ("mixed / single [>= 0.8 at m = 64, 8]", lambda m, a: ratio(get("single", m, a), get("mixed", m, a))),
+        ("mixed / loop [>= 2 at 64 adapters]", lambda m, a: ratio(get("loop", m, a), get("mixed", m, a))),
+        ("mixed / gather_scatter", lambda m, a: ratio(get("gather_scatter", m, a), get("mixed", m, a))),
+        ("mixed / dense", lambda m, a: ratio(get("dense", m, a), get("mixed", m, a))),
+    ]
+    for label, f in rows:
+        print(f"| {label} | " + " | ".join(fmt(f(m, a), 3) for m, a in cols) + " |")
+    print("\n| fused switching (k = n = 4096, r = 16) | ms |")
+    print("|---|---|")
+    for impl in ["fuse_lora", "unfuse_lora", "fuse_shira", "unfuse_shira"]:
+        print(f"| serve/{impl} | {fmt(t.get(f'serve/{impl}/k:4096/n:4096/r:16'))} |")
+    lora = ratio(t.get("serve/fuse_lora/k:4096/n:4096/r:16"), t.get("serve/fuse_shira/k:4096/n:4096/r:16"))
+    print(f"| fuse_lora / fuse_shira | {fmt(lora)} |")
 
 
 if __name__ == "__main__":
