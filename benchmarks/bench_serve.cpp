@@ -117,43 +117,48 @@ struct grouped {
   }
 };
 
-void serve_loop(benchmark::State& state) {
+/// Times pass(base, groups, x, y) over a random base and the round-robin batch.
+template <class Pass>
+void serve_baseline(benchmark::State& state, Pass pass) {
   const serve_shape s(state);
   const peft::dense<float> base(bench::random_matrix(s.n, s.k, 1));
   const grouped g(s);
   const auto x = bench::random_matrix(s.m, s.k, 2);
   peft::matrix<float> y(s.m, s.n);
   for (auto _ : state) {
-    peft::serve::looped_forward(base, x.view(), y.view(), g.groups);
+    pass(base, g, x, y);
     benchmark::DoNotOptimize(y.data());
   }
   report(state, s);
 }
 
+void serve_loop(benchmark::State& state) {
+  serve_baseline(state, [](const peft::dense<float>& base, const grouped& g, const peft::matrix<float>& x,
+                           peft::matrix<float>& y) { peft::serve::looped_forward(base, x.view(), y.view(), g.groups); });
+}
+
 void serve_gather_scatter(benchmark::State& state) {
-  const serve_shape s(state);
-  const peft::dense<float> base(bench::random_matrix(s.n, s.k, 1));
-  const grouped g(s);
-  const auto x = bench::random_matrix(s.m, s.k, 2);
-  peft::matrix<float> y(s.m, s.n);
-  for (auto _ : state) {
+  serve_baseline(state, [](const peft::dense<float>& base, const grouped& g, const peft::matrix<float>& x,
+                           peft::matrix<float>& y) {
+    const index k = x.cols(), n = y.cols();
     base.matmul(x.view(), y.view());
     for (std::size_t a = 0; a < g.groups.size(); ++a) {
       const auto& grp = g.groups[a];
       const auto& f = g.forms[a];
-      const index mg = static_cast<index>(grp.rows.size());
-      peft::matrix<float> xs(mg, s.k), t(mg, f.rank()), d(mg, s.n);
-      for (index i = 0; i < mg; ++i) std::copy(x.row(grp.rows[static_cast<std::size_t>(i)]), x.row(grp.rows[static_cast<std::size_t>(i)]) + s.k, xs.row(i));
+      const auto mg = static_cast<index>(grp.rows.size());
+      peft::matrix<float> xs(mg, k), t(mg, f.rank()), d(mg, n);
+      for (index i = 0; i < mg; ++i) {
+        const float* src = x.row(grp.rows[static_cast<std::size_t>(i)]);
+        std::copy(src, src + k, xs.row(i));
+      }
       peft::kernels::gemm_nt<float, float>(1.0, xs.view(), f.a, 0.0, t.view());
       peft::kernels::gemm_nt<float, float>(static_cast<double>(f.scale), t.view(), f.b, 0.0, d.view());
       for (index i = 0; i < mg; ++i) {
         float* yr = y.view().row(grp.rows[static_cast<std::size_t>(i)]);
-        for (index j = 0; j < s.n; ++j) yr[j] += d(i, j);
+        for (index j = 0; j < n; ++j) yr[j] += d(i, j);
       }
     }
-    benchmark::DoNotOptimize(y.data());
-  }
-  report(state, s);
+  });
 }
 
 /// adapter_registry::fuse then unfuse of one adapter per iteration; the benchmark's time is the
