@@ -25,8 +25,9 @@
 // switch), SHiRA is scattered into W0 (unfuse restores the overwritten values bit for bit).
 // Other rows stay correct while an adapter is fused: they get the fused adapter's term with the
 // opposite sign. fuse() and unfuse() report how long taking the old adapter out and putting the new
-// one in took. They wait until no batch is open (a batch holds the bases in shared mode): never
-// call them from a thread that holds a batch. While an adapter is fused, rows naming an adapter
+// one in took. They wait until no batch is open (a batch holds the bases in shared mode), and
+// new batches wait for them: never call them from a thread that holds a batch, and do not open a
+// second batch in a thread that holds one while another thread may fuse (both would deadlock). While an adapter is fused, rows naming an adapter
 // whose term reads the base output (DoRA, IA3, Compacter) are refused: unfuse first.
 #pragma once
 
