@@ -258,3 +258,43 @@ TEST_CASE("adapter_registry over a quantized base serves mixed batches but does 
   CHECK(reg.memory().base_bytes == reg.base(q_w).storage_bytes());
   CHECK_THROWS_WITH(reg.fuse("a"), Catch::Contains("quantized"));
 }
+
+TEST_CASE("adapter_registry in double agrees with each row's own forward to 1e-12", "[serve]") {
+  peft::rng g(46);
+  const ix in = 9, out = 7, m = 11;
+  peft::serve::adapter_registry<peft::dense<double>, double> reg("l.weight", peft::dense<double>(random_matrix<double>(out, in, g)));
+  std::vector<peft::any_adapter<double>> ad;
+  ad.emplace_back(peft_test::adapter_traits<peft::lora<double>>::make_random(in, out, g));
+  ad.emplace_back(peft_test::adapter_traits<peft::adalora<double>>::make_random(in, out, g));
+  ad.emplace_back(peft_test::adapter_traits<peft::lokr<double>>::make_random(in, out, g));
+  const std::vector<std::string> names = {"lora", "adalora", "lokr"};
+  for (std::size_t a = 0; a < ad.size(); ++a) reg.add(names[a], "l.weight", ad[a]);
+  reg.set_scale("adalora", -0.5);
+  std::vector<peft::serve::request> rows;
+  for (ix i = 0; i < m; ++i) rows.push_back({i % 4 == 3 ? std::string() : names[static_cast<std::size_t>(i % 4)], 1.0 + 0.25 * double(i % 3)});
+  const auto x = random_matrix<double>(m, in, g);
+  peft::matrix<double> y(m, out);
+  reg.forward("l.weight", x.view(), y.view(), rows);
+  const auto& base = reg.base("l.weight");
+  double worst = 0, scale = 0;
+  for (ix i = 0; i < m; ++i) {
+    const peft::matrix_view<const double> xi = x.view().block(i, 0, 1, in);
+    peft::matrix<double> h(1, out), ya(1, out);
+    base.matmul(xi, h.view());
+    const auto k = static_cast<std::size_t>(i % 4);
+    double f = rows[static_cast<std::size_t>(i)].scale * (k == 1 ? -0.5 : 1.0);
+    if (k < 3) {
+      peft::any_adapter<double>::cache_type c;
+      ad[k].forward(base, xi, ya.view(), c);
+    } else {
+      ya = h, f = 0;
+    }
+    for (ix j = 0; j < out; ++j) {
+      const double ref = h(0, j) + f * (ya(0, j) - h(0, j));
+      worst = std::max(worst, std::abs(y(i, j) - ref));
+      scale = std::max(scale, std::abs(ref));
+    }
+  }
+  REQUIRE(scale > 0.1);
+  CHECK(worst <= 1e-12 * scale);
+}
