@@ -80,7 +80,6 @@
 #include <numeric>
 #include <optional>
 #include <string>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -88,6 +87,7 @@
 #include "peft/adapters/lora.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/parameter.hpp"
+#include "peft/train/detail/layer_list.hpp"
 
 namespace peft::train {
 
@@ -109,23 +109,8 @@ class dynamic_rank_trainer {
   dynamic_rank_trainer(std::vector<dynamic_rank<T>*> layers, dynamic_rank_schedule_options opt)
       : layers_(std::move(layers)), opt_(opt) {
     constexpr const char* where = "dynamic_rank_trainer::dynamic_rank_trainer";
-    if (layers_.empty()) peft::detail::raise<error>(where, "no layers given");
-    std::unordered_set<const dynamic_rank<T>*> seen;
-    for (std::size_t i = 0; i < layers_.size(); ++i) {
-      if (layers_[i] == nullptr) {
-        std::string m = "layer ";
-        m += std::to_string(i);
-        m += " is null";
-        peft::detail::raise<error>(where, m);
-      }
-      if (!seen.insert(layers_[i]).second) {
-        std::string m = "layer ";
-        m += std::to_string(i);
-        m += " is listed twice";
-        peft::detail::raise<error>(where, m);
-      }
-      n_ += layers_[i]->rank();
-    }
+    detail::check_layer_list(where, layers_);
+    for (const dynamic_rank<T>* l : layers_) n_ += l->rank();
     if (opt_.total_steps < 1) {
       std::string m = "total_steps must be >= 1, got ";
       m += std::to_string(opt_.total_steps);
@@ -255,36 +240,19 @@ class dynamic_rank_trainer {
   }
   /// Components with c_i != 0 per layer (the rank compact() gives each layer).
   std::vector<index> active_ranks() const {
-    std::vector<index> r;
-    r.reserve(layers_.size());
-    for (const dynamic_rank<T>* l : layers_) r.push_back(l->active_rank());
-    return r;
+    return detail::active_ranks(layers_);
   }
 
   /// Per layer the plain LoRA with identical outputs (dynamic_rank::compact), std::nullopt when
   /// every c_i of the layer is zero.
   std::vector<std::optional<lora<T>>> compact() const {
-    std::vector<std::optional<lora<T>>> out;
-    out.reserve(layers_.size());
-    for (const dynamic_rank<T>* l : layers_) out.push_back(l->compact());
-    return out;
+    return detail::compact_all<T>(layers_);
   }
 
   /// Every layer's parameters, named "layers.<i>.<name>" (lora_A.weight, lora_B.weight,
   /// lora_scaler): what the optimizer steps. Fetch anew for every step().
   std::vector<parameter<T>> parameters() {
-    std::vector<parameter<T>> all;
-    for (std::size_t i = 0; i < layers_.size(); ++i) {
-      for (auto& p : layers_[i]->parameters()) {
-        std::string name = "layers.";
-        name += std::to_string(i);
-        name += '.';
-        name += p.name;
-        p.name = std::move(name);
-        all.push_back(std::move(p));
-      }
-    }
-    return all;
+    return detail::prefixed_parameters<T>(layers_, [](const parameter<T>&) { return true; });
   }
 
  private:

@@ -62,7 +62,6 @@
 #include <cstddef>
 #include <optional>
 #include <string>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -71,6 +70,7 @@
 #include "peft/core/error.hpp"
 #include "peft/core/matrix_view.hpp"
 #include "peft/core/parameter.hpp"
+#include "peft/train/detail/layer_list.hpp"
 
 namespace peft::train {
 
@@ -89,22 +89,7 @@ class sora_trainer {
   /// an empty list, a null or repeated layer, or invalid options.
   sora_trainer(std::vector<sora<T>*> layers, sora_training_options opt) : layers_(std::move(layers)), opt_(opt) {
     constexpr const char* where = "sora_trainer::sora_trainer";
-    if (layers_.empty()) peft::detail::raise<error>(where, "no layers given");
-    std::unordered_set<const sora<T>*> seen;
-    for (std::size_t i = 0; i < layers_.size(); ++i) {
-      if (layers_[i] == nullptr) {
-        std::string m = "layer ";
-        m += std::to_string(i);
-        m += " is null";
-        peft::detail::raise<error>(where, m);
-      }
-      if (!seen.insert(layers_[i]).second) {
-        std::string m = "layer ";
-        m += std::to_string(i);
-        m += " is listed twice";
-        peft::detail::raise<error>(where, m);
-      }
-    }
+    detail::check_layer_list(where, layers_);
     if (!(std::isfinite(opt_.xi0) && opt_.xi0 >= 0.0 && std::isfinite(opt_.xi_max) && opt_.xi_max >= 0.0)) {
       std::string m = "xi0 and xi_max must be finite and >= 0, got xi0 ";
       m += std::to_string(opt_.xi0);
@@ -165,10 +150,7 @@ class sora_trainer {
 
   /// Non-zero gates per layer (the rank each compacted LoRA has).
   std::vector<index> ranks() const {
-    std::vector<index> r;
-    r.reserve(layers_.size());
-    for (const sora<T>* l : layers_) r.push_back(l->active_rank());
-    return r;
+    return detail::active_ranks(layers_);
   }
   /// Non-zero gates over all layers.
   index total_rank() const {
@@ -180,29 +162,15 @@ class sora_trainer {
   /// Per layer the plain LoRA with identical outputs (sora::compact), std::nullopt when every
   /// gate of the layer is zero.
   std::vector<std::optional<lora<T>>> compact() const {
-    std::vector<std::optional<lora<T>>> out;
-    out.reserve(layers_.size());
-    for (const sora<T>* l : layers_) out.push_back(l->compact());
-    return out;
+    return detail::compact_all<T>(layers_);
   }
 
   /// The parameters the caller's optimizer steps, named "layers.<i>.<name>": lora_A.weight and
   /// lora_B.weight of every layer, plus lora_gate with the official_code rule (give the gates a
   /// group with weight decay 0: name_contains{"lora_gate"}). Fetch anew for every step().
   std::vector<parameter<T>> optimizer_parameters() {
-    std::vector<parameter<T>> all;
-    for (std::size_t i = 0; i < layers_.size(); ++i) {
-      for (auto& p : layers_[i]->parameters()) {
-        if (opt_.rule == sora_gate_rule::proximal && p.name == "lora_gate") continue;
-        std::string name = "layers.";
-        name += std::to_string(i);
-        name += '.';
-        name += p.name;
-        p.name = std::move(name);
-        all.push_back(std::move(p));
-      }
-    }
-    return all;
+    const bool gates = opt_.rule != sora_gate_rule::proximal;  // proximal: stepped by the trainer
+    return detail::prefixed_parameters<T>(layers_, [gates](const parameter<T>& p) { return gates || p.name != "lora_gate"; });
   }
 
   /// The official code's L1 term lambda_1 sum_layers sum_i |g_i| / (number of gates): adds its
