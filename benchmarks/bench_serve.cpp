@@ -99,16 +99,13 @@ void serve_mixed(benchmark::State& state) { serve_registry(state, false); }
 /// The adapters and the groups of the round-robin batch, for the baselines without a registry.
 struct grouped {
   std::vector<peft::any_adapter<float>> adapters;
-  std::vector<peft::serve::low_rank_form<float>> forms;
   std::vector<group> groups;
   explicit grouped(const serve_shape& s) {
     const index used = std::min(s.adapters, s.m);
     for (index a = 0; a < used; ++a) adapters.emplace_back(random_lora(s, 100 + static_cast<std::uint64_t>(a)));
-    for (const auto& a : adapters) forms.push_back(*peft::serve::to_low_rank(a));
     groups.resize(static_cast<std::size_t>(used));
     for (index a = 0; a < used; ++a) {
-      groups[static_cast<std::size_t>(a)].adapter = &adapters[static_cast<std::size_t>(a)];
-      groups[static_cast<std::size_t>(a)].low_rank = &forms[static_cast<std::size_t>(a)];
+      groups[static_cast<std::size_t>(a)] = peft::serve::group_of(adapters[static_cast<std::size_t>(a)], {}, {});
     }
     for (index i = 0; i < s.m; ++i) {
       groups[static_cast<std::size_t>(i % used)].rows.push_back(i);
@@ -144,7 +141,7 @@ void serve_gather_scatter(benchmark::State& state) {
     base.matmul(x.view(), y.view());
     for (std::size_t a = 0; a < g.groups.size(); ++a) {
       const auto& grp = g.groups[a];
-      const auto& f = g.forms[a];
+      const auto& f = *grp.low_rank;
       const auto mg = static_cast<index>(grp.rows.size());
       peft::matrix<float> xs(mg, k), t(mg, f.rank()), d(mg, n);
       for (index i = 0; i < mg; ++i) {

@@ -2,7 +2,7 @@
 //
 //   switch/lora_merge   adapted_linear::merge then unmerge (W0 += s B A, then -=)
 //   switch/shira        shira::apply then remove: scatter K = r (k + n) values, restore bit for bit
-#include <peft/adapted_linear.hpp>
+#include <peft/layer/adapted_linear.hpp>
 #include <peft/adapters/lora.hpp>
 #include <peft/adapters/shira.hpp>
 #include <peft/base/dense.hpp>

@@ -38,7 +38,7 @@
 #include "peft/adapters/sora.hpp"
 #include "peft/adapters/variant_adapter.hpp"
 #include "peft/adapters/vera.hpp"
-#include "peft/adapted_linear.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/io/adapter_config.hpp"
 #include "peft/io/checkpoint_tensors.hpp"
 #include "peft/io/merge.hpp"

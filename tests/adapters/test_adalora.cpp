@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "peft/io/peft/adalora.hpp"
 #include "peft/adapters/adalora.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
@@ -67,26 +68,26 @@ TEST_CASE("adalora rank_pattern masks: shrunk modules keep ranknum = init_r", "[
   peft::io::checkpoint_tensors<double> none;
   const auto c = adalora_config(6, 12.0, R"({"layer.lora_E": [true, false, true, false, false, false],
                                              "other.lora_E": [1, 1, 1, 1, 1, 0]})");
-  CHECK(peft::adalora<double>::rank_for(c, "layer") == 2);
-  CHECK(peft::adalora<double>::rank_for(c, "other") == 5);
-  CHECK(peft::adalora<double>::rank_for(c, "elsewhere") == 6);
-  const auto a = peft::adalora<double>::from_checkpoint(c, adalora_tensors<double>(7, 5, 2, g), none);
+  CHECK(peft::io::peft_codec<peft::adalora<double>>::rank_for(c, "layer") == 2);
+  CHECK(peft::io::peft_codec<peft::adalora<double>>::rank_for(c, "other") == 5);
+  CHECK(peft::io::peft_codec<peft::adalora<double>>::rank_for(c, "elsewhere") == 6);
+  const auto a = peft::io::from_checkpoint<peft::adalora<double>>(c, adalora_tensors<double>(7, 5, 2, g), none);
   CHECK(a.rank() == 2);
   CHECK(a.ranknum() == 6.0);
   CHECK(a.factor() == 12.0 / (6.0 + 1e-5));
   // lora_alpha <= 0: PEFT's scaling is the module's (resized) rank.
-  const auto z = peft::adalora<double>::from_checkpoint(adalora_config(6, 0.0, R"({"layer.lora_E": [1, 0, 1, 0, 0, 0]})"),
+  const auto z = peft::io::from_checkpoint<peft::adalora<double>>(adalora_config(6, 0.0, R"({"layer.lora_E": [1, 0, 1, 0, 0, 0]})"),
                                                         adalora_tensors<double>(7, 5, 2, g), none);
   CHECK(z.scaling() == 2.0);
-  CHECK_THROWS_WITH(peft::adalora<double>::from_checkpoint(c, adalora_tensors<double>(7, 5, 3, g), none),
+  CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::adalora<double>>(c, adalora_tensors<double>(7, 5, 3, g), none),
                     Catch::Contains("has rank 3 but adapter_config.json gives 2"));
-  CHECK_THROWS_WITH(peft::adalora<double>::from_checkpoint(adalora_config(6, 1.0, R"({"layer.lora_E": [true]})"),
+  CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::adalora<double>>(adalora_config(6, 1.0, R"({"layer.lora_E": [true]})"),
                                                            adalora_tensors<double>(7, 5, 1, g), none),
                     Catch::Contains("list of init_r = 6 booleans"));
-  CHECK_THROWS_AS(peft::adalora<double>::from_checkpoint(adalora_config(6, 1.0, R"({"layer.lora_E": [2, 0, 0, 0, 0, 0]})"),
+  CHECK_THROWS_AS(peft::io::from_checkpoint<peft::adalora<double>>(adalora_config(6, 1.0, R"({"layer.lora_E": [2, 0, 0, 0, 0, 0]})"),
                                                          adalora_tensors<double>(7, 5, 1, g), none),
                   peft::format_error);
-  CHECK_THROWS_AS(peft::adalora<double>::from_checkpoint(adalora_config(6, 1.0, R"([1, 2])"),
+  CHECK_THROWS_AS(peft::io::from_checkpoint<peft::adalora<double>>(adalora_config(6, 1.0, R"([1, 2])"),
                                                          adalora_tensors<double>(7, 5, 6, g), none),
                   peft::format_error);
 }
@@ -95,7 +96,7 @@ TEMPLATE_TEST_CASE("adalora with rank 0 (allowed by PEFT) is the base layer", "[
   using T = TestType;
   peft::rng g(9);
   peft::io::checkpoint_tensors<T> none;
-  const auto a = peft::adalora<T>::from_checkpoint(adalora_config(3, 4.0, R"({"layer.lora_E": [false, false, false]})"),
+  const auto a = peft::io::from_checkpoint<peft::adalora<T>>(adalora_config(3, 4.0, R"({"layer.lora_E": [false, false, false]})"),
                                                    adalora_tensors<T>(7, 5, 0, g), none);
   REQUIRE(a.rank() == 0);
   const peft::dense<T> w(peft_test::random_matrix<T>(5, 7, g), peft_test::random_vector<T>(5, g));
@@ -194,23 +195,23 @@ TEST_CASE("adalora describe_in: init_r, lora_alpha, total_step and rank masks; s
   peft::io::adapter_config c;
   c.targets_kind = peft::io::target_kind::list;
   c.target_modules = {"layer"};
-  const auto full = peft::adalora<double>::from_checkpoint(adalora_config(6, 12.0), adalora_tensors<double>(7, 5, 6, g), none);
-  const auto shrunk = peft::adalora<double>::from_checkpoint(
+  const auto full = peft::io::from_checkpoint<peft::adalora<double>>(adalora_config(6, 12.0), adalora_tensors<double>(7, 5, 6, g), none);
+  const auto shrunk = peft::io::from_checkpoint<peft::adalora<double>>(
       adalora_config(6, 12.0, R"({"layer.lora_E": [1, 1, 0, 0, 0, 0]})"), adalora_tensors<double>(7, 5, 2, g), none);
-  full.describe_in(c, "full");
-  shrunk.describe_in(c, "layer");
+  peft::io::describe_in(full, c, "full");
+  peft::io::describe_in(shrunk, c, "layer");
   CHECK(c.peft_type == "ADALORA");
   CHECK(c.raw["init_r"] == 6);
   CHECK(c.lora_alpha == 12.0);
   CHECK(c.raw["total_step"] == 1);
   CHECK(c.raw["rank_pattern"]["layer.lora_E"] ==
         peft::io::ordered_json::parse("[true, true, false, false, false, false]"));
-  CHECK(peft::adalora<double>::rank_for(c, "layer") == 2);
+  CHECK(peft::io::peft_codec<peft::adalora<double>>::rank_for(c, "layer") == 2);
   // Another ranknum or scaling cannot share the config.
   const peft::adalora<double> other_r(7, 5, {.rank = 4, .alpha = 12.0});
-  CHECK_THROWS_AS(other_r.describe_in(c, "x"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::describe_in(other_r, c, "x"), peft::unsupported_error);
   const peft::adalora<double> other_alpha(7, 5, {.rank = 6, .alpha = 3.0});
-  CHECK_THROWS_AS(other_alpha.describe_in(c, "y"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::describe_in(other_alpha, c, "y"), peft::unsupported_error);
 
   // A save/load round trip of full-rank modules.
   peft::io::basic_peft_checkpoint<peft::adalora<double>> ck;
@@ -253,33 +254,33 @@ TEMPLATE_TEST_CASE("adalora rejects bad shapes and bad checkpoints with clear er
 
   peft::io::checkpoint_tensors<T> none;
   const auto c = adalora_config(2, 4.0);
-  REQUIRE_NOTHROW(peft::adalora<T>::from_checkpoint(c, adalora_tensors<T>(7, 5, 2, g), none));
+  REQUIRE_NOTHROW(peft::io::from_checkpoint<peft::adalora<T>>(c, adalora_tensors<T>(7, 5, 2, g), none));
   {
     auto m = adalora_tensors<T>(7, 5, 2, g);
     m.add("lora_E", stored<T>({2}, g));  // a vector, not (r, 1)
-    CHECK_THROWS_AS(peft::adalora<T>::from_checkpoint(c, m, none), peft::format_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::adalora<T>>(c, m, none), peft::format_error);
   }
   {
     auto m = adalora_tensors<T>(7, 5, 2, g);
     m.add("lora_B", stored<T>({5, 3}, g));
-    CHECK_THROWS_WITH(peft::adalora<T>::from_checkpoint(c, m, none), Catch::Contains("are not (r, in), (out, r), (r, 1)"));
+    CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::adalora<T>>(c, m, none), Catch::Contains("are not (r, in), (out, r), (r, 1)"));
   }
   {
     auto m = adalora_tensors<T>(7, 5, 2, g);
     m.add("lora_embedding_A", stored<T>({2, 7}, g));
-    CHECK_THROWS_AS(peft::adalora<T>::from_checkpoint(c, m, none), peft::unsupported_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::adalora<T>>(c, m, none), peft::unsupported_error);
   }
   {
     auto m = adalora_tensors<T>(7, 5, 2, g);
     m.add("ranknum", stored<T>({1}, g));  // saved by old PEFT versions; PEFT 0.21 ignores it
-    CHECK(peft::adalora<T>::from_checkpoint(c, m, none).ranknum() == 2.0);
+    CHECK(peft::io::from_checkpoint<peft::adalora<T>>(c, m, none).ranknum() == 2.0);
   }
-  CHECK_THROWS_WITH(peft::adalora<T>::from_checkpoint(adalora_config(3, 4.0), adalora_tensors<T>(7, 5, 2, g), none),
+  CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::adalora<T>>(adalora_config(3, 4.0), adalora_tensors<T>(7, 5, 2, g), none),
                     Catch::Contains("has rank 2 but adapter_config.json gives 3"));
   {
     auto c2 = c;
     c2.raw["init_r"] = 2.5;
-    CHECK_THROWS_AS(peft::adalora<T>::from_checkpoint(c2, adalora_tensors<T>(7, 5, 2, g), none), peft::format_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::adalora<T>>(c2, adalora_tensors<T>(7, 5, 2, g), none), peft::format_error);
   }
   CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::adalora<T>>(golden_dir("lora") / "adapter"), peft::unsupported_error);
 }

@@ -10,7 +10,7 @@
 
 #include <string>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
 #include "support/all_adapters.hpp"

@@ -12,7 +12,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/io/peft/dora.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/adapters/any_adapter.hpp"
 #include "peft/adapters/dora.hpp"
 #include "peft/base/dense.hpp"
@@ -384,8 +385,8 @@ TEST_CASE("dora golden: io::merge_model writes PEFT's merged weights", "[dora][g
 TEST_CASE("dora golden: the checkpoint is read as PEFT wrote it and saves back", "[dora][golden][io]") {
   auto ck = peft::io::load_checkpoint_as<peft::dora<double>>(golden_dir / "adapter");
   CHECK(ck.config.use_dora);
-  CHECK(peft::dora<double>::handles(ck.config));
-  CHECK_FALSE(peft::lora<double>::handles(ck.config));
+  CHECK(peft::io::peft_codec<peft::dora<double>>::handles(ck.config));
+  CHECK_FALSE(peft::io::peft_codec<peft::lora<double>>::handles(ck.config));
   const auto file = peft::io::safetensors_file::open(golden_dir / "adapter" / "adapter_model.safetensors");
   for (const std::string name : {"up", "down"}) {
     const auto& a = ck.find(name + ".weight")->adapter;
@@ -859,7 +860,7 @@ TEST_CASE("dora from_checkpoint: rank/alpha patterns as LoRA, magnitude checked,
   cfg.use_dora = true;
   cfg.rank_pattern = {{"k", 2}};
   cfg.alpha_pattern = {{"k", 3.0}};
-  CHECK(peft::dora<double>::handles(cfg));
+  CHECK(peft::io::peft_codec<peft::dora<double>>::handles(cfg));
   auto module = [&](const std::string& name, ix r, ix out) {
     peft::io::checkpoint_tensors<double> m(name);
     m.add("lora_A.weight", stored<double>({r, 5}, peft_test::random_matrix<double>(r, 5, g)));
@@ -868,36 +869,36 @@ TEST_CASE("dora from_checkpoint: rank/alpha patterns as LoRA, magnitude checked,
     return m;
   };
   const peft::io::checkpoint_tensors<double> none;
-  const auto q = peft::dora<double>::from_checkpoint(cfg, module("layers.0.q", 4, 3), none);
+  const auto q = peft::io::from_checkpoint<peft::dora<double>>(cfg, module("layers.0.q", 4, 3), none);
   CHECK(q.scale() == Approx(8.0 / 2.0).epsilon(1e-15));  // rsLoRA: 8 / sqrt(4)
-  const auto k = peft::dora<double>::from_checkpoint(cfg, module("layers.0.k", 2, 3), none);
+  const auto k = peft::io::from_checkpoint<peft::dora<double>>(cfg, module("layers.0.k", 2, 3), none);
   CHECK(k.rank() == 2);
   CHECK(k.scale() == Approx(3.0 / std::sqrt(2.0)).epsilon(1e-15));
   // describe_in writes use_dora and the patterns that reproduce rank and scale
   peft::io::adapter_config out = peft::io::adapter_config::lora(4, 8.0, {"q"}, true);
-  k.describe_in(out, "layers.0.k");
+  peft::io::describe_in(k, out, "layers.0.k");
   CHECK(out.use_dora);
   CHECK(out.rank_for("layers.0.k") == 2);
   CHECK(peft::lora_scale(out.alpha_for("layers.0.k"), 2, true) == Approx(k.scale()).epsilon(1e-12));
 
   auto bad = module("layers.0.q", 4, 3);
   bad.add("lora_magnitude_vector", stored<double>({4}, peft_test::random_matrix<double>(1, 4, g)));
-  CHECK_THROWS_AS(peft::dora<double>::from_checkpoint(cfg, bad, none), peft::format_error);
+  CHECK_THROWS_AS(peft::io::from_checkpoint<peft::dora<double>>(cfg, bad, none), peft::format_error);
   peft::io::checkpoint_tensors<double> missing("layers.0.q");
   missing.add("lora_A.weight", stored<double>({4, 5}, peft_test::random_matrix<double>(4, 5, g)));
   missing.add("lora_B.weight", stored<double>({3, 4}, peft_test::random_matrix<double>(3, 4, g)));
-  CHECK_THROWS_WITH(peft::dora<double>::from_checkpoint(cfg, missing, none), Catch::Contains("lora_magnitude_vector"));
+  CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::dora<double>>(cfg, missing, none), Catch::Contains("lora_magnitude_vector"));
   auto biased = module("layers.0.q", 4, 3);
   biased.add("lora_B.bias", stored<double>({3}, peft_test::random_matrix<double>(1, 3, g)));
-  CHECK_THROWS_AS(peft::dora<double>::from_checkpoint(cfg, biased, none), peft::unsupported_error);
-  CHECK_THROWS_AS(peft::dora<double>::from_checkpoint(cfg, module("layers.0.q", 2, 3), none), peft::format_error);
+  CHECK_THROWS_AS(peft::io::from_checkpoint<peft::dora<double>>(cfg, biased, none), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::from_checkpoint<peft::dora<double>>(cfg, module("layers.0.q", 2, 3), none), peft::format_error);
 
   auto plain = cfg;
   plain.use_dora = false;
-  CHECK_FALSE(peft::dora<double>::handles(plain));
+  CHECK_FALSE(peft::io::peft_codec<peft::dora<double>>::handles(plain));
   plain.peft_type = "VERA";
   plain.use_dora = true;
-  CHECK_FALSE(peft::dora<double>::handles(plain));
+  CHECK_FALSE(peft::io::peft_codec<peft::dora<double>>::handles(plain));
 }
 
 TEMPLATE_TEST_CASE("dora errors: bad shapes and options", "[dora][errors]", float, double) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "peft/adapters/dynamic_rank.hpp"
+#include "peft/io/peft/dynamic_rank.hpp"
 #include "peft/adapters/lora.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
@@ -425,15 +426,13 @@ TEST_CASE("dynamic_rank: errors", "[dynamic_rank][errors]") {
   CHECK_THROWS_AS(a.backward_term(w, x, y, peft::matrix<double>(1, 3), dy, dx, cache), peft::shape_error);
   CHECK_THROWS_AS(a.delta_weight(w, peft::matrix<double>(4, 3)), peft::shape_error);
 
-  CHECK_FALSE(A::handles(peft::io::adapter_config{}));
-  CHECK(A::checkpoint_parameters().empty());
-  CHECK(A::shared_parameters().empty());
+  static_assert(!peft::io::peft_codec<A>::has_format);  // PEFT has no format: the codec says so
   peft::io::checkpoint_tensors<double> m("layer");
-  CHECK_THROWS_AS(A::from_checkpoint(peft::io::adapter_config{}, m, m), peft::unsupported_error);
-  CHECK_THROWS_WITH(A::from_checkpoint(peft::io::adapter_config{}, m, m),
+  CHECK_THROWS_AS(peft::io::from_checkpoint<A>(peft::io::adapter_config{}, m, m), peft::unsupported_error);
+  CHECK_THROWS_WITH(peft::io::from_checkpoint<A>(peft::io::adapter_config{}, m, m),
                     Catch::Contains("compact() to a LoRA and save that"));
   peft::io::adapter_config cfg;
-  CHECK_THROWS_WITH(a.describe_in(cfg, "layer"), Catch::Contains("compact() to a LoRA and save that"));
+  CHECK_THROWS_WITH(peft::io::describe_in(a, cfg, "layer"), Catch::Contains("compact() to a LoRA and save that"));
   // parameters: names, logical shapes, all trainable
   const auto p = a.parameters();
   REQUIRE(p.size() == 3);

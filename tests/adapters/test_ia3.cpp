@@ -7,7 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/io/peft/ia3.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/adapters/ia3.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
@@ -78,19 +79,19 @@ TEST_CASE("ia3 golden checkpoint: kinds from feedforward_modules, the other side
 TEST_CASE("ia3 feedforward_modules: PEFT's rule (plain suffix for a list, fullmatch for a regex)", "[ia3]") {
   using peft::io::ordered_json;
   const auto list = ordered_json::parse(R"(["down_proj", "fc2"])");
-  CHECK(peft::ia3_feedforward(list, "model.layers.0.mlp.down_proj"));
-  CHECK(peft::ia3_feedforward(list, "down_proj"));
-  CHECK(peft::ia3_feedforward(list, "encoder.myfc2"));  // a plain suffix, unlike target_modules
-  CHECK(!peft::ia3_feedforward(list, "model.layers.0.mlp.up_proj"));
-  CHECK(!peft::ia3_feedforward(list, "down_proj.inner"));
+  CHECK(peft::io::ia3_feedforward(list, "model.layers.0.mlp.down_proj"));
+  CHECK(peft::io::ia3_feedforward(list, "down_proj"));
+  CHECK(peft::io::ia3_feedforward(list, "encoder.myfc2"));  // a plain suffix, unlike target_modules
+  CHECK(!peft::io::ia3_feedforward(list, "model.layers.0.mlp.up_proj"));
+  CHECK(!peft::io::ia3_feedforward(list, "down_proj.inner"));
   const auto re = ordered_json(R"(.*\.mlp\.(down|gate)_proj)");
-  CHECK(peft::ia3_feedforward(re, "model.layers.3.mlp.down_proj"));
-  CHECK(!peft::ia3_feedforward(re, "model.layers.3.mlp.down_proj_x"));  // fullmatch
-  CHECK(!peft::ia3_feedforward(re, "down_proj"));
-  CHECK(!peft::ia3_feedforward(ordered_json(nullptr), "down_proj"));
-  CHECK_THROWS_AS(peft::ia3_feedforward(ordered_json(3), "x"), peft::format_error);
-  CHECK_THROWS_AS(peft::ia3_feedforward(ordered_json::parse("[1]"), "x"), peft::format_error);
-  CHECK_THROWS_AS(peft::ia3_feedforward(ordered_json("(unclosed"), "x"), peft::format_error);
+  CHECK(peft::io::ia3_feedforward(re, "model.layers.3.mlp.down_proj"));
+  CHECK(!peft::io::ia3_feedforward(re, "model.layers.3.mlp.down_proj_x"));  // fullmatch
+  CHECK(!peft::io::ia3_feedforward(re, "down_proj"));
+  CHECK(!peft::io::ia3_feedforward(ordered_json(nullptr), "down_proj"));
+  CHECK_THROWS_AS(peft::io::ia3_feedforward(ordered_json(3), "x"), peft::format_error);
+  CHECK_THROWS_AS(peft::io::ia3_feedforward(ordered_json::parse("[1]"), "x"), peft::format_error);
+  CHECK_THROWS_AS(peft::io::ia3_feedforward(ordered_json("(unclosed"), "x"), peft::format_error);
 }
 
 TEMPLATE_TEST_CASE("ia3 forward, dx, dl, terms and merge equal double loops for both kinds", "[ia3]", float, double) {
@@ -238,36 +239,36 @@ TEST_CASE("ia3 checkpoints: from_checkpoint, describe_in and a save/load round t
   ffm.add("ia3_l", stored<double>({1, 7}, g, 0.5, 1.5));
   outm.add("ia3_l", stored<double>({5, 1}, g, 0.5, 1.5));
   one.add("ia3_l", stored<double>({1, 1}, g, 0.5, 1.5));
-  CHECK(peft::ia3<double>::from_checkpoint(ia3_config(R"(["layer"])"), ffm, none).feedforward());
-  CHECK(!peft::ia3<double>::from_checkpoint(ia3_config(R"(["other"])"), outm, none).feedforward());
-  CHECK(peft::ia3<double>::from_checkpoint(ia3_config(R"(["layer"])"), one, none).feedforward());  // [1, 1]: the config decides
-  CHECK(!peft::ia3<double>::from_checkpoint(ia3_config("null"), one, none).feedforward());
-  CHECK_THROWS_WITH(peft::ia3<double>::from_checkpoint(ia3_config(R"(["layer"])"), outm, none),
+  CHECK(peft::io::from_checkpoint<peft::ia3<double>>(ia3_config(R"(["layer"])"), ffm, none).feedforward());
+  CHECK(!peft::io::from_checkpoint<peft::ia3<double>>(ia3_config(R"(["other"])"), outm, none).feedforward());
+  CHECK(peft::io::from_checkpoint<peft::ia3<double>>(ia3_config(R"(["layer"])"), one, none).feedforward());  // [1, 1]: the config decides
+  CHECK(!peft::io::from_checkpoint<peft::ia3<double>>(ia3_config("null"), one, none).feedforward());
+  CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::ia3<double>>(ia3_config(R"(["layer"])"), outm, none),
                     Catch::Contains("is a feedforward module") && Catch::Contains("[1, in]"));
-  CHECK_THROWS_WITH(peft::ia3<double>::from_checkpoint(ia3_config("[]"), ffm, none), Catch::Contains("[out, 1]"));
+  CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::ia3<double>>(ia3_config("[]"), ffm, none), Catch::Contains("[out, 1]"));
   peft::io::checkpoint_tensors<double> conv("layer"), vec("layer");
   conv.add("ia3_l", stored<double>({1, 7, 1, 1}, g, 0.5, 1.5));
   vec.add("ia3_l", stored<double>({7}, g, 0.5, 1.5));
-  CHECK_THROWS_AS(peft::ia3<double>::from_checkpoint(ia3_config("[]"), conv, none), peft::unsupported_error);
-  CHECK_THROWS_AS(peft::ia3<double>::from_checkpoint(ia3_config("[]"), vec, none), peft::format_error);
-  CHECK_THROWS_AS(peft::ia3<double>::from_checkpoint(ia3_config("5"), vec, none), peft::format_error);
+  CHECK_THROWS_AS(peft::io::from_checkpoint<peft::ia3<double>>(ia3_config("[]"), conv, none), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::from_checkpoint<peft::ia3<double>>(ia3_config("[]"), vec, none), peft::format_error);
+  CHECK_THROWS_AS(peft::io::from_checkpoint<peft::ia3<double>>(ia3_config("5"), vec, none), peft::format_error);
 
   // describe_in: a feedforward module joins the list (and a list target_modules), or the regex.
   auto c = ia3_config(R"(["fc2"])");
   c.target_modules = {"q_proj", "fc2"};
   const peft::ia3<double> ff(4, 3, {.feedforward = true}), out(4, 3, {});
-  ff.describe_in(c, "model.l0.mlp.down_proj");
+  peft::io::describe_in(ff, c, "model.l0.mlp.down_proj");
   CHECK(c.raw["feedforward_modules"] == peft::io::ordered_json::parse(R"(["fc2", "model.l0.mlp.down_proj"])"));
   CHECK(c.target_modules.back() == "model.l0.mlp.down_proj");
-  ff.describe_in(c, "model.l1.fc2");  // already matched: unchanged
+  peft::io::describe_in(ff, c, "model.l1.fc2");  // already matched: unchanged
   CHECK(c.raw["feedforward_modules"].size() == 2);
-  out.describe_in(c, "model.l0.q_proj");
-  CHECK_THROWS_AS(out.describe_in(c, "model.l2.fc2"), peft::unsupported_error);
+  peft::io::describe_in(out, c, "model.l0.q_proj");
+  CHECK_THROWS_AS(peft::io::describe_in(out, c, "model.l2.fc2"), peft::unsupported_error);
   auto cr = ia3_config(R"(".*\\.fc2")");
-  ff.describe_in(cr, "model.x+y");
-  CHECK(peft::ia3<double>::is_feedforward(cr, "model.x+y"));
-  CHECK(peft::ia3<double>::is_feedforward(cr, "a.fc2"));
-  CHECK(!peft::ia3<double>::is_feedforward(cr, "model.xxy"));
+  peft::io::describe_in(ff, cr, "model.x+y");
+  CHECK(peft::io::peft_codec<peft::ia3<double>>::is_feedforward(cr, "model.x+y"));
+  CHECK(peft::io::peft_codec<peft::ia3<double>>::is_feedforward(cr, "a.fc2"));
+  CHECK(!peft::io::peft_codec<peft::ia3<double>>::is_feedforward(cr, "model.xxy"));
   CHECK(cr.peft_type == "IA3");
 
   peft::io::basic_peft_checkpoint<peft::ia3<double>> ck;

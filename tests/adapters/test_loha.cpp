@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "peft/io/peft/loha.hpp"
 #include "peft/adapters/loha.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
@@ -136,10 +137,10 @@ TEST_CASE("loha checkpoints: rank_pattern and alpha_pattern; save and load keep 
   peft::rng g(2);
   peft::io::checkpoint_tensors<double> none;
   auto c = loha_config(3, 6.0);
-  CHECK(peft::loha<double>::from_checkpoint(c, loha_tensors<double>(7, 5, 3, g), none).scale() == 2.0);
+  CHECK(peft::io::from_checkpoint<peft::loha<double>>(c, loha_tensors<double>(7, 5, 3, g), none).scale() == 2.0);
   c.rank_pattern = {{"layer", 2}};
   c.alpha_pattern = {{"layer", 3.0}};
-  CHECK(peft::loha<double>::from_checkpoint(c, loha_tensors<double>(7, 5, 2, g), none).scale() == 1.5);
+  CHECK(peft::io::from_checkpoint<peft::loha<double>>(c, loha_tensors<double>(7, 5, 2, g), none).scale() == 1.5);
 
   peft::io::basic_peft_checkpoint<peft::loha<double>> ck;
   ck.config.targets_kind = peft::io::target_kind::none;
@@ -178,35 +179,35 @@ TEMPLATE_TEST_CASE("loha rejects bad shapes, bad checkpoints and convolutions wi
 
   const auto c = loha_config(2, 4.0);
   peft::io::checkpoint_tensors<T> none;
-  REQUIRE_NOTHROW(peft::loha<T>::from_checkpoint(c, loha_tensors<T>(7, 5, 2, g), none));
+  REQUIRE_NOTHROW(peft::io::from_checkpoint<peft::loha<T>>(c, loha_tensors<T>(7, 5, 2, g), none));
   {
     auto m = loha_tensors<T>(7, 5, 2, g);
     m.add("hada_t1", stored<T>({2, 2, 3, 3}, g));
-    CHECK_THROWS_WITH(peft::loha<T>::from_checkpoint(c, m, none), Catch::Contains("[loha::from_checkpoint]") &&
+    CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::loha<T>>(c, m, none), Catch::Contains("[loha::from_checkpoint]") &&
                                                                       Catch::Contains("hada_t1/hada_t2"));
-    CHECK_THROWS_AS(peft::loha<T>::from_checkpoint(c, m, none), peft::unsupported_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::loha<T>>(c, m, none), peft::unsupported_error);
   }
   {
     auto m = loha_tensors<T>(7, 5, 2, g);
     m.add("hada_w1_b", stored<T>({2, 7, 1, 1}, g));
-    CHECK_THROWS_AS(peft::loha<T>::from_checkpoint(c, m, none), peft::unsupported_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::loha<T>>(c, m, none), peft::unsupported_error);
   }
   {
     auto m = loha_tensors<T>(7, 5, 2, g);
     m.add("hada_w2_b", stored<T>({2, 6}, g));
-    CHECK_THROWS_WITH(peft::loha<T>::from_checkpoint(c, m, none), Catch::Contains("are not (out, r), (r, in)"));
+    CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::loha<T>>(c, m, none), Catch::Contains("are not (out, r), (r, in)"));
   }
-  CHECK_THROWS_WITH(peft::loha<T>::from_checkpoint(loha_config(4, 4.0), loha_tensors<T>(7, 5, 2, g), none),
+  CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::loha<T>>(loha_config(4, 4.0), loha_tensors<T>(7, 5, 2, g), none),
                     Catch::Contains("has rank 2 but adapter_config.json gives 4"));
   {
     peft::io::checkpoint_tensors<T> m("layer");
     m.add("hada_w1_a", stored<T>({5, 2}, g));
-    CHECK_THROWS_AS(peft::loha<T>::from_checkpoint(c, m, none), peft::format_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::loha<T>>(c, m, none), peft::format_error);
   }
   {
     auto c2 = c;
     c2.raw["alpha"] = "big";
-    CHECK_THROWS_AS(peft::loha<T>::from_checkpoint(c2, loha_tensors<T>(7, 5, 2, g), none), peft::format_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::loha<T>>(c2, loha_tensors<T>(7, 5, 2, g), none), peft::format_error);
   }
   CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::loha<T>>(golden_dir("lokr") / "adapter"), peft::unsupported_error);
 }

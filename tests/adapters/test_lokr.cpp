@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "peft/io/peft/lokr.hpp"
 #include "peft/adapters/lokr.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
@@ -224,7 +225,7 @@ TEST_CASE("lokr checkpoints: low-rank forms load from tensors and a config", "[l
   m.add("lokr_w1_b", stored<double>({1, 4}, g));
   m.add("lokr_w2_a", stored<double>({5, 1}, g));
   m.add("lokr_w2_b", stored<double>({1, 6}, g));
-  const auto a = peft::lokr<double>::from_checkpoint(c, m, none);
+  const auto a = peft::io::from_checkpoint<peft::lokr<double>>(c, m, none);
   CHECK(a.in_features() == 24);
   CHECK(a.out_features() == 20);
   CHECK(a.scale() == 6.0);
@@ -234,7 +235,7 @@ TEST_CASE("lokr checkpoints: low-rank forms load from tensors and a config", "[l
   auto c2 = lokr_config(4, 6.0, true);
   c2.rank_pattern = {{"layer", 1}};
   c2.alpha_pattern = {{"layer", 2.5}};
-  CHECK(peft::lokr<double>::from_checkpoint(c2, m, none).scale() == 2.5);
+  CHECK(peft::io::from_checkpoint<peft::lokr<double>>(c2, m, none).scale() == 2.5);
 }
 
 TEST_CASE("lokr save and load keep every module: describe_in writes what PEFT needs", "[lokr]") {
@@ -273,10 +274,10 @@ TEST_CASE("lokr save and load keep every module: describe_in writes what PEFT ne
   // A module PEFT would shape differently under the config cannot be described.
   auto c = lokr_config(8, 8.0, false);
   const peft::lokr<double> f4(64, 96, {.rank = 8, .decompose_factor = 4});
-  CHECK_THROWS_AS(f4.describe_in(c, "model.c"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::describe_in(f4, c, "model.c"), peft::unsupported_error);
   auto c2 = lokr_config(1, 8.0, false);
   const peft::lokr<double> low(24, 20, {.rank = 1, .decompose_both = true});
-  CHECK_THROWS_AS(low.describe_in(c2, "model.d"), peft::unsupported_error);  // W1 low rank, decompose_both false
+  CHECK_THROWS_AS(peft::io::describe_in(low, c2, "model.d"), peft::unsupported_error);  // W1 low rank, decompose_both false
 }
 
 TEMPLATE_TEST_CASE("lokr rejects bad shapes, bad checkpoints and convolutions with clear errors", "[lokr]", float,
@@ -309,37 +310,37 @@ TEMPLATE_TEST_CASE("lokr rejects bad shapes, bad checkpoints and convolutions wi
     m.add("lokr_w2_b", stored<T>({1, 6}, g));
     return m;
   };
-  REQUIRE_NOTHROW(peft::lokr<T>::from_checkpoint(c, base_tensors(), none));
+  REQUIRE_NOTHROW(peft::io::from_checkpoint<peft::lokr<T>>(c, base_tensors(), none));
   {
     auto m = base_tensors();
     m.add("lokr_t2", stored<T>({1, 1, 3, 3}, g));
-    CHECK_THROWS_WITH(peft::lokr<T>::from_checkpoint(c, m, none),
+    CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::lokr<T>>(c, m, none),
                       Catch::Contains("[lokr::from_checkpoint]") && Catch::Contains("lokr_t2"));
-    CHECK_THROWS_AS(peft::lokr<T>::from_checkpoint(c, m, none), peft::unsupported_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::lokr<T>>(c, m, none), peft::unsupported_error);
   }
   {
     peft::io::checkpoint_tensors<T> m("conv");
     m.add("lokr_w1", stored<T>({4, 4}, g));
     m.add("lokr_w2", stored<T>({5, 6, 3, 3}, g));
-    CHECK_THROWS_AS(peft::lokr<T>::from_checkpoint(lokr_config(8, 8, false), m, none), peft::unsupported_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::lokr<T>>(lokr_config(8, 8, false), m, none), peft::unsupported_error);
   }
   {
     auto m = base_tensors();
     m.add("lokr_w1", stored<T>({4, 4}, g));  // both forms
-    CHECK_THROWS_AS(peft::lokr<T>::from_checkpoint(c, m, none), peft::format_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::lokr<T>>(c, m, none), peft::format_error);
   }
   {
     peft::io::checkpoint_tensors<T> m("layer");
     m.add("lokr_w1_a", stored<T>({4, 1}, g));
     m.add("lokr_w1_b", stored<T>({1, 4}, g));
-    CHECK_THROWS_WITH(peft::lokr<T>::from_checkpoint(c, m, none), Catch::Contains("neither lokr_w2"));
+    CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::lokr<T>>(c, m, none), Catch::Contains("neither lokr_w2"));
   }
-  CHECK_THROWS_WITH(peft::lokr<T>::from_checkpoint(lokr_config(2, 6.0, true), base_tensors(), none),
+  CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::lokr<T>>(lokr_config(2, 6.0, true), base_tensors(), none),
                     Catch::Contains("rank 1") && Catch::Contains("gives 2"));
   {
     auto m = base_tensors();
     m.add("lokr_w2_b", stored<T>({2, 6}, g));  // a (5, 1), b (2, 6)
-    CHECK_THROWS_AS(peft::lokr<T>::from_checkpoint(c, m, none), peft::format_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::lokr<T>>(c, m, none), peft::format_error);
   }
   {
     // W1 (5, 4), W2 (4, 6): a (20, 24) weight, which PEFT factors as (4, 5) x (4, 6).
@@ -348,20 +349,20 @@ TEMPLATE_TEST_CASE("lokr rejects bad shapes, bad checkpoints and convolutions wi
     m.add("lokr_w1_b", stored<T>({1, 4}, g));
     m.add("lokr_w2_a", stored<T>({4, 1}, g));
     m.add("lokr_w2_b", stored<T>({1, 6}, g));
-    CHECK_THROWS_WITH(peft::lokr<T>::from_checkpoint(c, m, none), Catch::Contains("factors as W1 (4, 4), W2 (5, 6)"));
+    CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::lokr<T>>(c, m, none), Catch::Contains("factors as W1 (4, 4), W2 (5, 6)"));
   }
   {
     // Full lokr_w2 (5, 6) where r = 1 makes PEFT build lokr_w2_a / lokr_w2_b.
     peft::io::checkpoint_tensors<T> m("layer");
     m.add("lokr_w1", stored<T>({4, 4}, g));
     m.add("lokr_w2", stored<T>({5, 6}, g));
-    CHECK_THROWS_WITH(peft::lokr<T>::from_checkpoint(lokr_config(1, 1.0, false), m, none),
+    CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::lokr<T>>(lokr_config(1, 1.0, false), m, none),
                       Catch::Contains("PEFT builds lokr_w2_a/lokr_w2_b"));
   }
   {
     auto c3 = lokr_config(1, 6.0, true);
     c3.raw["decompose_both"] = "yes";
-    CHECK_THROWS_AS(peft::lokr<T>::from_checkpoint(c3, base_tensors(), none), peft::format_error);
+    CHECK_THROWS_AS(peft::io::from_checkpoint<peft::lokr<T>>(c3, base_tensors(), none), peft::format_error);
   }
   // A LoRA checkpoint is not LoKr's.
   CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::lokr<T>>(golden_dir("lora") / "adapter"), peft::unsupported_error);

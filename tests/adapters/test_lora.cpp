@@ -10,7 +10,7 @@
 
 #include <catch2/catch.hpp>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/adapters/lora.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/core/dtype.hpp"

@@ -8,9 +8,10 @@
 #include <memory>
 #include <string>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/adapters/compacter.hpp"
 #include "peft/adapters/phm_delta.hpp"
+#include "peft/io/peft/phm_delta.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/safetensors.hpp"
 #include "support/test_support.hpp"
@@ -274,13 +275,11 @@ TEST_CASE("phm_delta: bad shapes and missing checkpoint support are reported", "
   CHECK_THROWS_WITH(a.forward(w, bad.view(), y.view(), cache), Catch::Contains("[phm_delta::forward] x is (2, 5)"));
 
   const peft::io::adapter_config cfg;
-  CHECK_FALSE(A::handles(cfg));
-  CHECK(A::checkpoint_parameters().empty());
-  CHECK(A::shared_parameters().empty());
+  static_assert(!peft::io::peft_codec<A>::has_format);  // PEFT has no format: the codec says so
   const peft::io::checkpoint_tensors<double> m("layer"), shared;
-  CHECK_THROWS_AS(A::from_checkpoint(cfg, m, shared), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::from_checkpoint<A>(cfg, m, shared), peft::unsupported_error);
   peft::io::adapter_config out;
-  CHECK_THROWS_AS(a.describe_in(out, "layer"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::describe_in(a, out, "layer"), peft::unsupported_error);
   A empty;
   CHECK(empty.parameters().empty());
   CHECK_THROWS_AS(empty.forward(w, x.view(), y.view(), cache), peft::shape_error);

@@ -9,7 +9,8 @@
 #include <filesystem>
 #include <string>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/io/peft/randlora.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/adapters/randlora.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"

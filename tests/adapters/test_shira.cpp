@@ -14,7 +14,8 @@
 #include <tuple>
 #include <vector>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/io/peft/shira.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/adapters/shira.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
@@ -293,15 +294,15 @@ TEST_CASE("SHiRA checkpoints: describe_in refuses what PEFT cannot load", "[shir
   peft::rng g(5);
   peft::io::adapter_config c;
   // K = 7 is not r (d_out + d_in) = r * 9.
-  CHECK_THROWS_AS(random_shira<double>(4, 5, 7, g).describe_in(c, "m"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::describe_in(random_shira<double>(4, 5, 7, g), c, "m"), peft::unsupported_error);
   auto a = random_shira<double>(4, 5, 18, g);  // r = 2
   a.set_scale(0.5);
-  CHECK_THROWS_AS(a.describe_in(c, "m"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::describe_in(a, c, "m"), peft::unsupported_error);
   a.set_scale(1.0);
-  a.describe_in(c, "m");
+  peft::io::describe_in(a, c, "m");
   CHECK(c.peft_type == "SHIRA");
   CHECK(c.r == 2);
-  CHECK_THROWS_AS(random_shira<double>(4, 5, 9, g).describe_in(c, "n"), peft::unsupported_error);  // r = 1 != 2
+  CHECK_THROWS_AS(peft::io::describe_in(random_shira<double>(4, 5, 9, g), c, "n"), peft::unsupported_error);  // r = 1 != 2
 }
 
 // ---- stored indices -------------------------------------------------------------------------------
@@ -468,8 +469,8 @@ TEST_CASE("SHiRA: forward, backward and delta_weight against a dense reference",
   CHECK(p[1].integer);
   CHECK(p[1].shape == std::vector<std::int64_t>{2, k});
   CHECK(p[1].value(1, 5) == a.indices()(1, 5));
-  CHECK(peft::shira<double>::integer_parameter("shira_indices"));
-  CHECK(!peft::shira<double>::integer_parameter("shira_weight"));
+  CHECK(peft::io::peft_codec<peft::shira<double>>::integer_tensor("shira_indices"));
+  CHECK(!peft::io::peft_codec<peft::shira<double>>::integer_tensor("shira_weight"));
 }
 
 // ---- fused switching ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 
 #include "peft/adapters/lora.hpp"
 #include "peft/adapters/sora.hpp"
+#include "peft/io/peft/sora.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/safetensors.hpp"
 #include "support/test_support.hpp"
@@ -322,15 +323,13 @@ TEST_CASE("sora: errors", "[sora][errors]") {
   CHECK_THROWS_AS(a.backward_term(w, x, y, dy, dy, peft::matrix<double>(2, 3), cache), peft::shape_error);
   CHECK_THROWS_AS(a.delta_weight(w, peft::matrix<double>(4, 3)), peft::shape_error);
 
-  CHECK_FALSE(A::handles(peft::io::adapter_config{}));
-  CHECK(A::checkpoint_parameters().empty());
-  CHECK(A::shared_parameters().empty());
+  static_assert(!peft::io::peft_codec<A>::has_format);  // PEFT has no format: the codec says so
   peft::io::checkpoint_tensors<double> m("layer");
-  CHECK_THROWS_AS(A::from_checkpoint(peft::io::adapter_config{}, m, m), peft::unsupported_error);
-  CHECK_THROWS_WITH(A::from_checkpoint(peft::io::adapter_config{}, m, m),
+  CHECK_THROWS_AS(peft::io::from_checkpoint<A>(peft::io::adapter_config{}, m, m), peft::unsupported_error);
+  CHECK_THROWS_WITH(peft::io::from_checkpoint<A>(peft::io::adapter_config{}, m, m),
                     Catch::Contains("compact() to a LoRA and save that"));
   peft::io::adapter_config cfg;
-  CHECK_THROWS_AS(a.describe_in(cfg, "layer"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::describe_in(a, cfg, "layer"), peft::unsupported_error);
   const auto p = a.parameters();
   REQUIRE(p.size() == 3);
   CHECK(p[0].name == "lora_A.weight");

@@ -7,7 +7,8 @@
 #include <filesystem>
 #include <string>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/io/peft/vera.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/adapters/vera.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"

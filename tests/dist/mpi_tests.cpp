@@ -18,7 +18,7 @@
 //                     on 1, 2 and 4 ranks can also be compared with each other.
 //   save_on_root      success seen by every rank after return; a failure thrown on every rank
 //   progress          gather_progress on the root
-#include <peft/adapted_linear.hpp>
+#include <peft/layer/adapted_linear.hpp>
 #include <peft/adapters/lora.hpp>
 #include <peft/base/dense.hpp>
 #include <peft/dist/mpi.hpp>

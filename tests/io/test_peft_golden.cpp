@@ -7,7 +7,7 @@
 #include <filesystem>
 #include <string>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/merge.hpp"
 #include "peft/io/peft_checkpoint.hpp"

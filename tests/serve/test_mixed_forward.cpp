@@ -1,5 +1,5 @@
-// serve::mixed_forward and serve::low_rank_form: a batch whose rows use different adapters of every
-// method (and none), on dense and quantized bases, against each row's own adapter forward.
+// serve::mixed_forward and the low-rank terms it groups: a batch whose rows use different adapters
+// of every method (and none), on dense and quantized bases, against each row's own adapter forward.
 #include <cmath>
 #include <optional>
 #include <string>
@@ -13,7 +13,6 @@
 #include "peft/base/int8_rowwise.hpp"
 #include "peft/base/q4_0.hpp"
 #include "peft/core/error.hpp"
-#include "peft/serve/low_rank_form.hpp"
 #include "peft/serve/mixed_forward.hpp"
 #include "support/all_adapters.hpp"
 #include "support/test_support.hpp"
@@ -60,15 +59,11 @@ peft::matrix<double> reference(const Base& base, const peft::matrix<float>& x,
 }
 
 /// Groups over every adapter, rows assigned at random (some to none), factors in [-1.5, 1.5]
-/// with most at 1; forms set where the method has one.
+/// with most at 1; the low-rank term set where the method has one.
 std::vector<peft::serve::batch_group<peft::any_adapter<float>>> random_groups(
-    const std::vector<peft::any_adapter<float>>& adapters, const std::vector<std::optional<peft::serve::low_rank_form<float>>>& forms,
-    ix m, peft::rng& g) {
+    const std::vector<peft::any_adapter<float>>& adapters, ix m, peft::rng& g) {
   std::vector<peft::serve::batch_group<peft::any_adapter<float>>> groups(adapters.size());
-  for (std::size_t a = 0; a < adapters.size(); ++a) {
-    groups[a].adapter = &adapters[a];
-    groups[a].low_rank = forms[a] ? &*forms[a] : nullptr;
-  }
+  for (std::size_t a = 0; a < adapters.size(); ++a) groups[a] = peft::serve::group_of(adapters[a], {}, {});
   for (ix i = 0; i < m; ++i) {
     const auto a = static_cast<std::size_t>(g.below(adapters.size() + 1));
     if (a == adapters.size()) continue;  // the base alone
@@ -82,11 +77,9 @@ template <class Base>
 void check_mixed(const Base& base, std::uint64_t seed) {
   peft::rng g(seed);
   const auto adapters = one_of_each(g);
-  std::vector<std::optional<peft::serve::low_rank_form<float>>> forms;
-  for (const auto& a : adapters) forms.push_back(peft::serve::to_low_rank(a));
   for (ix m : {1, 7, 40}) {
     const auto x = random_matrix<float>(m, in_f, g);
-    const auto groups = random_groups(adapters, forms, m, g);
+    const auto groups = random_groups(adapters, m, g);
     peft::matrix<float> y(m, out_f, 123.0f), yl(m, out_f, -5.0f);
     peft::serve::mixed_forward(base, x.view(), y.view(), groups);
     const auto ref = reference(base, x, groups);
@@ -99,52 +92,59 @@ void check_mixed(const Base& base, std::uint64_t seed) {
 
 }  // namespace
 
-TEST_CASE("low_rank_form reproduces delta_weight for every method that has one", "[serve]") {
+TEST_CASE("the low-rank term reproduces delta_weight for every method that has one", "[serve]") {
   peft::rng g(11);
   const auto adapters = one_of_each(g);
   const peft::dense<double> base(random_matrix<double>(out_f, in_f, g));
-  int with_form = 0;
+  int with_term = 0;
   for (const auto& a : adapters) {
-    const auto f = peft::serve::to_low_rank(a);
+    const auto f = peft::serve::low_rank_of(a);
     const std::string method(a.active_method());
     const bool expected = method == "lora" || method == "adalora" || method == "vera" || method == "sora" ||
                           method == "dynamic_rank";
     INFO(method);
     CHECK(f.has_value() == expected);
     if (!f) continue;
-    ++with_form;
+    ++with_term;
     peft::matrix<float> dw(out_f, in_f);
     a.delta_weight(base, dw.view());
     REQUIRE(peft_test::nontrivial(dw));
-    peft::matrix<double> sba(out_f, in_f);  // s B A in double
+    peft::matrix<double> sba(out_f, in_f);  // s diag(lambda) B diag(c) A in double
     for (ix i = 0; i < out_f; ++i) {
       for (ix j = 0; j < in_f; ++j) {
         double acc = 0;
-        for (ix q = 0; q < f->rank(); ++q) acc += double(f->b(i, q)) * double(f->a(q, j));
-        sba(i, j) = double(f->scale) * acc;
+        for (ix q = 0; q < f->rank(); ++q) acc += double(f->b(i, q)) * (f->c ? double(f->c[q]) : 1.0) * double(f->a(q, j));
+        sba(i, j) = double(f->scale) * (f->lambda ? double(f->lambda[i]) : 1.0) * acc;
       }
     }
     CHECK(peft_test::rel_error(dw, sba) < 1e-5);
-    if (method == "sora") CHECK(f->rank() <= a.get<peft::sora<float>>().rank());
   }
-  CHECK(with_form == 5);
+  CHECK(with_term == 5);
 }
 
-TEST_CASE("low_rank_form drops closed gates and keeps LoRA's bias", "[serve]") {
+TEST_CASE("low-rank terms: closed gates serve as the compacted LoRA; LoRA's term is its own tensors", "[serve]") {
   peft::rng g(12);
   auto s = peft_test::adapter_traits<peft::sora<float>>::make_random(in_f, out_f, g);
   for (ix i = 0; i < s.rank(); i += 2) s.gate()(0, i) = 0.0f;
-  const auto f = peft::serve::to_low_rank(s);
-  REQUIRE(f);
-  CHECK(f->rank() == s.rank() / 2);
+  const auto compact = s.compact();
+  REQUIRE(compact);
+  CHECK(compact->rank() == s.rank() / 2);
+  const peft::dense<float> base(random_matrix<float>(out_f, in_f, g));
+  const peft::any_adapter<float> sa = s, la = *compact;
+  const auto x = random_matrix<float>(5, in_f, g);
+  peft::matrix<float> ys(5, out_f), yl(5, out_f);
+  peft::serve::mixed_forward(base, x.view(), ys.view(), std::vector{peft::serve::group_of(sa, {0, 1, 2, 3, 4}, {1, 1, 1, 1, 1})});
+  peft::serve::mixed_forward(base, x.view(), yl.view(), std::vector{peft::serve::group_of(la, {0, 1, 2, 3, 4}, {1, 1, 1, 1, 1})});
+  REQUIRE(peft_test::nontrivial(yl));
+  CHECK(peft_test::rel_error(ys, yl) < 1e-5);
+
   peft::lora<float> l(random_matrix<float>(3, in_f, g), random_matrix<float>(out_f, 3, g), 0.75f,
                       peft_test::random_vector<float>(out_f, g));
-  const auto fl = peft::serve::to_low_rank(l);
+  const auto fl = peft::serve::low_rank_of(l);
   REQUIRE(fl);
-  CHECK(fl->bias.cols() == out_f);
+  CHECK(fl->bias == l.bias().data());
   CHECK(fl->scale == 0.75f);
   CHECK(fl->a.data() == l.A().data());  // referenced, not copied
-  CHECK(fl->owned_bytes() == 0);
 }
 
 TEST_CASE("mixed_forward: every method in one batch equals each row's own forward (dense f32)", "[serve]") {
@@ -165,13 +165,11 @@ TEST_CASE("mixed_forward on bf16, int8 and q4_0 bases", "[serve]") {
   const peft::q4_0 q = peft::q4_0::quantize(peft::matrix_view<const float>(wq.view()));
   std::vector<peft::any_adapter<float>> ad;
   for (ix r : {1, 4, 16}) ad.emplace_back(peft::lora<float>(random_matrix<float>(r, k, g), random_matrix<float>(n, r, g), 0.5f));
-  std::vector<peft::serve::low_rank_form<float>> forms;
-  for (const auto& a : ad) forms.push_back(*peft::serve::to_low_rank(a));
   std::vector<peft::serve::batch_group<peft::any_adapter<float>>> groups(3);
   for (ix i = 0; i < m; ++i) {
     auto& grp = groups[static_cast<std::size_t>(i % 3)];
     grp.adapter = &ad[static_cast<std::size_t>(i % 3)];
-    grp.low_rank = &forms[static_cast<std::size_t>(i % 3)];
+    grp.low_rank = peft::serve::low_rank_of(ad[static_cast<std::size_t>(i % 3)]);
     grp.rows.push_back(m - 1 - i);  // reversed: the batch is regrouped internally
     grp.factors.push_back(i % 5 == 0 ? 2.0f : 1.0f);
   }
@@ -190,13 +188,14 @@ TEST_CASE("mixed_forward: a row in two groups gets both terms (the fused-adapter
   ad.emplace_back(peft_test::adapter_traits<peft::lora<float>>::make_random(in_f, out_f, g));
   ad.emplace_back(peft_test::adapter_traits<peft::shira<float>>::make_random(in_f, out_f, g));
   ad.emplace_back(peft_test::adapter_traits<peft::vera<float>>::make_random(in_f, out_f, g));
-  const auto f0 = peft::serve::to_low_rank(ad[0]);
-  const auto f2 = peft::serve::to_low_rank(ad[2]);
   const ix m = 9;
   std::vector<peft::serve::batch_group<peft::any_adapter<float>>> groups(3);
-  groups[0] = {&ad[0], &*f0, {0, 1, 2, 3}, {1, 1, 1, 1}};
-  groups[1] = {&ad[1], nullptr, {3, 4, 5}, {1, -1, 0.5f}};
-  groups[2] = {&ad[2], &*f2, {0, 5, 6, 8}, {-1, -1, -0.25f, 2}};
+  groups[0] = peft::serve::group_of(ad[0], {0, 1, 2, 3}, {1, 1, 1, 1});
+  groups[1] = peft::serve::group_of(ad[1], {3, 4, 5}, {1, -1, 0.5f});
+  groups[2] = peft::serve::group_of(ad[2], {0, 5, 6, 8}, {-1, -1, -0.25f, 2});
+  REQUIRE(groups[0].low_rank);
+  REQUIRE(!groups[1].low_rank);
+  REQUIRE(groups[2].low_rank);
   const auto x = random_matrix<float>(m, in_f, g);
   peft::matrix<float> y(m, out_f);
   peft::serve::mixed_forward(base, x.view(), y.view(), groups);
@@ -215,12 +214,12 @@ TEST_CASE("mixed_forward refuses bad groups before writing anything", "[serve]")
   peft::matrix<float> y(4, out_f, 7.0f);
   using group = peft::serve::batch_group<peft::any_adapter<float>>;
   auto run = [&](std::vector<group> gs) { peft::serve::mixed_forward(base, x.view(), y.view(), gs); };
-  CHECK_THROWS_WITH(run({{&a, nullptr, {0, 4}, {1, 1}}}), Catch::Contains("[serve::mixed_forward]") && Catch::Contains("row 4"));
-  CHECK_THROWS_WITH(run({{&a, nullptr, {1, 1}, {1, 1}}}), Catch::Contains("twice"));
-  CHECK_THROWS_WITH(run({{&a, nullptr, {1}, {1, 2}}}), Catch::Contains("factors"));
-  CHECK_THROWS_WITH(run({{&a, nullptr, {1}, {NAN}}}), Catch::Contains("non-finite"));
-  CHECK_THROWS_AS(run({{&wrong, nullptr, {1}, {1}}}), peft::shape_error);
-  CHECK_THROWS_WITH(run({{nullptr, nullptr, {1}, {1}}}), Catch::Contains("neither"));
+  CHECK_THROWS_WITH(run({{&a, std::nullopt, {0, 4}, {1, 1}}}), Catch::Contains("[serve::mixed_forward]") && Catch::Contains("row 4"));
+  CHECK_THROWS_WITH(run({{&a, std::nullopt, {1, 1}, {1, 1}}}), Catch::Contains("twice"));
+  CHECK_THROWS_WITH(run({{&a, std::nullopt, {1}, {1, 2}}}), Catch::Contains("factors"));
+  CHECK_THROWS_WITH(run({{&a, std::nullopt, {1}, {NAN}}}), Catch::Contains("non-finite"));
+  CHECK_THROWS_AS(run({{&wrong, std::nullopt, {1}, {1}}}), peft::shape_error);
+  CHECK_THROWS_WITH(run({{nullptr, std::nullopt, {1}, {1}}}), Catch::Contains("neither"));
   peft::matrix<float> y_bad(3, out_f);
   CHECK_THROWS_AS(peft::serve::mixed_forward(base, x.view(), y_bad.view(), std::vector<group>{}), peft::shape_error);
   for (float v : y.storage()) REQUIRE(v == 7.0f);

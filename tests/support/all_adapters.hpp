@@ -1,8 +1,11 @@
-// tests/support/all_adapters.hpp — every adapter type, for the shared property tests.
+// tests/support/all_adapters.hpp — every registered adapter type (adapters/registry.hpp), for the
+// shared property tests. Each method needs its traits (support/traits_<method>.hpp, included
+// here): a registered method without them fails to compile the property tests.
 #pragma once
 
 #include <tuple>
 
+#include "peft/adapters/registry.hpp"
 #include "support/traits_adalora.hpp"
 #include "support/traits_compacter.hpp"
 #include "support/traits_dora.hpp"
@@ -20,8 +23,6 @@
 namespace peft_test {
 
 template <class T>
-using all_adapters = std::tuple<peft::lora<T>, peft::dora<T>, peft::vera<T>, peft::randlora<T>, peft::shira<T>,
-                                peft::lokr<T>, peft::loha<T>, peft::adalora<T>, peft::ia3<T>, peft::dynamic_rank<T>,
-                                peft::sora<T>, peft::compacter<T>, peft::phm_delta<T>>;
+using all_adapters = peft::rebind_list_t<std::tuple, peft::registered_adapters<T>>;
 
 }  // namespace peft_test

@@ -24,7 +24,7 @@
 #include <utility>
 #include <vector>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/checkpoint_tensors.hpp"
 #include "peft/io/peft_checkpoint.hpp"

@@ -14,7 +14,7 @@
 
 #include <catch2/catch.hpp>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/lora.hpp"
 #include "peft/base/dense.hpp"

@@ -16,7 +16,7 @@
 
 #include <catch2/catch.hpp>
 
-#include "peft/adapted_linear.hpp"
+#include "peft/layer/adapted_linear.hpp"
 #include "peft/adapters/compacter.hpp"
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/lokr.hpp"

@@ -36,7 +36,7 @@
 // ~1e-4) but not zero. The paper relies on this near-identity start; nothing is zero.
 //
 // Not mergeable (gelu makes it nonlinear in x): there is no delta_weight. No PEFT checkpoint
-// format exists: handles() is false and from_checkpoint/describe_in raise unsupported_error;
+// format exists (io/peft/compacter.hpp says so when saving):
 // save parameters() (the rule once) with safetensors and rebuild with the explicit constructor.
 #pragma once
 
@@ -49,7 +49,6 @@
 #include <vector>
 
 #include "peft/adapters/detail/phm.hpp"
-#include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/adapter_checks.hpp"
@@ -57,15 +56,19 @@
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
-#include "peft/io/adapter_config.hpp"
-#include "peft/io/checkpoint_tensors.hpp"
 
 namespace peft {
 
 /// Where the bottleneck reads: the base output h (serial, the paper) or the layer input x.
 enum class compacter_placement : std::uint8_t { serial, parallel };
 
+template <compute_scalar T>
+class compacter;
+
 struct compacter_options {
+  template <compute_scalar T>
+  using adapter = compacter<T>;  // the adapter these options make
+
   index n = 4;                 // PHM order: number of Kronecker sums, the rule is (n, n, n)
   index reduction_factor = 32; // R: bottleneck k = d_model / R
   compacter_placement placement = compacter_placement::serial;
@@ -244,23 +247,6 @@ class compacter {
     bottleneck_backward(input_of(x, h), g, placement_ == compacter_placement::serial ? dh : dx, cache);
   }
 
-  // ---- checkpoints: PEFT has no Compacter ------------------------------------------------------
-
-  static bool handles(const io::adapter_config& /*c*/) { return false; }
-  static std::vector<std::string_view> checkpoint_parameters() { return {}; }
-  static std::vector<std::string_view> shared_parameters() { return {}; }
-  [[noreturn]] static compacter from_checkpoint(const io::adapter_config& /*c*/, const io::checkpoint_tensors<T>& /*m*/,
-                                                const io::checkpoint_tensors<T>& /*shared*/) {
-    detail::raise<unsupported_error>("compacter::from_checkpoint",
-                                     "PEFT has no Compacter checkpoint format; save parameters() with safetensors (the "
-                                     "shared phm_rule once) and rebuild with the tensor constructor");
-  }
-  [[noreturn]] void describe_in(io::adapter_config& /*c*/, const std::string& module) const {
-    detail::raise<unsupported_error>("compacter::describe_in",
-                                     "module '" + module + "': PEFT has no Compacter checkpoint format; save parameters() "
-                                     "with safetensors (the shared phm_rule once) instead");
-  }
-
   /// phm_rule (shared, once per model in an optimizer), then down.* and up.* (this layer).
   std::vector<parameter<T>> parameters() {
     std::vector<parameter<T>> p;
@@ -413,8 +399,5 @@ class compacter {
   layer gup_;
 };
 
-static_assert(adapter_for<compacter<float>, dense<float>>);
-static_assert(adapter_for<compacter<double>, dense<bf16>>);
-static_assert(!mergeable_adapter_for<compacter<float>, dense<float>>);
 
 }  // namespace peft

@@ -24,7 +24,7 @@
 // recomputed directly as ||w_j + s B_j A||^2 from the same decoded row. In float over a base with
 // a fused product (dense f32, the quantized bases) -- training, where the norms change every step --
 // ||w_j||^2 is computed once per base and kept in the cache, and A W0^T is the base's own product
-// of the r rows of A (row_norms_fast); otherwise everything is recomputed in double (row_norms).
+// of the r rows of A (row_norms_with_cache); otherwise everything is recomputed in double (row_norms).
 // Norms below norm_floor() = sqrt(numeric_limits<T>::min()) are raised to it, so a zero row
 // gives k = m / floor instead of PEFT's 0 / 0 = NaN (PEFT issues #1692, #2049).
 //
@@ -56,17 +56,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "peft/adapters/detail/low_rank_core.hpp"
 #include "peft/adapters/lora.hpp"
-#include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
 #include "peft/core/adapter_checks.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
-#include "peft/io/adapter_config.hpp"
-#include "peft/io/checkpoint_tensors.hpp"
-#include "peft/kernels/epilogue.hpp"
 #include "peft/kernels/gemm.hpp"
 
 namespace peft {
@@ -87,7 +84,7 @@ class dora {
 
   /// What backward needs from forward, and the norm cache (see the header comment).
   struct cache_type {
-    typename lora<T>::cache_type low_rank;  // t = x A^T (batch, r)
+    low_rank_cache<T> low_rank;              // t = x A^T (batch, r)
     matrix<T> z;                             // x W0^T, the base output without bias (batch, out)
     matrix<T> l;                             // s x A^T B^T (batch, out)
     std::vector<T> norm;                     // n (out), detached
@@ -146,7 +143,7 @@ class dora {
   }
 
   /// The low-rank part (A, B, s and their gradients), read-only.
-  const lora<T>& low_rank() const noexcept { return lora_; }
+  const lora<T>& lora_part() const noexcept { return lora_; }
   /// Writable views; each call invalidates cached norms (see the header comment).
   matrix_view<T> A() noexcept {
     invalidate_norms();
@@ -238,7 +235,7 @@ class dora {
   /// per base (kept in the cache: W0 is frozen), A W0^T through the base's own fused product (a
   /// batch of r rows), the O(out r^2) rest and the cancellation fallback in double as row_norms.
   template <class Base>
-  std::vector<T> row_norms_fast(const Base& w, cache_type& cache) const {
+  std::vector<T> row_norms_with_cache(const Base& w, cache_type& cache) const {
     const index out = out_features(), in = in_features(), r = rank();
     std::vector<double> row(static_cast<std::size_t>(in));
     if (cache.sq_base != static_cast<const void*>(&w) || static_cast<index>(cache.w_sq.size()) != out) {
@@ -310,28 +307,12 @@ class dora {
       // One pass: each tile of h = x W0^T + b0 gets z = h - b0, l = s t B^T and the rescaling
       // while it is in cache (the same arithmetic as apply()).
       ensure_norms(w, cache);
-      lora_.project(x, cache.low_rank);
+      const low_rank_term<T> term = lora_.low_rank();
+      low_rank::project(term, x, cache.low_rank);
       const index batch = x.rows(), out = out_features();
       if (cache.z.rows() != batch || cache.z.cols() != out) cache.z = matrix<T>(batch, out);
       if (cache.l.rows() != batch || cache.l.cols() != out) cache.l = matrix<T>(batch, out);
-      const matrix_view<const T> t = cache.low_rank.t.view();
-      w.matmul(x, y, [&](index i0, index j0, matrix_view<T> tile) {
-        matrix_view<T> z = cache.z.view().block(i0, j0, tile.rows(), tile.cols());
-        matrix_view<T> l = cache.l.view().block(i0, j0, tile.rows(), tile.cols());
-        for (index i = 0; i < tile.rows(); ++i) {
-          for (index j = 0; j < tile.cols(); ++j) {
-            z(i, j) = tile(i, j) - w.template bias_value<T>(j0 + j);
-            l(i, j) = T{0};
-          }
-        }
-        lora_.add_projected(t, i0, j0, l, lora_.scale());
-        for (index i = 0; i < tile.rows(); ++i) {
-          for (index j = 0; j < tile.cols(); ++j) {
-            const T k = kv(cache, j0 + j);
-            tile(i, j) += (k - T{1}) * z(i, j) + k * l(i, j);
-          }
-        }
-      });
+      w.matmul(x, y, rescale_epilogue<Base>{w, low_rank::epilogue(term, cache.low_rank), cache});
     } else {
       w.matmul(x, y);
       apply(w, x, matrix_view<const T>(y), y, cache);
@@ -364,7 +345,7 @@ class dora {
     const matrix<T> kg = scaled_grad(g, cache);
     accumulate_magnitude_grad(g, cache);
     w.matmul_t(matrix_view<const T>(kg.view()), dx, false);
-    lora_.backward_term(w, x, matrix_view<const T>{}, kg.view(), matrix_view<T>{}, dx, cache.low_rank);
+    low_rank::backward(lora_.low_rank(), lora_.low_rank_grads(), x, kg.view(), dx, cache.low_rank);
   }
 
   /// Accumulates dA, dB, dm; dh += (k - 1) g; dx += s ((k g) B) A.
@@ -380,7 +361,7 @@ class dora {
     }
     const matrix<T> kg = scaled_grad(g, cache);
     accumulate_magnitude_grad(g, cache);
-    lora_.backward_term(w, x, h, kg.view(), dh, dx, cache.low_rank);
+    low_rank::backward(lora_.low_rank(), lora_.low_rank_grads(), x, kg.view(), dx, cache.low_rank);
   }
 
   /// dW = (m / n)[:, None] * (W0 + s B A) - W0 = (k - 1) W0 + k s B A, with n computed now
@@ -390,7 +371,7 @@ class dora {
     check_base("dora::delta_weight", w);
     detail::expect_shape("dora::delta_weight", "dw", dw, out_features(), in_features());
     std::vector<T> n = pinned_.empty() ? row_norms(w) : pinned_;
-    lora_.delta_weight(w, dw);  // s B A
+    low_rank::delta(lora_.low_rank(), dw);  // s B A
     std::vector<T> row(static_cast<std::size_t>(in_features()));
     for (index j = 0; j < out_features(); ++j) {
       w.dequantize_row(j, row.data());
@@ -419,7 +400,7 @@ class dora {
                                         "] is 0: the merged row is zero and W0's row cannot be recovered");
       }
     }
-    lora_.delta_weight(merged, dw);  // s B A
+    low_rank::delta(lora_.low_rank(), dw);  // s B A
     std::vector<T> row(static_cast<std::size_t>(in_features()));
     for (index j = 0; j < out_features(); ++j) {
       merged.dequantize_row(j, row.data());
@@ -432,41 +413,6 @@ class dora {
   template <base_weight Base>
   bool delta_bias(const Base& /*w*/, T* /*db*/) const {
     return false;
-  }
-
-  // ---- PEFT checkpoints (io/peft_checkpoint.hpp calls these) ------------------------------------
-
-  /// PEFT's "LORA" with use_dora.
-  static bool handles(const io::adapter_config& c) { return c.peft_type == "LORA" && c.use_dora; }
-  /// Per-module tensor names (lora_B.bias is listed only to reject it with a clear message).
-  static std::vector<std::string_view> checkpoint_parameters() {
-    return {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector"};
-  }
-  static std::vector<std::string_view> shared_parameters() { return {}; }
-
-  /// The adapter of one module: A, B and s as LoRA reads them (rank_pattern, alpha_pattern,
-  /// use_rslora), m from lora_magnitude_vector (out values).
-  static dora from_checkpoint(const io::adapter_config& c, const io::checkpoint_tensors<T>& m,
-                              const io::checkpoint_tensors<T>& shared) {
-    constexpr const char* where = "dora::from_checkpoint";
-    if (c.lora_bias || m.contains("lora_B.bias")) {
-      detail::raise<unsupported_error>(where, "module '" + m.module() +
-                                                  "': lora_bias with DoRA is not supported (PEFT rejects it too)");
-    }
-    const auto& sb = m.shape("lora_B.weight", 2);
-    const auto& sm = m.shape("lora_magnitude_vector", 1);
-    if (sm[0] != sb[0]) {
-      detail::raise<format_error>(where, "module '" + m.module() + "': lora_magnitude_vector " + io::detail::shape_text(sm) +
-                                             " does not match lora_B " + io::detail::shape_text(sb));
-    }
-    lora<T> low_rank = lora<T>::from_checkpoint(c, m, shared);
-    return dora(std::move(low_rank), m.copy("lora_magnitude_vector", {sb[0]}).storage());
-  }
-
-  /// Makes `c` describe this module when saving (LoRA's rank/alpha patterns) and sets use_dora.
-  void describe_in(io::adapter_config& c, const std::string& module) const {
-    lora_.describe_in(c, module);
-    c.use_dora = true;
   }
 
   /// lora_A.weight, lora_B.weight, lora_magnitude_vector (a vector of out values). Invalidates
@@ -511,6 +457,32 @@ class dora {
     detail::check_adapter_grad(where, *this, w, x, g, dx);
   }
 
+  /// DoRA's fused epilogue: on a tile of h = x W0^T + b0 it stores z = h - b0 and l = s t B^T
+  /// (the low-rank epilogue on a zeroed tile of l) for backward, then writes h + (k - 1) z + k l.
+  template <class Base>
+  struct rescale_epilogue {
+    const Base& w;
+    kernels::low_rank_epilogue<T> low_rank;
+    cache_type& cache;
+    void operator()(index i0, index j0, matrix_view<T> tile) const {
+      matrix_view<T> z = cache.z.view().block(i0, j0, tile.rows(), tile.cols());
+      matrix_view<T> l = cache.l.view().block(i0, j0, tile.rows(), tile.cols());
+      for (index i = 0; i < tile.rows(); ++i) {
+        for (index j = 0; j < tile.cols(); ++j) {
+          z(i, j) = tile(i, j) - w.template bias_value<T>(j0 + j);
+          l(i, j) = T{0};
+        }
+      }
+      low_rank(i0, j0, l);
+      for (index i = 0; i < tile.rows(); ++i) {
+        for (index j = 0; j < tile.cols(); ++j) {
+          const T k = kv(cache, j0 + j);
+          tile(i, j) += (k - T{1}) * z(i, j) + k * l(i, j);
+        }
+      }
+    }
+  };
+
   static T kv(const cache_type& c, index j) { return c.k[static_cast<std::size_t>(j)]; }
 
   /// Fills cache.norm and cache.k: pinned norms, the cached ones, or freshly computed.
@@ -522,7 +494,7 @@ class dora {
       cache.invalidate();
     } else if (cache.stamp != stamp_ || cache.base != static_cast<const void*>(&w) || cache.norm.size() != out) {
       if constexpr (std::is_same_v<T, float> && fused_base_weight<Base, T>) {
-        cache.norm = row_norms_fast(w, cache);
+        cache.norm = row_norms_with_cache(w, cache);
       } else {
         cache.norm = row_norms(w);
       }
@@ -546,7 +518,7 @@ class dora {
       for (index j = 0; j < out; ++j) cache.z(i, j) = h(i, j) - w.template bias_value<T>(j);
     }
     cache.l.fill(T{0});
-    lora_.add_term(w, x, h, cache.l.view(), cache.low_rank);
+    low_rank::add(lora_.low_rank(), x, cache.l.view(), cache.low_rank);
   }
 
   bool prepared(const cache_type& cache, matrix_view<const T> x) const {
@@ -595,7 +567,5 @@ class dora {
   mutable std::vector<T> merge_norm_;  // n' of the last delta_weight, for unmerge_delta
 };
 
-static_assert(mergeable_adapter_for<dora<float>, dense<float>>);
-static_assert(mergeable_adapter_for<dora<double>, dense<bf16>>);
 
 }  // namespace peft

@@ -51,20 +51,21 @@
 
 #include "peft/adapters/detail/gated_low_rank.hpp"
 #include "peft/adapters/lora.hpp"
-#include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
-#include "peft/core/additive_adapter.hpp"
-#include "peft/core/base_weight.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
-#include "peft/io/adapter_config.hpp"
-#include "peft/io/checkpoint_tensors.hpp"
 
 namespace peft {
 
+template <compute_scalar T>
+class dynamic_rank;
+
 struct dynamic_rank_options {
+  template <compute_scalar T>
+  using adapter = dynamic_rank<T>;  // the adapter these options make
+
   index rank = 8;                   // target average rank r; a layer starts at r0 = ceil(1.5 r)
   index initial_rank = 0;           // r0 when > 0 (overrides ceil(1.5 r))
   double alpha = 8.0;               // s = alpha / r0
@@ -78,14 +79,12 @@ struct dynamic_rank_options {
 inline index dynamic_rank_initial_rank(index target_rank) { return (3 * target_rank + 1) / 2; }
 
 template <compute_scalar T>
-class dynamic_rank : public additive_adapter<dynamic_rank<T>, T> {
-  friend class additive_adapter<dynamic_rank<T>, T>;
+class dynamic_rank : public low_rank_adapter<dynamic_rank<T>, T> {
+  friend class low_rank_adapter<dynamic_rank<T>, T>;
 
  public:
   using scalar = T;
   static constexpr std::string_view method = "dynamic_rank";
-  /// t = x A^T (batch, r0) and a work buffer.
-  using cache_type = detail::gated_low_rank_cache<T>;
 
   dynamic_rank() = default;
 
@@ -119,34 +118,21 @@ class dynamic_rank : public additive_adapter<dynamic_rank<T>, T> {
   matrix_view<const T> grad_B() const noexcept { return core_.grad_b().view(); }
   matrix_view<const T> grad_c() const noexcept { return core_.grad_c().view(); }
 
-  // forward, add_term, backward, backward_term: core/additive_adapter.hpp over the hooks below
-  // (y = x W0^T + b0 + s ((x A^T) * c) B^T; the term does not depend on h).
-
-  /// dW = s B diag(c) A (out, in).
-  template <base_weight Base>
-  void delta_weight(const Base& w, matrix_view<T> dw) const {
-    core_.check_base("dynamic_rank::delta_weight", w);
-    detail::expect_shape("dynamic_rank::delta_weight", "dw", dw, out_features(), in_features());
-    core_.delta(dw);
-  }
-
-  /// The bias is not touched: false.
-  template <base_weight Base>
-  bool delta_bias(const Base& /*w*/, T* /*db*/) const {
-    return false;
-  }
+  /// The term s ((x A^T) * c) B^T for the low-rank core.
+  low_rank_term<T> low_rank() const noexcept { return core_.term(); }
+  low_rank_gradients<T> low_rank_grads() noexcept { return core_.grads(); }
 
   // ---- importance ---------------------------------------------------------------------------
 
   /// ||B diag(c) A||_F (without s), from (r0, r0) Gram matrices (never the (out, in) product
   /// unless that is the cheaper one).
-  double delta_norm() const { return core_.frobenius_norm(); }
+  double delta_norm() const { return low_rank::frobenius_norm(core_.term()); }
 
   /// This step's s_i = |c_i| ||b_i|| ||a_i|| / (||B diag(c) A||_F + eps), r0 values (all 0
   /// when the product is exactly zero and eps is 0).
   std::vector<T> component_importance() const {
-    const std::vector<double> n = core_.component_norms();
-    const double denom = core_.frobenius_norm() + eps_;
+    const std::vector<double> n = low_rank::component_norms(core_.term());
+    const double denom = low_rank::frobenius_norm(core_.term()) + eps_;
     std::vector<T> s(n.size(), T{0});
     if (!(denom > 0.0)) return s;
     for (index i = 0; i < rank(); ++i) {
@@ -223,20 +209,7 @@ class dynamic_rank : public additive_adapter<dynamic_rank<T>, T> {
   /// the term is then exactly zero, the layer needs no adapter (lora requires rank >= 1).
   std::optional<lora<T>> compact() const { return core_.compact(); }
 
-  // ---- PEFT checkpoints: none exist for this method -----------------------------------------
-
-  static bool handles(const io::adapter_config& /*c*/) { return false; }
-  static std::vector<std::string_view> checkpoint_parameters() { return {}; }
-  static std::vector<std::string_view> shared_parameters() { return {}; }
-  [[noreturn]] static dynamic_rank from_checkpoint(const io::adapter_config& /*c*/,
-                                                   const io::checkpoint_tensors<T>& /*m*/,
-                                                   const io::checkpoint_tensors<T>& /*shared*/) {
-    detail::raise<unsupported_error>("dynamic_rank::from_checkpoint", no_checkpoint);
-  }
-  [[noreturn]] void describe_in(io::adapter_config& /*c*/, const std::string& /*module*/) const {
-    detail::raise<unsupported_error>("dynamic_rank::describe_in", no_checkpoint);
-  }
-
+  /// lora_A.weight, lora_B.weight (as LoRA) and the component vector.
   std::vector<parameter<T>> parameters() {
     std::vector<parameter<T>> p;
     p.push_back({"lora_A.weight", core_.a().view(), core_.grad_a().view(), detail::shape_of(A(), false)});
@@ -248,24 +221,8 @@ class dynamic_rank : public additive_adapter<dynamic_rank<T>, T> {
   void zero_grad() { core_.zero_grad(); }
 
  private:
-  // ---- additive_adapter hooks ------------------------------------------------------------------
-  void add_delta(matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const { core_.add(x, y, cache); }
-  void delta_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& cache) {
-    core_.backward(x, g, dx, cache);
-    mask_gradient();  // a frozen mask keeps masked c_i gradients at zero
-  }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    core_.check_io(where, w, x, y);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    core_.check_grad(where, w, x, g, dx);
-  }
-
-  static constexpr std::string_view no_checkpoint =
-      "dynamic_rank has no PEFT checkpoint format: compact() to a LoRA and save that";
+  // ---- low_rank_adapter hook ----------------------------------------------------------------
+  void after_backward() { mask_gradient(); }  // a frozen mask keeps masked c_i gradients at zero
 
   struct factors {
     matrix<T> a, b;
@@ -372,7 +329,5 @@ class dynamic_rank : public additive_adapter<dynamic_rank<T>, T> {
   double eps_ = 1e-8;
 };
 
-static_assert(mergeable_adapter_for<dynamic_rank<float>, dense<float>>);
-static_assert(mergeable_adapter_for<dynamic_rank<double>, dense<bf16>>);
 
 }  // namespace peft

@@ -18,59 +18,38 @@
 // A checkpoint stores only l, so one side of the layer is unknown after loading:
 // in_features() (output scaling) or out_features() (feedforward) is 0 until bind(in, out)
 // or bind(base) sets it. forward and friends accept any size on the unbound side.
-// Checkpoint name: ia3_l (no ".weight"); config field feedforward_modules (a list: a module is
-// feedforward when its path ends with an entry — plain suffix, PEFT's rule, unlike
-// target_modules; a string: a regex matching the whole path).
+// Checkpoints (ia3_l, feedforward_modules): io/peft/ia3.hpp.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
-#include <regex>
 #include <string>
 #include <string_view>
 #include <vector>
 
-#include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
-#include "peft/io/adapter_config.hpp"
-#include "peft/io/checkpoint_tensors.hpp"
 
 namespace peft {
 
 /// PEFT's `init_ia3_weights`: true (l = 1: a no-op), false (l ~ N(0, 1), PyTorch's randn).
 enum class ia3_init : std::uint8_t { ones, random };
 
+template <compute_scalar T>
+class ia3;
+
 struct ia3_options {
+  template <compute_scalar T>
+  using adapter = ia3<T>;  // the adapter these options make
+
   bool feedforward = false;  // scale the input (true) or the output (false)
   ia3_init init = ia3_init::ones;
   std::uint64_t seed = 0;
 };
-
-/// PEFT's IA3Model._check_target_module_feedforward: `rule` is adapter_config.json's
-/// feedforward_modules (null/absent: no module; a string: re.fullmatch; a list: the module path
-/// ends with an entry, as a plain string suffix). format_error on another JSON type or a bad regex.
-inline bool ia3_feedforward(const io::ordered_json& rule, const std::string& module) {
-  constexpr const char* where = "ia3_feedforward";
-  if (rule.is_null()) return false;
-  if (rule.is_string()) {
-    try {
-      return std::regex_match(module, std::regex(rule.get<std::string>(), std::regex::ECMAScript));
-    } catch (const std::regex_error& e) {
-      detail::raise<format_error>(where, "feedforward_modules '" + rule.get<std::string>() + "' is not a valid regex: " + e.what());
-    }
-  }
-  if (!rule.is_array()) detail::raise<format_error>(where, "feedforward_modules must be a string or a list of strings");
-  for (const auto& e : rule) {
-    if (!e.is_string()) detail::raise<format_error>(where, "feedforward_modules entries must be strings");
-    if (module.ends_with(e.get<std::string>())) return true;
-  }
-  return false;
-}
 
 template <compute_scalar T>
 class ia3 {
@@ -296,79 +275,7 @@ class ia3 {
     return true;
   }
 
-  // ---- PEFT checkpoints ----------------------------------------------------------------------
-
-  static bool handles(const io::adapter_config& c) { return c.peft_type == "IA3"; }
-  static std::vector<std::string_view> checkpoint_parameters() { return {"ia3_l"}; }
-  static std::vector<std::string_view> shared_parameters() { return {}; }
-
-  /// Whether `c` makes `module` a feedforward module (PEFT's rule, see ia3_feedforward).
-  static bool is_feedforward(const io::adapter_config& c, const std::string& module) {
-    const auto it = c.raw.find("feedforward_modules");
-    return it != c.raw.end() && ia3_feedforward(*it, module);
-  }
-
-  /// The adapter of one module, unbound on the side ia3_l does not give. The config's
-  /// feedforward_modules decides the kind; ia3_l must have the matching shape.
-  static ia3 from_checkpoint(const io::adapter_config& c, const io::checkpoint_tensors<T>& m,
-                             const io::checkpoint_tensors<T>& /*shared*/) {
-    constexpr const char* where = "ia3::from_checkpoint";
-    const std::string mod = "module '" + m.module() + "'";
-    const auto& t = m.get("ia3_l");
-    if (t.shape.size() != 2) {
-      if (t.shape.size() > 2) {
-        detail::raise<unsupported_error>(where, mod + ": ia3_l is " + io::detail::shape_text(t.shape) +
-                                                    ", a convolution's: peft-cpp adapts linear layers only");
-      }
-      detail::raise<format_error>(where, mod + ": ia3_l is " + io::detail::shape_text(t.shape) + ", expected [1, in] or [out, 1]");
-    }
-    const bool ff = is_feedforward(c, m.module());
-    const auto n = ff ? t.shape[1] : t.shape[0];
-    if ((ff ? t.shape[0] : t.shape[1]) != 1 || n < 1) {
-      detail::raise<format_error>(where, mod + (ff ? " is a feedforward module (feedforward_modules), so ia3_l must be [1, in]"
-                                                   : " is not a feedforward module (feedforward_modules), so ia3_l must be [out, 1]") +
-                                             ", it is " + io::detail::shape_text(t.shape));
-    }
-    return ia3(m.copy("ia3_l").storage(), ff);
-  }
-
-  /// Makes `c` describe this module: peft_type IA3; a feedforward module not yet matched by
-  /// feedforward_modules is added to it (to the list, and to a list target_modules, which PEFT
-  /// requires to contain it; or as an alternative of the regex). unsupported_error when
-  /// feedforward_modules matches an output-scaled module.
-  void describe_in(io::adapter_config& c, const std::string& module) const {
-    constexpr const char* where = "ia3::describe_in";
-    if (!c.raw.is_object()) c.raw = io::ordered_json::object();
-    if (c.peft_type != "IA3") c.raw.erase("feedforward_modules");
-    c.peft_type = "IA3";
-    const bool matched = is_feedforward(c, module);
-    if (matched == feedforward_) return;
-    if (!feedforward_) {
-      detail::raise<unsupported_error>(where, "module '" + module + "' scales its output, but the config's "
-                                              "feedforward_modules makes it a feedforward module");
-    }
-    auto& rule = c.raw["feedforward_modules"];
-    if (rule.is_string()) {
-      std::string escaped;
-      for (const char ch : module) {
-        if (std::string_view(".^$|?*+()[]{}\\").find(ch) != std::string_view::npos) escaped += '\\';
-        escaped += ch;
-      }
-      std::string re = "(?:";
-      re += rule.get<std::string>();
-      re += ")|";
-      re += escaped;
-      rule = re;
-    } else {
-      if (!rule.is_array()) rule = io::ordered_json::array();
-      rule.push_back(module);
-      if (c.targets_kind == io::target_kind::list &&
-          std::find(c.target_modules.begin(), c.target_modules.end(), module) == c.target_modules.end()) {
-        c.target_modules.push_back(module);
-      }
-    }
-  }
-
+  /// ia3_l: (1, in) feedforward, (out, 1) otherwise (PEFT's name, no ".weight").
   std::vector<parameter<T>> parameters() {
     return {{"ia3_l", l_.view(), gl_.view(), detail::shape_of(l_.view(), false)}};
   }
@@ -427,7 +334,5 @@ class ia3 {
   matrix<T> gl_;  // gradient, same shape
 };
 
-static_assert(mergeable_adapter_for<ia3<float>, dense<float>>);
-static_assert(mergeable_adapter_for<ia3<double>, dense<bf16>>);
 
 }  // namespace peft

@@ -23,16 +23,12 @@
 #include <string_view>
 #include <vector>
 
-#include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
-#include "peft/core/adapter_checks.hpp"
-#include "peft/core/base_weight.hpp"
+#include "peft/core/additive_adapter.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
-#include "peft/io/adapter_config.hpp"
-#include "peft/io/checkpoint_tensors.hpp"
 #include "peft/kernels/gemm.hpp"
 
 namespace peft {
@@ -41,7 +37,13 @@ namespace peft {
 /// four kaiming-uniform).
 enum class loha_init : std::uint8_t { standard, random };
 
+template <compute_scalar T>
+class loha;
+
 struct loha_options {
+  template <compute_scalar T>
+  using adapter = loha<T>;  // the adapter these options make
+
   index rank = 8;
   double alpha = 8.0;
   loha_init init = loha_init::standard;
@@ -49,7 +51,9 @@ struct loha_options {
 };
 
 template <compute_scalar T>
-class loha {
+class loha : public additive_adapter<loha<T>, T> {
+  friend class additive_adapter<loha<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "loha";
@@ -105,45 +109,12 @@ class loha {
   matrix_view<const T> grad_W2a() const noexcept { return g2a_.view(); }
   matrix_view<const T> grad_W2b() const noexcept { return g2b_.view(); }
 
-  /// y = x W0^T + b0 + x dW^T.
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& /*cache*/) const {
-    check_io("loha::forward", w, x, y);
-    w.matmul(x, y);
-    const matrix<T> d = delta();
-    kernels::gemm_nt<T, T>(1.0, x, d.view(), 1.0, y);
-  }
-
-  /// y += x dW^T; h is not needed.
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& /*cache*/) const {
-    check_io("loha::add_term", w, x, y);
-    const matrix<T> d = delta();
-    kernels::gemm_nt<T, T>(1.0, x, d.view(), 1.0, y);
-  }
-
-  /// Accumulates the four factor gradients; writes dx = g W0 + g dW.
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
-                cache_type& /*cache*/) {
-    check_grad("loha::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    hadamard_backward(x, g, dx);
-  }
-
-  /// Accumulates the four factor gradients and dx += g dW; the term does not depend on h.
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
-                     matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& /*cache*/) {
-    check_grad("loha::backward_term", w, x, g, dx);
-    hadamard_backward(x, g, dx);
-  }
+  // forward, add_term, backward, backward_term: core/additive_adapter.hpp over the hooks below.
 
   /// dW = s (W1a W1b) * (W2a W2b) (out, in).
   template <base_weight Base>
   void delta_weight(const Base& w, matrix_view<T> dw) const {
-    check_base("loha::delta_weight", w);
+    this->check_base("loha::delta_weight", w);
     detail::expect_shape("loha::delta_weight", "dw", dw, out_features(), in_features());
     const matrix<T> d = delta();
     for (index i = 0; i < d.rows(); ++i) std::copy(d.row(i), d.row(i) + d.cols(), dw.row(i));
@@ -155,76 +126,7 @@ class loha {
     return false;
   }
 
-  // ---- PEFT checkpoints ----------------------------------------------------------------------
-
-  static bool handles(const io::adapter_config& c) { return c.peft_type == "LOHA"; }
-  static std::vector<std::string_view> checkpoint_parameters() {
-    return {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"};
-  }
-  static std::vector<std::string_view> shared_parameters() { return {}; }
-
-  /// LoHa's alpha for a module: alpha_pattern first, then "alpha" (PEFT's default 8).
-  static double alpha_for(const io::adapter_config& c, const std::string& module) {
-    for (const auto& [k, v] : c.alpha_pattern) {
-      if (io::adapter_config::pattern_matches(k, module)) return v;
-    }
-    const auto it = c.raw.find("alpha");
-    if (it == c.raw.end() || it->is_null()) return 8.0;
-    if (!it->is_number()) detail::raise<format_error>("loha::from_checkpoint", "adapter_config.json: 'alpha' must be a number");
-    return it->template get<double>();
-  }
-
-  /// The adapter of one module: rank from the tensors, checked against r / rank_pattern;
-  /// s = alpha / r with alpha from alpha / alpha_pattern.
-  static loha from_checkpoint(const io::adapter_config& c, const io::checkpoint_tensors<T>& m,
-                              const io::checkpoint_tensors<T>& /*shared*/) {
-    constexpr const char* where = "loha::from_checkpoint";
-    const std::string mod = "module '" + m.module() + "'";
-    if (m.contains("hada_t1") || m.contains("hada_t2")) {
-      detail::raise<unsupported_error>(where, mod + " has hada_t1/hada_t2, LoHa's effective-conv2d form of a "
-                                                    "convolution: peft-cpp adapts linear layers only");
-    }
-    for (const auto& [name, t] : m.all()) {
-      if (t.shape.size() != 2) {
-        detail::raise<unsupported_error>(where, mod + ": '" + name + "' is " + io::detail::shape_text(t.shape) +
-                                                    ", not a matrix: peft-cpp adapts linear layers only");
-      }
-    }
-    const auto& s1a = m.shape("hada_w1_a", 2);
-    const auto& s1b = m.shape("hada_w1_b", 2);
-    const auto& s2a = m.shape("hada_w2_a", 2);
-    const auto& s2b = m.shape("hada_w2_b", 2);
-    const bool ok = s1a[1] >= 1 && s1a[0] >= 1 && s1b[1] >= 1 && s1b[0] == s1a[1] && s2a == s1a && s2b == s1b;
-    if (!ok) {
-      detail::raise<format_error>(where, mod + ": hada_w1_a " + io::detail::shape_text(s1a) + ", hada_w1_b " +
-                                             io::detail::shape_text(s1b) + ", hada_w2_a " + io::detail::shape_text(s2a) +
-                                             ", hada_w2_b " + io::detail::shape_text(s2b) +
-                                             " are not (out, r), (r, in), (out, r), (r, in)");
-    }
-    const auto rank = static_cast<index>(s1a[1]);
-    if (rank != c.rank_for(m.module())) {
-      detail::raise<format_error>(where, mod + " has rank " + std::to_string(rank) + " but adapter_config.json gives " +
-                                             std::to_string(c.rank_for(m.module())));
-    }
-    return loha(m.copy("hada_w1_a"), m.copy("hada_w1_b"), m.copy("hada_w2_a"), m.copy("hada_w2_b"),
-                alpha_for(c, m.module()));
-  }
-
-  /// Makes `c` describe this module: peft_type LOHA; "alpha" when `c` has none; exact
-  /// rank_pattern / alpha_pattern entries where r / alpha do not give this module's.
-  void describe_in(io::adapter_config& c, const std::string& module) const {
-    if (!c.raw.is_object()) c.raw = io::ordered_json::object();
-    if (c.peft_type != "LOHA") c.raw.erase("alpha");
-    c.peft_type = "LOHA";
-    if (!c.raw.contains("alpha") || c.raw["alpha"].is_null()) {
-      c.raw["alpha"] = alpha_ == std::floor(alpha_) && std::abs(alpha_) < 1e15 ? io::ordered_json(static_cast<long long>(alpha_))
-                                                                              : io::ordered_json(alpha_);
-    }
-    if (c.rank_for(module) != rank()) c.rank_pattern.insert(c.rank_pattern.begin(), {module, rank()});
-    const double tol = 8.0 * std::numeric_limits<double>::epsilon() * std::max(1.0, std::abs(alpha_));
-    if (std::abs(alpha_for(c, module) - alpha_) > tol) c.alpha_pattern.insert(c.alpha_pattern.begin(), {module, alpha_});
-  }
-
+  /// hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b: PEFT's names (no ".weight").
   std::vector<parameter<T>> parameters() {
     std::vector<parameter<T>> p;
     p.push_back({"hada_w1_a", w1a_.view(), g1a_.view(), detail::shape_of(w1a_.view(), false)});
@@ -263,20 +165,6 @@ class loha {
     g2b_ = matrix<T>(w2b_.rows(), w2b_.cols());
   }
 
-  template <class Base>
-  void check_base(const char* where, const Base& w) const {
-    detail::check_adapter_base(where, *this, w);
-  }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    detail::check_adapter_io(where, *this, w, x, y);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    detail::check_adapter_grad(where, *this, w, x, g, dx);
-  }
-
   /// P = W1a W1b and Q = W2a W2b (out, in).
   void products(matrix<T>& p, matrix<T>& q) const {
     p = matrix<T>(out_features(), in_features());
@@ -294,7 +182,12 @@ class loha {
     return p;
   }
 
-  void hadamard_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx) {
+  // ---- additive_adapter hooks: y += x dW^T; gradients and dx += g dW ---------------------------
+  void add_delta(matrix_view<const T> x, matrix_view<T> y, cache_type& /*cache*/) const {
+    const matrix<T> d = delta();
+    kernels::gemm_nt<T, T>(1.0, x, d.view(), 1.0, y);
+  }
+  void delta_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& /*cache*/) {
     matrix<T> p, q;
     products(p, q);
     const index out = out_features(), in = in_features();
@@ -333,7 +226,5 @@ class loha {
   matrix<T> g2b_;
 };
 
-static_assert(mergeable_adapter_for<loha<float>, dense<float>>);
-static_assert(mergeable_adapter_for<loha<double>, dense<bf16>>);
 
 }  // namespace peft

@@ -23,8 +23,8 @@
 // no-op, like LoRA's B = 0). phm_delta_init::random draws W_left glorot-uniform too.
 //
 // Mergeable: delta_weight writes Delta W (one GEMM per (a, c) block), delta_bias is false.
-// No PEFT checkpoint format exists: handles() is false, from_checkpoint/describe_in raise
-// unsupported_error (merge it into the base, or save parameters() with safetensors).
+// No PEFT checkpoint format exists (io/peft/phm_delta.hpp says so when saving): merge it into the
+// base, or save parameters() with safetensors.
 #pragma once
 
 #include <cstdint>
@@ -35,23 +35,25 @@
 #include <vector>
 
 #include "peft/adapters/detail/phm.hpp"
-#include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
-#include "peft/core/base_weight.hpp"
-#include "peft/core/adapter_checks.hpp"
+#include "peft/core/additive_adapter.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
-#include "peft/io/adapter_config.hpp"
-#include "peft/io/checkpoint_tensors.hpp"
 
 namespace peft {
 
 /// zero_left: W_left = 0 (Delta W = 0 at init); random: W_left glorot-uniform as well.
 enum class phm_delta_init : std::uint8_t { zero_left, random };
 
+template <compute_scalar T>
+class phm_delta;
+
 struct phm_delta_options {
+  template <compute_scalar T>
+  using adapter = phm_delta<T>;  // the adapter these options make
+
   index n = 4;                  // PHM order; divides in_features and out_features
   phm_delta_init init = phm_delta_init::zero_left;
   double rule_init_std = 1e-4;  // a rule the adapter creates itself ~ N(0, std^2)
@@ -59,7 +61,9 @@ struct phm_delta_options {
 };
 
 template <compute_scalar T>
-class phm_delta {
+class phm_delta : public additive_adapter<phm_delta<T>, T> {
+  friend class additive_adapter<phm_delta<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "phm_delta";
@@ -121,43 +125,12 @@ class phm_delta {
     return rule_ ? matrix_view<const T>(rule_->grad.view()) : matrix_view<const T>{};
   }
 
-  /// y = x W0^T + b0 + x Delta W^T.
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
-    check_io("phm_delta::forward", w, x, y);
-    w.matmul(x, y);
-    add_delta(x, y, cache);
-  }
-
-  /// y += x Delta W^T (h is not needed).
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& cache) const {
-    check_io("phm_delta::add_term", w, x, y);
-    add_delta(x, y, cache);
-  }
-
-  /// Accumulates dA (shared), dW_left, dW_right; writes dx = g W0 + g Delta W.
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
-                cache_type& cache) {
-    check_grad("phm_delta::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    delta_backward(x, g, dx, cache);
-  }
-
-  /// Accumulates the gradients and dx += g Delta W; the term does not depend on h.
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
-                     matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& cache) {
-    check_grad("phm_delta::backward_term", w, x, g, dx);
-    delta_backward(x, g, dx, cache);
-  }
+  // forward, add_term, backward, backward_term: core/additive_adapter.hpp over the hooks below.
 
   /// dW = sum_i A_i kron (W_left[i] W_right[i]^T) (out, in).
   template <base_weight Base>
   void delta_weight(const Base& w, matrix_view<T> dw) const {
-    check_base("phm_delta::delta_weight", w);
+    this->check_base("phm_delta::delta_weight", w);
     detail::expect_shape("phm_delta::delta_weight", "dw", dw, out_features(), in_features());
     detail::phm::kron_sum<T>(rule_->value.view(), detail::phm::rule_side::as_stored, left_.view(), right_.view(), dw);
   }
@@ -166,24 +139,6 @@ class phm_delta {
   template <base_weight Base>
   bool delta_bias(const Base& /*w*/, T* /*db*/) const {
     return false;
-  }
-
-  // ---- checkpoints: PEFT has no PHM delta ------------------------------------------------------
-
-  static bool handles(const io::adapter_config& /*c*/) { return false; }
-  static std::vector<std::string_view> checkpoint_parameters() { return {}; }
-  static std::vector<std::string_view> shared_parameters() { return {}; }
-  [[noreturn]] static phm_delta from_checkpoint(const io::adapter_config& /*c*/, const io::checkpoint_tensors<T>& /*m*/,
-                                                const io::checkpoint_tensors<T>& /*shared*/) {
-    detail::raise<unsupported_error>("phm_delta::from_checkpoint",
-                                     "PEFT has no PHM checkpoint format; merge the delta into the base weights "
-                                     "(merge_and_unload) or save parameters() with safetensors and use the tensor "
-                                     "constructor");
-  }
-  [[noreturn]] void describe_in(io::adapter_config& /*c*/, const std::string& module) const {
-    detail::raise<unsupported_error>("phm_delta::describe_in",
-                                     "module '" + module + "': PEFT has no PHM checkpoint format; merge the delta into "
-                                     "the base weights or save parameters() with safetensors instead");
   }
 
   /// phm_rule (shared, once per model in an optimizer), W_left, W_right.
@@ -229,20 +184,6 @@ class phm_delta {
     detail::phm::check_rule(where, rule_, left_.rows());
     detail::check_adapter_base(where, *this, w);
   }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    check_base(where, w);
-    detail::expect_shape(where, "x", x, x.rows(), in_features());
-    detail::expect_shape(where, "y", y, x.rows(), out_features());
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    check_base(where, w);
-    detail::expect_shape(where, "x", x, x.rows(), in_features());
-    detail::expect_shape(where, "dy", g, x.rows(), out_features());
-    detail::expect_shape(where, "dx", dx, x.rows(), in_features());
-  }
 
   // x Delta W^T = x H with H = sum_i A_i^T kron (v_i u_i^T) (in, out): the LPHM product with the
   // rule transposed, input-side factor W_right, output-side factor W_left.
@@ -268,7 +209,5 @@ class phm_delta {
   matrix<T> gright_;
 };
 
-static_assert(mergeable_adapter_for<phm_delta<float>, dense<float>>);
-static_assert(mergeable_adapter_for<phm_delta<double>, dense<bf16>>);
 
 }  // namespace peft

@@ -43,17 +43,12 @@
 #include <utility>
 #include <vector>
 
-#include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
-#include "peft/core/base_weight.hpp"
-#include "peft/core/adapter_checks.hpp"
 #include "peft/core/additive_adapter.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
-#include "peft/io/adapter_config.hpp"
-#include "peft/io/checkpoint_tensors.hpp"
 #include "peft/kernels/gemm.hpp"
 
 namespace peft {
@@ -237,7 +232,7 @@ class randlora : public additive_adapter<randlora<T>, T> {
   /// dW = s V U (in <= out) or s U^T V^T (in > out), PEFT's get_delta_weight (out, in).
   template <base_weight Base>
   void delta_weight(const Base& w, matrix_view<T> dw) const {
-    check_base("randlora::delta_weight", w);
+    this->check_base("randlora::delta_weight", w);
     detail::expect_shape("randlora::delta_weight", "dw", dw, out_, in_);
     const index rr = rank() * num_bases(), mn = min_features();
     const double s = static_cast<double>(scale_);
@@ -258,91 +253,9 @@ class randlora : public additive_adapter<randlora<T>, T> {
     return false;
   }
 
-  // ---- PEFT checkpoints (io/peft_checkpoint.hpp calls these) ------------------------------------
-
-  static bool handles(const io::adapter_config& c) { return c.peft_type == "RANDLORA"; }
-  /// Per-module names: the trainable vectors and PEFT's per-module copies of the bases.
-  static std::vector<std::string_view> checkpoint_parameters() {
-    return {"randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"};
-  }
-  static std::vector<std::string_view> shared_parameters() { return {"randlora_A", "randlora_B"}; }
-
-  /// The adapter of one module: the bases referenced from `shared` (the same objects for every
-  /// module), lambda and gamma copied; the module's copies of the bases, when present, must equal
-  /// the shared ones. in = min(in, out), out = randlora_B's height until set_features is called.
-  /// unsupported_error for save_projection=false, format_error for inconsistent shapes or copies.
-  static randlora from_checkpoint(const io::adapter_config& c, const io::checkpoint_tensors<T>& m,
-                                  const io::checkpoint_tensors<T>& shared) {
-    constexpr const char* where = "randlora::from_checkpoint";
-    if (!saves_projection(c)) {
-      detail::raise<unsupported_error>(
-          where, "the adapter was saved with save_projection=false: randlora_A and randlora_B are not in the "
-                 "checkpoint, and PEFT regenerates them from projection_prng_key with PyTorch's random generator, "
-                 "which peft-cpp does not reproduce; load the adapter in PEFT and save it again with "
-                 "save_projection=True");
-    }
-    if (!shared.contains("randlora_A") || !shared.contains("randlora_B")) {
-      detail::raise<format_error>(where, "the checkpoint has no base_model.randlora_A / base_model.randlora_B "
-                                         "although save_projection is true");
-    }
-    const auto& sa = shared.shape("randlora_A", 3);
-    const auto& sb = shared.shape("randlora_B", 3);
-    if (sa[0] < 1 || sa[1] != 1 || sa[2] < 1) {
-      detail::raise<format_error>(where, "randlora_A is " + io::detail::shape_text(sa) + ", expected [r, 1, min_dim]");
-    }
-    if (sb[2] != sa[0] || sb[0] < sa[2] || sb[1] < 1) {
-      detail::raise<format_error>(where, "randlora_B " + io::detail::shape_text(sb) + " and randlora_A " +
-                                             io::detail::shape_text(sa) + " do not fit [max_dim, nb, r] and [r, 1, min_dim]");
-    }
-    const index r = static_cast<index>(sa[0]);
-    if (c.raw.contains("r") && c.r != r) {
-      detail::raise<format_error>(where, "randlora_A has rank " + std::to_string(r) +
-                                             " but adapter_config.json gives r = " + std::to_string(c.r));
-    }
-    for (const char* name : {"randlora_A", "randlora_B"}) {
-      if (!m.contains(name)) continue;
-      if (m.get(name).shape != shared.get(name).shape ||
-          m.shared(name)->storage() != shared.shared(name)->storage()) {
-        detail::raise<format_error>(where, "module '" + m.module() + "': its copy of " + name +
-                                               " differs from base_model." + name +
-                                               " (PEFT saves one buffer under both keys, so they must be equal)");
-      }
-    }
-    const auto& sl = m.shape("randlora_lambda", 2);
-    const auto& sg = m.shape("randlora_gamma", 2);
-    const std::string mod = "module '" + m.module() + "': ";
-    if (sl[0] != r || sl[1] != sg[0]) {
-      detail::raise<format_error>(where, mod + "randlora_lambda " + io::detail::shape_text(sl) + " and randlora_gamma " +
-                                             io::detail::shape_text(sg) + " do not fit rank " + std::to_string(r) +
-                                             " (expected [r, nb] and [nb, min(in, out)])");
-    }
-    const index nb = static_cast<index>(sg[0]), mn = static_cast<index>(sg[1]);
-    if (mn < 1 || mn > static_cast<index>(sa[2]) || nb != randlora_num_bases(mn, r) || nb > static_cast<index>(sb[1])) {
-      detail::raise<format_error>(where, mod + "randlora_gamma " + io::detail::shape_text(sg) + " does not fit the bases " +
-                                             io::detail::shape_text(sa) + " / " + io::detail::shape_text(sb) +
-                                             " (num_bases must be ceil(min(in, out) / r))");
-    }
-    const double alpha = number_field(c, "randlora_alpha", 640.0);
-    return randlora(shared.shared("randlora_A"), shared.shared("randlora_B"), mn, static_cast<index>(sb[0]), alpha,
-                    m.copy("randlora_lambda"), m.copy("randlora_gamma"));
-  }
-
-  /// Makes `c` describe this module when saving: peft_type RANDLORA, r, randlora_alpha = s r,
-  /// save_projection true (the bases are always written).
-  void describe_in(io::adapter_config& c, const std::string& /*module*/) const {
-    c.peft_type = "RANDLORA";
-    c.r = rank();
-    const double a = static_cast<double>(scale_) * static_cast<double>(rank());
-    const double rounded = std::round(a);
-    // PEFT declares randlora_alpha an int; keep an integer when the scale gives one.
-    const bool integral = std::abs(a - rounded) <= 1e-6 * std::max(1.0, std::abs(a)) && std::abs(rounded) < 1e15;
-    c.raw["randlora_alpha"] = integral ? io::ordered_json(static_cast<long long>(rounded)) : io::ordered_json(a);
-    c.raw["save_projection"] = true;
-    for (const char* k : {"sparse", "very_sparse"}) {
-      if (!c.raw.contains(k)) c.raw[k] = false;
-    }
-    if (!c.raw.contains("projection_prng_key")) c.raw["projection_prng_key"] = 0;
-    if (!c.raw.contains("randlora_dropout")) c.raw["randlora_dropout"] = 0.0;
+  /// Throws peft::error for a default-constructed adapter (no bases).
+  void check_ready(const char* where) const {
+    if (!a_ || !b_) detail::raise<error>(where, "the adapter is default-constructed (no bases)");
   }
 
   /// randlora_lambda (r, nb), randlora_gamma (nb, mn): trainable; randlora_A, randlora_B: the
@@ -366,23 +279,6 @@ class randlora : public additive_adapter<randlora<T>, T> {
   }
 
  private:
-  static bool saves_projection(const io::adapter_config& c) {
-    auto it = c.raw.find("save_projection");
-    if (it == c.raw.end() || it->is_null()) return true;  // PEFT's default
-    if (!it->is_boolean()) {
-      detail::raise<format_error>("randlora::from_checkpoint", "'save_projection' must be true or false");
-    }
-    return it->template get<bool>();
-  }
-  static double number_field(const io::adapter_config& c, const char* name, double fallback) {
-    auto it = c.raw.find(name);
-    if (it == c.raw.end() || it->is_null()) return fallback;
-    if (!it->is_number()) {
-      detail::raise<format_error>("randlora::from_checkpoint", std::string("'") + name + "' must be a number");
-    }
-    return it->template get<double>();
-  }
-
   void check_features(const char* where, index in, index out) const {
     if (in < 1 || out < 1) {
       detail::raise<shape_error>(where, "in_features and out_features must be >= 1, got " +
@@ -401,25 +297,6 @@ class randlora : public additive_adapter<randlora<T>, T> {
       detail::raise<shape_error>(where, "the layer needs " + std::to_string(randlora_num_bases(mn, r)) +
                                             " bases, randlora_B holds " + std::to_string(b_->cols() / r));
     }
-  }
-  template <class Base>
-  void check_base(const char* where, const Base& w) const {
-    if (!a_ || !b_) detail::raise<error>(where, "the adapter is default-constructed (no bases)");
-    detail::check_adapter_base(where, *this, w);
-  }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    check_base(where, w);
-    detail::expect_shape(where, "x", x, x.rows(), in_);
-    detail::expect_shape(where, "y", y, x.rows(), out_);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    check_base(where, w);
-    detail::expect_shape(where, "x", x, x.rows(), in_);
-    detail::expect_shape(where, "dy", g, x.rows(), out_);
-    detail::expect_shape(where, "dx", dx, x.rows(), in_);
   }
 
   /// U (R, mn) into `u`, or U^T (mn, R) when `transposed`.
@@ -552,7 +429,5 @@ class randlora : public additive_adapter<randlora<T>, T> {
   matrix<T> ggamma_;
 };
 
-static_assert(mergeable_adapter_for<randlora<float>, dense<float>>);
-static_assert(mergeable_adapter_for<randlora<double>, dense<bf16>>);
 
 }  // namespace peft

@@ -43,30 +43,35 @@
 #include <type_traits>
 #include <vector>
 
-#include "peft/base/dense.hpp"
+#include "peft/adapters/detail/shira_random_mask.hpp"
 #include "peft/core/adapter.hpp"
-#include "peft/core/base_weight.hpp"
-#include "peft/core/dtype.hpp"
 #include "peft/core/adapter_checks.hpp"
+#include "peft/core/additive_adapter.hpp"
+#include "peft/kernels/sparse_rows_epilogue.hpp"
+#include "peft/core/dtype.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
-#include "peft/kernels/epilogue.hpp"
 #include "peft/core/random.hpp"
-#include "peft/io/adapter_config.hpp"
-#include "peft/io/checkpoint_tensors.hpp"
-#include "peft/train/shira_masks.hpp"
 
 namespace peft {
 
+template <compute_scalar T>
+class shira;
+
 struct shira_options {
+  template <compute_scalar T>
+  using adapter = shira<T>;  // the adapter these options make
+
   index rank = 32;           // PEFT's r: K = r (d_out + d_in) entries (PEFT's default 32)
   bool random_init = false;  // PEFT's init_weights=False: v ~ N(0, 1) (tests only); default v = 0
   std::uint64_t seed = 0;    // seeds the random mask (shira_random_mask) and the values
 };
 
 template <compute_scalar T>
-class shira {
+class shira : public additive_adapter<shira<T>, T> {
+  friend class additive_adapter<shira<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "shira";
@@ -133,49 +138,13 @@ class shira {
   matrix_view<const T> values() const noexcept { return values_.view(); }
   matrix_view<const T> grad_values() const noexcept { return grad_.view(); }
 
-  /// y = x W0^T + b0 + x Delta W^T.
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& /*cache*/) const {
-    check_io("shira::forward", w, x, y);
-    if constexpr (fused_base_weight<Base, T>) {
-      // Each output tile of the base product gets the entries of its output rows while in cache.
-      w.matmul(x, y, [this, x](index i0, index j0, matrix_view<T> tile) { add_sparse_tile(x, i0, j0, tile); });
-    } else {
-      w.matmul(x, y);
-      add_sparse(x, y);
-    }
-  }
-
-  /// y += x Delta W^T; h (the base output) is not needed.
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& /*cache*/) const {
-    check_io("shira::add_term", w, x, y);
-    add_sparse(x, y);
-  }
-
-  /// Accumulates dv; writes dx = g W0 + g Delta W.
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
-                cache_type& /*cache*/) {
-    check_grad("shira::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    sparse_backward(x, g, dx);
-  }
-
-  /// Accumulates dv and dx += g Delta W; the term does not depend on h.
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
-                     matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& /*cache*/) {
-    check_grad("shira::backward_term", w, x, g, dx);
-    sparse_backward(x, g, dx);
-  }
+  // forward, add_term, backward, backward_term: core/additive_adapter.hpp over the hooks below
+  // (the sparse term joins the base product's tiles through kernels::sparse_rows_epilogue).
 
   /// dW = scatter(indices, s v) (out, in), zero elsewhere. For switching, apply() is the O(K) form.
   template <base_weight Base>
   void delta_weight(const Base& w, matrix_view<T> dw) const {
-    check_base("shira::delta_weight", w);
-    check_not_applied("shira::delta_weight", w);
+    this->check_base("shira::delta_weight", w);
     detail::expect_shape("shira::delta_weight", "dw", dw, out_, in_);
     for (index i = 0; i < out_; ++i) std::fill(dw.row(i), dw.row(i) + in_, T{0});
     for (index k = 0; k < entries(); ++k) dw(idx_(0, k), idx_(1, k)) = scale_ * values_(0, k);
@@ -192,10 +161,11 @@ class shira {
   /// W0[r_k, c_k] = round_S(W0[r_k, c_k] + s v_k) in place (each sum in double, rounded once to the
   /// storage type, as adapted_linear::merge does), keeping the K overwritten values. peft::error
   /// if this adapter is already applied to `base`; shape_error on a shape mismatch.
-  template <storage_scalar S>
-  void apply(dense<S>& base) {
+  template <dense_storage_base Base>
+  void apply(Base& base) {
+    using S = storage_scalar_of<Base>;
     constexpr const char* where = "shira::apply";
-    check_base(where, base);
+    detail::check_adapter_base(where, *this, base);
     matrix_view<S> w = base.mutable_weight();
     if (find_application(w.data()) != applied_.end()) {
       detail::raise<error>(where, "this adapter is already applied to this base; remove() it first "
@@ -224,10 +194,11 @@ class shira {
   /// peft::error (W0 untouched) if this adapter is not applied to `base`, or if W0's values at
   /// this adapter's entries changed since apply() (an overlapping adapter applied later and not
   /// removed first, a merge or an update of W0).
-  template <storage_scalar S>
-  void remove(dense<S>& base) {
+  template <dense_storage_base Base>
+  void remove(Base& base) {
+    using S = storage_scalar_of<Base>;
     constexpr const char* where = "shira::remove";
-    check_base(where, base);
+    detail::check_adapter_base(where, *this, base);
     matrix_view<S> w = base.mutable_weight();
     const auto it = find_application(w.data());
     if (it == applied_.end() || it->type != dtype_of_v<S>) {
@@ -259,8 +230,8 @@ class shira {
   }
 
   /// Whether apply(base) is in effect (and not yet removed).
-  template <storage_scalar S>
-  bool applied_to(const dense<S>& base) const noexcept {
+  template <dense_storage_base Base>
+  bool applied_to(const Base& base) const noexcept {
     return find_application(static_cast<const void*>(base.weight().data())) != applied_.end();
   }
   /// How many bases this adapter is applied to.
@@ -268,107 +239,6 @@ class shira {
   /// Forgets every apply() record without touching any base: for bases destroyed or replaced
   /// while applied. Their W0 keep the adapter's values.
   void discard_applications() noexcept { applied_.clear(); }
-
-  // ---- PEFT checkpoints (io/peft_checkpoint.hpp calls these) ------------------------------------
-
-  /// PEFT's "SHIRA".
-  static bool handles(const io::adapter_config& c) { return c.peft_type == "SHIRA"; }
-  static std::vector<std::string_view> checkpoint_parameters() { return {"shira_weight", "shira_indices"}; }
-  static std::vector<std::string_view> shared_parameters() { return {}; }
-  /// shira_indices is stored as an integer tensor (I32; I64 and floats are accepted too).
-  static bool integer_parameter(std::string_view name) { return name == "shira_indices"; }
-
-  /// The adapter of one module. The checkpoint does not store the layer's shape: it comes from
-  /// the base when the loader knows it (merge_model passes it), else it is recovered from
-  /// K = r (d_out + d_in) (r from adapter_config.json) and the largest indices, which must reach
-  /// the last row and column; otherwise d_out and d_in cannot be told apart and this is a
-  /// format_error (pass the base shapes to load_peft_checkpoint).
-  static shira from_checkpoint(const io::adapter_config& c, const io::checkpoint_tensors<T>& m,
-                               const io::checkpoint_tensors<T>& /*shared*/) {
-    constexpr const char* where = "shira::from_checkpoint";
-    const std::string mod = "module '" + m.module() + "'";
-    const auto& sw = m.shape("shira_weight", 1);
-    const auto& si = m.shape("shira_indices", 2);
-    if (si[0] != 2 || si[1] != sw[0] || sw[0] < 1) {
-      detail::raise<format_error>(where, mod + ": shira_indices is " + io::detail::shape_text(si) +
-                                             ", expected [2, K] for the K = " + std::to_string(sw[0]) +
-                                             " entries of shira_weight (K >= 1)");
-    }
-    matrix<std::int32_t> idx = indices_from(m.get("shira_indices").data->view(), where, mod);
-    const index k = idx.cols();
-    const index r = c.rank_for(m.module());
-    if (k % r != 0) {
-      detail::raise<format_error>(where, mod + " has K = " + std::to_string(k) + " entries, not a multiple of r = " +
-                                             std::to_string(r) + " (PEFT sizes SHiRA as r (d_out + d_in))");
-    }
-    const index dims = k / r;
-    index need_out = 0, need_in = 0;
-    for (index t = 0; t < k; ++t) {
-      need_out = std::max<index>(need_out, idx(0, t) + 1);
-      need_in = std::max<index>(need_in, idx(1, t) + 1);
-    }
-    if (const auto& shape = m.base_shape()) {  // the caller knows the layer: no guessing
-      const auto [out, in] = *shape;
-      if (need_out > out || need_in > in) {
-        detail::raise<format_error>(where, mod + ": the indices reach row " + std::to_string(need_out - 1) +
-                                               " and column " + std::to_string(need_in - 1) + ", outside the base's " +
-                                               detail::shape_string(out, in));
-      }
-      check_entries(where, mod, in, out, idx);
-      std::vector<T> values = m.copy("shira_weight").storage();
-      return shira(in, out, std::move(idx), std::move(values));
-    }
-    if (need_out + need_in > dims) {
-      detail::raise<format_error>(where, mod + ": the indices reach row " + std::to_string(need_out - 1) + " and column " +
-                                             std::to_string(need_in - 1) + ", but K = r (d_out + d_in) gives d_out + d_in = " +
-                                             std::to_string(dims) + " (K = " + std::to_string(k) + ", r = " +
-                                             std::to_string(r) + ")");
-    }
-    if (need_out + need_in < dims) {
-      detail::raise<format_error>(where, mod + ": cannot tell d_out from d_in: the indices need d_out >= " +
-                                             std::to_string(need_out) + " and d_in >= " + std::to_string(need_in) +
-                                             ", and K = r (d_out + d_in) gives d_out + d_in = " + std::to_string(dims) +
-                                             " (the mask leaves the last rows or columns empty); build "
-                                             "peft::shira(in, out, indices, values) with the base's shape");
-    }
-    check_entries(where, mod, need_in, need_out, idx);
-    std::vector<T> values = m.copy("shira_weight").storage();
-    return shira(need_in, need_out, std::move(idx), std::move(values));
-  }
-
-  /// Makes `c` describe this module when saving: peft_type SHIRA, r = K / (d_out + d_in), and
-  /// PEFT's mask_type / init_weights fields when absent. unsupported_error where PEFT cannot
-  /// represent the adapter: K not a multiple of d_out + d_in, an r differing between modules
-  /// (ShiraConfig has one r), or a scale other than 1 (PEFT does not save it).
-  void describe_in(io::adapter_config& c, const std::string& module) const {
-    constexpr const char* where = "shira::describe_in";
-    const index dims = in_ + out_;
-    if (entries() % dims != 0) {
-      detail::raise<unsupported_error>(where, "module '" + module + "' has K = " + std::to_string(entries()) +
-                                                  " entries, not r (d_out + d_in) = r * " + std::to_string(dims) +
-                                                  ": PEFT cannot load it");
-    }
-    if (scale_ != T{1}) {
-      detail::raise<unsupported_error>(where, "module '" + module + "' has scale " + std::to_string(scale_) +
-                                                  ", which PEFT does not save: multiply the values by it and "
-                                                  "set_scale(1) first");
-    }
-    const index r = entries() / dims;
-    if (c.peft_type != "SHIRA") {
-      c.peft_type = "SHIRA";
-      c.r = r;
-    } else if (c.r != r) {
-      detail::raise<unsupported_error>(where, "module '" + module + "' has r = " + std::to_string(r) +
-                                                  " but the config says r = " + std::to_string(c.r) +
-                                                  "; PEFT's ShiraConfig has one r for every module "
-                                                  "(set config.r if all modules share it)");
-    }
-    if (!c.raw.is_object()) c.raw = io::ordered_json::object();
-    if (!c.raw.contains("r")) c.raw["r"] = r;  // to_json updates it from c.r from here on
-    if (!c.raw.contains("mask_type")) c.raw["mask_type"] = "random";
-    if (!c.raw.contains("random_seed")) c.raw["random_seed"] = nullptr;
-    if (!c.raw.contains("init_weights")) c.raw["init_weights"] = true;
-  }
 
   /// shira_weight (trainable) and shira_indices (integer, frozen: its view mirrors indices() as T,
   /// refreshed by each call; writing to it changes nothing).
@@ -418,15 +288,6 @@ class shira {
     return idx;
   }
 
- private:
-  /// One apply() in effect.
-  struct application {
-    const void* storage = nullptr;  // the base's weight buffer: identifies the base
-    dtype type = dtype::f32;        // its storage type
-    std::vector<std::byte> saved;   // the K values apply() overwrote, bit for bit
-    std::uint64_t written = 0;      // fingerprint of the K values apply() wrote
-  };
-
   /// Largest index exact in T (below 2^24 in float) and in int32.
   static constexpr index max_exact_index() noexcept {
     return std::is_same_v<T, float> ? (index{1} << 24) - 1 : index{std::numeric_limits<std::int32_t>::max()};
@@ -455,35 +316,24 @@ class shira {
     }
   }
 
-  template <class Base>
-  void check_base(const char* where, const Base& w) const {
-    detail::check_adapter_base(where, *this, w);
-  }
+ private:
+  /// One apply() in effect.
+  struct application {
+    const void* storage = nullptr;  // the base's weight buffer: identifies the base
+    dtype type = dtype::f32;        // its storage type
+    std::vector<std::byte> saved;   // the K values apply() overwrote, bit for bit
+    std::uint64_t written = 0;      // fingerprint of the K values apply() wrote
+  };
+
   /// Running the adapter over a base that already holds its values would count them twice.
   template <class Base>
-  void check_not_applied(const char* where, const Base& w) const {
+  void check_base_state(const char* where, const Base& w) const {
     if constexpr (requires { w.weight().data(); }) {
       if (!applied_.empty() && find_application(static_cast<const void*>(w.weight().data())) != applied_.end()) {
         detail::raise<error>(where, "this adapter is applied to this base (its values are in W0): run the "
                                     "base alone (disable the adapter) or remove() it first");
       }
     }
-  }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    check_base(where, w);
-    check_not_applied(where, w);
-    detail::expect_shape(where, "x", x, x.rows(), in_);
-    detail::expect_shape(where, "y", y, x.rows(), out_);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    check_base(where, w);
-    check_not_applied(where, w);
-    detail::expect_shape(where, "x", x, x.rows(), in_);
-    detail::expect_shape(where, "dy", g, x.rows(), out_);
-    detail::expect_shape(where, "dx", dx, x.rows(), in_);
   }
 
   typename std::vector<application>::const_iterator find_application(const void* storage) const noexcept {
@@ -528,19 +378,13 @@ class shira {
     for (index k = 0; k < idx_.cols(); ++k) by_row_[static_cast<std::size_t>(next[static_cast<std::size_t>(idx_(0, k))]++)] = k;
   }
 
-  /// tile[i, j] += s v_k x[i0 + i, c_k] for the entries k of output rows j0 .. j0 + tile.cols().
-  void add_sparse_tile(matrix_view<const T> x, index i0, index j0, matrix_view<T> tile) const {
-    const std::int32_t* cols = idx_.row(1);
-    const T* v = values_.data();
-    const auto first = static_cast<std::size_t>(row_start_[static_cast<std::size_t>(j0)]);
-    const auto last = static_cast<std::size_t>(row_start_[static_cast<std::size_t>(j0 + tile.cols())]);
-    for (std::size_t e = first; e < last; ++e) {
-      const index k = by_row_[e];
-      const index j = idx_(0, k) - j0;
-      const T f = scale_ * v[k];
-      const index c = cols[k];
-      for (index i = 0; i < tile.rows(); ++i) tile(i, j) += f * x(i0 + i, c);
-    }
+  // ---- additive_adapter hooks -----------------------------------------------------------------
+  kernels::sparse_rows_epilogue<T> tile_epilogue(matrix_view<const T> x, cache_type& /*cache*/) const {
+    return {x, row_start_.data(), by_row_.data(), idx_.row(0), idx_.row(1), values_.data(), scale_};
+  }
+  void add_delta(matrix_view<const T> x, matrix_view<T> y, cache_type& /*cache*/) const { add_sparse(x, y); }
+  void delta_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& /*cache*/) {
+    sparse_backward(x, g, dx);
   }
 
   /// y[:, r_k] += s v_k x[:, c_k].
@@ -584,7 +428,5 @@ class shira {
   std::vector<application> applied_;
 };
 
-static_assert(mergeable_adapter_for<shira<float>, dense<float>>);
-static_assert(mergeable_adapter_for<shira<double>, dense<bf16>>);
 
 }  // namespace peft

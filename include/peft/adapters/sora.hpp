@@ -43,16 +43,11 @@
 
 #include "peft/adapters/detail/gated_low_rank.hpp"
 #include "peft/adapters/lora.hpp"
-#include "peft/base/dense.hpp"
 #include "peft/core/adapter.hpp"
-#include "peft/core/additive_adapter.hpp"
-#include "peft/core/base_weight.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
-#include "peft/io/adapter_config.hpp"
-#include "peft/io/checkpoint_tensors.hpp"
 
 namespace peft {
 
@@ -96,7 +91,13 @@ enum class sora_gate_rule : std::uint8_t {
   official_code,  // TsinghuaC3I/SoRA: optimizer step by the trainer, then a fixed-xi threshold
 };
 
+template <compute_scalar T>
+class sora;
+
 struct sora_options {
+  template <compute_scalar T>
+  using adapter = sora<T>;  // the adapter these options make
+
   index rank = 8;  // r_max
   double alpha = 8.0;  // s = alpha / r_max
   sora_gate_rule gate_rule = sora_gate_rule::proximal;
@@ -104,14 +105,12 @@ struct sora_options {
 };
 
 template <compute_scalar T>
-class sora : public additive_adapter<sora<T>, T> {
-  friend class additive_adapter<sora<T>, T>;
+class sora : public low_rank_adapter<sora<T>, T> {
+  friend class low_rank_adapter<sora<T>, T>;
 
  public:
   using scalar = T;
   static constexpr std::string_view method = "sora";
-  /// t = x A^T (batch, r_max) and a work buffer.
-  using cache_type = detail::gated_low_rank_cache<T>;
 
   sora() = default;
 
@@ -146,22 +145,9 @@ class sora : public additive_adapter<sora<T>, T> {
   matrix_view<const T> grad_B() const noexcept { return core_.grad_b().view(); }
   matrix_view<const T> grad_gate() const noexcept { return core_.grad_c().view(); }
 
-  // forward, add_term, backward, backward_term: core/additive_adapter.hpp over the hooks below
-  // (y = x W0^T + b0 + s ((x A^T) * g) B^T, g the gate; the term does not depend on h).
-
-  /// dW = s B diag(g) A (out, in).
-  template <base_weight Base>
-  void delta_weight(const Base& w, matrix_view<T> dw) const {
-    core_.check_base("sora::delta_weight", w);
-    detail::expect_shape("sora::delta_weight", "dw", dw, out_features(), in_features());
-    core_.delta(dw);
-  }
-
-  /// The bias is not touched: false.
-  template <base_weight Base>
-  bool delta_bias(const Base& /*w*/, T* /*db*/) const {
-    return false;
-  }
+  /// The term s ((x A^T) * c) B^T for the low-rank core.
+  low_rank_term<T> low_rank() const noexcept { return core_.term(); }
+  low_rank_gradients<T> low_rank_grads() noexcept { return core_.grads(); }
 
   // ---- the gate -----------------------------------------------------------------------------
 
@@ -218,19 +204,7 @@ class sora : public additive_adapter<sora<T>, T> {
   /// the term is then exactly zero, the layer needs no adapter (lora requires rank >= 1).
   std::optional<lora<T>> compact() const { return core_.compact(); }
 
-  // ---- PEFT checkpoints: none exist for this method -----------------------------------------
-
-  static bool handles(const io::adapter_config& /*c*/) { return false; }
-  static std::vector<std::string_view> checkpoint_parameters() { return {}; }
-  static std::vector<std::string_view> shared_parameters() { return {}; }
-  [[noreturn]] static sora from_checkpoint(const io::adapter_config& /*c*/, const io::checkpoint_tensors<T>& /*m*/,
-                                           const io::checkpoint_tensors<T>& /*shared*/) {
-    detail::raise<unsupported_error>("sora::from_checkpoint", no_checkpoint);
-  }
-  [[noreturn]] void describe_in(io::adapter_config& /*c*/, const std::string& /*module*/) const {
-    detail::raise<unsupported_error>("sora::describe_in", no_checkpoint);
-  }
-
+  /// lora_A.weight, lora_B.weight (as LoRA) and the component vector.
   std::vector<parameter<T>> parameters() {
     std::vector<parameter<T>> p;
     p.push_back({"lora_A.weight", core_.a().view(), core_.grad_a().view(), detail::shape_of(A(), false)});
@@ -242,24 +216,6 @@ class sora : public additive_adapter<sora<T>, T> {
   void zero_grad() { core_.zero_grad(); }
 
  private:
-  // ---- additive_adapter hooks ------------------------------------------------------------------
-  void add_delta(matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const { core_.add(x, y, cache); }
-  void delta_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& cache) {
-    core_.backward(x, g, dx, cache);
-  }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    core_.check_io(where, w, x, y);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    core_.check_grad(where, w, x, g, dx);
-  }
-
-  static constexpr std::string_view no_checkpoint =
-      "sora has no PEFT checkpoint format: compact() to a LoRA and save that";
-
   static detail::gated_low_rank<T> fresh(index in, index out, const sora_options& opt) {
     constexpr const char* where = "sora::sora";
     if (opt.rank < 1) detail::raise<shape_error>(where, "rank must be >= 1, got " + std::to_string(opt.rank));
@@ -291,7 +247,5 @@ class sora : public additive_adapter<sora<T>, T> {
   sora_gate_rule rule_ = sora_gate_rule::proximal;
 };
 
-static_assert(mergeable_adapter_for<sora<float>, dense<float>>);
-static_assert(mergeable_adapter_for<sora<double>, dense<bf16>>);
 
 }  // namespace peft

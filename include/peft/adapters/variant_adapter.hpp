@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "peft/core/adapter.hpp"
+#include "peft/core/additive_adapter.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/parameter.hpp"
 
@@ -178,6 +179,11 @@ class variant_adapter {
                                                std::string(A::method) + " is not mergeable (not linear in x)");
       }
     });
+  }
+  /// Whether the active alternative is additive (core/additive_adapter.hpp): its term is a
+  /// function of x alone, and a bias it merges is added (so the base must have one).
+  bool additive() const {
+    return visit([](const auto& a) { return is_additive_adapter<std::decay_t<decltype(a)>>; });
   }
   /// Whether the active alternative can be merged into a `Base`.
   template <class Base>

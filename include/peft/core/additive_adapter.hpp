@@ -4,41 +4,48 @@
 //   template <compute_scalar T>
 //   class my_adapter : public additive_adapter<my_adapter<T>, T> {
 //     friend class additive_adapter<my_adapter<T>, T>;
-//     void add_delta(x, y, cache) const;        // y += term(x)
-//     void delta_backward(x, g, dx, cache);      // parameter grads += ; dx += (d term / dx)^T g
-//     template <class Base> void check_io(where, w, x, y) const;   // argument checks
-//     template <class Base> void check_grad(where, w, x, g, dx) const;
-//     // optional, for bases with a fused product (kernels/epilogue.hpp):
-//     void prepare_tiles(x, cache) const;                 // what every tile needs, once
-//     void add_delta_tile(i0, j0, tile, cache) const;     // tile += term(x)[i0.., j0..]
+//     void add_delta(x, y, cache) const;             // y += term(x)
+//     void delta_backward(x, g, dx, cache);           // parameter grads += ; dx += (d term / dx)^T g
+//     // optional: the fused form, for bases whose product takes an epilogue (core/epilogue.hpp)
+//     Epilogue tile_epilogue(x, cache) const;         // prepares what every tile needs, returns
+//                                                     // the epilogue adding term(x) to a tile
+//     // optional: void check_ready(const char* where) const;   // e.g. "default-constructed"
+//     // optional: template <class Base> void check_base_state(const char* where, const Base&) const;
 //   };
 //
-// provides forward, add_term, backward and backward_term with the adapter concept's signatures;
-// errors name the derived type's method: "[vera::forward] ...".
+// provides forward, add_term, backward and backward_term with the adapter concept's signatures,
+// the argument checks (errors name the derived type's method: "[vera::forward] ..."), and
+// marks the type as additive (is_additive_adapter), which tells the serving code that the term
+// does not read the base output.
 #pragma once
 
 #include <string>
+#include <type_traits>
 
+#include "peft/core/adapter_checks.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/dtype.hpp"
+#include "peft/core/epilogue.hpp"
 #include "peft/core/matrix_view.hpp"
-#include "peft/kernels/epilogue.hpp"
 
 namespace peft {
 
+/// Tag base of every additive adapter.
+struct additive_adapter_tag {};
+
+template <class A>
+inline constexpr bool is_additive_adapter = std::is_base_of_v<additive_adapter_tag, A>;
+
 template <class Derived, compute_scalar T>
-class additive_adapter {
+class additive_adapter : public additive_adapter_tag {
  public:
   /// y = x W0^T + b0 + term(x).
   template <base_weight Base, class Cache>
   void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, Cache& cache) const {
-    self().check_io(where("forward").c_str(), w, x, y);
-    if constexpr (fused_base_weight<Base, T> && has_tile_hooks<Cache>) {
+    check_io(where("forward").c_str(), w, x, y);
+    if constexpr (fused_base_weight<Base, T> && has_tile_epilogue<Cache>) {
       // The term joins each output tile of the base product while it is in cache.
-      self().prepare_tiles(x, cache);
-      w.matmul(x, y, [this, &cache](index i0, index j0, matrix_view<T> tile) {
-        self().add_delta_tile(i0, j0, tile, cache);
-      });
+      w.matmul(x, y, self().tile_epilogue(x, cache));
     } else {
       w.matmul(x, y);
       self().add_delta(x, y, cache);
@@ -48,13 +55,13 @@ class additive_adapter {
   template <base_weight Base, class Cache>
   void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
                 Cache& cache) const {
-    self().check_io(where("add_term").c_str(), w, x, y);
+    check_io(where("add_term").c_str(), w, x, y);
     self().add_delta(x, y, cache);
   }
   /// Parameter gradients += ; dx = g W0 + (d term / dx)^T g.
   template <base_weight Base, class Cache>
   void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, Cache& cache) {
-    self().check_grad(where("backward").c_str(), w, x, g, dx);
+    check_grad(where("backward").c_str(), w, x, g, dx);
     w.matmul_t(g, dx, false);
     self().delta_backward(x, g, dx, cache);
   }
@@ -62,20 +69,12 @@ class additive_adapter {
   template <base_weight Base, class Cache>
   void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
                      matrix_view<T> /*dh*/, matrix_view<T> dx, Cache& cache) {
-    self().check_grad(where("backward_term").c_str(), w, x, g, dx);
+    check_grad(where("backward_term").c_str(), w, x, g, dx);
     self().delta_backward(x, g, dx, cache);
   }
 
- private:
-  /// The optional fused form: prepare_tiles(x, cache) once, then add_delta_tile(i0, j0, tile,
-  /// cache) adds the term to each finished output tile (concurrently on disjoint tiles).
-  template <class Cache>
-  static constexpr bool has_tile_hooks = requires(const Derived& d, matrix_view<const T> x, matrix_view<T> t,
-                                                  Cache& c, index i) {
-    d.prepare_tiles(x, c);
-    d.add_delta_tile(i, i, t, c);
-  };
-
+ protected:
+  /// "method::pass" for error messages.
   static std::string where(const char* pass) {
     std::string s;
     s.reserve(Derived::method.size() + 16);  // built with += and reserve: g++ 12 misreports `a + b`
@@ -83,6 +82,33 @@ class additive_adapter {
     s += "::";
     s += pass;
     return s;
+  }
+  template <class Base>
+  void check_base(const char* where, const Base& w) const {
+    ready(where, w);
+    detail::check_adapter_base(where, self(), w);
+  }
+  template <class Base>
+  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
+    ready(where, w);
+    detail::check_adapter_io(where, self(), w, x, y);
+  }
+  template <class Base>
+  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
+                  matrix_view<T> dx) const {
+    ready(where, w);
+    detail::check_adapter_grad(where, self(), w, x, g, dx);
+  }
+
+ private:
+  template <class Cache>
+  static constexpr bool has_tile_epilogue = requires(const Derived& d, matrix_view<const T> x, Cache& c) {
+    d.tile_epilogue(x, c);
+  };
+  template <class Base>
+  void ready(const char* where, const Base& w) const {
+    if constexpr (requires(const Derived& d) { d.check_ready(where); }) self().check_ready(where);
+    if constexpr (requires(const Derived& d) { d.check_base_state(where, w); }) self().check_base_state(where, w);
   }
   const Derived& self() const { return static_cast<const Derived&>(*this); }
   Derived& self() { return static_cast<Derived&>(*this); }

@@ -10,6 +10,8 @@
 #pragma once
 
 #include <concepts>
+#include <type_traits>
+#include <utility>
 
 #include "peft/core/matrix_view.hpp"
 
@@ -41,5 +43,17 @@ concept mutable_base_weight = base_weight<B> && requires(B& b, matrix_view<const
   b.add_to_bias(bd, 1.0);
   b.add_to_bias(bf, 1.0);
 };
+
+/// A base stored densely with writable storage (dense<S>): weight() and mutable_weight() are
+/// views of W0 in its storage type. SHiRA's in-place switching and fused serving write into it.
+template <class B>
+concept dense_storage_base = mutable_base_weight<B> && requires(B& b, const B& cb) {
+  b.mutable_weight().data();
+  cb.weight().data();
+};
+
+/// The storage scalar of a dense_storage_base.
+template <dense_storage_base B>
+using storage_scalar_of = std::remove_cvref_t<decltype(*std::declval<B&>().mutable_weight().data())>;
 
 }  // namespace peft

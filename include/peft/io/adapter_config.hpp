@@ -22,6 +22,7 @@
 #include <regex>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -164,6 +165,50 @@ struct adapter_config {
     return parse(ss.str(), file.string());
   }
 
+  // ---- typed readers and writers of any field, shared by every method's codec -------------
+  // Readers return the fallback when the field is absent or null and throw format_error
+  // "[where] adapter_config.json: 'name' must be ..." when it has another type.
+
+  /// The field, or nullptr when it is absent or null.
+  const ordered_json* field(std::string_view name) const {
+    const auto it = raw.find(name);
+    return (it == raw.end() || it->is_null()) ? nullptr : &*it;
+  }
+  double number(std::string_view name, double fallback, const char* where) const {
+    const auto* v = field(name);
+    if (v == nullptr) return fallback;
+    if (!v->is_number()) type_error(where, name, "a number");
+    return v->get<double>();
+  }
+  long long integer(std::string_view name, long long fallback, const char* where) const {
+    const auto* v = field(name);
+    if (v == nullptr) return fallback;
+    if (!v->is_number_integer()) type_error(where, name, "an integer");
+    return v->get<long long>();
+  }
+  bool boolean(std::string_view name, bool fallback, const char* where) const {
+    const auto* v = field(name);
+    if (v == nullptr) return fallback;
+    if (!v->is_boolean()) type_error(where, name, "true or false");
+    return v->get<bool>();
+  }
+  /// Writes a number as PEFT would: an integral value as an integer (8, not 8.0).
+  void set_number(std::string_view name, double v) { raw[std::string(name)] = json_number(v); }
+  /// Sets the field unless it is present and not null.
+  void set_default(std::string_view name, ordered_json v) {
+    if (field(name) == nullptr) raw[std::string(name)] = std::move(v);
+  }
+  /// An alpha for a module: alpha_pattern first, else `fallback` (the method's own alpha field).
+  double pattern_alpha(const std::string& module, double fallback) const {
+    for (const auto& [k, v] : alpha_pattern) {
+      if (pattern_matches(k, module)) return v;
+    }
+    return fallback;
+  }
+  static ordered_json json_number(double v) {
+    return v == std::floor(v) && std::abs(v) < 1e15 ? ordered_json(static_cast<long long>(v)) : ordered_json(v);
+  }
+
   /// PEFT's rank for a module path (rank_pattern first).
   index rank_for(const std::string& module) const {
     for (const auto& [k, v] : rank_pattern) {
@@ -252,9 +297,7 @@ struct adapter_config {
       set_default("layers_to_transform", nullptr);
     }
     if (lora_fields) {
-      j["lora_alpha"] = lora_alpha == std::floor(lora_alpha) && std::abs(lora_alpha) < 1e15
-                            ? ordered_json(static_cast<long long>(lora_alpha))
-                            : ordered_json(lora_alpha);
+      j["lora_alpha"] = json_number(lora_alpha);
       j["lora_dropout"] = lora_dropout;
       j["use_rslora"] = use_rslora;
       j["use_dora"] = use_dora;
@@ -289,6 +332,13 @@ struct adapter_config {
   }
 
  private:
+  [[noreturn]] static void type_error(const char* where, std::string_view name, const char* what) {
+    std::string m = "adapter_config.json: '";
+    m += name;
+    m += "' must be ";
+    m += what;
+    peft::detail::raise<format_error>(where, m);
+  }
   static std::regex compile(const std::string& pattern, const char* where, const std::string& what) {
     try {
       return std::regex(pattern, std::regex::ECMAScript);

@@ -189,7 +189,7 @@ inline merge_report merge_model(const std::filesystem::path& base, const std::fi
     plan[*name] = {&m, false, nullptr};
     report.merged.push_back(*name);
     const auto bias = model.resolve(m.path, "bias");
-    if (m.adapter.touches_bias() && (bias || m.adapter.active_method() == "lora")) {
+    if (m.adapter.touches_bias() && (bias || m.adapter.additive())) {
       if (!bias) {
         peft::detail::raise<format_error>(where, "module '" + m.path + "' has lora_bias but the base has no '" +
                                                      m.path + ".bias'");

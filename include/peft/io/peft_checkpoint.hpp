@@ -7,10 +7,11 @@
 //
 // Keys on disk are "base_model.model.<module path>.<parameter>" (PEFT drops the adapter name on
 // save); tensors shared by all modules are "base_model.<name>" (VeRA's projections). A module's
-// base weight is "<module path>.weight". The adapter type is chosen from adapter_config.json:
-// the first alternative of the adapter type (a variant_adapter, or one concrete type) whose
-// `handles(config)` is true loads every module through its `from_checkpoint`. Tensors of
-// `modules_to_save` modules (whole replacement weights) are kept verbatim in `saved_tensors`.
+// base weight is "<module path>.weight". The method is chosen from adapter_config.json: the
+// first alternative of the adapter type (any_adapter: adapters/registry.hpp's order; or one
+// concrete type) whose codec (io/peft/<method>.hpp) handles the config reads every module.
+// Tensors of `modules_to_save` modules (whole replacement weights) are kept verbatim in
+// `saved_tensors`.
 #pragma once
 
 #include <algorithm>
@@ -25,11 +26,13 @@
 #include <vector>
 
 #include "peft/adapters/any_adapter.hpp"
+#include "peft/core/checkpoint_codec.hpp"
 #include "peft/core/dtype.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/io/adapter_config.hpp"
 #include "peft/io/checkpoint_tensors.hpp"
+#include "peft/io/peft/codecs.hpp"
 #include "peft/io/safetensors.hpp"
 
 namespace peft::io {
@@ -103,12 +106,18 @@ namespace detail {
 
 template <class Adapter>
 struct alternatives {
-  using type = std::tuple<Adapter>;
+  using type = type_list<Adapter>;
 };
 template <class... As>
 struct alternatives<variant_adapter<As...>> {
-  using type = std::tuple<As...>;
+  using type = type_list<As...>;
 };
+
+/// Every alternative has a codec (a method added to adapters/registry.hpp without one fails here).
+template <class... As>
+constexpr bool all_have_codecs(type_list<As...>) {
+  return (checkpoint_codec<peft_codec<As>, As> && ...);
+}
 
 /// Splits "base_model.model.<module>.<param>" for a param in `params` (longest match wins).
 inline bool split_key(const std::string& rest, const std::vector<std::string_view>& params, std::string& module,
@@ -144,10 +153,11 @@ stored_tensor<T> convert_tensor(const safetensors_file& f, const tensor_info& t)
 template <class A, class Adapter>
 void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& file, const base_shape_fn& base_shape) {
   using T = typename A::scalar;
+  using codec = peft_codec<A>;
   constexpr const char* where = "load_peft_checkpoint";
   const adapter_config& cfg = ck.config;
-  const auto params = A::checkpoint_parameters();
-  const auto shared_names = A::shared_parameters();
+  const auto params = codec::module_tensors();
+  const auto shared_names = codec::shared_tensors();
   checkpoint_tensors<T> shared;
   std::map<std::string, checkpoint_tensors<T>> by_module;
   bool first = true;
@@ -178,9 +188,7 @@ void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& fi
       peft::detail::raise<format_error>(where, "key '" + t.name + "' is not a parameter of " + std::string(A::method) +
                                                    " (peft_type " + cfg.peft_type + ")");
     }
-    bool integer_ok = false;
-    if constexpr (requires { A::integer_parameter(param); }) integer_ok = A::integer_parameter(param);
-    if (!is_floating(t.type) && !integer_ok) {
+    if (!is_floating(t.type) && !codec::integer_tensor(param)) {
       peft::detail::raise<format_error>(where, "tensor '" + t.name + "' has non-floating dtype " +
                                                    std::string(safetensors_name(t.type)));
     }
@@ -195,7 +203,7 @@ void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& fi
     std::optional<std::pair<index, index>> shape;
     if (base_shape) shape = base_shape(module);
     tensors.set_base_shape(shape);
-    A a = A::from_checkpoint(cfg, tensors, shared);
+    A a = codec::from_checkpoint(cfg, tensors, shared);
     if constexpr (requires { a.set_features(index{}, index{}); }) {
       if (shape) a.set_features(shape->second, shape->first);
     }
@@ -241,23 +249,29 @@ basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& d
   const fs::path weights = dir / "adapter_model.safetensors";
   bool loaded = false;
   std::string supported;
+  using methods = typename detail::alternatives<Adapter>::type;
+  static_assert(detail::all_have_codecs(methods{}),
+                "a method of the adapter type has no checkpoint codec: write io/peft/<method>.hpp (see "
+                "docs/adding_a_method.md) and include it in io/peft/codecs.hpp");
   auto try_one = [&]<class A>(A*) {
-    if (!supported.empty()) supported += ", ";
-    supported += A::method;
-    if (loaded || !A::handles(ck.config)) return;
-    if (!fs::exists(weights)) {
-      if (fs::exists(dir / "adapter_model.bin")) {
-        peft::detail::raise<unsupported_error>(where, (dir / "adapter_model.bin").string() +
-                                                          " is a pickle checkpoint; save it with safe_serialization=True");
+    using codec = peft_codec<A>;
+    if constexpr (codec::has_format) {
+      if (!supported.empty()) supported += ", ";
+      supported += A::method;
+      if (loaded || !codec::handles(ck.config)) return;
+      if (!fs::exists(weights)) {
+        if (fs::exists(dir / "adapter_model.bin")) {
+          peft::detail::raise<unsupported_error>(where, (dir / "adapter_model.bin").string() +
+                                                            " is a pickle checkpoint; save it with safe_serialization=True");
+        }
+        peft::detail::raise<io_error>(where, "no adapter_model.safetensors in " + dir.string());
       }
-      peft::detail::raise<io_error>(where, "no adapter_model.safetensors in " + dir.string());
+      const auto file = safetensors_file::open(weights);
+      detail::load_modules<A>(ck, file, base_shape);
+      loaded = true;
     }
-    const auto file = safetensors_file::open(weights);
-    detail::load_modules<A>(ck, file, base_shape);
-    loaded = true;
   };
-  std::apply([&](auto... tag) { (try_one(static_cast<decltype(tag)*>(nullptr)), ...); },
-             typename detail::alternatives<Adapter>::type{});
+  for_each_type(methods{}, try_one);
   if (!loaded) {
     peft::detail::raise<unsupported_error>(where, "peft_type '" + ck.config.peft_type +
                                                       (ck.config.use_dora ? "' with use_dora" : "'") +
@@ -287,9 +301,9 @@ void save_peft_checkpoint(const std::filesystem::path& dir, basic_peft_checkpoin
   adapter_config cfg = ck.config;
   for (auto& m : ck.modules) {
     if constexpr (requires { m.adapter.visit([](auto&) {}); }) {
-      m.adapter.visit([&](const auto& a) { a.describe_in(cfg, m.path); });
+      m.adapter.visit([&](const auto& a) { describe_in(a, cfg, m.path); });
     } else {
-      m.adapter.describe_in(cfg, m.path);
+      describe_in(m.adapter, cfg, m.path);
     }
     if (!cfg.targets(m.path)) {
       if (cfg.targets_kind != target_kind::list) {

@@ -21,7 +21,7 @@
 //
 // Fused mode: fuse(name) merges one adapter into the (dense) bases for the fastest single-tenant
 // path: its rows then cost the base product alone. LoRA-family adapters (those with a low-rank
-// form) are merged (W0 += f delta; unfuse subtracts it: exact up to one rounding of W0 per
+// term) are merged (W0 += f delta; unfuse subtracts it: exact up to one rounding of W0 per
 // switch), SHiRA is scattered into W0 (unfuse restores the overwritten values bit for bit).
 // Other rows stay correct while an adapter is fused: they get the fused adapter's term with the
 // opposite sign. fuse() and unfuse() report how long taking the old adapter out and putting the new
@@ -51,7 +51,6 @@
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/io/peft_checkpoint.hpp"
-#include "peft/serve/low_rank_form.hpp"
 #include "peft/serve/mixed_forward.hpp"
 
 namespace peft::serve {
@@ -68,8 +67,8 @@ struct switch_times {
   double fuse_seconds = 0.0;
 };
 
-/// Bytes held: the frozen bases, and per adapter its tensors (values, gradient buffers, folded
-/// low-rank factors; a tensor shared by its modules counted once).
+/// Bytes held: the frozen bases, and per adapter its tensors (values and gradient buffers; a
+/// tensor shared by its modules counted once).
 struct memory_usage {
   std::size_t base_bytes = 0;
   std::size_t adapter_bytes = 0;
@@ -78,19 +77,14 @@ struct memory_usage {
 
 namespace detail {
 
-/// Whether an adapter's add_term reads the base output h (its term is not x -> delta x).
+/// Whether an adapter's add_term reads the base output h: every method that is not additive
+/// (core/additive_adapter.hpp), i.e. whose term is not a function of x alone (DoRA, IA3, Compacter).
 template <class A>
-inline constexpr bool reads_base_output = false;
-template <compute_scalar T>
-inline constexpr bool reads_base_output<dora<T>> = true;
-template <compute_scalar T>
-inline constexpr bool reads_base_output<ia3<T>> = true;
-template <compute_scalar T>
-inline constexpr bool reads_base_output<compacter<T>> = true;
+inline constexpr bool reads_base_output = !is_additive_adapter<A>;
 
 /// A dense base (writable weight storage): the only kind fuse() merges into.
 template <class Base>
-concept dense_base = mutable_base_weight<Base> && requires(Base& b) { b.mutable_weight(); };
+concept dense_base = dense_storage_base<Base>;
 
 template <class Base>
 std::size_t base_bytes(const Base& b) {
@@ -212,7 +206,7 @@ class adapter_registry {
   /// are applied one by one).
   bool low_rank(const std::string& name) const {
     for (const auto& [w, m] : get(*current(), "adapter_registry::low_rank", name).data->modules) {
-      if (!m.form) return false;
+      if (!low_rank_of(m.adapter)) return false;
     }
     return true;
   }
@@ -245,7 +239,7 @@ class adapter_registry {
   // ---- fused mode ----------------------------------------------------------------------------
 
   /// Fuses adapter `name` into the bases (unfusing the one fused before). Needs a dense base;
-  /// the adapter must have a low-rank form or be SHiRA. Waits for open batches to end.
+  /// the adapter must have a low-rank term or be SHiRA. Waits for open batches to end.
   switch_times fuse(const std::string& name) {
     constexpr const char* where = "adapter_registry::fuse";
     // Lock order: turnstile, bases, writer. New batches wait at the turnstile (fuse cannot
@@ -303,7 +297,6 @@ class adapter_registry {
   struct module_data {
     const Base* base = nullptr;
     adapter_type adapter;
-    std::optional<low_rank_form<T>> form;  // references adapter's tensors: never moved once set
     bool reads_base_output = false;
   };
   struct adapter_data {
@@ -344,7 +337,7 @@ class adapter_registry {
         const auto it = g.data->modules.find(weight_name);
         if (it == g.data->modules.end()) continue;  // this adapter does not target this layer
         const module_data& md = it->second;
-        groups.push_back({&md.adapter, md.form ? &*md.form : nullptr, g.rows, g.factors});
+        groups.push_back(group_of(md.adapter, g.rows, g.factors));
       }
       mixed_forward(b, x, y, std::span<const batch_group<adapter_type>>(groups));
     }
@@ -492,17 +485,13 @@ class adapter_registry {
       slot->second.reads_base_output = slot->second.adapter.visit(
           [](const auto& a) { return detail::reads_base_output<std::decay_t<decltype(a)>>; });
     }
-    for (auto& [w, md] : data->modules) {  // forms last: they reference the adapters in place
-      md.form = to_low_rank(md.adapter);
-      if (md.form) data->bytes += md.form->owned_bytes();
-    }
     return data;
   }
 
   void check_fusable(const char* where, const std::string& name, const adapter_data& d) const {
     for (const auto& [w, md] : d.modules) {
       const bool shira_alt = md.adapter.template holds<shira<T>>();
-      if (!md.form && !shira_alt) {
+      if (!low_rank_of(md.adapter) && !shira_alt) {
         peft::detail::raise<unsupported_error>(where, "adapter '" + name + "' (" + d.method +
                                                           ") is neither low-rank nor SHiRA: serve it unfused");
       }

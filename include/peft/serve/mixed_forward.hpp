@@ -4,25 +4,26 @@
 //   y_i = x_i W0^T + b0 + sum over the groups g holding row i of  f_{g,i} term_g(x_i)
 //
 //   std::vector<peft::serve::batch_group<peft::any_adapter<float>>> groups(2);
-//   groups[0] = {&a, &a_form, {0, 3, 5}, {1, 1, 0.5f}};   // rows 0, 3, 5 use adapter a
-//   groups[1] = {&b, nullptr, {1, 2}, {1, 1}};             // rows 1, 2 use b (no low-rank form)
+//   groups[0] = peft::serve::group_of(a, {0, 3, 5}, {1, 1, 0.5f});   // rows 0, 3, 5 use adapter a
+//   groups[1] = peft::serve::group_of(b, {1, 2}, {1, 1});             // rows 1, 2 use b
 //   peft::serve::mixed_forward(base, x, y, groups);   // rows 4, 6.. get the base alone
 //
 // How: rows are put in group order (a stable sort by the first group holding them; a batch that
 // is already grouped is not copied), so each group is a run of consecutive rows. The base product
-// runs ONCE over the whole batch; groups with a low-rank form (serve/low_rank_form.hpp: LoRA,
-// AdaLoRA, VeRA, SoRA, dynamic-rank) first compute t = f x_run A^T per run (gather and shrink),
-// then add t B^T (+ f s b) to every output tile of the base product while it is in cache (expand
-// and scatter, in the base kernel's epilogue), whatever their ranks. Groups without one (DoRA,
-// IA3, LoHa, LoKr, RandLoRA, SHiRA, Compacter) are applied per run afterwards through the
-// adapter's add_term, with h = the run's output so far; such a row must not also be in a
-// low-rank group whose term the adapter would mistake for part of h (adapter_registry ensures it).
+// runs ONCE over the whole batch; groups whose method is a low-rank term (the low-rank core,
+// adapters/detail/low_rank_core.hpp: LoRA, AdaLoRA, VeRA, SoRA, dynamic-rank; group_of finds it)
+// first project p = f (x_run A^T * c) per run (gather and shrink), then the core's epilogue adds
+// p B^T (* lambda, + f s b) to every output tile of the base product while it is in cache
+// (expand and scatter), whatever their ranks. Other groups (DoRA, IA3, LoHa, LoKr, RandLoRA,
+// SHiRA, Compacter) are applied per run afterwards through the adapter's add_term, with h = the
+// run's output so far; such a row must not also be in a low-rank group whose term the adapter
+// would mistake for part of h (adapter_registry ensures it).
 // A factor f multiplies the whole term of that row (per-adapter and per-request scale).
 //
 // `looped_forward` is the baseline: one full forward (base and adapter) per group on its
 // sub-batch, what a server that cannot mix adapters in a batch does.
 //
-// Thread safety: reads the base, adapters and forms only; concurrent calls are safe as long as
+// Thread safety: reads the base and the adapters only; concurrent calls are safe as long as
 // nobody changes them meanwhile. Errors: peft::shape_error / peft::error before anything is
 // written (bad shapes, rows out of range or repeated within a group, non-finite factors).
 #pragma once
@@ -30,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -40,7 +42,9 @@
 #include "peft/interop/eigen.hpp"
 #include "peft/kernels/epilogue.hpp"
 #include "peft/kernels/gemm.hpp"
-#include "peft/serve/low_rank_form.hpp"
+#include "peft/adapters/detail/low_rank_core.hpp"
+#include "peft/adapters/variant_adapter.hpp"
+#include "peft/kernels/low_rank_epilogue.hpp"
 
 namespace peft::serve {
 
@@ -48,11 +52,30 @@ namespace peft::serve {
 template <class Adapter>
 struct batch_group {
   using scalar = typename Adapter::scalar;
-  const Adapter* adapter = nullptr;                 // applied through add_term when low_rank is null
-  const low_rank_form<scalar>* low_rank = nullptr;  // set: the grouped low-rank path
-  std::vector<index> rows;                          // distinct rows of the batch, any order
-  std::vector<scalar> factors;                      // one per row: multiplies the row's term
+  const Adapter* adapter = nullptr;                    // applied through add_term unless low_rank is set
+  std::optional<low_rank_term<scalar>> low_rank;       // set: the grouped low-rank path
+  std::vector<index> rows;                             // distinct rows of the batch, any order
+  std::vector<scalar> factors;                         // one per row: multiplies the row's term
 };
+
+/// The low-rank term of an adapter whose method has one (the alternative's, for a variant),
+/// else nullopt. It views the adapter's tensors: valid while the adapter lives unchanged.
+template <class A>
+std::optional<low_rank_term<typename A::scalar>> low_rank_of(const A& a) {
+  if constexpr (requires { a.visit([](const auto&) {}); }) {
+    return a.visit([](const auto& alt) { return low_rank_of(alt); });
+  } else if constexpr (requires { { a.low_rank() } -> std::same_as<low_rank_term<typename A::scalar>>; }) {
+    return a.low_rank();
+  } else {
+    return std::nullopt;
+  }
+}
+
+/// A group for `a` over `rows` with their `factors`, on the low-rank path when the method has one.
+template <class Adapter>
+batch_group<Adapter> group_of(const Adapter& a, std::vector<index> rows, std::vector<typename Adapter::scalar> factors) {
+  return {&a, low_rank_of(a), std::move(rows), std::move(factors)};
+}
 
 namespace detail {
 
@@ -77,17 +100,16 @@ void check_groups(const char* where, const Base& base, matrix_view<const typenam
       peft::detail::raise<shape_error>(where, which + " has " + std::to_string(grp.rows.size()) + " rows but " +
                                                   std::to_string(grp.factors.size()) + " factors");
     }
-    if (grp.low_rank != nullptr) {
+    if (grp.low_rank) {
       const auto& f = *grp.low_rank;
-      if (f.in_features() != base.in_features() || f.out_features() != base.out_features() ||
-          f.b.cols() != f.rank() || (!f.bias.empty() && f.bias.cols() != base.out_features())) {
-        peft::detail::raise<shape_error>(where, which + ": low-rank form " +
+      if (f.in_features() != base.in_features() || f.out_features() != base.out_features() || f.b.cols() != f.rank()) {
+        peft::detail::raise<shape_error>(where, which + ": low-rank term " +
                                                     peft::detail::shape_string(f.out_features(), f.in_features()) +
                                                     " does not fit the base " +
                                                     peft::detail::shape_string(base.out_features(), base.in_features()));
       }
     } else if (grp.adapter == nullptr) {
-      peft::detail::raise<error>(where, which + " has neither an adapter nor a low-rank form");
+      peft::detail::raise<error>(where, which + " has neither an adapter nor a low-rank term");
     } else if (grp.adapter->in_features() != base.in_features() || grp.adapter->out_features() != base.out_features()) {
       peft::detail::raise<shape_error>(where, which + ": adapter " +
                                                   peft::detail::shape_string(grp.adapter->out_features(), grp.adapter->in_features()) +
@@ -192,53 +214,45 @@ void mixed_forward(const Base& base, matrix_view<const typename Adapter::scalar>
   std::vector<std::vector<std::size_t>> sorted;
   const std::vector<detail::run> runs = detail::group_runs<Adapter>(groups, position, sorted);
 
-  // Shrink: t_run = diag(f s) x_run A^T for the low-rank runs; fs_run = f s per row (bias).
+  // Shrink: p_run = diag(f s) (x_run A^T * c) for the low-rank runs, through the core; f s per
+  // row also scales the bias.
   struct low_rank_run {
     detail::run where;
-    const low_rank_form<T>* form;
-    matrix<T> t;             // (count, r)
-    std::vector<T> factors;  // f s per row
+    low_rank_term<T> term;
+    low_rank_cache<T> cache;  // t, p of the run
+    std::vector<T> factors;   // f s per row
   };
   std::vector<low_rank_run> lr;
   for (const auto& rn : runs) {
     const auto& grp = groups[rn.group];
-    if (grp.low_rank == nullptr) continue;
-    low_rank_run l{rn, grp.low_rank, matrix<T>(rn.count, grp.low_rank->rank()), {}};
-    if (grp.low_rank->rank() > 0) {
-      kernels::gemm_nt<T, T>(1.0, xp.block(rn.first, 0, rn.count, xp.cols()), grp.low_rank->a, 0.0, l.t.view());
-    }
+    if (!grp.low_rank) continue;
+    low_rank_run l{rn, *grp.low_rank, {}, {}};
+    low_rank::project(l.term, xp.block(rn.first, 0, rn.count, xp.cols()), l.cache);
+    matrix<T>& p = l.term.c != nullptr ? l.cache.p : l.cache.t;
     for (index i = 0; i < rn.count; ++i) {
-      const T f = grp.factors[sorted[rn.group][rn.start + static_cast<std::size_t>(i)]] * grp.low_rank->scale;
+      const T f = grp.factors[sorted[rn.group][rn.start + static_cast<std::size_t>(i)]] * l.term.scale;
       l.factors.push_back(f);
-      T* row = l.t.row(i);
-      for (index q = 0; q < l.t.cols(); ++q) row[q] *= f;
+      T* row = p.row(i);
+      for (index q = 0; q < p.cols(); ++q) row[q] *= f;
     }
     lr.push_back(std::move(l));
   }
   std::sort(lr.begin(), lr.end(), [](const low_rank_run& a, const low_rank_run& b) { return a.where.first < b.where.first; });
 
-  // One base product; expand and scatter each low-rank run into the tiles it covers.
+  // One base product; the core's epilogue expands each low-rank run into the tiles it covers.
   auto expand = [&lr](index i0, index j0, matrix_view<T> tile) {
     const index i1 = i0 + tile.rows();
     for (const auto& l : lr) {
       if (l.where.first >= i1) break;
       const index a = std::max(i0, l.where.first), b = std::min(i1, l.where.first + l.where.count);
       if (a >= b) continue;
-      const auto& f = *l.form;
-      matrix_view<T> dst = tile.block(a - i0, 0, b - a, tile.cols());
-      if (f.rank() > 0) {
-        const matrix_view<const T> tt = l.t.view().block(a - l.where.first, 0, b - a, f.rank());
-        const matrix_view<const T> bb = f.b.block(j0, 0, tile.cols(), f.rank());
-        as_eigen(dst).noalias() += as_eigen(tt) * as_eigen(bb).transpose();
-      }
-      if (!f.bias.empty()) {
-        const T* bias = f.bias.row(0) + j0;
-        for (index i = a; i < b; ++i) {
-          const T fs = l.factors[static_cast<std::size_t>(i - l.where.first)];
-          T* row = dst.row(i - a);
-          for (index j = 0; j < tile.cols(); ++j) row[j] += fs * bias[j];
-        }
-      }
+      kernels::low_rank_epilogue<T> e;
+      e.p = l.cache.projected(l.term).block(a - l.where.first, 0, b - a, l.term.rank());
+      e.b = l.term.b;
+      e.col = l.term.lambda;
+      e.bias = l.term.bias;
+      e.bias_row = l.factors.data() + (a - l.where.first);
+      e(0, j0, tile.block(a - i0, 0, b - a, tile.cols()));
     }
   };
   if constexpr (fused_base_weight<Base, T>) {
@@ -248,10 +262,10 @@ void mixed_forward(const Base& base, matrix_view<const typename Adapter::scalar>
     expand(0, 0, yp);
   }
 
-  // The groups without a low-rank form, run by run: y_run += f (add_term(x_run, h = y_run) - h).
+  // The groups without a low-rank term, run by run: y_run += f (add_term(x_run, h = y_run) - h).
   for (const auto& rn : runs) {
     const auto& grp = groups[rn.group];
-    if (grp.low_rank != nullptr) continue;
+    if (grp.low_rank) continue;
     const matrix_view<T> yr = yp.block(rn.first, 0, rn.count, yp.cols());
     const matrix<T> h = to_matrix(matrix_view<const T>(yr));
     matrix<T> out = h;
@@ -329,20 +343,15 @@ void looped_forward(const Base& base, matrix_view<const typename Adapter::scalar
     if (grp.adapter != nullptr && unit) {
       grp.adapter->forward(base, xs.view(), ys.view(), cache);
     } else {
-      // A scaled term: h + f (forward - h) row by row (a form alone is applied unfused).
+      // A scaled term: h + f (forward - h) row by row (a term alone is applied unfused).
       matrix<T> h(xs.rows(), y.cols());
       base.matmul(xs.view(), h.view());
       ys = h;
       if (grp.adapter != nullptr) {
         grp.adapter->forward(base, xs.view(), ys.view(), cache);
       } else {
-        const auto& f = *grp.low_rank;
-        matrix<T> t(xs.rows(), f.rank());
-        kernels::gemm_nt<T, T>(1.0, xs.view(), f.a, 0.0, t.view());
-        kernels::gemm_nt<T, T>(static_cast<double>(f.scale), t.view(), f.b, 1.0, ys.view());
-        for (index i = 0; i < ys.rows() && !f.bias.empty(); ++i) {
-          for (index j = 0; j < ys.cols(); ++j) ys(i, j) += f.scale * f.bias(0, j);
-        }
+        low_rank_cache<T> cache_lr;
+        low_rank::add(*grp.low_rank, matrix_view<const T>(xs.view()), ys.view(), cache_lr);
       }
       for (index i = 0; i < ys.rows(); ++i) {
         const T fi = grp.factors[static_cast<std::size_t>(i)];

@@ -28,9 +28,9 @@
 #include <cstdint>
 #include <limits>
 #include <string>
-#include <unordered_set>
 #include <vector>
 
+#include "peft/adapters/detail/shira_random_mask.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/dtype.hpp"
 #include "peft/core/error.hpp"
@@ -44,49 +44,7 @@ namespace peft {
 /// Which lines SHiRA-Struct makes trainable besides the diagonal.
 enum class shira_struct_lines : std::uint8_t { rows, columns, rows_and_columns };
 
-/// PEFT's SHiRA size: K = r (d_out + d_in), the parameter count of a rank-r LoRA. shape_error
-/// for r < 1, and (as PEFT raises) when K exceeds the d_out d_in entries of the weight.
-inline index shira_mask_size(index d_out, index d_in, index r) {
-  constexpr const char* where = "shira_mask_size";
-  if (d_out < 1 || d_in < 1) {
-    detail::raise<shape_error>(where, "the weight is " + detail::shape_string(d_out, d_in) + ", both sizes must be >= 1");
-  }
-  if (r < 1) detail::raise<shape_error>(where, "r must be >= 1, got " + std::to_string(r));
-  const index k = r * (d_out + d_in);
-  if (k > d_out * d_in) {
-    detail::raise<shape_error>(where, "r = " + std::to_string(r) + " gives K = " + std::to_string(k) +
-                                          " entries, more than the " + std::to_string(d_out * d_in) +
-                                          " of a " + detail::shape_string(d_out, d_in) + " weight");
-  }
-  return k;
-}
-
 namespace detail {
-
-/// Checks a mask request: sizes in [1, 2^31) (indices are int32), 0 <= k <= d_out d_in.
-inline void shira_check_request(const char* where, index d_out, index d_in, index k) {
-  constexpr index limit = std::numeric_limits<std::int32_t>::max();
-  if (d_out < 1 || d_in < 1 || d_out > limit || d_in > limit) {
-    raise<shape_error>(where, "the weight is " + shape_string(d_out, d_in) +
-                                  ", both sizes must be in [1, 2^31) (indices are int32)");
-  }
-  if (k < 0 || k > d_out * d_in) {
-    raise<shape_error>(where, "K = " + std::to_string(k) + " entries requested from a " + shape_string(d_out, d_in) +
-                                  " weight (" + std::to_string(d_out * d_in) + " entries)");
-  }
-}
-
-/// Flat row-major positions (row * d_in + col), sorted, as the (2, K) int32 index matrix.
-inline matrix<std::int32_t> shira_positions_to_indices(std::vector<std::int64_t> pos, index d_in) {
-  std::sort(pos.begin(), pos.end());
-  const auto k = static_cast<index>(pos.size());
-  matrix<std::int32_t> idx(2, k);
-  for (index t = 0; t < k; ++t) {
-    idx(0, t) = static_cast<std::int32_t>(pos[static_cast<std::size_t>(t)] / d_in);
-    idx(1, t) = static_cast<std::int32_t>(pos[static_cast<std::size_t>(t)] % d_in);
-  }
-  return idx;
-}
 
 struct shira_scored {
   double score;
@@ -136,29 +94,6 @@ void shira_expect_matrix(const char* where, const char* what, const matrix_view<
 }
 
 }  // namespace detail
-
-/// SHiRA-Rand: K distinct entries drawn uniformly with peft::rng(seed) (Floyd's sampling, O(K)
-/// memory), sorted row-major. The same seed gives the same mask on every platform; it is not
-/// PEFT's torch.randperm mask (see the file comment).
-inline matrix<std::int32_t> shira_random_mask(index d_out, index d_in, index k, std::uint64_t seed) {
-  detail::shira_check_request("shira_random_mask", d_out, d_in, k);
-  const auto n = static_cast<std::uint64_t>(d_out * d_in);
-  rng gen(seed);
-  std::unordered_set<std::uint64_t> chosen;  // membership only: the output order is sorted
-  chosen.reserve(static_cast<std::size_t>(k));
-  std::vector<std::int64_t> pos;
-  pos.reserve(static_cast<std::size_t>(k));
-  for (std::uint64_t j = n - static_cast<std::uint64_t>(k); j < n; ++j) {
-    const std::uint64_t t = gen.below(j + 1);
-    if (chosen.insert(t).second) {
-      pos.push_back(static_cast<std::int64_t>(t));
-    } else {  // t was drawn before; j never was (every earlier draw is < j)
-      chosen.insert(j);
-      pos.push_back(static_cast<std::int64_t>(j));
-    }
-  }
-  return detail::shira_positions_to_indices(std::move(pos), d_in);
-}
 
 /// SHiRA-WM: the K entries of largest |W0| of a weight given as a matrix view (out, in) of any
 /// storage scalar.

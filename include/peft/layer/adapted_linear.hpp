@@ -1,7 +1,7 @@
-// peft/adapted_linear.hpp — a frozen linear layer with any number of named adapters.
+// peft/layer/adapted_linear.hpp — a frozen linear layer with any number of named adapters.
 //
 //   peft::adapted_linear<peft::dense<float>, peft::lora<float>> layer(std::move(base));
-//   layer.add_adapter("default", peft::lora<float>(in, out, {.rank = 8, .alpha = 16}));
+//   layer.add_adapter("default", peft::lora_options{.rank = 8, .alpha = 16});   // sized from the base
 //   layer.forward(x, y);          // base + every enabled, unmerged adapter
 //   layer.backward(x, dy, dx);    // after forward on the same x: adapter grads +=, dx written
 //   layer.merge("default");       // W0 += delta (mergeable adapters over a mutable base)
@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <concepts>
 #include <list>
 #include <string>
 #include <utility>
@@ -63,6 +64,18 @@ class adapted_linear {
     }
     slots_.push_back(slot{std::move(name), std::move(a), true, false, {}});
     return slots_.back().adapter;
+  }
+
+  /// Adds a fresh adapter for this layer's shape from a method's options (lora_options,
+  /// sora_options, ...): Options::adapter<scalar>(in_features(), out_features(), opts). DoRA needs
+  /// the base itself: add_adapter(name, peft::dora<T>(layer.base(), lora_options{...})).
+  template <class Options>
+    requires requires { typename Options::template adapter<scalar>; } &&
+             std::constructible_from<typename Options::template adapter<scalar>, index, index, const Options&> &&
+             std::constructible_from<Adapter, typename Options::template adapter<scalar>>
+  Adapter& add_adapter(std::string name, const Options& opt) {
+    using made = typename Options::template adapter<scalar>;
+    return add_adapter(std::move(name), Adapter(made(in_features(), out_features(), opt)));
   }
 
   /// Removes an adapter; a merged one is unmerged first.
