@@ -180,12 +180,8 @@ class dora {
     check_base("dora::row_norms", w);
     const index out = out_features(), in = in_features(), r = rank();
     const double s = static_cast<double>(scale());
-    const matrix<double> a = widen(lora_.A());  // (r, in)
-    const matrix<double> b = widen(lora_.B());  // (out, r)
-    matrix<double> gram(r, r);                  // A A^T
-    kernels::gemm_nt<double, double>(1.0, a.view(), a.view(), 0.0, gram.view());
-    matrix<double> bg(out, r);                  // B A A^T
-    kernels::gemm_nn<double, double>(1.0, b.view(), gram.view(), 0.0, bg.view());
+    const factors_in_double f = widened_factors();
+    const matrix<double>&a = f.a, &b = f.b, &bg = f.bg;
     const index panel = std::clamp<index>(32768 / std::max<index>(in, 1), 1, out);
     matrix<double> rows(panel, in);             // W0 rows [j0, j0 + panel)
     matrix<double> wa(panel, r);                // those rows times A^T
@@ -251,12 +247,8 @@ class dora {
     matrix<T> aw(r, out);  // A W0^T + b0: the base product of the r rows of A
     w.matmul(lora_.A(), aw.view());
     const double s = static_cast<double>(scale());
-    const matrix<double> a = widen(lora_.A());  // (r, in)
-    const matrix<double> b = widen(lora_.B());  // (out, r)
-    matrix<double> gram(r, r);                  // A A^T
-    kernels::gemm_nt<double, double>(1.0, a.view(), a.view(), 0.0, gram.view());
-    matrix<double> bg(out, r);                  // B A A^T
-    kernels::gemm_nn<double, double>(1.0, b.view(), gram.view(), 0.0, bg.view());
+    const factors_in_double f = widened_factors();
+    const matrix<double>&a = f.a, &b = f.b, &bg = f.bg;
     std::vector<T> n(static_cast<std::size_t>(out));
     for (index j = 0; j < out; ++j) {
       const double bias = w.template bias_value<double>(j);
@@ -434,6 +426,18 @@ class dora {
  private:
   /// Below this fraction of ||w_j||^2 + s^2 ||B_j A||^2, n_j^2 is recomputed directly.
   static constexpr double cancellation_limit = 1e-2;
+
+  /// A (r, in), B (out, r) and B A A^T (out, r) in double: what every row norm needs.
+  struct factors_in_double {
+    matrix<double> a, b, bg;
+  };
+  factors_in_double widened_factors() const {
+    factors_in_double f{widen(lora_.A()), widen(lora_.B()), matrix<double>(out_features(), rank())};
+    matrix<double> gram(rank(), rank());  // A A^T
+    kernels::gemm_nt<double, double>(1.0, f.a.view(), f.a.view(), 0.0, gram.view());
+    kernels::gemm_nn<double, double>(1.0, f.b.view(), gram.view(), 0.0, f.bg.view());
+    return f;
+  }
 
   static matrix<double> widen(matrix_view<const T> v) {
     matrix<double> m(v.rows(), v.cols());

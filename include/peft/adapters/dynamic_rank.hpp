@@ -79,12 +79,17 @@ struct dynamic_rank_options {
 inline index dynamic_rank_initial_rank(index target_rank) { return (3 * target_rank + 1) / 2; }
 
 template <compute_scalar T>
-class dynamic_rank : public low_rank_adapter<dynamic_rank<T>, T> {
+class dynamic_rank : public detail::gated_low_rank<dynamic_rank<T>, T> {
+  using core = detail::gated_low_rank<dynamic_rank<T>, T>;
   friend class low_rank_adapter<dynamic_rank<T>, T>;
 
  public:
   using scalar = T;
+  using core::in_features;
+  using core::out_features;
+  using core::rank;
   static constexpr std::string_view method = "dynamic_rank";
+  static constexpr std::string_view gate_name = "lora_scaler";  // the component vector in parameters()
 
   dynamic_rank() = default;
 
@@ -94,50 +99,31 @@ class dynamic_rank : public low_rank_adapter<dynamic_rank<T>, T> {
 
   /// From existing factors: A (r0, in), B (out, r0), c (r0 values), scale s (alpha / r0).
   dynamic_rank(matrix<T> a, matrix<T> b, std::vector<T> c, T scale, const dynamic_rank_options& opt = {})
-      : core_("dynamic_rank::dynamic_rank", std::move(a), std::move(b), std::move(c), scale) {
+      : core("dynamic_rank::dynamic_rank", std::move(a), std::move(b), std::move(c), scale) {
     init_state(opt);
   }
 
-  index in_features() const noexcept { return core_.in_features(); }
-  index out_features() const noexcept { return core_.out_features(); }
-  /// r0, the number of components (pruned ones included).
-  index rank() const noexcept { return core_.rank(); }
-  /// Components with c_i != 0: the rank compact() gives.
-  index active_rank() const noexcept { return core_.active_rank(); }
-  T scale() const noexcept { return core_.scale(); }
-  void set_scale(T s) noexcept { core_.set_scale(s); }
-
-  matrix_view<T> A() noexcept { return core_.a().view(); }
-  matrix_view<const T> A() const noexcept { return core_.a().view(); }
-  matrix_view<T> B() noexcept { return core_.b().view(); }
-  matrix_view<const T> B() const noexcept { return core_.b().view(); }
   /// The component scalars c as a (1, r0) view.
-  matrix_view<T> c() noexcept { return core_.c().view(); }
-  matrix_view<const T> c() const noexcept { return core_.c().view(); }
-  matrix_view<const T> grad_A() const noexcept { return core_.grad_a().view(); }
-  matrix_view<const T> grad_B() const noexcept { return core_.grad_b().view(); }
-  matrix_view<const T> grad_c() const noexcept { return core_.grad_c().view(); }
-
-  /// The term s ((x A^T) * c) B^T for the low-rank core.
-  low_rank_term<T> low_rank() const noexcept { return core_.term(); }
-  low_rank_gradients<T> low_rank_grads() noexcept { return core_.grads(); }
+  matrix_view<T> c() noexcept { return this->gates().view(); }
+  matrix_view<const T> c() const noexcept { return this->gates().view(); }
+  matrix_view<const T> grad_c() const noexcept { return this->gate_grads().view(); }
 
   // ---- importance ---------------------------------------------------------------------------
 
   /// ||B diag(c) A||_F (without s), from (r0, r0) Gram matrices (never the (out, in) product
   /// unless that is the cheaper one).
-  double delta_norm() const { return low_rank::frobenius_norm(core_.term()); }
+  double delta_norm() const { return low_rank::frobenius_norm(this->low_rank()); }
 
   /// This step's s_i = |c_i| ||b_i|| ||a_i|| / (||B diag(c) A||_F + eps), r0 values (all 0
   /// when the product is exactly zero and eps is 0).
   std::vector<T> component_importance() const {
-    const std::vector<double> n = low_rank::component_norms(core_.term());
-    const double denom = low_rank::frobenius_norm(core_.term()) + eps_;
+    const std::vector<double> n = low_rank::component_norms(this->low_rank());
+    const double denom = low_rank::frobenius_norm(this->low_rank()) + eps_;
     std::vector<T> s(n.size(), T{0});
     if (!(denom > 0.0)) return s;
     for (index i = 0; i < rank(); ++i) {
       const auto k = static_cast<std::size_t>(i);
-      s[k] = static_cast<T>(std::abs(static_cast<double>(core_.c()(0, i))) * n[k] / denom);
+      s[k] = static_cast<T>(std::abs(static_cast<double>(this->gates()(0, i))) * n[k] / denom);
     }
     return s;
   }
@@ -182,7 +168,7 @@ class dynamic_rank : public low_rank_adapter<dynamic_rank<T>, T> {
   /// frozen (an optimizer with momentum would otherwise move a masked c_i off zero).
   void apply_mask() {
     for (index i = 0; i < rank(); ++i) {
-      if (mask_[static_cast<std::size_t>(i)]) core_.c()(0, i) = T{0};
+      if (mask_[static_cast<std::size_t>(i)]) this->gates()(0, i) = T{0};
     }
   }
   /// The current mask (r0 flags, true = pruned).
@@ -199,26 +185,8 @@ class dynamic_rank : public low_rank_adapter<dynamic_rank<T>, T> {
   /// Adds coef * dR_layer/dA and dR_layer/dB into grad_A, grad_B; returns coef * R_layer.
   /// d var(v) / d v_k = 2 (v_k - mean(v)) / (n - 1).
   double add_regularizer(double coef) {
-    return coef * regularize(coef, &core_.grad_a(), &core_.grad_b());
+    return coef * regularize(coef, &this->grad_a_matrix(), &this->grad_b_matrix());
   }
-
-  // ---- compaction ---------------------------------------------------------------------------
-
-  /// The plain LoRA with identical outputs: S = {i : c_i != 0}, A' = A_S (|S|, in),
-  /// B' = B_S diag(c_S) (out, |S|), scale s unchanged. std::nullopt when every c_i is zero:
-  /// the term is then exactly zero, the layer needs no adapter (lora requires rank >= 1).
-  std::optional<lora<T>> compact() const { return core_.compact(); }
-
-  /// lora_A.weight, lora_B.weight (as LoRA) and the component vector.
-  std::vector<parameter<T>> parameters() {
-    std::vector<parameter<T>> p;
-    p.push_back({"lora_A.weight", core_.a().view(), core_.grad_a().view(), detail::shape_of(A(), false)});
-    p.push_back({"lora_B.weight", core_.b().view(), core_.grad_b().view(), detail::shape_of(B(), false)});
-    p.push_back({"lora_scaler", core_.c().view(), core_.grad_c().view(), detail::shape_of(c(), true)});
-    return p;
-  }
-
-  void zero_grad() { core_.zero_grad(); }
 
  private:
   // ---- low_rank_adapter hook ----------------------------------------------------------------
@@ -230,7 +198,7 @@ class dynamic_rank : public low_rank_adapter<dynamic_rank<T>, T> {
     T scale;
   };
   dynamic_rank(factors f, const dynamic_rank_options& opt)
-      : core_("dynamic_rank::dynamic_rank", std::move(f.a), std::move(f.b), std::move(f.c), f.scale) {
+      : core("dynamic_rank::dynamic_rank", std::move(f.a), std::move(f.b), std::move(f.c), f.scale) {
     init_state(opt);
   }
 
@@ -282,14 +250,14 @@ class dynamic_rank : public low_rank_adapter<dynamic_rank<T>, T> {
   void mask_gradient() {
     if (!frozen_) return;
     for (index i = 0; i < rank(); ++i) {
-      if (mask_[static_cast<std::size_t>(i)]) core_.grad_c()(0, i) = T{0};
+      if (mask_[static_cast<std::size_t>(i)]) this->gate_grads()(0, i) = T{0};
     }
   }
 
   /// R_layer; with gradients given (and coef != 0) also adds coef * dR_layer into them.
   double regularize(double coef, matrix<T>* ga, matrix<T>* gb) const {
-    const auto& a = core_.a();
-    const auto& b = core_.b();
+    const auto& a = this->a_matrix();
+    const auto& b = this->b_matrix();
     const bool grads = ga != nullptr && gb != nullptr && coef != 0.0;
     double total = 0.0;
     const index in = in_features(), out = out_features();
@@ -320,7 +288,6 @@ class dynamic_rank : public low_rank_adapter<dynamic_rank<T>, T> {
     return total;
   }
 
-  detail::gated_low_rank<T> core_;
   std::vector<T> importance_;  // S, r0 values
   std::vector<bool> mask_;     // true = pruned
   bool frozen_ = false;
@@ -328,6 +295,5 @@ class dynamic_rank : public low_rank_adapter<dynamic_rank<T>, T> {
   double weight_ = 0.1;
   double eps_ = 1e-8;
 };
-
 
 }  // namespace peft

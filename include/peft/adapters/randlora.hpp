@@ -43,6 +43,7 @@
 #include <utility>
 #include <vector>
 
+#include "peft/adapters/detail/projection_sizes.hpp"
 #include "peft/core/adapter.hpp"
 #include "peft/core/additive_adapter.hpp"
 #include "peft/core/error.hpp"
@@ -71,18 +72,7 @@ struct randlora_projections {
 template <compute_scalar T>
 randlora_projections<T> make_randlora_projections(index rank, std::span<const std::pair<index, index>> layers,
                                                   std::uint64_t seed = 0) {
-  constexpr const char* where = "make_randlora_projections";
-  if (rank < 1) detail::raise<shape_error>(where, "rank must be >= 1, got " + std::to_string(rank));
-  if (layers.empty()) detail::raise<shape_error>(where, "no layer given");
-  index in_max = 0, out_max = 0;
-  for (const auto& [in, out] : layers) {
-    if (in < 1 || out < 1) {
-      detail::raise<shape_error>(where, "a layer has in_features " + std::to_string(in) + " and out_features " +
-                                            std::to_string(out) + "; both must be >= 1");
-    }
-    in_max = std::max(in_max, in);
-    out_max = std::max(out_max, out);
-  }
+  const auto [in_max, out_max] = detail::shared_projection_sizes("make_randlora_projections", rank, layers);
   const index mn = std::min(in_max, out_max), mx = std::max(in_max, out_max);
   const index nb = randlora_num_bases(mn, rank);
   rng gen(seed);

@@ -82,7 +82,7 @@ class shira : public additive_adapter<shira<T>, T> {
   shira() = default;
 
   /// A fresh adapter with PEFT's random mask of K = r (in + out) entries (seeded peft::rng, not
-  /// torch's generator: see train/shira_masks.hpp) and zero values (the identity).
+  /// torch's generator: see adapters/detail/shira_random_mask.hpp) and zero values (the identity).
   shira(index in_features, index out_features, const shira_options& opt)
       : shira(in_features, out_features,
               shira_random_mask(out_features, in_features, shira_mask_size(out_features, in_features, opt.rank),

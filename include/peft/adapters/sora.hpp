@@ -105,49 +105,36 @@ struct sora_options {
 };
 
 template <compute_scalar T>
-class sora : public low_rank_adapter<sora<T>, T> {
+class sora : public detail::gated_low_rank<sora<T>, T> {
+  using core = detail::gated_low_rank<sora<T>, T>;
   friend class low_rank_adapter<sora<T>, T>;
 
  public:
   using scalar = T;
+  using core::in_features;
+  using core::out_features;
+  using core::rank;
   static constexpr std::string_view method = "sora";
+  static constexpr std::string_view gate_name = "lora_gate";  // the component vector in parameters()
 
   sora() = default;
 
   /// A fresh adapter: A kaiming-uniform (a = sqrt 5), B = 0, g ~ N(0, 1).
   sora(index in_features, index out_features, const sora_options& opt)
-      : core_(fresh(in_features, out_features, opt)), rule_(opt.gate_rule) {}
+      : core(fresh(in_features, out_features, opt)), rule_(opt.gate_rule) {}
 
   /// From existing factors: A (r_max, in), B (out, r_max), gate (r_max values), scale s.
   sora(matrix<T> a, matrix<T> b, std::vector<T> gate, T scale,
        sora_gate_rule rule = sora_gate_rule::proximal)
-      : core_("sora::sora", std::move(a), std::move(b), std::move(gate), scale), rule_(rule) {}
+      : core("sora::sora", std::move(a), std::move(b), std::move(gate), scale), rule_(rule) {}
 
-  index in_features() const noexcept { return core_.in_features(); }
-  index out_features() const noexcept { return core_.out_features(); }
-  /// r_max, the number of gated components.
-  index rank() const noexcept { return core_.rank(); }
-  /// Components with g_i != 0: the rank compact() gives.
-  index active_rank() const noexcept { return core_.active_rank(); }
-  T scale() const noexcept { return core_.scale(); }
-  void set_scale(T s) noexcept { core_.set_scale(s); }
   sora_gate_rule gate_rule() const noexcept { return rule_; }
   void set_gate_rule(sora_gate_rule r) noexcept { rule_ = r; }
 
-  matrix_view<T> A() noexcept { return core_.a().view(); }
-  matrix_view<const T> A() const noexcept { return core_.a().view(); }
-  matrix_view<T> B() noexcept { return core_.b().view(); }
-  matrix_view<const T> B() const noexcept { return core_.b().view(); }
   /// The gate g as a (1, r_max) view.
-  matrix_view<T> gate() noexcept { return core_.c().view(); }
-  matrix_view<const T> gate() const noexcept { return core_.c().view(); }
-  matrix_view<const T> grad_A() const noexcept { return core_.grad_a().view(); }
-  matrix_view<const T> grad_B() const noexcept { return core_.grad_b().view(); }
-  matrix_view<const T> grad_gate() const noexcept { return core_.grad_c().view(); }
-
-  /// The term s ((x A^T) * c) B^T for the low-rank core.
-  low_rank_term<T> low_rank() const noexcept { return core_.term(); }
-  low_rank_gradients<T> low_rank_grads() noexcept { return core_.grads(); }
+  matrix_view<T> gate() noexcept { return this->gates().view(); }
+  matrix_view<const T> gate() const noexcept { return this->gates().view(); }
+  matrix_view<const T> grad_gate() const noexcept { return this->gate_grads().view(); }
 
   // ---- the gate -----------------------------------------------------------------------------
 
@@ -158,8 +145,8 @@ class sora : public low_rank_adapter<sora<T>, T> {
     check_step("sora::proximal_step", eta, lambda);
     const double xi = eta * lambda;
     for (index i = 0; i < rank(); ++i) {
-      const double z = static_cast<double>(core_.c()(0, i)) - eta * static_cast<double>(core_.grad_c()(0, i));
-      core_.c()(0, i) = static_cast<T>(soft_threshold(z, xi));
+      const double z = static_cast<double>(this->gates()(0, i)) - eta * static_cast<double>(this->gate_grads()(0, i));
+      this->gates()(0, i) = static_cast<T>(soft_threshold(z, xi));
     }
   }
 
@@ -168,7 +155,7 @@ class sora : public low_rank_adapter<sora<T>, T> {
   void official_threshold(double xi) {
     check_step("sora::official_threshold", 0.0, xi);
     const T x = static_cast<T>(xi);
-    for (index i = 0; i < rank(); ++i) core_.c()(0, i) = sora_official_threshold(core_.c()(0, i), x);
+    for (index i = 0; i < rank(); ++i) this->gates()(0, i) = sora_official_threshold(this->gates()(0, i), x);
   }
 
   /// The configured rule: proximal_step(eta, xi), or official_threshold(xi) (eta unused).
@@ -183,40 +170,22 @@ class sora : public low_rank_adapter<sora<T>, T> {
   /// sum_i |g_i|, the official code's L1 term (before its weight).
   double gate_l1() const {
     double s = 0.0;
-    for (index i = 0; i < rank(); ++i) s += std::abs(static_cast<double>(core_.c()(0, i)));
+    for (index i = 0; i < rank(); ++i) s += std::abs(static_cast<double>(this->gates()(0, i)));
     return s;
   }
 
   /// dL/dg += coef sign(g) (sign(0) = 0, as torch); returns coef * gate_l1().
   double add_gate_l1(double coef) {
     for (index i = 0; i < rank(); ++i) {
-      const T v = core_.c()(0, i);
+      const T v = this->gates()(0, i);
       const T sign = v > T{0} ? T{1} : (v < T{0} ? T{-1} : T{0});
-      core_.grad_c()(0, i) += static_cast<T>(coef) * sign;
+      this->gate_grads()(0, i) += static_cast<T>(coef) * sign;
     }
     return coef * gate_l1();
   }
 
-  // ---- compaction ---------------------------------------------------------------------------
-
-  /// The plain LoRA with identical outputs: S = {i : g_i != 0}, A' = A_S (|S|, in),
-  /// B' = B_S diag(g_S) (out, |S|), scale s unchanged. std::nullopt when every g_i is zero:
-  /// the term is then exactly zero, the layer needs no adapter (lora requires rank >= 1).
-  std::optional<lora<T>> compact() const { return core_.compact(); }
-
-  /// lora_A.weight, lora_B.weight (as LoRA) and the component vector.
-  std::vector<parameter<T>> parameters() {
-    std::vector<parameter<T>> p;
-    p.push_back({"lora_A.weight", core_.a().view(), core_.grad_a().view(), detail::shape_of(A(), false)});
-    p.push_back({"lora_B.weight", core_.b().view(), core_.grad_b().view(), detail::shape_of(B(), false)});
-    p.push_back({"lora_gate", core_.c().view(), core_.grad_c().view(), detail::shape_of(gate(), true)});
-    return p;
-  }
-
-  void zero_grad() { core_.zero_grad(); }
-
  private:
-  static detail::gated_low_rank<T> fresh(index in, index out, const sora_options& opt) {
+  static core fresh(index in, index out, const sora_options& opt) {
     constexpr const char* where = "sora::sora";
     if (opt.rank < 1) detail::raise<shape_error>(where, "rank must be >= 1, got " + std::to_string(opt.rank));
     if (in < 1 || out < 1) {
@@ -229,7 +198,7 @@ class sora : public low_rank_adapter<sora<T>, T> {
     for (auto& v : a.storage()) v = static_cast<T>(gen.uniform(-bound, bound));
     std::vector<T> g(static_cast<std::size_t>(opt.rank));
     for (auto& v : g) v = static_cast<T>(gen.normal(0.0, 1.0));
-    return detail::gated_low_rank<T>(where, std::move(a), matrix<T>(out, opt.rank), std::move(g),
+    return core(where, std::move(a), matrix<T>(out, opt.rank), std::move(g),
                                      static_cast<T>(opt.alpha / static_cast<double>(opt.rank)));
   }
 
@@ -243,9 +212,7 @@ class sora : public low_rank_adapter<sora<T>, T> {
     }
   }
 
-  detail::gated_low_rank<T> core_;
   sora_gate_rule rule_ = sora_gate_rule::proximal;
 };
-
 
 }  // namespace peft

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "peft/adapters/detail/low_rank_core.hpp"
+#include "peft/adapters/detail/projection_sizes.hpp"
 #include "peft/core/adapter.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
@@ -48,18 +49,7 @@ struct vera_projections {
 template <compute_scalar T>
 vera_projections<T> make_vera_projections(index rank, std::span<const std::pair<index, index>> layers,
                                           std::uint64_t seed = 0) {
-  constexpr const char* where = "make_vera_projections";
-  if (rank < 1) detail::raise<shape_error>(where, "rank must be >= 1, got " + std::to_string(rank));
-  if (layers.empty()) detail::raise<shape_error>(where, "no layer given");
-  index in_max = 0, out_max = 0;
-  for (const auto& [in, out] : layers) {
-    if (in < 1 || out < 1) {
-      detail::raise<shape_error>(where, "a layer has in_features " + std::to_string(in) + " and out_features " +
-                                            std::to_string(out) + "; both must be >= 1");
-    }
-    in_max = std::max(in_max, in);
-    out_max = std::max(out_max, out);
-  }
+  const auto [in_max, out_max] = detail::shared_projection_sizes("make_vera_projections", rank, layers);
   rng gen(seed);
   vera_projections<T> p{std::make_shared<matrix<T>>(rank, in_max), std::make_shared<matrix<T>>(out_max, rank)};
   const double bound_a = std::sqrt(6.0 / static_cast<double>(in_max));

@@ -65,7 +65,7 @@ inline matrix<std::int32_t> shira_positions_to_indices(std::vector<std::int64_t>
 
 /// SHiRA-Rand: K distinct entries drawn uniformly with peft::rng(seed) (Floyd's sampling, O(K)
 /// memory), sorted row-major. The same seed gives the same mask on every platform; it is not
-/// PEFT's torch.randperm mask (see the file comment).
+/// PEFT's torch.randperm mask (docs/methods/shira.md).
 inline matrix<std::int32_t> shira_random_mask(index d_out, index d_in, index k, std::uint64_t seed) {
   detail::shira_check_request("shira_random_mask", d_out, d_in, k);
   const auto n = static_cast<std::uint64_t>(d_out * d_in);

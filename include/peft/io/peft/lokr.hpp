@@ -29,7 +29,7 @@ struct peft_codec<lokr<T>> : codec_defaults {
     return c.pattern_alpha(module, c.number("alpha", 8.0, "lokr::from_checkpoint"));
   }
 
-  /// The adapter of one module. r and alpha come from the config (a.rank()pattern, alpha_pattern);
+  /// The adapter of one module. r and alpha come from the config (rank_pattern, alpha_pattern);
   /// the factors' shapes must be PEFT's factorization of the layer, and their forms (full or
   /// low rank) those PEFT builds for that r and decompose_both: anything else is a format_error,
   /// since PEFT itself could not load it.
@@ -68,7 +68,7 @@ struct peft_codec<lokr<T>> : codec_defaults {
   }
 
   /// Makes `c` describe this module: peft_type LOKR; alpha, decompose_both and decompose_factor
-  /// when `c` has none yet; exact a.rank()pattern / alpha_pattern entries where r / alpha do not
+  /// when `c` has none yet; exact rank_pattern / alpha_pattern entries where r / alpha do not
   /// give this module's. unsupported_error when `c` already says something (decompose_both,
   /// decompose_factor) under which PEFT would build this module with other shapes or forms.
   static void describe_in(const lokr<T>& a, adapter_config& c, const std::string& module) {
