@@ -1,43 +1,15 @@
 // peft/adapters/compacter.hpp — Compacter (Mahabadi, Henderson, Ruder, NeurIPS 2021; code
 // rabeehk/compacter): a bottleneck adapter whose two projections are LPHM layers.
 //
-//   h = x W0^T + b0                                   (batch, out)
-//   serial (the paper):  y = h + up(gelu(down(h)))     down: out -> k, up: k -> out
-//   parallel:            y = h + up(gelu(down(x)))     down: in  -> k, up: k -> out
-//   PHM(z) = z H + b,  H = sum_{i<n} A_i kron (l_i r_i^T)   (in, out) of that PHM, never formed
+//   serial (the paper):  y = h + up(gelu(down(h)))    h = x W0^T + b0, down: out -> k = out / R
+//   parallel:            y = h + up(gelu(down(x)))    down: in -> k = in / R;  up: k -> out
+//   PHM(z) = z H + b,  H = sum_{i<n} A_i kron (l_i r_i^T), never formed (detail/phm.hpp)
 //
-// gelu is the tanh form (the paper code's "gelu_new"). k = d_model / R, d_model being the width
-// the down projection reads (out_features serial, in_features parallel); n divides every PHM
-// width (d_model, k, out_features). Serial places no constraint on in_features (the paper puts it
-// after a transformer's FFN output projection, d_ff -> d_model); a square layer is the common case.
+//   peft::compacter<float> a(in, out, {.n = 4, .reduction_factor = 32});   // a.rule() to share
 //
-// The rule A (n, n, n) is SHARED by every Compacter layer of a model (the paper's "slow"
-// weights) and by the down and up projection of each: layers hold it through a
-// std::shared_ptr<phm_rule<T>> (detail/phm.hpp), read the same memory and accumulate into the
-// same gradient. parameters() lists it first as "phm_rule" with shared = true: an optimizer must
-// update a shared tensor ONCE per step (deduplicate by value.data()), not once per layer, and
-// zero_grad() of any layer clears the shared gradient (zero every layer before any backward).
-// Layers sharing a rule must not run backward concurrently. Per layer ("fast" weights):
-//
-//   down.W_left (n, d_model/n)  down.W_right (n, k/n)  down.bias (k)
-//   up.W_left   (n, k/n)        up.W_right   (n, out/n) up.bias  (out)
-//
-// (W_left[i] = l_i on the PHM's input side, W_right[i] = r_i on its output side; the names of the
-// paper code and of tests/data/paper/compacter_*.)
-//
-// Gradients (g = dL/dy): dup.bias += sum_rows g; the up PHM's (detail/phm.hpp) given g and
-// a = gelu(p); dp = (g H_up^T) * gelu'(p); ddown.bias += sum_rows dp; the down PHM's given dp;
-// the bottleneck's input gradient dp H_down^T goes into dh (serial: backward_term adds it to dh,
-// backward writes dx = (g + dp H_down^T) W0) or into dx directly (parallel).
-//
-// Init (the paper code, compacter.json): rule ~ N(0, 1e-4^2), W_left/W_right glorot-uniform
-// (xavier-uniform, gain sqrt 2, per rank-one factor), biases 0. This is NOT an exact identity:
-// with zero biases up(gelu(down(h))) = gelu(down(h)) H_up is small (H scales with the rule,
-// ~1e-4) but not zero. The paper relies on this near-identity start; nothing is zero.
-//
-// Not mergeable (gelu makes it nonlinear in x): there is no delta_weight. No PEFT checkpoint
-// format exists (io/peft/compacter.hpp says so when saving):
-// save parameters() (the rule once) with safetensors and rebuild with the explicit constructor.
+// Writes its own passes (serial reads the base output). The rule A (n, n, n) is SHARED by every
+// layer: update it once per step, zero all layers' gradients first, no concurrent backward.
+// Not mergeable; no PEFT format (io/peft/compacter.hpp). Details: docs/methods/compacter.md.
 #pragma once
 
 #include <algorithm>

@@ -1,49 +1,14 @@
-// peft/adapters/dora.hpp — DoRA, weight-decomposed low-rank adaptation (Liu et al. 2024), as
-// HuggingFace PEFT implements it (tuners/lora/dora.py, variants.py: LoRA with use_dora).
+// peft/adapters/dora.hpp — DoRA, weight-decomposed low-rank adaptation (Liu et al., ICML 2024),
+// as HuggingFace PEFT computes it (LoRA with use_dora).
 //
-//   y = b0 + k * (x W0^T + s x A^T B^T),   k = m / n            A (r, in), B (out, r), m (out)
-//   n_j = || (W0 + s B A)_{j,:} ||_2       one norm per OUTPUT feature, detached (a constant
-//                                          in backward, paper section 4.3, as PEFT does)
-//   s = alpha / r, or alpha / sqrt(r) with rsLoRA (LoRA's scale); PEFT has no lora_bias for DoRA.
+//   y = b0 + k * (x W0^T + s x A^T B^T),  k = m / n,  n_j = ||(W0 + s B A)_{j,:}||_2 (detached)
+//   A (r, in), B (out, r), m (out); s = alpha / r, or alpha / sqrt(r) with rsLoRA
 //
 //   peft::dora<float> a(base, {.rank = 16, .alpha = 32});   // B = 0, m = n: the identity
-//   a.forward(base, x, y, cache);   a.backward(base, x, dy, dx, cache);
 //
-// The magnitude scaling applies to the base product WITHOUT its bias, written as PEFT writes it:
-// y = h + (k - 1) (h - b0) + k s x A^T B^T with h = x W0^T + b0. With several adapters on one
-// layer (add_term) every DoRA term uses the shared base output h; see add_term for how that
-// differs from PEFT's evaluation-mode forward.
-//
-// Gradients (g = dL/dy, n constant): dm_j += sum_batch g_j (x W0^T + s x A^T B^T)_j / n_j;
-// A and B as LoRA's with g replaced by k * g; dx = (k * g) W0 + s ((k * g) B) A.
-//
-// Row norms are never computed from a materialised W0 + s B A. W0 is decoded a panel of rows at
-// a time (dequantize_row, in double) and, with w_j row j of W0 and B_j row j of B,
-//   n_j^2 = ||w_j||^2 + 2 s B_j (A w_j) + s^2 B_j (A A^T) B_j^T      (A W0^T by panel GEMM);
-// a row whose expansion cancels badly (n_j^2 < 1e-2 (||w_j||^2 + s^2 ||B_j A||^2)) is
-// recomputed directly as ||w_j + s B_j A||^2 from the same decoded row. In float over a base with
-// a fused product (dense f32, the quantized bases) -- training, where the norms change every step --
-// ||w_j||^2 is computed once per base and kept in the cache, and A W0^T is the base's own product
-// of the r rows of A (row_norms_with_cache); otherwise everything is recomputed in double (row_norms).
-// Norms below norm_floor() = sqrt(numeric_limits<T>::min()) are raised to it, so a zero row
-// gives k = m / floor instead of PEFT's 0 / 0 = NaN (PEFT issues #1692, #2049).
-//
-// Norm cache: forward stores n and k in the cache_type, keyed by a stamp of the adapter's
-// parameters and by the address of the base. Every non-const accessor (parameters(), A(), B(),
-// magnitude(), set_scale(), zero_grad(), the norm pinning functions) draws a new stamp, so the
-// next forward recomputes the norms; reading parameters changes nothing. Values changed through
-// a view kept from an earlier call are not seen: call invalidate_norms() (or any non-const
-// accessor) after such a change. A base changed in place (merging into it) or a cache reused
-// with another base object at the same address needs cache.invalidate() (or a fresh cache).
-// forward() only writes the cache it is given: concurrent forwards are safe with one cache per
-// thread, never with a shared one. backward uses the n and k of the forward that filled the cache.
-//
-// Merging: W' = (m / n')[:, None] * (W0 + s B A), n' the norms at merge time. delta_weight
-// remembers n' (in a mutable member: do not call delta_weight concurrently on one adapter) and
-// unmerge_delta(merged, dw) recovers W' - W0 from the merged weight with them, as PEFT does.
-//
-// Checkpoint names: lora_A.weight, lora_B.weight, lora_magnitude_vector (no ".weight" on disk;
-// PyTorch names the gradient "lora_magnitude_vector.<adapter>.weight").
+// Reads the base output, so it writes its own passes (its low-rank part uses the low-rank core).
+// The norms are cached in the cache_type and recomputed after any non-const accessor; concurrent
+// forwards need one cache each. Checkpoints: io/peft/dora.hpp. Details: docs/methods/dora.md.
 #pragma once
 
 #include <algorithm>

@@ -1,42 +1,15 @@
-// peft/adapters/dynamic_rank.hpp — DoRA, dynamic rank distribution (Mao et al., ACL 2024;
-// code MIkumikumi0116/DoRA). Not the weight-decomposed DoRA of PEFT (that one is `dora`).
+// peft/adapters/dynamic_rank.hpp — DoRA, dynamic rank distribution (Mao et al., ACL 2024; code
+// MIkumikumi0116/DoRA). Not the weight-decomposed DoRA of PEFT (that one is `dora`).
 //
-//   y = x W0^T + b0 + s ((x A^T) * c) B^T          s = alpha / r0
-//   A (r0, in), B (out, r0), c (r0): r0 single-rank components, Delta W = s sum_i c_i b_i a_i^T
+//   y = x W0^T + b0 + s ((x A^T) * c) B^T      A (r0, in), B (out, r0), c (r0), s = alpha / r0
 //
 //   peft::dynamic_rank<float> a(in, out, {.rank = 8, .alpha = 16});  // r0 = ceil(1.5 * 8) = 12
-//   ... forward / backward / optimizer step ...
-//   a.update_importance();                        // after every optimizer step
-//   a.prune(mask);                                // a pruning event of the global schedule
-//   std::optional<peft::lora<float>> l = a.compact();   // a plain LoRA of rank |{c_i != 0}|
+//   a.update_importance(); a.prune(mask); auto l = a.compact();      // l: optional<lora<float>>
 //
-// Init: A and B kaiming-uniform with a = 0 as torch.nn.init.kaiming_uniform_ does on the
-// official code's nn.Linear weights: U(+-sqrt(6 / fan_in)), fan_in = in for A (r0, in) and
-// r0 for B (out, r0); c = 0, so the adapter starts as the identity (and only c moves at first).
-//
-// Gradients (g = dL/dy, t = x A^T, u = g B): dB += s g^T (t * c), dA += s (u * c)^T x,
-// dc_i += s sum_b u_bi t_bi, dx = g W0 + s (u * c) A.
-//
-// Importance (per component, without the scale s, as the paper and its code):
-//   s_i = |c_i| ||b_i|| ||a_i|| / (||B diag(c) A||_F + eps)       eps = 1e-8
-// computed from two (r0, r0) Gram matrices, never the (out, in) product (see
-// detail::gated_low_rank::frobenius_norm); update_importance() keeps the EMA
-// S <- 0.9 S + 0.1 s (S starts at 0; both coefficients are options).
-//
-// The global pruning schedule (15%..50% of training, threshold over ALL layers' S) belongs to
-// the trainer; this type gives it: importance() to read S, prune(mask) to zero chosen c_i,
-// prune(mask, true) / set_mask_frozen() for the final mask, apply_mask() to re-zero masked c_i
-// after an optimizer step (needed for momentum optimizers once the mask is frozen).
-//
-// Regulariser (the "dimensional equilibrium modulator"): this layer's share is
-//   R_layer = sum_i (var(A_i,:) + var(B_:,i))     unbiased variance
-// regularizer() returns it; add_regularizer(coef) adds coef * dR_layer/dA, dR_layer/dB into the
-// gradients and returns coef * R_layer. The paper's loss term is lambda_R (0.1) times the mean
-// over layers, R = sum_layers R_layer / (L 2 r0): pass coef = lambda_R / (L 2 r0) to every layer,
-// until pruning ends. A row or column of one element has variance 0 here (PyTorch gives NaN).
-//
-// No PEFT checkpoint exists for this method: compact() to a LoRA and save that. The parameter
-// names (lora_A.weight, lora_B.weight, lora_scaler) follow LoRA and the official code.
+// The passes come from the low-rank core (c is its gate). Importance, masks and the regulariser
+// are here; the global pruning schedule is train/dynamic_rank_trainer.hpp. No PEFT checkpoint
+// format (io/peft/dynamic_rank.hpp): compact() and save the LoRA.
+// Details: docs/methods/dynamic_rank.md.
 #pragma once
 
 #include <cmath>

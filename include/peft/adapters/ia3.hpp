@@ -1,24 +1,14 @@
-// peft/adapters/ia3.hpp — (IA)^3 (Liu et al. 2022) as HuggingFace PEFT 0.21 does it.
+// peft/adapters/ia3.hpp — (IA)^3 (Liu et al., NeurIPS 2022) as HuggingFace PEFT 0.21 computes it.
 //
-//   feedforward module:  y = W0 (l * x) + b0           l = ia3_l (1, in): scales the INPUT
-//   other modules:       y = (W0 x + b0) * l           l = ia3_l (out, 1): scales the OUTPUT, bias too
+//   feed-forward module:  y = W0 (l * x) + b0       l = ia3_l (1, in): scales the INPUT
+//   other modules:        y = (W0 x + b0) * l       l = ia3_l (out, 1): scales the OUTPUT, bias too
 //
 //   peft::ia3<float> a(in, out, {.feedforward = true});   // PEFT's init: l = 1, a no-op
 //
-// As a term added to the base output h = W0 x + b0 (several adapters on one layer):
-//   feedforward: W0 ((l - 1) * x);  other: (l - 1) * h.
-// (PEFT multiplies the vectors of several active IA3 adapters; here their terms add, which
-// agrees for one adapter, and to first order in l - 1 for several.)
-// Gradients (g = dL/dy): feedforward: dl_i += sum_b (g W0)_bi x_bi, dx = l * (g W0);
-//   other: dl_j += sum_b g_bj h_bj, dx = (g * l) W0.
-// Merging is multiplicative: W' = W0 * l (columns for feedforward, rows otherwise), b' = b0 * l
-// for output scaling. delta_weight gives W' - W0 = W0 * (l - 1), which depends on W0;
-// unmerge_delta recovers W0 = W' / l from the merged weight (PEFT divides by l + 1e-8;
-// here l is used exactly, and a zero in l, which loses W0, is an error).
-// A checkpoint stores only l, so one side of the layer is unknown after loading:
-// in_features() (output scaling) or out_features() (feedforward) is 0 until bind(in, out)
-// or bind(base) sets it. forward and friends accept any size on the unbound side.
-// Checkpoints (ia3_l, feedforward_modules): io/peft/ia3.hpp.
+// Reads the base output, so it writes its own passes; several IA3 terms add (PEFT multiplies).
+// Merging is multiplicative (delta_weight = W0 * (l - 1)). A loaded adapter knows one side of the
+// layer only: bind(in, out) or bind(base). Checkpoints: io/peft/ia3.hpp. Details:
+// docs/methods/ia3.md.
 #pragma once
 
 #include <algorithm>

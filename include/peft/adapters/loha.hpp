@@ -1,18 +1,13 @@
-// peft/adapters/loha.hpp — LoHa (low-rank Hadamard product, FedPara) as HuggingFace PEFT 0.21 does it.
+// peft/adapters/loha.hpp — LoHa, low-rank Hadamard product (FedPara), as HuggingFace PEFT 0.21
+// computes it.
 //
-//   y = x W0^T + b0 + x dW^T,   dW = s (W1a W1b) * (W2a W2b)     (* elementwise), s = alpha / r
+//   y = x W0^T + b0 + x dW^T,   dW = s (W1a W1b) * (W2a W2b)   (* elementwise), s = alpha / r
 //   W1a, W2a (out, r) = hada_w1_a, hada_w2_a;  W1b, W2b (r, in) = hada_w1_b, hada_w2_b
 //
 //   peft::loha<float> a(in, out, {.rank = 8, .alpha = 16});   // PEFT's init: hada_w2_b = 0
 //
-// dW has rank up to r^2, so it is formed (out, in) in forward and backward, as PEFT does:
-// that costs 2 r out in multiply-adds per call besides the product with x.
-// Gradients (g = dL/dy): M = s g^T x (out, in), P = W1a W1b, Q = W2a W2b;
-//   dW1a += (M * Q) W1b^T, dW1b += W1a^T (M * Q), dW2a += (M * P) W2b^T, dW2b += W2a^T (M * P);
-//   dx = g W0 + g dW.
-// Checkpoint names: hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b (no ".weight"); config fields
-// r, alpha, rank_pattern, alpha_pattern. hada_t1 / hada_t2 (the effective-conv2d form of a
-// convolution) are rejected with unsupported_error.
+// The passes come from additive_adapter; dW (rank up to r^2) is formed in forward and backward,
+// as PEFT does. Checkpoints: io/peft/loha.hpp. Details: docs/methods/loha.md.
 #pragma once
 
 #include <algorithm>

@@ -1,24 +1,14 @@
-// peft/adapters/lokr.hpp — LoKr (low-rank Kronecker adaptation) as HuggingFace PEFT 0.21 does it.
+// peft/adapters/lokr.hpp — LoKr, low-rank Kronecker product (LyCORIS), as HuggingFace PEFT 0.21
+// computes it.
 //
-//   y = x W0^T + b0 + s x (W1 kron W2)^T               s = alpha / r, ALSO when W1 and W2 are full
-//   W1 (out_l, in_m) = lokr_w1, or lokr_w1_a (out_l, r) @ lokr_w1_b (r, in_m)
-//   W2 (out_k, in_n) = lokr_w2, or lokr_w2_a (out_k, r) @ lokr_w2_b (r, in_n)
+//   y = x W0^T + b0 + s x (W1 kron W2)^T        s = alpha / r (also when W1 and W2 are full)
+//   W1 (out_l, in_m): full, or (out_l, r) @ (r, in_m);  W2 (out_k, in_n): likewise with r
 //   (out_l, out_k) = lokr_factorization(out), (in_m, in_n) = lokr_factorization(in)
 //
 //   peft::lokr<float> a(in, out, {.rank = 8, .alpha = 16});   // PEFT's init: W1 = 0, W2 random
 //
-// PEFT chooses the forms from r (update_layer): W1 is full unless decompose_both and
-// r < max(out_l, in_m) / 2; W2 is full unless r < max(out_k, in_n) / 2. (LyCORIS sets alpha = r
-// when both are full; PEFT does not: its scaling is alpha / r in every case, and the golden
-// checkpoints confirm it.)
-// The (out, in) delta is never formed in forward or backward: each row of x read as a matrix
-// X (in_m, in_n) gives the row of the term read as s W1 X W2^T (out_l, out_k).
-// Gradients, G = a row of dL/dy read as (out_l, out_k), Z = X W2^T, V = W1^T G:
-//   dW1 += s G Z^T,  dW2 += s V^T X,  dX = s V W2;  a low-rank factor P = P_a P_b receives
-//   dP_a += dP P_b^T and dP_b += P_a^T dP.
-// Checkpoint names: lokr_w1, lokr_w1_a, lokr_w1_b, lokr_w2, lokr_w2_a, lokr_w2_b (no ".weight");
-// config fields r, alpha, rank_pattern, alpha_pattern, decompose_both, decompose_factor.
-// lokr_t2 (the effective-conv2d form) and convolution-shaped tensors are rejected.
+// The passes come from additive_adapter; the (out, in) delta is never formed. Checkpoints:
+// io/peft/lokr.hpp. Details (PEFT's factorization and choice of forms): docs/methods/lokr.md.
 #pragma once
 
 #include <algorithm>

@@ -1,30 +1,14 @@
 // peft/adapters/phm_delta.hpp — the mergeable Kronecker form of Compacter's LPHM layer
-// (Mahabadi et al., NeurIPS 2021) used as a weight delta, like LoRA:
+// (Mahabadi et al., NeurIPS 2021) used as a weight delta, like LoRA.
 //
 //   y = x (W0 + Delta W)^T + b0,   Delta W = sum_{i<n} A_i kron (u_i v_i^T)     (out, in)
+//   rule A (n, n, n) shared between layers; u_i = W_left[i] (out/n), v_i = W_right[i] (in/n)
 //
-// A (n, n, n) is the rule ("phm_rule"), u_i = W_left[i] (out/n) and v_i = W_right[i] (in/n)
-// (the names and orientation of tests/data/paper/phm_delta). n divides in and out. The forward
-// never forms Delta W: x Delta W^T = x sum_i A_i^T kron (v_i u_i^T) is the LPHM product of
-// detail/phm.hpp with the rule transposed, O(batch n^2 (in + out) / n) instead of O(batch in out).
+//   peft::phm_delta<float> a(in, out, {.n = 4});   // W_left = 0: an exact no-op
 //
-// The rule is shared as in Compacter: layers built from one std::shared_ptr<phm_rule<T>> read the
-// same memory and accumulate into the same gradient; parameters() lists it first with
-// shared = true, and an optimizer must update it ONCE per step (deduplicate by value.data());
-// zero_grad() of any layer clears the shared gradient. Layers sharing a rule must not run
-// backward concurrently.
-//
-// Gradients (g = dL/dy, reshaped per row to G (n, out/n), X (n, in/n)): the LPHM gradients of
-// detail/phm.hpp, i.e. dA_i = sum_rows (G u_i)(X v_i)^T, dW_left[i] = sum_rows G^T A_i (X v_i),
-// dW_right[i] = sum_rows X^T A_i^T (G u_i), dx = g W0 + g Delta W.
-//
-// Init (phm_delta_init::zero_left, default): rule ~ N(0, 1e-4^2) when the adapter creates it,
-// W_right glorot-uniform (as Compacter's factors), W_left = 0, so Delta W = 0 exactly (an exact
-// no-op, like LoRA's B = 0). phm_delta_init::random draws W_left glorot-uniform too.
-//
-// Mergeable: delta_weight writes Delta W (one GEMM per (a, c) block), delta_bias is false.
-// No PEFT checkpoint format exists (io/peft/phm_delta.hpp says so when saving): merge it into the
-// base, or save parameters() with safetensors.
+// The passes come from additive_adapter (the LPHM product of detail/phm.hpp; Delta W is never
+// formed). The shared rule is stepped once per step (docs/methods/compacter.md). No PEFT format
+// (io/peft/phm_delta.hpp): merge it, or save parameters(). Details: docs/methods/phm_delta.md.
 #pragma once
 
 #include <cstdint>

@@ -1,35 +1,15 @@
-// peft/adapters/randlora.hpp — RandLoRA (Albert et al., ICLR 2025) as HuggingFace PEFT 0.21
-// implements it (tuners/randlora/layer.py).
+// peft/adapters/randlora.hpp — RandLoRA (Albert et al., ICLR 2025) as HuggingFace PEFT computes it.
 //
-// Frozen random bases SHARED by every adapted layer (one std::shared_ptr each, never copied):
-//   A [r, 1, min_max]         stored as a matrix (r, min_max)
-//   B [max_max, nb_max, r]    stored as a matrix (max_max, nb_max * r), row-major as PyTorch's
-// where min_max / max_max are min / max of the largest (out, in) over the adapted layers and
-// nb_max = ceil(min_max / r). A layer with in / out features has
-//   mn = min(in, out), mx = max(in, out), nb = ceil(mn / r) bases, R = r * nb,
-// trainable lambda (r, nb) and gamma (nb, mn), and scale s = randlora_alpha / r. PEFT forms
-//   U (R, mn):  U[k*nb + b, j] = lambda[k, b] * A[k, 0, j] * gamma[b, j]   (k-major rows)
-//   V (mx, R):  V[i, b*r + k]  = B[i, b, k]                              (b-major columns)
-// (the two flattenings differ: U's row c and V's column c pair lambda[c / nb, c % nb] with
-// B[:, c / r, c % r]), and V is B[:mx, :nb, :] flattened, a strided view here, never a copy.
-//   in <= out:  y = x W0^T + b0 + s (x U^T) V^T,   Delta W = s V U      (out = mx, in = mn)
-//   in >  out:  y = x W0^T + b0 + s (x V) U,       Delta W = s U^T V^T  (out = mn, in = mx)
-// U is not materialised in forward/backward: per base row k, (x * A_k) gamma^T (batch, nb) or
-// (p_k * lambda_k) gamma (batch, mn) carry the same products at the same cost.
-// Gradients, with dU = dL/dU (R, mn):
-//   d lambda[k, b] = sum_j dU[k*nb+b, j] A[k, j] gamma[b, j]
-//   d gamma[b, j]  = sum_k dU[k*nb+b, j] A[k, j] lambda[k, b]
-//   in <= out: dU = s (g V)^T x,  dx = g W0 + s (g V) U;   in > out: dU = s (x V)^T g,  dx = g W0 + s (g U^T) V^T.
-// Init (PEFT's init_weights): lambda = 0 (the identity), gamma = 1 / max(nb, mn).
-// Checkpoint names: per module "randlora_lambda", "randlora_gamma"; shared "base_model.randlora_A",
-// "base_model.randlora_B". PEFT ALSO writes a copy of both bases under every module
-// ("base_model.model.<m>.randlora_A"): each layer holds a reference to the model's BufferDict, so
-// its state_dict lists the same buffers again (VeRA filters them out on save, RandLoRA does not).
-// They are accepted, checked equal to the shared ones, and dropped. save_projection=false is
-// rejected (the bases would have to come from PyTorch's RNG).
+//   in <= out: y = x W0^T + b0 + s (x U^T) V^T;   in > out: y = x W0^T + b0 + s (x V) U
+//   U (R, mn) from lambda (r, nb), A and gamma (nb, mn); V (mx, R) = B[:mx, :nb, :] flattened;
+//   A (r, min_max), B (max_max, nb_max r): frozen, SHARED by every adapted layer;
+//   mn, mx = min, max(in, out), nb = ceil(mn / r), R = r nb, s = randlora_alpha / r
 //
-// A checkpoint only determines min(in, out) (gamma's width): from_checkpoint assumes
-// in = mn, out = max_max; call set_features(in, out) with the base layer's shape before use.
+//   auto p = peft::make_randlora_projections<float>(r, {{in, out}}, seed);
+//   peft::randlora<float> a(p, in, out, alpha);   // lambda = 0: the identity
+//
+// The passes come from additive_adapter (U is never formed). Checkpoints: io/peft/randlora.hpp
+// (call set_features with the base's shape after loading). Details: docs/methods/randlora.md.
 #pragma once
 
 #include <algorithm>

@@ -1,35 +1,15 @@
-// peft/adapters/shira.hpp — SHiRA, sparse high-rank adapters (Bhardwaj et al., NeurIPS 2024), as
-// HuggingFace PEFT implements them (tuners/shira/).
+// peft/adapters/shira.hpp — SHiRA (Bhardwaj et al., NeurIPS 2024) as HuggingFace PEFT computes it.
 //
-//   Delta W = scatter(indices, s v)    v (K) trainable values, indices (2, K) fixed: row 0 the
-//                                      output index, row 1 the input index; s = 1 (PEFT's
-//                                      `scaling`, not saved; set_scale() changes it)
-//   y = x W0^T + b0 + x Delta W^T      the base product plus a sparse term, y[:, r_k] += s v_k x[:, c_k];
-//                                      Delta W is never made dense in forward or backward
+//   y = x W0^T + b0 + x Delta W^T,  Delta W = scatter(indices, s v),  s = 1 (never made dense)
+//   v (K) trainable; indices (2, K) int32, fixed: row 0 output index, row 1 input index
 //
-//   peft::shira<float> a(in, out, {.rank = 32, .seed = 7});       // random mask, v = 0
-//   peft::shira<float> b(in, out, peft::shira_snip_mask(base, G, k));   // any mask (train/shira_masks.hpp)
-//   a.forward(base, x, y, cache);   a.backward(base, x, dy, dx, cache);
+//   peft::shira<float> a(in, out, {.rank = 32, .seed = 7});   // random mask, v = 0
+//   a.apply(base);  ...  a.remove(base);   // O(K) in place; W0 restored bit for bit
 //
-// Gradients (g = dL/dy): dv_k += s sum_batch g[:, r_k] x[:, c_k]; dx = g W0 + s g[:, r_k] v_k
-// scattered to dx[:, c_k]. Checkpoint names: shira_weight (K), shira_indices (2, K) int32 (some
-// writers store it as float32: accepted when every value is integral).
-//
-// Fused switching, the point of SHiRA (paper §3.2: a scatter instead of a fusion):
-//   a.apply(base);    // W0[r_k, c_k] += s v_k in place, the K overwritten values kept bit for bit
-//   ...               // serve with the base alone: the adapter must not also run (forward raises)
-//   a.remove(base);   // writes the kept values back: W0 is restored BIT FOR BIT (no subtraction)
-// Both are O(K), with no dense work and no dense temporary. The adapter records which base it is
-// applied to (by the base's weight storage, so moving the base object is fine): applying twice to
-// one base, or removing from a base it is not applied to, raises peft::error. A serving system
-// switching among many adapters on one base does `current.remove(base); next.apply(base);` per
-// layer. Several adapters may be applied to one base at once (their deltas add, as PEFT sums
-// active adapters); they must then be removed in reverse order where their entries overlap:
-// remove() checks, by a fingerprint of the values apply() wrote, that nothing wrote over this
-// adapter's entries since, and raises with W0 untouched if something did. One adapter may be
-// applied to several bases (replicas). The record is part of the adapter's value: a copy of an
-// applied adapter is applied too (remove through one of them only); a base destroyed while
-// applied leaves a stale record, dropped with discard_applications().
+// The passes come from additive_adapter (the sparse term joins the base product's tiles). apply
+// and remove record the bases and raise peft::error rather than apply twice or restore over a
+// change. Checkpoints: io/peft/shira.hpp; masks: train/shira_masks.hpp.
+// Details: docs/methods/shira.md.
 #pragma once
 
 #include <algorithm>

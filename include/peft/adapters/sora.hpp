@@ -1,35 +1,15 @@
 // peft/adapters/sora.hpp — SoRA, sparse low-rank adaptation (Ding et al., EMNLP 2023; code
 // TsinghuaC3I/SoRA).
 //
-//   y = x W0^T + b0 + s ((x A^T) * g) B^T          s = alpha / r_max
-//   A (r_max, in), B (out, r_max), gate g (r_max)
+//   y = x W0^T + b0 + s ((x A^T) * g) B^T      A (r_max, in), B (out, r_max), gate g (r_max),
+//                                               s = alpha / r_max
 //
-//   peft::sora<float> a(in, out, {.rank = 8, .alpha = 16, .seed = 1});
-//   ... forward / backward; the optimizer steps A and B ...
-//   a.gate_step(lr, lambda);                       // the proximal gate update (paper)
+//   peft::sora<float> a(in, out, {.rank = 8, .alpha = 16});  ...  a.gate_step(lr, xi);
 //   std::optional<peft::lora<float>> l = a.compact();   // a plain LoRA of rank |{g_i != 0}|
 //
-// Init: A kaiming-uniform (a = sqrt 5): U(+-1/sqrt(in)); B = 0 (the adapter starts as the
-// identity); g ~ N(0, 1) from the seeded peft::rng.
-//
-// Gradients (G = dL/dy, t = x A^T, u = G B): dB += s G^T (t * g), dA += s (u * g)^T x,
-// dg_i += s sum_b u_bi t_bi, dx = G W0 + s (u * g) A.
-//
-// Gate update, two rules (sora_options::gate_rule, applied by gate_step(eta, xi)):
-//   proximal (the paper, default): g <- T_{eta xi}(g - eta dL/dg), T the soft threshold
-//     T_xi(z) = sign(z) max(|z| - xi, 0). The adapter takes the gradient step itself from the
-//     accumulated gate gradient: the trainer leaves `lora_gate` out of its optimizer.
-//   official_code (TsinghuaC3I/SoRA's SparseAdamW): the trainer's optimizer moves g (Adam, no
-//     weight decay for the gate), then gate_step applies the code's threshold with a fixed xi
-//     (not scaled by the learning rate; eta is unused) and its ordering, which zeroes every
-//     |g| < 2 xi (sora_official_threshold). The code also adds an L1 term lambda_1 sum |g| to the
-//     loss: gate_l1() is its value, add_gate_l1(lambda_1) adds lambda_1 sign(g) into dL/dg.
-//     The Adam step itself (and its state) is the trainer's.
-// Sparsifying schedule: raise xi stage by stage, sora_threshold_schedule(xi_0, xi_max, K)
-// (numpy.linspace, as the code's "linear" lambda_schedule); when to move on is the trainer's.
-//
-// No PEFT checkpoint exists for this method: compact() to a LoRA and save that. Parameter
-// names: lora_A.weight, lora_B.weight (as LoRA) and lora_gate.
+// The passes come from the low-rank core (g is its gate). The gate rules (the paper's proximal
+// step, the official code's threshold) and the schedule: docs/methods/sora.md, docs/training.md.
+// No PEFT checkpoint format (io/peft/sora.hpp): compact() and save the LoRA.
 #pragma once
 
 #include <cmath>

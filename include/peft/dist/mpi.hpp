@@ -1,70 +1,17 @@
 // peft/dist/mpi.hpp — data-parallel adapter training over MPI (optional: needs an MPI library;
-// the rest of peft-cpp never includes it and works the same without it).
+// the rest of peft-cpp never includes it).
 //
-//   int main(int argc, char** argv) {
-//     peft::dist::environment env(argc, argv);            // MPI_Init_thread ... MPI_Finalize
-//     return peft::dist::run_or_abort(MPI_COMM_WORLD, [&] {
-//       build_the_same_frozen_model_on_every_rank();      // base weights never travel
-//       auto params = net.parameters();                   // the adapters' tensors, every layer
-//       peft::dist::broadcast_parameters(MPI_COMM_WORLD, params);          // rank 0's init
-//       params = net.parameters();                        // re-fetched (DoRA caches norms)
-//       peft::dist::gradient_allreducer<float> reduce(MPI_COMM_WORLD, params);
-//       peft::train::adamw<float> opt(params, {.lr = 1e-2});
-//       for (step ...) {
-//         take this rank's share x_r (n_r rows, possibly 0) of the global batch;
-//         net.zero_grad(); loss_r = mean loss over x_r; backward of that mean;
-//         auto global = reduce.allreduce(n_r, loss_r);   // ONE MPI_Allreduce
-//         opt.step(net.parameters());                    // identical on every rank
-//         if (env.rank() == 0) print(global.mean_loss);  // the global batch's mean loss
-//       }
-//       peft::dist::save_on_root(MPI_COMM_WORLD, [&] { peft::io::save_peft_checkpoint(dir, ck); });
-//       return 0;
-//     });
-//   }
+//   peft::dist::environment env(argc, argv);                     // MPI_Init_thread ... Finalize
+//   return peft::dist::run_or_abort(MPI_COMM_WORLD, [&] {
+//     peft::dist::broadcast_parameters(MPI_COMM_WORLD, params);   // rank 0's initial adapters
+//     peft::dist::gradient_allreducer<float> reduce(MPI_COMM_WORLD, params);
+//     each step: backward of this rank's mean loss; reduce.allreduce(n_r, loss_r); opt.step(..);
+//     peft::dist::save_on_root(MPI_COMM_WORLD, [&] { peft::io::save_peft_checkpoint(dir, ck); });
+//   });
 //
-// What travels. Only adapter tensors: the gradients of the trainable ones each step, their
-// values once at the start (broadcast_parameters), a 64-bit checksum when asked
-// (parameters_consistent), per-rank counters (gather_progress). Frozen base weights never do:
-// every rank builds them itself (same seed or same file), and a checksum can confirm they agree.
-//
-// The gradient convention. Each rank passes the number n_r of examples it processed in this
-// step (0 is allowed) and its loss over them, with gradients of that same loss. With
-// loss_reduction::mean (the default) the loss and the gradients are the MEAN over the rank's n_r
-// examples (as a loss function dividing by the batch it sees computes them); with
-// loss_reduction::sum they are the SUM over them. After allreduce every rank holds the gradient
-// of the GLOBAL mean loss, (sum over ranks of the local sums) / (sum over ranks of n_r): what one
-// process computes over the whole global batch, to rounding, however unevenly the global batch
-// is split. A rank with n_r = 0 contributes nothing (its gradients are not read).
-//
-// Fused: the gradients of every eligible tensor, the local loss, n_r and an error flag are packed
-// into one buffer of T and reduced by ONE MPI_Allreduce (MPI_SUM; split into several calls only
-// beyond INT_MAX elements). Eligible: trainable, not integer, non-empty gradient; a tensor listed
-// several times (shared tensors, e.g. Compacter's rule in every layer's list) is recognised by
-// its value's data pointer and sent once; its entries must share their gradient memory. Counts
-// travel in T, exact up to 2^24 examples per global batch in float (2^53 in double).
-//
-// Identical optimizer state. Every rank receives the same reduced buffer, so the same optimizer
-// applied to the same values and gradients keeps every rank's state identical with no
-// communication. (The MPI standard advises, without requiring, that an all-reduce give every
-// process the same bits; Open MPI 4.1 does in the tests, on 1 to 4 ranks.) parameters_consistent()
-// checks it with one all-reduce of a 64-bit checksum: use it in tests and debug builds, or every
-// few hundred steps; broadcast_parameters() would resynchronise.
-//
-// Errors. Every function sets MPI_ERRORS_RETURN on its communicator and turns an MPI error code
-// into peft::dist::mpi_error, "[dist::allreduce_gradients] MPI_ERR_TRUNCATE: message truncated
-// (MPI error code 15)". Argument errors that only one rank can see (a negative count, a layout
-// changed by rebinding) are sent through the step's reduction, so every rank throws in the same
-// step instead of the others hanging. An exception on one rank outside these functions would
-// leave the others blocked in their next collective: run_or_abort() catches it, prints
-// "rank K: <what>" on stderr (one line) and calls MPI_Abort, which ends the whole job.
-//
-// Checkpoints. save_on_root() runs the save on rank `root` only (the repo's savers write
-// atomically: temporary file + rename), while the other ranks wait for the outcome in the same
-// call (a broadcast); if the save threw on the root, every rank throws a peft error of the same
-// kind whose message names the root and the original message, so nothing hangs.
-//
-// Thread safety: call from one thread per process (environment asks for MPI_THREAD_FUNNELED;
-// the kernels' OpenMP threads make no MPI calls).
+// Only adapter tensors travel (one fused MPI_Allreduce per step). MPI errors become
+// peft::dist::mpi_error on every rank; run_or_abort turns any other exception into MPI_Abort.
+// One thread per process makes MPI calls (MPI_THREAD_FUNNELED). Details: docs/distributed.md.
 #pragma once
 
 #ifndef OMPI_SKIP_MPICXX

@@ -1,34 +1,17 @@
-// peft/serve/adapter_registry.hpp — many adapters on one frozen base, served in mixed batches.
+// peft/serve/adapter_registry.hpp — many adapters on one frozen base, served in mixed batches,
+// swapped while serving, and fused into the base for single-tenant use.
 //
-//   std::map<std::string, peft::dense<float>> bases = ...;   // weight name -> frozen base
-//   peft::serve::adapter_registry<peft::dense<float>> reg(std::move(bases));
-//   reg.load("sql", "adapters/sql");                  // a PEFT checkpoint directory
-//   reg.load("chat", "adapters/chat", 0.5);           // with a run-time scale
-//   auto batch = reg.begin({{"sql"}, {"chat"}, {""}, {"sql", 2.0}});   // one entry per row
-//   batch.forward("model.layers.0.self_attn.q_proj.weight", x, y);     // every layer, same batch
-//   reg.fuse("sql");        // single-tenant mode: sql merged into the base (timed)
+//   peft::serve::adapter_registry<peft::dense<float>> reg(std::move(bases));   // name -> base
+//   reg.load("sql", "adapters/sql");                          // a PEFT checkpoint directory
+//   auto batch = reg.begin({{"sql"}, {"chat", 0.5}, {""}});   // one request per row, "" = base
+//   batch.forward("model.layers.0.self_attn.q_proj.weight", x, y);   // each layer, same batch
+//   reg.fuse("sql");                                          // merged into the base (timed)
 //
-// Adapters are addressed by name; each is a loaded checkpoint (one adapter per module it targets;
-// modules it does not target pass the base through). A request row names its adapter ("" = the
-// base alone) and a scale; the row's term is multiplied by (the adapter's run-time scale) x (the
-// request's scale). serve/mixed_forward.hpp runs each layer: one base product for the whole batch,
-// the low-rank adapters of all rows grouped inside its epilogue, other methods group by group.
-//
-// Hot swap: add/load, replace, unload and set_scale may run while other threads serve. The
-// registry's adapters are an immutable snapshot replaced as a whole (copy on write); a batch takes
-// the snapshot once in begin(), so all its layers see the same adapters: the old or the new one,
-// never a mix, and a replaced or unloaded adapter stays alive until the last batch using it ends.
-//
-// Fused mode: fuse(name) merges one adapter into the (dense) bases for the fastest single-tenant
-// path: its rows then cost the base product alone. LoRA-family adapters (those with a low-rank
-// term) are merged (W0 += f delta; unfuse subtracts it: exact up to one rounding of W0 per
-// switch), SHiRA is scattered into W0 (unfuse restores the overwritten values bit for bit).
-// Other rows stay correct while an adapter is fused: they get the fused adapter's term with the
-// opposite sign. fuse() and unfuse() report how long taking the old adapter out and putting the new
-// one in took. They wait until no batch is open (a batch holds the bases in shared mode), and
-// new batches wait for them: never call them from a thread that holds a batch, and do not open a
-// second batch in a thread that holds one while another thread may fuse (both would deadlock). While an adapter is fused, rows naming an adapter
-// whose term reads the base output (DoRA, IA3, Compacter) are refused: unfuse first.
+// Thread safety: add/load, replace, unload and set_scale are atomic and safe while other threads
+// serve (a batch keeps the snapshot it began with). fuse()/unfuse() wait for open batches: never
+// call them from a thread holding a batch, nor open a second batch in such a thread while
+// another may fuse (deadlock). Errors are peft::error / format_error / unsupported_error, with
+// nothing changed. Details and lock order: docs/serving.md.
 #pragma once
 
 #include <chrono>

@@ -3,29 +3,13 @@
 //
 //   y_i = x_i W0^T + b0 + sum over the groups g holding row i of  f_{g,i} term_g(x_i)
 //
-//   std::vector<peft::serve::batch_group<peft::any_adapter<float>>> groups(2);
-//   groups[0] = peft::serve::group_of(a, {0, 3, 5}, {1, 1, 0.5f});   // rows 0, 3, 5 use adapter a
-//   groups[1] = peft::serve::group_of(b, {1, 2}, {1, 1});             // rows 1, 2 use b
-//   peft::serve::mixed_forward(base, x, y, groups);   // rows 4, 6.. get the base alone
+//   groups[0] = peft::serve::group_of(a, {0, 3, 5}, {1, 1, 0.5f});   // rows 0, 3, 5 use a
+//   peft::serve::mixed_forward(base, x, y, groups);                  // others: the base alone
 //
-// How: rows are put in group order (a stable sort by the first group holding them; a batch that
-// is already grouped is not copied), so each group is a run of consecutive rows. The base product
-// runs ONCE over the whole batch; groups whose method is a low-rank term (the low-rank core,
-// adapters/detail/low_rank_core.hpp: LoRA, AdaLoRA, VeRA, SoRA, dynamic-rank; group_of finds it)
-// first project p = f (x_run A^T * c) per run (gather and shrink), then the core's epilogue adds
-// p B^T (* lambda, + f s b) to every output tile of the base product while it is in cache
-// (expand and scatter), whatever their ranks. Other groups (DoRA, IA3, LoHa, LoKr, RandLoRA,
-// SHiRA, Compacter) are applied per run afterwards through the adapter's add_term, with h = the
-// run's output so far; such a row must not also be in a low-rank group whose term the adapter
-// would mistake for part of h (adapter_registry ensures it).
-// A factor f multiplies the whole term of that row (per-adapter and per-request scale).
-//
-// `looped_forward` is the baseline: one full forward (base and adapter) per group on its
-// sub-batch, what a server that cannot mix adapters in a batch does.
-//
-// Thread safety: reads the base and the adapters only; concurrent calls are safe as long as
-// nobody changes them meanwhile. Errors: peft::shape_error / peft::error before anything is
-// written (bad shapes, rows out of range or repeated within a group, non-finite factors).
+// Low-rank groups join the base product's tiles; other methods run per group through add_term.
+// looped_forward is the one-forward-per-group baseline. Thread safety: reads the base and the
+// adapters only. Errors: shape_error / peft::error before anything is written.
+// Details: docs/serving.md.
 #pragma once
 
 #include <algorithm>

@@ -1,77 +1,18 @@
-// peft/train/dynamic_rank_trainer.hpp — the training procedure of DoRA, dynamic rank
-// distribution (Mao et al., ACL 2024; code MIkumikumi0116/DoRA) over ALL the dynamic_rank
-// layers of a model: importance EMA, the global cubic pruning schedule, the regulariser until
-// pruning ends, the frozen final mask, and compaction to plain LoRAs.
+// peft/train/dynamic_rank_trainer.hpp — the training procedure of dynamic-rank LoRA (Mao et al.,
+// ACL 2024, "DoRA: dynamic rank distribution") over ALL the dynamic_rank layers of a model:
+// importance EMA, the global cubic pruning schedule, the regulariser until pruning ends, the
+// frozen final mask, and compaction to plain LoRAs.
 //
-//   std::vector<peft::dynamic_rank<float>*> layers = {&q, &k, &v};      // r0 = 12 each (r = 8)
 //   peft::train::dynamic_rank_trainer<float> tr(layers, {.total_steps = T, .target_rank = 8});
-//   peft::train::adamw<float> opt(tr.parameters(), {.lr = 1e-3});
-//   for (index step = 1; step <= T; ++step) {                           // 1-based, see below
-//     zero_grad; forward; backward;
-//     const double reg = tr.add_regularizer(step);   // its gradients, until pruning ends
-//     opt.step(tr.parameters());
-//     tr.after_step(step);                           // importance; pruning events; the mask
+//   for (index step = 1; step <= T; ++step) {          // 1-based: the optimizer step's number
+//     zero_grad; forward; backward; tr.add_regularizer(step);
+//     opt.step(tr.parameters()); tr.after_step(step);  // importance; pruning events; the mask
 //   }
-//   std::vector<peft::index> r = tr.ranks();         // components kept per layer
-//   auto loras = tr.compact();                       // per layer a LoRA, or nullopt
+//   auto loras = tr.compact();                         // per layer a LoRA, or nullopt
 //
-// Step counting: `step` is the number of the optimizer step just taken (add_regularizer: about
-// to be taken), 1-based, 1 .. total_steps, as the official code's step_num (incremented before
-// the forward; Finetune_And_Benchmark.py). With T = total_steps, N = sum of every layer's r0,
-// L = the number of layers, r = target_rank:
-//   s0 = floor(start_fraction T), s1 = floor(end_fraction T)      (a product within 1e-9 below
-//        an integer counts as that integer: 0.29 * 100 = 28.999999999999996 gives 29)
-//   t = step - s0, Tp = s1 - s0 >= 1 (the pruning phase is steps s0 .. s1)
-// The official code computes t = int(step - T start) and Tp = int(T (1 - start - end')), its
-// end' = 1 - end_fraction being the share of training AFTER pruning (0.5 in its configs); the
-// two agree whenever start T and end T are integers.
-//
-// Pruning events: every step with 0 <= t <= Tp and (t % interval == 0 or t == Tp) (the code's
-// condition; the paper's scripts use interval 100). At an event the components over ALL layers
-// are ranked by their importance EMA S (after this step's update) and the budget(step) most
-// important are kept, the others pruned: dynamic_rank::prune(mask) sets their c_i = 0; they may
-// regrow until the phase ends (their c_i keeps its gradient; masks are not re-applied between
-// events, as in the code). Ties in S: the component earlier in (layer order, component index)
-// is kept — the selection is deterministic. A layer may keep all or none of its components.
-// At t = Tp the mask is final: prune(mask, true) freezes it, and from then on every after_step
-// re-applies it (apply_mask(): an optimizer with momentum or weight decay would move a masked
-// c_i). If after_step is first called after s1 (the end step was skipped), that call makes the
-// final event.
-//   Differences from the code, which prunes S <= kthvalue(S, max(k, 1)) with k the number to
-// prune: it prunes at least one component at every event (even at t = 0, where k = 0) and every
-// component tied with the threshold; here exactly N - budget are pruned (none at t = 0).
-//
-// The budget, components kept over all layers (cubic, as the code's prune_rank_rate):
-//   D = N - r L,   B(t) = N - floor(D (t / Tp)^3)   (in double: q = t / Tp, D * q * q * q)
-//   budget(step) = N before the first event (t < 0), B(t_e) for the last event t_e <= t, and
-//   B(Tp) = N - floor(D) = ceil(r L) from the end on.
-// With every layer at r0, D (t/Tp)^3 = N ((r0 - r) / r0) (t/Tp)^3: the code's int(N rate) (up to
-// rounding at exact integers). Note the shape: the pruned share grows as t^3 (slowly first);
-// AdaLoRA's budget_schedule (huggingface/peft tuners/adalora/layer.py) decays as (1 - t)^3.
-//
-// Importance: dynamic_rank::update_importance() on every layer at every after_step (the EMA
-// S <- 0.9 S + 0.1 s with the layer's options; the code stops updating once pruning has ended,
-// when S no longer matters).
-//
-// Regulariser (the "dimensional equilibrium modulator"): while step <= s1 (the code's
-// regularization_loss: off once current_prune_step > max_prune_step), add_regularizer(step)
-// adds the gradients of
-//   lambda_R R,   R = sum_layers sum_i (var(A_i,:) + var(B_:,i)) / (2 N)
-// (the mean of the 2 N unbiased variances; the code divides by L 2 r0, the same when every layer
-// has r0 components) and returns that loss term; after s1 it adds nothing and returns 0.
-// lambda_R = dynamic_rank_schedule_options::regularizer (0.1, regularization_loss_alpha in the
-// code's configs).
-//
-// ranks()[i]: components of layer i not pruned by the current mask (r0 before the first event);
-// sum(ranks()) == budget(last step). active_ranks()[i]: components with c_i != 0 (what compact()
-// keeps: equal to ranks() after training unless a kept c_i is exactly 0, e.g. before the first
-// optimizer step, as c starts at 0). compact()[i] is dynamic_rank::compact().
-//
-// Errors (peft::error, "[dynamic_rank_trainer::<function>] ..."): no layers, a null or repeated
-// layer, total_steps < 1, fractions outside [0, 1] or start >= end, an empty pruning phase
-// (floor(start T) == floor(end T)), interval < 1, target_rank not in (0, N / L] (larger than the
-// layers' average initial rank), a negative or non-finite regularizer; a step < 1 (budget: < 0),
-// and after_step with a step not after the previous one.
+// Layers are not owned. Errors are peft::error "[dynamic_rank_trainer::<function>] ..." (invalid
+// options, a step not after the previous one). The schedule, the budget and the differences from
+// the official code: docs/training.md.
 #pragma once
 
 #include <algorithm>

@@ -1,63 +1,16 @@
-// peft/train/optimizer.hpp — AdamW and SGD over adapters' parameters, as torch.optim does them.
+// peft/train/optimizer.hpp — AdamW and SGD over adapters' parameters, equal to torch.optim's
+// (foreach=False) operation by operation, with parameter groups and saved state.
 //
-//   std::vector<peft::parameter<float>> params = layer.parameters();      // any number of layers
-//   peft::train::adamw<float> opt(params, {.lr = 1e-3},
-//       {{.name = "gates", .select = peft::train::name_contains{"lora_gate"},
-//         .options = {.lr = 1e-2, .weight_decay = 0.0}}});               // SoRA's gates
+//   peft::train::adamw<float> opt(layer.parameters(), {.lr = 1e-3});       // + optional groups
 //   opt.set_schedule(peft::train::linear_schedule_with_warmup(100, 1000));   // train/schedule.hpp
-//   for (...) {
-//     layer.zero_grad(); forward; backward;
-//     peft::train::clip_grad_norm(params, 1.0);                            // train/clip.hpp
-//     opt.step(layer.parameters());   // re-fetched: DoRA learns its values change (see below)
-//   }
-//   opt.save_state("optimizer.safetensors");   ...   opt.load_state("optimizer.safetensors");
+//   for (...) { layer.zero_grad(); forward; backward; opt.step(layer.parameters()); }
+//   opt.save_state("optimizer.safetensors");   opt.load_state("optimizer.safetensors");
 //
-// What is stepped: parameters that are trainable, not integer and have a non-empty gradient,
-// each tensor ONCE: a tensor listed several times (a shared one, e.g. Compacter's phm_rule in
-// every layer's list) is recognised by its value's data pointer; its entries must agree on the
-// shape and share their gradient memory. The first entry names it.
-//
-// Parameter groups: each group has its own complete options (lr, weight decay, betas, ...). A
-// parameter belongs to the first group whose `select` accepts it, else to the group "default"
-// made of the constructor's options; groups() lists "default" first, then the given groups.
-//
-// Schedules: step number k (0-based: k updates were taken before it) uses lr = group lr *
-// schedule(k), i.e. torch's LambdaLR with scheduler.step() called after optimizer.step().
-//
-// Values changed by step(): an adapter that caches something derived from its values (DoRA's
-// row norms) must learn of it. Pass step() a list fetched from the adapters AFTER the last
-// forward (parameters() is non-const and invalidates such caches), as above, or call
-// parameters() / invalidate_norms() again after step(). step(params) rebinds the optimizer to
-// the views of `params`, which must describe the same tensors in the same order (names, shapes,
-// groups); state is kept per position.
-//
-// AdamW equals torch.optim.AdamW (foreach=False, maximize=False) operation by operation, in T
-// (float or double) with its scalar coefficients computed in double and rounded to T, as torch
-// on a CPU with FMA does them (torch's vectorised lerp and addcmul fuse; std::fma here):
-//   t += 1;  p *= 1 - lr wd;  m = lerp(m, g, 1 - b1);  v = fma((1 - b2) g, g, b2 v)
-//   [amsgrad: vmax = max(vmax, v), used for v below]
-//   denom = sqrt(v) / sqrt(1 - b2^t) + eps;  p += (-(lr / (1 - b1^t)) m) / denom
-// with lerp(m, g, w) = fma(w, g - m, m) for |w| < 0.5, else fma(w - 1, g - m, g) (torch's
-// formula), sqrt(1 - b2^t) computed as pow(., 0.5) like Python's `** 0.5`. torch's own CPU sqrt
-// of a double tensor (MKL) is not always correctly rounded, so its results may differ from these
-// in the last bit of a few elements. SGD equals torch.optim.SGD:
-//   g' = fma(p, wd, g);  buf = g' on the first step, else fma(g', 1 - dampening, momentum buf);
-//   g'' = nesterov ? fma(buf, momentum, g') : buf (momentum != 0; else g'' = g');  p = fma(g'', -lr, p)
-// Bit-for-bit results assume the compiler does not contract other a * b + c into FMAs
-// (ISO -std=c++20 with GCC, or -ffp-contract=off).
-//
-// State files (save_state / load_state) are safetensors, written atomically: per tensor i (in
-// stepping order) "state.<i>.<name>.step" (I64, shape []) and "state.<i>.<name>.<buffer>" (T,
-// the parameter's logical shape) for each buffer that exists (adamw: exp_avg, exp_avg_sq,
-// max_exp_avg_sq; sgd: momentum_buffer); the metadata holds the optimizer kind, the global step
-// count, every group's name and options and every tensor's name, shape and group. load_state
-// checks all of it against this optimizer (format_error naming load_state on any mismatch;
-// nothing is changed then) and, like torch's load_state_dict, restores the groups' options.
-// The schedule is code: set it again after loading; its position (the step count) is restored.
-//
-// Errors: invalid options (negative lr or weight decay, betas outside [0, 1), eps <= 0,
-// non-finite values, nesterov without momentum or with dampening) are peft::error, shape
-// mismatches peft::shape_error; each message starts with the function, e.g. "[adamw::step]".
+// Steps each trainable, non-integer tensor with a gradient once (shared tensors are recognised by
+// their data pointer). Pass step() parameters fetched after the last forward, so adapters that
+// cache values derived from them (DoRA's norms) see the change. Errors: peft::error for invalid
+// options, shape_error for mismatched parameters, format_error from load_state (nothing changed).
+// Formulas, groups and the state file format: docs/training.md.
 #pragma once
 
 #include <algorithm>

@@ -1,21 +1,13 @@
-// peft/train/schedule.hpp — learning-rate schedules as multipliers of the step count.
+// peft/train/schedule.hpp — learning-rate schedules as multipliers of the step count
+// (transformers' warm-up, linear and cosine closed forms).
 //
 //   peft::train::adamw<float> opt(params, {.lr = 2e-4});
 //   opt.set_schedule(peft::train::cosine_schedule_with_warmup(100, 1000));
 //   for (...) { ...; opt.step(); }   // step k (0-based) uses lr * schedule(k)
 //
-// A schedule maps the number of optimizer steps already taken, k = 0, 1, 2, ..., to a factor
-// of every group's lr. This is torch.optim.lr_scheduler.LambdaLR driven as transformers'
-// Trainer drives it, scheduler.step() right AFTER optimizer.step(): the first update uses
-// schedule(0), the k-th (0-based) schedule(k). With warm-up, schedule(0) = 0, so the first update
-// moves nothing but the optimizer's state (AdamW's moments), exactly as in PyTorch.
-//
-// The closed forms are transformers' (optimization.py), evaluated in double in the same order:
-//   warm-up (k < w):   k / max(1, w)
-//   linear:            max(0, (n - k) / max(1, n - w))
-//   cosine:            max(0, 0.5 (1 + cos(pi * c * 2 * p))),  p = (k - w) / max(1, n - w), c = 0.5
-// with w the warm-up steps and n the total training steps. A negative step, warm-up or total
-// is an error naming the schedule.
+// This is torch's LambdaLR with scheduler.step() after optimizer.step(): the first update uses
+// schedule(0), which is 0 with warm-up. A negative step, warm-up or total is an error naming the
+// schedule. Formulas: docs/training.md.
 #pragma once
 
 #include <algorithm>

@@ -1,26 +1,15 @@
 // peft/train/shira_masks.hpp — SHiRA's masks: which K entries of a frozen weight W0 (d_out, d_in)
-// an adapter trains (Bhardwaj et al., "Sparse High Rank Adapters", NeurIPS 2024, §3.1 and App. B).
+// an adapter trains (Bhardwaj et al., "Sparse High Rank Adapters", NeurIPS 2024, §3.1, App. B).
 //
-//   auto idx = peft::shira_random_mask(d_out, d_in, peft::shira_mask_size(d_out, d_in, r), seed);
 //   auto idx = peft::shira_weight_magnitude_mask(base, k);        // top-K |W0|
-//   peft::shira_gradient_accumulator<float> acc(d_in, d_out);     // G = sum_batches dL/dW0
-//   for (batch) acc.add(x, dy);                                   //   += dy^T x
-//   auto idx = peft::shira_gradient_mask(acc.gradient(), k);      // top-K |G|
+//   peft::shira_gradient_accumulator<float> acc(d_in, d_out);     // for (batch) acc.add(x, dy);
 //   auto idx = peft::shira_snip_mask(base, acc.gradient(), k);    // top-K |W0 * G|
-//   auto idx = peft::shira_struct_mask(d_out, d_in, k);           // lines + the diagonal
 //   peft::shira<float> a(d_in, d_out, std::move(idx));            // zero values: the identity
+//   (also shira_gradient_mask, shira_struct_mask; shira_random_mask is in adapters/detail/)
 //
-// Every builder returns the mask as PEFT stores `shira_indices`: a (2, K) int32 matrix, row 0 the
-// output (row) index, row 1 the input (column) index, K distinct entries sorted row-major (the
-// order of PEFT's `torch.where(mask)`). K = r (d_out + d_in) gives the parameter count of a rank-r
-// LoRA, as PEFT sizes SHiRA (shira_mask_size). Top-K selections break ties deterministically: a
-// larger score first, equal scores in row-major order (the smaller flat index wins); a NaN score
-// is a format_error. K outside [0, d_out d_in] is a shape_error.
-//
-// PEFT implements only the random mask, with torch.randperm under a torch.Generator: the seeded
-// random mask here (peft::rng, Floyd's sampling) does NOT reproduce PEFT's mask for the same
-// seed. The stored indices are the only truth when a checkpoint is loaded, so this matters only
-// when a mask is created.
+// A mask is (2, K) int32 as PEFT stores shira_indices, K distinct entries sorted row-major; ties
+// go to the smaller flat index. shape_error for K outside [0, d_out d_in], format_error for a NaN
+// score. PEFT's own random mask (torch.randperm) is not reproduced. Details: docs/training.md.
 #pragma once
 
 #include <algorithm>

@@ -1,61 +1,15 @@
 // peft/train/sora_trainer.hpp — SoRA's training procedure over all the sora layers of a model
-// (Ding et al., "Sparse Low-rank Adaptation of Pre-trained Language Models", EMNLP 2023; code
-// TsinghuaC3I/SoRA): the gate step after every optimizer step, the sparsifying scheduler, and
-// compaction of every layer to a plain LoRA at the end.
+// (Ding et al., EMNLP 2023; code TsinghuaC3I/SoRA): the gate step after every optimizer step, the
+// sparsifying scheduler, and compaction of every layer to a plain LoRA.
 //
-//   std::vector<peft::sora<float>*> layers = {&q, &k, &v};
 //   peft::train::sora_trainer<float> tr(layers, {.xi0 = 1e-4, .xi_max = 1e-3, .stages = 4});
-//   peft::train::adamw<float> opt(tr.optimizer_parameters(), {.lr = 1e-3});   // A, B only
-//   for (stage = 0; stage < 4; ++stage) {
-//     for (step ...) {
-//       zero_grad; forward; backward;           // gate gradients accumulate in every layer
-//       opt.step(tr.optimizer_parameters());    // A and B
-//       tr.after_step(lr);                      // the gates: g <- T_{lr xi}(g - lr dL/dg)
-//     }
-//     tr.next_stage();                          // xi <- the next value of the schedule
-//   }
-//   std::vector<peft::index> r = tr.ranks();    // non-zero gates per layer
-//   auto loras = tr.compact();                  // per layer a LoRA of that rank, or nullopt
+//   peft::train::adamw<float> opt(tr.optimizer_parameters(), {.lr = 1e-3});   // A and B
+//   per step:  zero_grad; forward; backward; opt.step(tr.optimizer_parameters()); tr.after_step(lr);
+//   per stage: tr.next_stage();       at the end: auto loras = tr.compact();   // LoRA or nullopt
 //
-// The gate rule (sora_training_options::rule; the layers' own gate_rule() is not consulted):
-//   proximal (the paper, default): after_step(lr) applies, on every layer,
-//       g <- T_{lr xi}(g - lr dL/dg),   T_t(z) = sign(z) max(|z| - t, 0)
-//     (sora::proximal_step(lr, xi)). xi is the weight lambda of the L1 term lambda ||g||_1 of the
-//     paper's objective; the gate takes this plain proximal-gradient step from its accumulated
-//     gradient, so the gates must NOT be in the optimizer: optimizer_parameters() leaves them
-//     out. Pass the lr the optimizer used for this step (its schedule applied) or a gate lr of
-//     your own.
-//   official_code (TsinghuaC3I/SoRA, src/sparse_optimizer.py SparseAdamW): the gates ARE in the
-//     optimizer (AdamW, weight decay 0 as the code's separate gate optimizer: use a parameter
-//     group selecting name_contains{"lora_gate"}); after_step(lr) then applies the code's
-//     threshold with the fixed xi (not scaled by lr; lr is only checked) in the code's order:
-//       z > xi: z -= xi;  then z < -xi: z += xi;  then |z| < xi: z = 0
-//     which zeroes every |g| < 2 xi (sora_official_threshold). The code also adds
-//     lambda_1 sum|g| / (number of gates) to the loss (src/trainer.py compute_loss):
-//     add_gate_l1(lambda_1) adds its gradient and returns its value.
-//
-// Sparsifying scheduler: the thresholds are sora_threshold_schedule(xi0, xi_max, stages), i.e.
-// numpy.linspace(xi0, xi_max, stages) as the code's "linear" lambda_schedule. stage() is 0-based
-// and starts at 0 (xi() = xi0); next_stage() moves to the next value; at the last stage it keeps
-// xi_max (SparseAdamW.step_lambda: "reach end of self._lambdas, keep using lambda"). How long a
-// stage trains is the caller's (the code's run_glue.py trains the first stage for the full run,
-// every later one for 15 more epochs, keeping the model, optimizers and lr schedule).
-//
-// Defaults (sora_training_options): xi0 = 1e-4, xi_max = 1e-3, stages = 1 (no schedule: xi0
-// throughout), rule = proximal. The code's scripts use a fixed threshold xi = 3e-4
-// (scripts/run_glue_sora_no_schedule.sh, sparse_lambda_2) and, with the scheduler, linspace(0,
-// 7e-4, 7) (scripts/run_glue_sora_schedule_dense.sh); [1e-4, 1e-3] brackets those. Under the
-// proximal rule the same number is an L1 weight, compared with dL/dg, and the per-step shrink is
-// lr xi: tune it for the problem (the training test uses xi 0.01 .. 0.03 with a gate lr of 0.05).
-//
-// Ranks and compaction: ranks()[i] is the number of non-zero gates of layer i (sora::active_rank),
-// the rank compact()[i] has; compact()[i] is sora::compact() (S = {g != 0}, A' = A_S,
-// B' = B_S diag(g_S), the scale kept), std::nullopt when every gate of the layer is zero (the
-// layer then needs no adapter). The outputs are those of the gated adapters.
-//
-// Errors (peft::error, "[sora_trainer::<function>] ..."): no layers, a null layer, the same
-// layer twice, a negative or non-finite xi0 or xi_max, xi_max < xi0 with stages > 1, stages < 1;
-// after_step with a negative or non-finite lr.
+// The gate rule comes from the options (proximal, the paper's, by default; or official_code), not
+// from the layers. Layers are not owned. Errors are peft::error "[sora_trainer::<function>] ...".
+// The rules, the defaults and the official code's settings: docs/training.md.
 #pragma once
 
 #include <cmath>

@@ -1,27 +1,13 @@
 // peft/adapters/detail/phm.hpp — the LPHM product shared by Compacter (compacter.hpp) and its
 // mergeable Kronecker form (phm_delta.hpp), and the shared "rule" tensor both use.
 //
-// An LPHM map (Mahabadi et al., NeurIPS 2021) from n p inputs to n q outputs, row vectors:
+//   PHM(z) = z H,   H = sum_{i<n} op(A_i) kron (l_i r_i^T)        H (n p, n q) = (in, out)
+//   op(A_i) = A_i (rule_side::as_stored) or A_i^T (rule_side::transposed); H is never formed:
+//   two GEMMs over the batch and an n^3-per-row contraction, O(batch n^2 (p + q)).
 //
-//   PHM(z) = z H,   H = sum_{i<n} op(A_i) kron (l_i r_i^T)          H (n p, n q) = (in, out)
-//
-// A (n, n, n) is the rule, l_i (p) and r_i (q) the per-layer rank-one factors (rows of the
-// `left` (n, p) and `right` (n, q) matrices), op(A_i) = A_i (rule_side::as_stored, Compacter) or
-// A_i^T (rule_side::transposed, phm_delta's x Delta W^T). H is never formed. A row z reshaped to
-// Z (n, p), Z[a, b] = z[a p + b], gives
-//
-//   z (A_i kron l_i r_i^T) = row-major vec( A_i^T (Z l_i) r_i^T )   (n, q)
-//
-// so with M = Z L^T (n, n) (column i is Z l_i) and Q[c, i] = sum_a op(A_i)[a, c] M[a, i],
-// the output reshaped is Q R (n, q). Two GEMMs over the whole batch ((batch n, p) x (p, n) and
-// (batch n, n) x (n, q)) plus an n^3-per-row contraction: O(batch n^2 (p + q)) instead of the
-// O(n^2 p q) it takes to form H. Gradients, with G the output gradient reshaped (batch n, q):
-//
-//   dR += Q^T G,   dQ = G R^T,   dA_i[a, c] += sum_rows M[a, i] dQ[c, i] (as_stored; [c, a]
-//   transposed),   dM[a, i] = sum_c op(A_i)[a, c] dQ[c, i],   dL += dM^T Z,   dZ = dM L.
-//
-// `phm_rule<T>` holds the rule and its gradient; layers hold it through a std::shared_ptr so
-// every layer built from one rule reads the same memory and accumulates into the same gradient.
+// phm_rule<T> holds A (n, n, n) as (n, n n) and its gradient; layers hold it through a
+// std::shared_ptr, read the same memory and accumulate into the same gradient.
+// Derivation and gradients: docs/methods/compacter.md.
 #pragma once
 
 #include <cmath>
