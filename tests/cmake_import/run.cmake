@@ -13,8 +13,10 @@ if(MODE STREQUAL "find_package")
   run(${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK_DIR}/peft-build -DPEFT_BUILD_TESTS=OFF
       -DPEFT_BUILD_EXAMPLES=OFF -DPEFT_BUILD_BENCHMARKS=OFF)
   run(${CMAKE_COMMAND} --install ${WORK_DIR}/peft-build --prefix ${WORK_DIR}/prefix)
+  # The consumer uses neither xtensor nor OpenMP: find_package(peft) must not need them.
   run(${CMAKE_COMMAND} -S ${consumer} -B ${WORK_DIR}/consumer -DPEFT_CONSUME=find_package
-      -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
+      -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix -DCMAKE_DISABLE_FIND_PACKAGE_xtensor=ON
+      -DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON)
 else()
   run(${CMAKE_COMMAND} -S ${consumer} -B ${WORK_DIR}/consumer -DPEFT_CONSUME=add_subdirectory
       -DPEFT_SOURCE_DIR=${SOURCE_DIR})

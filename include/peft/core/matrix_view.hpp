@@ -6,8 +6,10 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "peft/core/error.hpp"
 
@@ -76,6 +78,17 @@ inline std::string shape_string(index rows, index cols) {
   s += ", ";
   s += std::to_string(cols);
   s += ')';
+  return s;
+}
+
+/// "[8, 96]": a tensor's shape as PyTorch prints it.
+inline std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  s += ']';
   return s;
 }
 

@@ -165,6 +165,10 @@ struct adapter_config {
     return parse(ss.str(), file.string());
   }
 
+  /// A config nobody has filled: default-constructed (not read from a file, not made by lora()).
+  /// Saving into one takes r and alpha from the first module instead of adding patterns.
+  bool fresh() const { return raw.empty() && targets_kind == target_kind::none && rank_pattern.empty() && alpha_pattern.empty(); }
+
   // ---- typed readers and writers of any field, shared by every method's codec -------------
   // Readers return the fallback when the field is absent or null and throw format_error
   // "[where] adapter_config.json: 'name' must be ..." when it has another type.

@@ -30,14 +30,7 @@ struct stored_tensor {
 };
 
 namespace detail {
-inline std::string shape_text(const std::vector<std::int64_t>& s) {
-  std::string t = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) {
-    if (i) t += ", ";
-    t += std::to_string(s[i]);
-  }
-  return t + "]";
-}
+using peft::detail::shape_text;
 }  // namespace detail
 
 /// The tensors of one module (or, for `shared`, of the whole model), by parameter name.

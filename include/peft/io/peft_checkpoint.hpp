@@ -70,6 +70,20 @@ struct basic_peft_checkpoint {
   std::vector<saved_tensor> saved_tensors;
   dtype stored_dtype = dtype::f32;               // dtype of the adapter tensors as read
 
+  /// Adds the adapter of a module, named by its path ("model.layers.0.self_attn.q_proj") or by
+  /// its base weight (the same + ".weight", as load_bases and the serving registry name them);
+  /// modules stay sorted. peft::error when the module is present.
+  adapted_module<Adapter>& add(std::string path, Adapter a) {
+    if (path.ends_with(".weight")) path.resize(path.size() - 7);
+    auto it = std::lower_bound(modules.begin(), modules.end(), path,
+                               [](const adapted_module<Adapter>& m, const std::string& p) { return m.path < p; });
+    if (it != modules.end() && it->path == path) {
+      peft::detail::raise<error>("peft_checkpoint::add", "module '" + path + "' is already in the checkpoint");
+    }
+    std::string weight = path + ".weight";
+    return *modules.insert(it, adapted_module<Adapter>{std::move(path), std::move(weight), std::move(a)});
+  }
+
   /// The module adapting base weight `weight_name`, or nullptr.
   const adapted_module<Adapter>* find(const std::string& weight_name) const {
     for (const auto& m : modules) {

@@ -65,17 +65,6 @@ inline std::string safetensors_quote(std::string_view s) {
   return q;
 }
 
-/// "[8, 96]".
-inline std::string safetensors_shape_string(const std::vector<std::int64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  s += ']';
-  return s;
-}
-
 inline std::string safetensors_errno_text(int e) { return std::system_category().message(e); }
 
 /// Bytes of a tensor of `shape` and `type`; shape_error on a negative dimension or overflow.
@@ -86,11 +75,11 @@ inline std::size_t safetensors_checked_nbytes(std::string_view where, std::strin
     if (d < 0) {
       raise<shape_error>(where, "tensor " + safetensors_quote(name) +
                                     " has a negative dimension in " +
-                                    safetensors_shape_string(shape));
+                                    shape_text(shape));
     }
     if (!safetensors_mul(n, static_cast<std::size_t>(d), n)) {
       raise<shape_error>(where, "tensor " + safetensors_quote(name) + " of shape " +
-                                    safetensors_shape_string(shape) + " is too large");
+                                    shape_text(shape) + " is too large");
     }
   }
   return n;
@@ -268,7 +257,7 @@ class safetensors_file {
     } else {
       peft::detail::raise<shape_error>("safetensors_file::read_matrix",
                                        peft::detail::safetensors_quote(t.name) + " has shape " +
-                                           peft::detail::safetensors_shape_string(t.shape) +
+                                           peft::detail::shape_text(t.shape) +
                                            ", expected 1 or 2 dimensions");
     }
     return matrix<T>(rows, cols, read<T>(name));
@@ -489,7 +478,7 @@ class safetensors_file {
     }
     if (nbytes != t.nbytes()) {
       fail(where, q + " is " + std::string(safetensors_name(t.type)) + " " +
-                      peft::detail::safetensors_shape_string(t.shape) + " = " +
+                      peft::detail::shape_text(t.shape) + " = " +
                       std::to_string(nbytes) + " bytes, but its data_offsets span " +
                       std::to_string(t.nbytes()) + " bytes");
     }
@@ -526,7 +515,7 @@ class safetensors_writer {
       peft::detail::raise<shape_error>(
           where, "tensor " + peft::detail::safetensors_quote(name) + " is " +
                      std::string(safetensors_name(type)) + " " +
-                     peft::detail::safetensors_shape_string(shape) + " = " +
+                     peft::detail::shape_text(shape) + " = " +
                      std::to_string(nbytes) + " bytes, but " + std::to_string(data.size()) +
                      " bytes were given");
     }
@@ -551,7 +540,7 @@ class safetensors_writer {
     if (values.size() != numel) {
       peft::detail::raise<shape_error>(
           where, "tensor " + peft::detail::safetensors_quote(name) + " of shape " +
-                     peft::detail::safetensors_shape_string(shape) + " needs " +
+                     peft::detail::shape_text(shape) + " needs " +
                      std::to_string(numel) + " values, got " + std::to_string(values.size()));
     }
     claim_name(where, name);

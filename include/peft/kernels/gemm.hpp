@@ -44,6 +44,18 @@ void scale_or_zero(double beta, matrix_view<T> c) {
   }
 }
 
+/// c = product + beta * c for an Eigen product expression (alpha already in it).
+template <class T, class Product>
+void update(matrix_view<T> c, double beta, const Product& product) {
+  auto cm = as_eigen(c);
+  if (beta == 0.0) {
+    cm.noalias() = product;
+  } else {
+    scale_or_zero(beta, c);
+    cm.noalias() += product;
+  }
+}
+
 }  // namespace detail
 
 /// c = alpha * a b^T + beta * c: a (m, k) compute type, b (n, k) any storage type.
@@ -57,13 +69,7 @@ void gemm_nt(double alpha, matrix_view<const T> a, matrix_view<const S> b, doubl
   if (a.cols() == 0) return detail::scale_or_zero(beta, c);
   const T al = static_cast<T>(alpha);
   if constexpr (std::is_same_v<T, S>) {
-    auto cm = as_eigen(c);
-    if (beta == 0.0) {
-      cm.noalias() = al * (as_eigen(a) * as_eigen(b).transpose());
-    } else {
-      detail::scale_or_zero(beta, c);
-      cm.noalias() += al * (as_eigen(a) * as_eigen(b).transpose());
-    }
+    detail::update(c, beta, al * (as_eigen(a) * as_eigen(b).transpose()));
   } else {
     const index panel = detail::panel_rows<T>(b.cols());
     std::vector<T> buffer(static_cast<std::size_t>(std::min(panel, b.rows()) * b.cols()));
@@ -88,13 +94,7 @@ void gemm_nn(double alpha, matrix_view<const T> a, matrix_view<const S> b, doubl
   if (a.cols() == 0) return detail::scale_or_zero(beta, c);
   const T al = static_cast<T>(alpha);
   if constexpr (std::is_same_v<T, S>) {
-    auto cm = as_eigen(c);
-    if (beta == 0.0) {
-      cm.noalias() = al * (as_eigen(a) * as_eigen(b));
-    } else {
-      detail::scale_or_zero(beta, c);
-      cm.noalias() += al * (as_eigen(a) * as_eigen(b));
-    }
+    detail::update(c, beta, al * (as_eigen(a) * as_eigen(b)));
   } else {
     detail::scale_or_zero(beta, c);
     const index panel = detail::panel_rows<T>(b.cols());
@@ -119,13 +119,7 @@ void gemm_tn(double alpha, matrix_view<const T> a, matrix_view<const T> b, doubl
   if (c.empty()) return;
   if (a.rows() == 0) return detail::scale_or_zero(beta, c);
   const T al = static_cast<T>(alpha);
-  auto cm = as_eigen(c);
-  if (beta == 0.0) {
-    cm.noalias() = al * (as_eigen(a).transpose() * as_eigen(b));
-  } else {
-    detail::scale_or_zero(beta, c);
-    cm.noalias() += al * (as_eigen(a).transpose() * as_eigen(b));
-  }
+  detail::update(c, beta, al * (as_eigen(a).transpose() * as_eigen(b)));
 #endif
 }
 

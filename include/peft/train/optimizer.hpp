@@ -97,16 +97,6 @@ inline std::string quoted_name(std::string_view s) {
   return q;
 }
 
-inline std::string shape_text(const std::vector<std::int64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  s += ']';
-  return s;
-}
-
 /// "<name>::<fn>", the house prefix of a message.
 inline std::string where(std::string_view name, std::string_view fn) {
   std::string w(name);
@@ -556,7 +546,7 @@ class basic_optimizer {
             e["group"].get<std::string>() != groups_[s.group].name) {
           peft::detail::raise<format_error>(
               where, file + ": tensor " + std::to_string(i) + " is " + (ok ? e.dump() : std::string("malformed")) +
-                         ", expected " + detail::quoted_name(s.name) + " " + detail::shape_text(s.shape) + " in group " +
+                         ", expected " + detail::quoted_name(s.name) + " " + peft::detail::shape_text(s.shape) + " in group " +
                          detail::quoted_name(groups_[s.group].name));
         }
       }
@@ -600,8 +590,8 @@ class basic_optimizer {
         }
         if (info.shape != s.shape) {
           peft::detail::raise<format_error>(where, file + ": " + detail::quoted_name(name) + " has shape " +
-                                                       detail::shape_text(info.shape) + ", expected " +
-                                                       detail::shape_text(s.shape));
+                                                       peft::detail::shape_text(info.shape) + ", expected " +
+                                                       peft::detail::shape_text(s.shape));
         }
         buffers[i][b] = matrix<T>(s.value.rows(), s.value.cols(), f.read<T>(name));
         ++used;
@@ -698,7 +688,7 @@ class basic_optimizer {
       std::int64_t numel = 1;
       for (std::int64_t d : p.shape) numel *= d;
       if (numel != static_cast<std::int64_t>(p.value.size())) {
-        peft::detail::raise<shape_error>(where, "parameter " + q + " has the logical shape " + detail::shape_text(p.shape) +
+        peft::detail::raise<shape_error>(where, "parameter " + q + " has the logical shape " + peft::detail::shape_text(p.shape) +
                                                     " but " + std::to_string(p.value.size()) + " values");
       }
       const auto [it, fresh] = by_value.emplace(p.value.data(), slots.size());
@@ -739,9 +729,9 @@ class basic_optimizer {
       const auto& b = slots_[i];
       if (a.name != b.name || a.shape != b.shape || a.group != b.group) {
         peft::detail::raise<shape_error>(where, "tensor " + std::to_string(i) + " is " + detail::quoted_name(a.name) + " " +
-                                                    detail::shape_text(a.shape) + " in group " +
+                                                    peft::detail::shape_text(a.shape) + " in group " +
                                                     detail::quoted_name(groups_[a.group].name) + ", expected " +
-                                                    detail::quoted_name(b.name) + " " + detail::shape_text(b.shape) +
+                                                    detail::quoted_name(b.name) + " " + peft::detail::shape_text(b.shape) +
                                                     " in group " + detail::quoted_name(groups_[b.group].name));
       }
     }

@@ -68,6 +68,7 @@ struct peft_codec<loha<T>> : codec_defaults {
   static void describe_in(const loha<T>& a, adapter_config& c, const std::string& module) {
     if (!c.raw.is_object()) c.raw = ordered_json::object();
     if (c.peft_type != "LOHA") c.raw.erase("alpha");
+    if (c.fresh()) c.r = a.rank();  // the first module of a config built in C++ sets r
     c.peft_type = "LOHA";
     if (c.field("alpha") == nullptr) c.set_number("alpha", a.alpha());
     if (c.rank_for(module) != a.rank()) c.rank_pattern.insert(c.rank_pattern.begin(), {module, a.rank()});

@@ -79,6 +79,7 @@ struct peft_codec<lokr<T>> : codec_defaults {
       c.raw.erase("decompose_factor");
       c.raw.erase("alpha");
     }
+    if (c.fresh()) c.r = a.rank();  // the first module of a config built in C++ sets r
     c.peft_type = "LOKR";
     c.set_default("decompose_both", a.decompose_both());
     c.set_default("decompose_factor", static_cast<long long>(a.decompose_factor()));

@@ -52,6 +52,11 @@ struct peft_codec<lora<T>> : codec_defaults {
   static void describe_in(const lora<T>& a, adapter_config& c, const std::string& module) {
     c.peft_type = "LORA";
     const double s = static_cast<double>(a.scale());
+    if (c.fresh()) {  // the first module of a config built in C++ sets r and lora_alpha
+      const double r = static_cast<double>(a.rank());
+      c.r = a.rank();
+      c.lora_alpha = c.use_rslora ? s * std::sqrt(r) : s * r;
+    }
     const double tol = 8.0 * static_cast<double>(std::numeric_limits<T>::epsilon()) * std::max(1.0, std::abs(s));
     if (c.rank_for(module) != a.rank()) c.rank_pattern.insert(c.rank_pattern.begin(), {module, a.rank()});
     if (std::abs(lora_scale(c.alpha_for(module), a.rank(), c.use_rslora) - s) > tol) {
