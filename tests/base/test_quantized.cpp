@@ -66,11 +66,10 @@ constexpr double tol() {
   return std::is_same_v<T, float> ? 1e-5 : 1e-12;
 }
 
-/// Every kernel version this CPU runs.
+/// Every kernel version this CPU runs (from the ISA list).
 std::vector<peft::kernels::isa> supported_isas() {
   std::vector<peft::kernels::isa> r;
-  for (auto i : {peft::kernels::isa::reference, peft::kernels::isa::portable,
-                 peft::kernels::isa::avx2, peft::kernels::isa::avx512}) {
+  for (auto i : peft::kernels::all_isas) {
     if (peft::kernels::isa_supported(i)) r.push_back(i);
   }
   return r;
@@ -113,7 +112,7 @@ double bound(const peft::q4_0& q, const peft::matrix<float>& w, ix i, ix j) {
     }
   }
   const double d = static_cast<double>(max) / -8.0;
-  const double dq = peft::kernels::reference::half_to_float(
+  const double dq = peft::formats::half_to_float(
       q.blocks()[static_cast<std::size_t>(i * q.blocks_per_row() + b)].d);
   const double ratio = d != 0.0 ? static_cast<double>(w(i, j)) / d : 0.0;
   const double base = ratio > 7.5 ? std::abs(d) : 0.5 * std::abs(d);
@@ -288,7 +287,7 @@ TEST_CASE("quantized storage sizes are exact per format", "[quantized]") {
     CHECK(peft::nf4::quantize(w.view(), static_cast<const float*>(nullptr), {.double_quant = false})
               .storage_bytes() == (n + 1) / 2 + 4 * blocks);
   }
-  static_assert(sizeof(peft::kernels::block_q4_0) == 18);
+  static_assert(sizeof(peft::formats::block_q4_0) == 18);
 }
 
 // ---- round trips -----------------------------------------------------------------------------------
@@ -372,7 +371,7 @@ TEST_CASE("nf4 encodes table values exactly, first element in the high nibble", 
   peft::matrix<float> w(2, 64);
   for (ix e = 0; e < 128; ++e) {
     const int c = codes[static_cast<std::size_t>(e % 16)];
-    w.data()[e] = 2.0f * peft::kernels::nf4_values[static_cast<std::size_t>(c)] * (e < 64 ? 1.0f : 0.5f);
+    w.data()[e] = 2.0f * peft::formats::nf4_values[static_cast<std::size_t>(c)] * (e < 64 ? 1.0f : 0.5f);
   }
   for (bool dq : {false, true}) {
     const auto q = peft::nf4::quantize(std::as_const(w).view(), static_cast<const float*>(nullptr), {.double_quant = dq});
@@ -395,14 +394,14 @@ TEST_CASE("nf4 encodes table values exactly, first element in the high nibble", 
     }
   }
   // Ties at a threshold go down (x > t): the midpoint between codes 14 and 15 encodes as 14.
-  CHECK(peft::kernels::nf4_encode(0.8614784181118011f) == 14);
-  CHECK(peft::kernels::nf4_encode(std::nextafter(0.8614784181118011f, 2.0f)) == 15);
-  CHECK(peft::kernels::nf4_encode(-1.0f) == 0);
-  CHECK(peft::kernels::nf4_encode(0.0f) == 7);
+  CHECK(peft::formats::nf4_encode(0.8614784181118011f) == 14);
+  CHECK(peft::formats::nf4_encode(std::nextafter(0.8614784181118011f, 2.0f)) == 15);
+  CHECK(peft::formats::nf4_encode(-1.0f) == 0);
+  CHECK(peft::formats::nf4_encode(0.0f) == 7);
 }
 
 TEST_CASE("the dynamic map has bitsandbytes' shape", "[quantized][nf4]") {
-  const auto& m = peft::kernels::dynamic_map();
+  const auto& m = peft::formats::dynamic_map();
   CHECK(std::is_sorted(m.begin(), m.end()));
   CHECK(m[127] == 0.0f);
   CHECK(m[255] == 1.0f);
@@ -410,10 +409,10 @@ TEST_CASE("the dynamic map has bitsandbytes' shape", "[quantized][nf4]") {
   CHECK(m[254] == 0.99296873807907104f);
   CHECK(m[128] == 5.5e-7f);  // 1e-6 * (0.1 + 1) / 2, the smallest positive entry
   CHECK(m[200] == -m[54]);
-  CHECK(peft::kernels::dynamic_encode(1.0f) == 255);
-  CHECK(peft::kernels::dynamic_encode(-1.0f) == 0);
-  CHECK(peft::kernels::dynamic_encode(0.0f) == 127);
-  for (int i = 0; i < 256; ++i) CHECK(peft::kernels::dynamic_encode(m[static_cast<std::size_t>(i)]) == i);
+  CHECK(peft::formats::dynamic_encode(1.0f) == 255);
+  CHECK(peft::formats::dynamic_encode(-1.0f) == 0);
+  CHECK(peft::formats::dynamic_encode(0.0f) == 127);
+  for (int i = 0; i < 256; ++i) CHECK(peft::formats::dynamic_encode(m[static_cast<std::size_t>(i)]) == i);
 }
 
 TEST_CASE("int8_rowwise rounds w / scale to nearest, ties to even", "[quantized][int8]") {
@@ -629,3 +628,4 @@ TEST_CASE("q4_0 rejects weights whose block scale overflows fp16", "[quantized][
   w(0, 5) = 1e6f;
   check_error<peft::format_error>([&] { peft::q4_0::quantize(std::as_const(w).view()); }, "q4_0::quantize");
 }
+

@@ -13,6 +13,7 @@
 #include "peft/kernels/dispatch.hpp"
 #include "peft/kernels/isa.hpp"
 #include "peft/kernels/linear.hpp"
+#include "peft/kernels/quantized.hpp"
 
 namespace kernels = peft::kernels;
 using kernels::isa;
@@ -84,6 +85,9 @@ void check_table(const kernels::dispatch_table<Fn>& table, const char* op) {
 TEST_CASE("every kernel table falls back to the parent where an ISA is absent", "[kernels][dispatch]") {
   check_table(kernels::detail::block_nt_table, "block_nt");
   check_table(kernels::detail::block_nn_table, "block_nn");
+  check_table(kernels::detail::int8_dot_table, "int8_dot");
+  check_table(kernels::detail::q4_0_dot_table, "q4_0_dot");
+  check_table(kernels::detail::nf4_dot_table, "nf4_dot");
 }
 
 TEST_CASE("with_rows turns a batch size into a compile-time one", "[kernels][dispatch]") {

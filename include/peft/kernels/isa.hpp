@@ -33,11 +33,6 @@
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define PEFT_X86_DISPATCH 1
-#include <immintrin.h>
-// Function-level targets (kernels/quantized.hpp still uses them).
-#define PEFT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define PEFT_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 // Regions of code compiled for one target (functions and templates defined inside keep it when
 // instantiated; open them after every #include). The caller dispatches at run time.
 #if defined(__clang__)

@@ -9,6 +9,8 @@
 //   template <class T> void decode_rows(j0, n, T* out, ld) const; rows as T, ld apart
 //   template <class T> void dequantize_row(index i, T* out) const;
 //   void quantize_row(index i, const float* row);                 (row-local formats)
+// The format's block layout, code tables and quantization rule live in base/formats/; its dot
+// and decode kernels in kernels/quantized.hpp.
 //
 // Products. y = x W^T + b in f32: batches below skinny_rows stream each weight row once through
 // the format's dot kernel (a decoded block is multiplied into up to 8 rows of x at a time);
