@@ -2,7 +2,8 @@
 // exact storage sizes, round-trip error bounds, hand-derived encodings, the fused products of
 // every kernel version the CPU runs against a double reference over the dequantized weight
 // (with bias, epilogues and tails), matmul_t, LoRA and DoRA over every format against the same
-// adapter over a dense copy of the dequantized weight, merging (re-quantization), and errors.
+// adapter over a dense copy of the dequantized weight, merging (re-quantization), errors, and
+// mutable input views.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -629,3 +630,39 @@ TEST_CASE("q4_0 rejects weights whose block scale overflows fp16", "[quantized][
   check_error<peft::format_error>([&] { peft::q4_0::quantize(std::as_const(w).view()); }, "q4_0::quantize");
 }
 
+// ---- mutable views ----------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("quantized matmul and matmul_t accept mutable views of their inputs", "[quantized]",
+                   int8_format, q4_0_format, nf4_dq_format) {
+  peft::rng gen(8);
+  const auto w = random_weight(20, 128, gen);
+  const auto b = peft_test::random_vector<float>(20, gen);
+  const auto q = TestType::make(w.view(), b.data());
+  for (ix m : {ix{3}, ix{20}}) {  // the streaming dot kernels and the decoded panels
+    for (bool as_double : {false, true}) {
+      INFO(TestType::label << " batch " << m << " double " << as_double);
+      auto check = [&](auto zero) {
+        using T = decltype(zero);
+        auto x = peft_test::random_matrix<T>(m, 128, gen);  // not const: x.view() is matrix_view<T>
+        auto dy = peft_test::random_matrix<T>(m, 20, gen);
+        const peft::matrix_view<T> xm = x.view(), dym = dy.view();
+        peft::matrix<T> y_mut(m, 20), y_const(m, 20), dx_mut(m, 128), dx_const(m, 128);
+        q.matmul(xm, y_mut.view());
+        q.matmul(peft::matrix_view<const T>(xm), y_const.view());
+        CHECK(peft_test::exactly_equal(y_mut, y_const));
+        REQUIRE(peft_test::nontrivial(y_const));
+        q.matmul(xm, y_mut.view(), peft::kernels::no_epilogue{});
+        CHECK(peft_test::exactly_equal(y_mut, y_const));
+        q.matmul_t(dym, dx_mut.view());
+        q.matmul_t(peft::matrix_view<const T>(dym), dx_const.view());
+        CHECK(peft_test::exactly_equal(dx_mut, dx_const));
+        REQUIRE(peft_test::nontrivial(dx_const));
+      };
+      if (as_double) {
+        check(0.0);
+      } else {
+        check(0.0f);
+      }
+    }
+  }
+}
