@@ -2,8 +2,8 @@
 // exact storage sizes, round-trip error bounds, hand-derived encodings, the fused products of
 // every kernel version the CPU runs against a double reference over the dequantized weight
 // (with bias, epilogues and tails), matmul_t, LoRA and DoRA over every format against the same
-// adapter over a dense copy of the dequantized weight, merging (re-quantization), errors, and
-// mutable input views.
+// adapter over a dense copy of the dequantized weight, merging (re-quantization), errors, mutable
+// input views, and the list of formats (base/quantized_formats.hpp).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -21,6 +21,7 @@
 #include "peft/base/int8_rowwise.hpp"
 #include "peft/base/nf4.hpp"
 #include "peft/base/q4_0.hpp"
+#include "peft/base/quantized_formats.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/random.hpp"
@@ -665,4 +666,50 @@ TEMPLATE_TEST_CASE("quantized matmul and matmul_t accept mutable views of their 
       }
     }
   }
+}
+
+// ---- the list of formats -----------------------------------------------------------------------------
+
+TEST_CASE("quantized_formats lists every format once, by its command-line name", "[quantized]") {
+  static_assert(peft::quantized_formats::size == 3);
+  static_assert(peft::quantized_cli_name<peft::int8_rowwise> == "int8");
+  static_assert(peft::quantized_cli_name<peft::q4_0> == "q4_0");
+  static_assert(peft::quantized_cli_name<peft::nf4> == "nf4");
+  static_assert(peft::quantized_format_index("nf4") == 2);
+  CHECK(peft::quantized_format_names() == "int8, q4_0, nf4");
+  CHECK(peft::quantized_format_names("|") == "int8|q4_0|nf4");
+  std::vector<std::string> seen;
+  peft::for_each_quantized_format([&](auto format) {
+    using Q = typename decltype(format)::type;
+    static_assert(peft::mutable_base_weight<Q> && peft::fused_base_weight<Q, float>);
+    seen.emplace_back(Q::name);
+  });
+  CHECK(seen == std::vector<std::string>{"int8_rowwise", "q4_0", "nf4"});
+
+  // A run-time name reaches the format's type: quantize with it and compare with the direct call.
+  peft::rng gen(9);
+  const auto w = random_weight(4, 64, gen);
+  for (const char* name : {"int8", "q4_0", "nf4"}) {
+    INFO(name);
+    peft::matrix<double> via_name;
+    const bool found = peft::visit_quantized_format(name, [&](auto format) {
+      using Q = typename decltype(format)::type;
+      CHECK(peft::quantized_cli_name<Q> == name);
+      via_name = decoded(Q::quantize(w.view()));
+    });
+    REQUIRE(found);
+    REQUIRE(peft_test::nontrivial(via_name));
+    const auto index = peft::quantized_format_index(name);
+    REQUIRE(index);
+    CHECK(peft::visit_quantized_format_at(*index, [&](auto format) {
+      CHECK(peft_test::exactly_equal(decoded(decltype(format)::type::quantize(w.view())), via_name));
+    }));
+  }
+  int calls = 0;
+  for (const char* bad : {"int8_rowwise", "Q4_0", "", "q8_0"}) {
+    CHECK_FALSE(peft::visit_quantized_format(bad, [&](auto) { ++calls; }));
+    CHECK_FALSE(peft::quantized_format_index(bad));
+  }
+  CHECK_FALSE(peft::visit_quantized_format_at(3, [&](auto) { ++calls; }));
+  CHECK(calls == 0);
 }

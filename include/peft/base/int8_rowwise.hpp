@@ -30,6 +30,8 @@ class int8_rowwise : public detail::quantized_linear<int8_rowwise> {
 
  public:
   static constexpr std::string_view name = "int8_rowwise";
+  /// The format's name on the command line and in files (base/quantized_formats.hpp).
+  static constexpr std::string_view cli_name = "int8";
 
   int8_rowwise() = default;
 
