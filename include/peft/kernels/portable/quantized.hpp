@@ -50,8 +50,8 @@ void dot(const Decode& decode, index chunk, index chunks, index in, index n, con
   }
 }
 
-inline void int8_dot(const std::int8_t* q, const float* scale, index in, index n, const float* x,
-                     index ldx, index m, float* y, index ldy) {
+inline void int8_dot(portable_tag, const std::int8_t* q, const float* scale, index in, index n,
+                     const float* x, index ldx, index m, float* y, index ldy) {
   constexpr index chunk = 64;
   auto decode = [&](index j, index c, float* buf) {
     const index p0 = c * chunk;
@@ -66,14 +66,14 @@ inline void int8_dot(const std::int8_t* q, const float* scale, index in, index n
   }
 }
 
-inline void q4_0_dot(const formats::block_q4_0* blocks, index nb, index n, const float* x,
-                     index ldx, index m, float* y, index ldy) {
+inline void q4_0_dot(portable_tag, const formats::block_q4_0* blocks, index nb, index n,
+                     const float* x, index ldx, index m, float* y, index ldy) {
   auto decode = [&](index j, index c, float* buf) { formats::decode_q4_0_block(blocks[j * nb + c], buf); };
   dot(decode, formats::q4_0_block_size, nb, nb * formats::q4_0_block_size, n, x, ldx, m, y, ldy);
 }
 
-inline void nf4_dot(const formats::nf4_rows& w, index n, const float* x, index ldx, index m,
-                    float* y, index ldy) {
+inline void nf4_dot(portable_tag, const formats::nf4_rows& w, index n, const float* x, index ldx,
+                    index m, float* y, index ldy) {
   constexpr index block_bytes = formats::nf4_block_size / 2;
   const index blocks = w.in / formats::nf4_block_size;
   auto decode = [&](index j, index c, float* buf) {
@@ -85,18 +85,7 @@ inline void nf4_dot(const formats::nf4_rows& w, index n, const float* x, index l
 }  // namespace peft::kernels::portable
 
 namespace peft::kernels::detail {
-
-inline void int8_dot(portable_tag, const std::int8_t* q, const float* scale, index in, index n,
-                     const float* x, index ldx, index m, float* y, index ldy) {
-  portable::int8_dot(q, scale, in, n, x, ldx, m, y, ldy);
-}
-inline void q4_0_dot(portable_tag, const formats::block_q4_0* blocks, index nb, index n,
-                     const float* x, index ldx, index m, float* y, index ldy) {
-  portable::q4_0_dot(blocks, nb, n, x, ldx, m, y, ldy);
-}
-inline void nf4_dot(portable_tag, const formats::nf4_rows& w, index n, const float* x, index ldx,
-                    index m, float* y, index ldy) {
-  portable::nf4_dot(w, n, x, ldx, m, y, ldy);
-}
-
+using portable::int8_dot;
+using portable::nf4_dot;
+using portable::q4_0_dot;
 }  // namespace peft::kernels::detail

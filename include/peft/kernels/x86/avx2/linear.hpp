@@ -15,20 +15,13 @@
 
 PEFT_BEGIN_TARGET_AVX2
 namespace peft::kernels::avx2 {
+using tag = avx2_tag;
 #include "peft/kernels/detail/linear_body.inc"
 }  // namespace peft::kernels::avx2
 
 namespace peft::kernels::detail {
-
-inline void block_nt(avx2_tag, const float* x, index ldx, index m, const float* w, index ldw,
-                     index n, index k, float* y, index ldy) {
-  avx2::block_nt(x, ldx, m, w, ldw, n, k, y, ldy);
-}
-inline void block_nn(avx2_tag, const float* dy, index lddy, index m, const float* w,
-                     index ldw, index n, index cols, float* dx, index lddx, bool accumulate) {
-  avx2::block_nn(dy, lddy, m, w, ldw, n, cols, dx, lddx, accumulate);
-}
-
+using avx2::block_nn;
+using avx2::block_nt;
 }  // namespace peft::kernels::detail
 PEFT_END_TARGET
 
