@@ -17,7 +17,9 @@
 //   peft::kernels::set_active_isa(peft::kernels::isa::avx2);   // throws if the CPU lacks it
 //
 // Adding an ISA: an enumerator, a tag and an entry of isa_tags here (plus its target macros when
-// it needs them), and a folder kernels/<arch>/<isa>/ whose files add the tag's overloads.
+// it needs them), and a folder kernels/<arch>/<isa>/ (vec.hpp and the operations it provides,
+// each included by its operation's header: linear.hpp, quantized.hpp). Every dispatch table and
+// every test that iterates all_isas picks it up; operations it does not provide run its parent's.
 #pragma once
 
 #include <array>

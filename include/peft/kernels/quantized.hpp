@@ -16,8 +16,8 @@
 // kernels (kernels/decode.hpp, decode_*_row) write whole rows as f32 for the panel products of
 // large batches.
 //
-// Adding a format: its base/formats/ header, a reference overload here and in each ISA folder
-// that has its own kernel, and one op and table below.
+// Adding a format's kernel: its overload in reference/quantized.hpp (and in each ISA folder that
+// has a faster one), and its signature, op, table and public function below.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +38,13 @@
 namespace peft::kernels {
 
 namespace detail {
+
+using int8_dot_fn = void (*)(const std::int8_t* q, const float* scale, index in, index n,
+                             const float* x, index ldx, index m, float* y, index ldy);
+using q4_0_dot_fn = void (*)(const formats::block_q4_0* blocks, index nb, index n, const float* x,
+                             index ldx, index m, float* y, index ldy);
+using nf4_dot_fn = void (*)(const formats::nf4_rows& w, index n, const float* x, index ldx,
+                            index m, float* y, index ldy);
 
 struct int8_dot_op {
   template <class Tag, class... A>
