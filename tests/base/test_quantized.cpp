@@ -2,7 +2,8 @@
 // exact storage sizes, round-trip error bounds, hand-derived encodings, the fused products of
 // every kernel version the CPU runs against a double reference over the dequantized weight
 // (with bias, epilogues and tails), matmul_t, LoRA and DoRA over every format against the same
-// adapter over a dense copy of the dequantized weight, merging (re-quantization), and errors.
+// adapter over a dense copy of the dequantized weight, merging (re-quantization), errors, mutable
+// input views, and the list of formats (base/quantized_formats.hpp).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,6 +21,7 @@
 #include "peft/base/int8_rowwise.hpp"
 #include "peft/base/nf4.hpp"
 #include "peft/base/q4_0.hpp"
+#include "peft/base/quantized_formats.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/random.hpp"
@@ -66,11 +68,10 @@ constexpr double tol() {
   return std::is_same_v<T, float> ? 1e-5 : 1e-12;
 }
 
-/// Every kernel version this CPU runs.
+/// Every kernel version this CPU runs (from the ISA list).
 std::vector<peft::kernels::isa> supported_isas() {
   std::vector<peft::kernels::isa> r;
-  for (auto i : {peft::kernels::isa::reference, peft::kernels::isa::portable,
-                 peft::kernels::isa::avx2, peft::kernels::isa::avx512}) {
+  for (auto i : peft::kernels::all_isas) {
     if (peft::kernels::isa_supported(i)) r.push_back(i);
   }
   return r;
@@ -113,7 +114,7 @@ double bound(const peft::q4_0& q, const peft::matrix<float>& w, ix i, ix j) {
     }
   }
   const double d = static_cast<double>(max) / -8.0;
-  const double dq = peft::kernels::reference::half_to_float(
+  const double dq = peft::formats::half_to_float(
       q.blocks()[static_cast<std::size_t>(i * q.blocks_per_row() + b)].d);
   const double ratio = d != 0.0 ? static_cast<double>(w(i, j)) / d : 0.0;
   const double base = ratio > 7.5 ? std::abs(d) : 0.5 * std::abs(d);
@@ -288,7 +289,7 @@ TEST_CASE("quantized storage sizes are exact per format", "[quantized]") {
     CHECK(peft::nf4::quantize(w.view(), static_cast<const float*>(nullptr), {.double_quant = false})
               .storage_bytes() == (n + 1) / 2 + 4 * blocks);
   }
-  static_assert(sizeof(peft::kernels::block_q4_0) == 18);
+  static_assert(sizeof(peft::formats::block_q4_0) == 18);
 }
 
 // ---- round trips -----------------------------------------------------------------------------------
@@ -372,7 +373,7 @@ TEST_CASE("nf4 encodes table values exactly, first element in the high nibble", 
   peft::matrix<float> w(2, 64);
   for (ix e = 0; e < 128; ++e) {
     const int c = codes[static_cast<std::size_t>(e % 16)];
-    w.data()[e] = 2.0f * peft::kernels::nf4_values[static_cast<std::size_t>(c)] * (e < 64 ? 1.0f : 0.5f);
+    w.data()[e] = 2.0f * peft::formats::nf4_values[static_cast<std::size_t>(c)] * (e < 64 ? 1.0f : 0.5f);
   }
   for (bool dq : {false, true}) {
     const auto q = peft::nf4::quantize(std::as_const(w).view(), static_cast<const float*>(nullptr), {.double_quant = dq});
@@ -395,14 +396,14 @@ TEST_CASE("nf4 encodes table values exactly, first element in the high nibble", 
     }
   }
   // Ties at a threshold go down (x > t): the midpoint between codes 14 and 15 encodes as 14.
-  CHECK(peft::kernels::nf4_encode(0.8614784181118011f) == 14);
-  CHECK(peft::kernels::nf4_encode(std::nextafter(0.8614784181118011f, 2.0f)) == 15);
-  CHECK(peft::kernels::nf4_encode(-1.0f) == 0);
-  CHECK(peft::kernels::nf4_encode(0.0f) == 7);
+  CHECK(peft::formats::nf4_encode(0.8614784181118011f) == 14);
+  CHECK(peft::formats::nf4_encode(std::nextafter(0.8614784181118011f, 2.0f)) == 15);
+  CHECK(peft::formats::nf4_encode(-1.0f) == 0);
+  CHECK(peft::formats::nf4_encode(0.0f) == 7);
 }
 
 TEST_CASE("the dynamic map has bitsandbytes' shape", "[quantized][nf4]") {
-  const auto& m = peft::kernels::dynamic_map();
+  const auto& m = peft::formats::dynamic_map();
   CHECK(std::is_sorted(m.begin(), m.end()));
   CHECK(m[127] == 0.0f);
   CHECK(m[255] == 1.0f);
@@ -410,10 +411,10 @@ TEST_CASE("the dynamic map has bitsandbytes' shape", "[quantized][nf4]") {
   CHECK(m[254] == 0.99296873807907104f);
   CHECK(m[128] == 5.5e-7f);  // 1e-6 * (0.1 + 1) / 2, the smallest positive entry
   CHECK(m[200] == -m[54]);
-  CHECK(peft::kernels::dynamic_encode(1.0f) == 255);
-  CHECK(peft::kernels::dynamic_encode(-1.0f) == 0);
-  CHECK(peft::kernels::dynamic_encode(0.0f) == 127);
-  for (int i = 0; i < 256; ++i) CHECK(peft::kernels::dynamic_encode(m[static_cast<std::size_t>(i)]) == i);
+  CHECK(peft::formats::dynamic_encode(1.0f) == 255);
+  CHECK(peft::formats::dynamic_encode(-1.0f) == 0);
+  CHECK(peft::formats::dynamic_encode(0.0f) == 127);
+  for (int i = 0; i < 256; ++i) CHECK(peft::formats::dynamic_encode(m[static_cast<std::size_t>(i)]) == i);
 }
 
 TEST_CASE("int8_rowwise rounds w / scale to nearest, ties to even", "[quantized][int8]") {
@@ -628,4 +629,87 @@ TEST_CASE("q4_0 rejects weights whose block scale overflows fp16", "[quantized][
   peft::matrix<float> w(1, 32, 1.0f);
   w(0, 5) = 1e6f;
   check_error<peft::format_error>([&] { peft::q4_0::quantize(std::as_const(w).view()); }, "q4_0::quantize");
+}
+
+// ---- mutable views ----------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("quantized matmul and matmul_t accept mutable views of their inputs", "[quantized]",
+                   int8_format, q4_0_format, nf4_dq_format) {
+  peft::rng gen(8);
+  const auto w = random_weight(20, 128, gen);
+  const auto b = peft_test::random_vector<float>(20, gen);
+  const auto q = TestType::make(w.view(), b.data());
+  for (ix m : {ix{3}, ix{20}}) {  // the streaming dot kernels and the decoded panels
+    for (bool as_double : {false, true}) {
+      INFO(TestType::label << " batch " << m << " double " << as_double);
+      auto check = [&](auto zero) {
+        using T = decltype(zero);
+        auto x = peft_test::random_matrix<T>(m, 128, gen);  // not const: x.view() is matrix_view<T>
+        auto dy = peft_test::random_matrix<T>(m, 20, gen);
+        const peft::matrix_view<T> xm = x.view(), dym = dy.view();
+        peft::matrix<T> y_mut(m, 20), y_const(m, 20), dx_mut(m, 128), dx_const(m, 128);
+        q.matmul(xm, y_mut.view());
+        q.matmul(peft::matrix_view<const T>(xm), y_const.view());
+        CHECK(peft_test::exactly_equal(y_mut, y_const));
+        REQUIRE(peft_test::nontrivial(y_const));
+        q.matmul(xm, y_mut.view(), peft::kernels::no_epilogue{});
+        CHECK(peft_test::exactly_equal(y_mut, y_const));
+        q.matmul_t(dym, dx_mut.view());
+        q.matmul_t(peft::matrix_view<const T>(dym), dx_const.view());
+        CHECK(peft_test::exactly_equal(dx_mut, dx_const));
+        REQUIRE(peft_test::nontrivial(dx_const));
+      };
+      if (as_double) {
+        check(0.0);
+      } else {
+        check(0.0f);
+      }
+    }
+  }
+}
+
+// ---- the list of formats -----------------------------------------------------------------------------
+
+TEST_CASE("quantized_formats lists every format once, by its command-line name", "[quantized]") {
+  static_assert(peft::quantized_formats::size == 3);
+  static_assert(peft::quantized_cli_name<peft::int8_rowwise> == "int8");
+  static_assert(peft::quantized_cli_name<peft::q4_0> == "q4_0");
+  static_assert(peft::quantized_cli_name<peft::nf4> == "nf4");
+  static_assert(peft::quantized_format_index("nf4") == 2);
+  CHECK(peft::quantized_format_names() == "int8, q4_0, nf4");
+  CHECK(peft::quantized_format_names("|") == "int8|q4_0|nf4");
+  std::vector<std::string> seen;
+  peft::for_each_quantized_format([&](auto format) {
+    using Q = typename decltype(format)::type;
+    static_assert(peft::mutable_base_weight<Q> && peft::fused_base_weight<Q, float>);
+    seen.emplace_back(Q::name);
+  });
+  CHECK(seen == std::vector<std::string>{"int8_rowwise", "q4_0", "nf4"});
+
+  // A run-time name reaches the format's type: quantize with it and compare with the direct call.
+  peft::rng gen(9);
+  const auto w = random_weight(4, 64, gen);
+  for (const char* name : {"int8", "q4_0", "nf4"}) {
+    INFO(name);
+    peft::matrix<double> via_name;
+    const bool found = peft::visit_quantized_format(name, [&](auto format) {
+      using Q = typename decltype(format)::type;
+      CHECK(peft::quantized_cli_name<Q> == name);
+      via_name = decoded(Q::quantize(w.view()));
+    });
+    REQUIRE(found);
+    REQUIRE(peft_test::nontrivial(via_name));
+    const auto index = peft::quantized_format_index(name);
+    REQUIRE(index);
+    CHECK(peft::visit_quantized_format_at(*index, [&](auto format) {
+      CHECK(peft_test::exactly_equal(decoded(decltype(format)::type::quantize(w.view())), via_name));
+    }));
+  }
+  int calls = 0;
+  for (const char* bad : {"int8_rowwise", "Q4_0", "", "q8_0"}) {
+    CHECK_FALSE(peft::visit_quantized_format(bad, [&](auto) { ++calls; }));
+    CHECK_FALSE(peft::quantized_format_index(bad));
+  }
+  CHECK_FALSE(peft::visit_quantized_format_at(3, [&](auto) { ++calls; }));
+  CHECK(calls == 0);
 }

@@ -28,7 +28,7 @@ namespace {
 
 std::vector<kernels::isa> supported_versions() {
   std::vector<kernels::isa> v;
-  for (auto i : {kernels::isa::reference, kernels::isa::portable, kernels::isa::avx2, kernels::isa::avx512}) {
+  for (auto i : kernels::all_isas) {
     if (kernels::isa_supported(i)) v.push_back(i);
   }
   return v;

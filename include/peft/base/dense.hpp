@@ -69,9 +69,10 @@ class dense {
     return bias_.empty() ? T{0} : convert<T>(bias_[static_cast<std::size_t>(j)]);
   }
 
-  /// y = x W0^T + b0. x (batch, in), y (batch, out); y is overwritten.
+  /// y = x W0^T + b0. x (batch, in), y (batch, out); y is overwritten. T is deduced from y, so
+  /// x may be a mutable view too (here and in matmul_t).
   template <compute_scalar T>
-  void matmul(matrix_view<const T> x, matrix_view<T> y) const {
+  void matmul(std::type_identity_t<matrix_view<const T>> x, matrix_view<T> y) const {
     matmul(x, y, kernels::no_epilogue{});
   }
 
@@ -80,7 +81,7 @@ class dense {
   /// tiles while they are in cache); other combinations call it once on the whole of y.
   template <compute_scalar T, class Epi>
     requires kernels::epilogue_for<Epi, T>
-  void matmul(matrix_view<const T> x, matrix_view<T> y, const Epi& epi) const {
+  void matmul(std::type_identity_t<matrix_view<const T>> x, matrix_view<T> y, const Epi& epi) const {
     detail::expect_shape("dense::matmul", "x", x, x.rows(), in_features());
     detail::expect_shape("dense::matmul", "y", y, x.rows(), out_features());
     if constexpr (std::is_same_v<T, float> && std::is_same_v<S, float>) {
@@ -99,7 +100,8 @@ class dense {
 
   /// dx = dy W0, or dx += dy W0 when `accumulate`. dy (batch, out), dx (batch, in).
   template <compute_scalar T>
-  void matmul_t(matrix_view<const T> dy, matrix_view<T> dx, bool accumulate = false) const {
+  void matmul_t(std::type_identity_t<matrix_view<const T>> dy, matrix_view<T> dx,
+                bool accumulate = false) const {
     detail::expect_shape("dense::matmul_t", "dy", dy, dy.rows(), out_features());
     detail::expect_shape("dense::matmul_t", "dx", dx, dy.rows(), in_features());
     if constexpr (std::is_same_v<T, float> && std::is_same_v<S, float>) {

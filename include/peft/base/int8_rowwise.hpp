@@ -3,20 +3,21 @@
 //   auto w = peft::int8_rowwise::quantize(weight_view, bias_ptr);   // weight (out, in)
 //   w.matmul(x, y);   // y = x W0^T + b0 with W0[i, j] = q[i, j] * scale[i]
 //
-// Quantization (symmetric absmax): the row is rounded to f32, scale = absmax / 127 (in f32),
-// q = round(w / scale) to nearest (ties to even), clamped to [-127, 127]; a zero row has scale 0.
-// Every element is then within scale / 2 of its f32 value. The bias is kept in f32.
+// Quantization (symmetric absmax, base/formats/int8_rowwise.hpp): the row is rounded to f32,
+// scale = absmax / 127 (in f32), q = round(w / scale) to nearest (ties to even), clamped to
+// [-127, 127]; a zero row has scale 0. Every element is then within scale / 2 of its f32 value.
+// The bias is kept in f32.
 // Products decode in registers (kernels::int8_dot) for batches below 16 rows and by panels above;
 // see base/detail/quantized_common.hpp. Merging (add_to_weight) re-quantizes each row: lossy.
 #pragma once
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "peft/base/detail/quantized_common.hpp"
+#include "peft/base/formats/int8_rowwise.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/matrix_view.hpp"
 #include "peft/kernels/quantized.hpp"
@@ -29,6 +30,8 @@ class int8_rowwise : public detail::quantized_linear<int8_rowwise> {
 
  public:
   static constexpr std::string_view name = "int8_rowwise";
+  /// The format's name on the command line and in files (base/quantized_formats.hpp).
+  static constexpr std::string_view cli_name = "int8";
 
   int8_rowwise() = default;
 
@@ -57,9 +60,7 @@ class int8_rowwise : public detail::quantized_linear<int8_rowwise> {
   template <compute_scalar T>
   void dequantize_row(index i, T* out) const {
     check_row("dequantize_row", i);
-    const std::int8_t* q = q_.data() + i * in_;
-    const double s = scale_[static_cast<std::size_t>(i)];
-    for (index j = 0; j < in_; ++j) out[j] = static_cast<T>(q[j] * s);
+    formats::dequantize_int8_row(q_.data() + i * in_, scale_[static_cast<std::size_t>(i)], in_, out);
   }
 
  private:
@@ -89,15 +90,7 @@ class int8_rowwise : public detail::quantized_linear<int8_rowwise> {
   }
 
   void quantize_row(index i, const float* row) {
-    float absmax = 0.0f;
-    for (index j = 0; j < in_; ++j) absmax = std::max(absmax, std::abs(row[j]));
-    const float scale = absmax / 127.0f;
-    scale_[static_cast<std::size_t>(i)] = scale;
-    std::int8_t* q = q_.data() + i * in_;
-    for (index j = 0; j < in_; ++j) {
-      const double v = scale > 0.0f ? std::nearbyint(static_cast<double>(row[j]) / scale) : 0.0;
-      q[j] = static_cast<std::int8_t>(std::clamp(v, -127.0, 127.0));
-    }
+    scale_[static_cast<std::size_t>(i)] = formats::quantize_int8_row(row, in_, q_.data() + i * in_);
   }
 
   std::vector<std::int8_t> q_;  // (out, in)

@@ -5,15 +5,16 @@
 //   auto v = peft::nf4::quantize(weight_view, bias_ptr, {.double_quant = false});
 //   w.matmul(x, y);   // y = x W0^T + b0, blocks decoded in registers
 //
-// Layout, as bitsandbytes' quantize_4bit(blocksize=64, quant_type="nf4") on the row-major
-// (out, in) tensor: blocks of 64 run over the FLATTENED tensor (so a block may span two rows
-// when in_features % 64 != 0, and the last block may be partial); element e's 4-bit code sits in
-// byte e / 2, the even element in the high nibble; W0 = nf4_values[q] * absmax(block).
+// Layout and rules (base/formats/nf4.hpp), as bitsandbytes' quantize_4bit(blocksize=64,
+// quant_type="nf4") on the row-major (out, in) tensor: blocks of 64 run over the FLATTENED
+// tensor (so a block may span two rows when in_features % 64 != 0, and the last block may be
+// partial); element e's 4-bit code sits in byte e / 2, the even element in the high nibble;
+// W0 = nf4_values[q] * absmax(block).
 // Quantization: absmax = max |w| of the block (f32), q = dQuantizeNF4(w * (1 / absmax)), i.e.
 // the nearest NF4 value (a block of zeros stores absmax 0 and code 7, the value 0).
 // Double quantization (compress_statistics=True): offset = mean of the absmaxes (summed in double,
 // stored f32); the centred absmaxes absmax - offset are quantized in groups of 256 to 8-bit codes
-// of the signed dynamic map (kernels::dynamic_map()) with one f32 absmax2 per group, as
+// of the signed dynamic map (formats::dynamic_map()) with one f32 absmax2 per group, as
 // quantize_blockwise does; the decoded absmax is code[q] * absmax2 + offset in f32. Values are
 // quantized against the exact absmax and decoded with the decoded one, as in bitsandbytes.
 // The code tables (16 and 256 f32) are constants of the format and not counted in storage_bytes.
@@ -27,10 +28,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "peft/base/detail/quantized_common.hpp"
+#include "peft/base/formats/nf4.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
@@ -51,8 +55,8 @@ class nf4 : public detail::quantized_linear<nf4> {
 
  public:
   static constexpr std::string_view name = "nf4";
-  static constexpr index block_size = kernels::nf4_block_size;
-  static constexpr index group_size = kernels::nf4_group_size;
+  static constexpr index block_size = formats::nf4_block_size;
+  static constexpr index group_size = formats::nf4_group_size;
 
   nf4() = default;
 
@@ -88,17 +92,12 @@ class nf4 : public detail::quantized_linear<nf4> {
   /// The packed codes (ceil(out * in / 2) bytes, first element of a byte in the high nibble).
   const std::vector<std::uint8_t>& packed() const noexcept { return packed_; }
   /// The 4-bit code of flattened element e = i * in + j.
-  std::uint8_t code(index e) const noexcept {
-    const std::uint8_t byte = packed_[static_cast<std::size_t>(e / 2)];
-    return static_cast<std::uint8_t>(e % 2 == 0 ? byte >> 4 : byte & 15);
-  }
+  std::uint8_t code(index e) const noexcept { return formats::nf4_code(packed_.data(), e); }
   /// The absmax block b decodes with (f32; double-quantized when double_quant()).
   float block_absmax(index b) const noexcept {
     if (!double_quant_) return absmax_[static_cast<std::size_t>(b)];
-    float a = kernels::dynamic_map()[qabsmax_[static_cast<std::size_t>(b)]] *
-              absmax2_[static_cast<std::size_t>(b / group_size)];
-    a += offset_;
-    return a;
+    return formats::dequantize_nf4_absmax(qabsmax_[static_cast<std::size_t>(b)],
+                                          absmax2_[static_cast<std::size_t>(b / group_size)], offset_);
   }
   /// Double quantization's state: the 8-bit codes, the group absmaxes and the offset.
   const std::vector<std::uint8_t>& absmax_codes() const noexcept { return qabsmax_; }
@@ -117,7 +116,7 @@ class nf4 : public detail::quantized_linear<nf4> {
         b = e / block_size;
         a = block_absmax(b);
       }
-      out[j] = static_cast<T>(static_cast<double>(kernels::nf4_values[code(e)]) * a);
+      out[j] = static_cast<T>(static_cast<double>(formats::nf4_values[code(e)]) * a);
     }
   }
 
@@ -165,39 +164,16 @@ class nf4 : public detail::quantized_linear<nf4> {
     std::vector<float> absmax(static_cast<std::size_t>(nb));
     for (index b = 0; b < nb; ++b) {
       const index e0 = b * block_size;
-      const index e1 = std::min(n, e0 + block_size);
-      float am = 0.0f;
-      for (index e = e0; e < e1; ++e) am = std::max(am, std::abs(value(e)));
-      absmax[static_cast<std::size_t>(b)] = am;
-      const float inv = am > 0.0f ? 1.0f / am : 0.0f;
-      for (index e = e0; e < e1; ++e) {
-        const std::uint8_t q = kernels::nf4_encode(value(e) * inv);
-        std::uint8_t& byte = packed_[static_cast<std::size_t>(e / 2)];
-        byte = static_cast<std::uint8_t>(e % 2 == 0 ? (byte & 0x0f) | (q << 4) : (byte & 0xf0) | q);
-      }
+      absmax[static_cast<std::size_t>(b)] =
+          formats::quantize_nf4_block(value, e0, std::min(n, e0 + block_size), packed_.data());
     }
     if (!double_quant_) {
       absmax_ = std::move(absmax);
       return;
     }
-    double sum = 0.0;
-    for (float a : absmax) sum += a;
-    offset_ = static_cast<float>(sum / static_cast<double>(nb));
-    const index ng = (nb + group_size - 1) / group_size;
     qabsmax_.assign(static_cast<std::size_t>(nb), 0);
-    absmax2_.assign(static_cast<std::size_t>(ng), 0.0f);
-    for (index g = 0; g < ng; ++g) {
-      const index b0 = g * group_size;
-      const index b1 = std::min(nb, b0 + group_size);
-      float am2 = 0.0f;
-      for (index b = b0; b < b1; ++b) am2 = std::max(am2, std::abs(absmax[static_cast<std::size_t>(b)] - offset_));
-      absmax2_[static_cast<std::size_t>(g)] = am2;
-      const float inv = am2 > 0.0f ? 1.0f / am2 : 0.0f;
-      for (index b = b0; b < b1; ++b) {
-        const float centred = absmax[static_cast<std::size_t>(b)] - offset_;
-        qabsmax_[static_cast<std::size_t>(b)] = kernels::dynamic_encode(centred * inv);
-      }
-    }
+    absmax2_.assign(static_cast<std::size_t>((nb + group_size - 1) / group_size), 0.0f);
+    offset_ = formats::quantize_nf4_absmax(absmax.data(), nb, qabsmax_.data(), absmax2_.data());
   }
 
   /// Decoded absmaxes of the blocks of rows [j0, j0 + n) (row-aligned layout).
@@ -211,7 +187,7 @@ class nf4 : public detail::quantized_linear<nf4> {
 
   void dot_rows(kernels::isa which, index j0, index n, const float* x, index ldx, index m,
                 float* y, index ldy, std::vector<float>& scratch) const {
-    const kernels::nf4_rows w{packed_.data() + j0 * (in_ / 2), row_absmax(j0, n, scratch), in_};
+    const formats::nf4_rows w{packed_.data() + j0 * (in_ / 2), row_absmax(j0, n, scratch), in_};
     kernels::nf4_dot(which, w, n, x, ldx, m, y, ldy);
   }
 
@@ -220,7 +196,7 @@ class nf4 : public detail::quantized_linear<nf4> {
     if constexpr (std::is_same_v<T, float>) {
       if (row_aligned()) {
         std::vector<float> scratch;
-        const kernels::nf4_rows w{packed_.data() + j0 * (in_ / 2), row_absmax(j0, n, scratch), in_};
+        const formats::nf4_rows w{packed_.data() + j0 * (in_ / 2), row_absmax(j0, n, scratch), in_};
         for (index j = 0; j < n; ++j) kernels::decode_nf4_row(w, j, out + j * ld);
         return;
       }

@@ -3,11 +3,12 @@
 //   auto w = peft::q4_0::quantize(weight_view, bias_ptr);   // weight (out, in)
 //   w.matmul(x, y);   // y = x W0^T + b0, blocks decoded in registers
 //
-// Layout (ggml block_q4_0, kernels::block_q4_0): each row is split into blocks of 32
-// consecutive weights; a block is the fp16 scale d and 16 bytes, byte i holding weight i in its
-// low nibble and weight i + 16 in its high nibble; W0 = (q - 8) * d. A row whose in_features is
-// not a multiple of 32 is padded with zeros to whole blocks (ggml requires whole blocks; the
-// padding quantizes to q = 8, i.e. exactly 0, and counts in storage_bytes()).
+// Layout (ggml block_q4_0; formats::block_q4_0 and the quantization rule are in
+// base/formats/q4_0.hpp): each row is split into blocks of 32 consecutive weights; a block is
+// the fp16 scale d and 16 bytes, byte i holding weight i in its low nibble and weight i + 16 in
+// its high nibble; W0 = (q - 8) * d. A row whose in_features is not a multiple of 32 is padded
+// with zeros to whole blocks (ggml requires whole blocks; the padding quantizes to q = 8, i.e.
+// exactly 0, and counts in storage_bytes()).
 //
 // Quantization follows ggml's quantize_row_q4_0_ref on the row rounded to f32: max = the value
 // of largest magnitude (the first one on ties), d = max / -8, id = 1 / d (0 when d == 0),
@@ -20,13 +21,14 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
+#include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "peft/base/detail/quantized_common.hpp"
+#include "peft/base/formats/q4_0.hpp"
 #include "peft/core/base_weight.hpp"
-#include "peft/core/dtype.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix_view.hpp"
 #include "peft/kernels/quantized.hpp"
@@ -39,8 +41,8 @@ class q4_0 : public detail::quantized_linear<q4_0> {
 
  public:
   static constexpr std::string_view name = "q4_0";
-  using block_type = kernels::block_q4_0;
-  static constexpr index block_size = kernels::q4_0_block_size;
+  using block_type = formats::block_q4_0;
+  static constexpr index block_size = formats::q4_0_block_size;
 
   q4_0() = default;
 
@@ -75,7 +77,7 @@ class q4_0 : public detail::quantized_linear<q4_0> {
     const index nb = blocks_per_row();
     T w[block_size];
     for (index b = 0; b < nb; ++b) {
-      kernels::reference::decode_q4_0_block(blocks_[static_cast<std::size_t>(i * nb + b)], w);
+      formats::decode_q4_0_block(blocks_[static_cast<std::size_t>(i * nb + b)], w);
       const index n = std::min(block_size, in_ - b * block_size);
       std::copy(w, w + n, out + b * block_size);
     }
@@ -103,7 +105,7 @@ class q4_0 : public detail::quantized_linear<q4_0> {
       if constexpr (std::is_same_v<T, float>) {
         kernels::decode_q4_0_row(b, nb, out + j * ld);
       } else {
-        for (index k = 0; k < nb; ++k) kernels::reference::decode_q4_0_block(b[k], out + j * ld + k * block_size);
+        for (index k = 0; k < nb; ++k) formats::decode_q4_0_block(b[k], out + j * ld + k * block_size);
       }
     }
   }
@@ -117,34 +119,15 @@ class q4_0 : public detail::quantized_linear<q4_0> {
         const index c = b * block_size + k;
         x[k] = c < in_ ? row[c] : 0.0f;
       }
-      float amax = 0.0f;
-      float max = 0.0f;
-      for (float v : x) {
-        if (amax < std::abs(v)) {
-          amax = std::abs(v);
-          max = v;
-        }
-      }
-      const float d = max / -8.0f;
-      const float id = d != 0.0f ? 1.0f / d : 0.0f;
-      const f16 dh(d);
-      if (!std::isfinite(static_cast<float>(dh))) {
+      if (!formats::quantize_q4_0_block(x, blocks_[static_cast<std::size_t>(i * nb + b)])) {
+        float amax = 0.0f;
+        for (float v : x) amax = std::max(amax, std::abs(v));
         std::string msg = "row ";
         msg += std::to_string(i);
         msg += " has a block scale beyond fp16's range (|w| up to ";
         msg += std::to_string(amax);
         msg += ')';
         detail::raise<format_error>(detail::quantized_where(name, "quantize"), msg);
-      }
-      block_type& out = blocks_[static_cast<std::size_t>(i * nb + b)];
-      out.d = dh.bits;
-      for (int k = 0; k < 16; ++k) {
-        // volatile: the product is rounded to f32 before the add, as in ggml (no FMA contraction).
-        volatile float p0 = x[k] * id;
-        volatile float p1 = x[k + 16] * id;
-        const int q0 = std::min(15, static_cast<int>(static_cast<float>(p0) + 8.5f));
-        const int q1 = std::min(15, static_cast<int>(static_cast<float>(p1) + 8.5f));
-        out.qs[k] = static_cast<std::uint8_t>(q0 | (q1 << 4));
       }
     }
   }

@@ -1,31 +1,42 @@
-// peft/kernels/isa.hpp — which instruction set the kernels use, chosen at run time.
+// peft/kernels/isa.hpp — THE list of instruction sets the kernels are written for, which of them
+// this CPU runs, and which one the kernels use now.
 //
-// Every kernel exists as a scalar reference (the truth the tests compare against), a portable
-// xsimd version (whatever the build's -march gives: SSE2 by default), and AVX2+FMA and AVX-512
-// versions compiled with function-level target attributes, so one binary built without -march
-// still runs the AVX-512 code on a machine that has it. The process-wide choice starts at the
-// best the CPU supports and can be changed (tests run every version; the environment variable
-// PEFT_ISA=reference|portable|avx2|avx512 caps it for a whole run).
+// Every kernel exists as a scalar reference (the truth the tests compare against) and a portable
+// xsimd version (whatever the build's -march gives: SSE2 by default); x86 adds AVX2+FMA and
+// AVX-512 versions compiled with function-level targets, so one binary built without -march
+// still runs the AVX-512 code on a machine that has it; Arm has a NEON slot. Each ISA is a tag
+// type; tags inherit as xsimd's arch tags do (avx512 : avx2 : portable : reference,
+// neon : portable), so a kernel an ISA does not provide falls back to its parent's, both in
+// overload resolution and in the dispatch tables (kernels/dispatch.hpp) built from isa_tags.
+//
+// The process-wide choice starts at the best the CPU supports and can be changed (tests run every
+// version); the environment variable PEFT_ISA=reference|portable|avx2|avx512|neon caps it for a
+// whole run (that ISA, or where the CPU lacks it its nearest supported ancestor), and compiling
+// with PEFT_FORCE_REFERENCE selects the reference.
 //
 //   peft::kernels::set_active_isa(peft::kernels::isa::avx2);   // throws if the CPU lacks it
+//
+// Adding an ISA: an enumerator, a tag and an entry of isa_tags here (plus its target macros when
+// it needs them), and a folder kernels/<arch>/<isa>/ (vec.hpp and the operations it provides,
+// each included by its operation's header: linear.hpp, quantized.hpp). Every dispatch table and
+// every test that iterates all_isas picks it up; operations it does not provide run its parent's.
 #pragma once
 
+#include <array>
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 #include "peft/core/error.hpp"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define PEFT_X86_DISPATCH 1
-#include <immintrin.h>
-// Function-level targets of the x86 kernel versions (the caller dispatches at run time).
-#define PEFT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define PEFT_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-// Regions of code compiled for one target (templates defined inside keep it when instantiated).
+// Regions of code compiled for one target (functions and templates defined inside keep it when
+// instantiated; open them after every #include). The caller dispatches at run time.
 #if defined(__clang__)
 #define PEFT_BEGIN_TARGET_AVX2 \
   _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c\"))), apply_to = function)")
@@ -43,58 +54,181 @@
 #define PEFT_X86_DISPATCH 0
 #endif
 
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define PEFT_ARM_NEON 1
+#else
+#define PEFT_ARM_NEON 0
+#endif
+
 namespace peft::kernels {
 
-/// Kernel versions, from the truth to the fastest.
-enum class isa : std::uint8_t { reference, portable, avx2, avx512 };
+/// Kernel versions; the order of isa_tags below.
+enum class isa : std::uint8_t { reference, portable, avx2, avx512, neon };
+
+// ---- the tags ---------------------------------------------------------------------------------
+
+/// Scalar loops, double accumulation: the truth.
+struct reference_tag {
+  static constexpr isa value = isa::reference;
+  static constexpr std::string_view name = "reference";
+  static bool supported() noexcept { return true; }
+};
+
+/// xsimd batches of the build's default architecture.
+struct portable_tag : reference_tag {
+  static constexpr isa value = isa::portable;
+  static constexpr std::string_view name = "portable";
+  static bool supported() noexcept { return true; }
+};
+
+/// x86 AVX2 + FMA (+ F16C), function-level target.
+struct avx2_tag : portable_tag {
+  static constexpr isa value = isa::avx2;
+  static constexpr std::string_view name = "avx2";
+  static bool supported() noexcept {
+#if PEFT_X86_DISPATCH
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }
+};
+
+/// x86 AVX-512 F/BW/VL/DQ, function-level target.
+struct avx512_tag : avx2_tag {
+  static constexpr isa value = isa::avx512;
+  static constexpr std::string_view name = "avx512";
+  static bool supported() noexcept {
+#if PEFT_X86_DISPATCH
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }
+};
+
+/// Arm NEON (AArch64, where it is always present).
+struct neon_tag : portable_tag {
+  static constexpr isa value = isa::neon;
+  static constexpr std::string_view name = "neon";
+  static bool supported() noexcept { return PEFT_ARM_NEON != 0; }
+};
+
+/// A list of ISA tags.
+template <class... Tags>
+struct isa_list {
+  static constexpr std::size_t size = sizeof...(Tags);
+};
+
+/// THE ISA list, in the enumerators' order; among the ISAs a CPU supports, a later one that
+/// derives from an earlier one is preferred.
+using isa_tags = isa_list<reference_tag, portable_tag, avx2_tag, avx512_tag, neon_tag>;
+
+inline constexpr std::size_t isa_count = isa_tags::size;
+
+namespace detail {
+
+template <class... Tags>
+constexpr bool tags_in_enum_order(isa_list<Tags...>) {
+  std::size_t i = 0;
+  return ((static_cast<std::size_t>(Tags::value) == i++) && ...);
+}
+static_assert(tags_in_enum_order(isa_tags{}), "isa_tags must list the tags in the order of enum isa");
+
+/// Calls f(Tag{}) for each tag of the list, in order.
+template <class... Tags, class F>
+constexpr void for_each_isa_tag(isa_list<Tags...>, F&& f) {
+  (f(Tags{}), ...);
+}
+
+/// derives[d][b]: whether ISA d's tag is ISA b's tag or derives from it.
+template <class... Tags>
+constexpr auto derivation_table(isa_list<Tags...>) {
+  std::array<std::array<bool, sizeof...(Tags)>, sizeof...(Tags)> t{};
+  auto row = [&]<class D>(D) {
+    ((t[static_cast<std::size_t>(D::value)][static_cast<std::size_t>(Tags::value)] =
+          std::is_base_of_v<Tags, D>),
+     ...);
+  };
+  (row(Tags{}), ...);
+  return t;
+}
+inline constexpr auto isa_derivation = derivation_table(isa_tags{});
+
+/// How many tags of the list a tag derives from, itself included (reference: 1).
+template <class... Tags>
+constexpr std::array<int, sizeof...(Tags)> depth_table(isa_list<Tags...>) {
+  std::array<int, sizeof...(Tags)> d{};
+  for (std::size_t i = 0; i < sizeof...(Tags); ++i) {
+    for (std::size_t j = 0; j < sizeof...(Tags); ++j) d[i] += isa_derivation[i][j] ? 1 : 0;
+  }
+  return d;
+}
+inline constexpr auto isa_depth = depth_table(isa_tags{});
+
+}  // namespace detail
+
+/// Every ISA of the list, in order (tests iterate it and skip the unsupported ones).
+inline constexpr std::array<isa, isa_count> all_isas = [] {
+  std::array<isa, isa_count> a{};
+  std::size_t n = 0;
+  detail::for_each_isa_tag(isa_tags{}, [&](auto tag) { a[n++] = decltype(tag)::value; });
+  return a;
+}();
 
 inline constexpr std::string_view isa_name(isa i) noexcept {
-  switch (i) {
-    case isa::reference: return "reference";
-    case isa::portable: return "portable";
-    case isa::avx2: return "avx2";
-    case isa::avx512: return "avx512";
-  }
-  return "?";
+  std::string_view name = "?";
+  detail::for_each_isa_tag(isa_tags{}, [&](auto tag) {
+    if (decltype(tag)::value == i) name = decltype(tag)::name;
+  });
+  return name;
+}
+
+/// Whether `derived` is `base` or one of its descendants (avx512 derives from avx2, portable
+/// and reference). False for values outside the list.
+inline constexpr bool isa_derives_from(isa derived, isa base) noexcept {
+  const auto d = static_cast<std::size_t>(derived), b = static_cast<std::size_t>(base);
+  return d < isa_count && b < isa_count && detail::isa_derivation[d][b];
 }
 
 /// Whether this CPU (and this compiler) can run the version.
 inline bool isa_supported(isa i) noexcept {
-  switch (i) {
-    case isa::reference:
-    case isa::portable: return true;
-#if PEFT_X86_DISPATCH
-    case isa::avx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case isa::avx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("fma");
-#else
-    case isa::avx2:
-    case isa::avx512: return false;
-#endif
-  }
-  return false;
+  bool yes = false;
+  detail::for_each_isa_tag(isa_tags{}, [&](auto tag) {
+    if (decltype(tag)::value == i) yes = decltype(tag)::supported();
+  });
+  return yes;
 }
 
-/// The best supported version, capped by PEFT_ISA when it is set to a known name (and the
-/// reference when the program is compiled with PEFT_FORCE_REFERENCE).
+/// The best supported version: the most derived ISA this CPU runs, restricted to PEFT_ISA and
+/// its ancestors when PEFT_ISA names an ISA of the list (the reference when the program is
+/// compiled with PEFT_FORCE_REFERENCE).
 inline isa best_isa() noexcept {
 #ifdef PEFT_FORCE_REFERENCE
   return isa::reference;
-#endif
-  isa cap = isa::avx512;
-  if (const char* env = std::getenv("PEFT_ISA")) {
-    const std::string_view v(env);
-    for (isa i : {isa::reference, isa::portable, isa::avx2, isa::avx512}) {
-      if (v == isa_name(i)) cap = i;
+#else
+  const char* env = std::getenv("PEFT_ISA");
+  const std::string_view cap_name = env != nullptr ? std::string_view(env) : std::string_view();
+  bool capped = false;
+  isa cap = isa::reference;
+  for (isa i : all_isas) {
+    if (cap_name == isa_name(i)) {
+      capped = true;
+      cap = i;
     }
   }
-  for (isa i : {isa::avx512, isa::avx2, isa::portable}) {
-    if (static_cast<int>(i) <= static_cast<int>(cap) && isa_supported(i)) return i;
+  isa best = isa::reference;
+  for (isa i : all_isas) {
+    const bool allowed = !capped || isa_derives_from(cap, i);
+    if (allowed && isa_supported(i) &&
+        detail::isa_depth[static_cast<std::size_t>(i)] >= detail::isa_depth[static_cast<std::size_t>(best)]) {
+      best = i;
+    }
   }
-  return isa::reference;
+  return best;
+#endif
 }
 
 namespace detail {

@@ -6,102 +6,35 @@
 // x (m, k), W (n, k) row-major as nn.Linear stores it, y (m, n); all f32, rows may be strided.
 // Forward multiplies rows of x against rows of W directly (both contiguous along k: no packing,
 // no transposition), in 4 x 4 tiles of vector accumulators reduced once per k-slice; W is read
-// from memory once per call for batches up to `skinny_rows` and once per block of that many rows
-// beyond (large batches go to Eigen's packed GEMM: see eigen_forward_rows). Threads (OpenMP) split the output columns, i.e. the rows of W, so each thread streams
-// its own part of the weight. The epilogue (kernels/epilogue.hpp) runs on each finished tile of at
-// most `tile_rows` x `tile_cols` outputs while it is still in cache: this is where adapters add
-// their terms.
+// from memory once per call for batches up to `tile_rows` and once per block of that many rows
+// beyond (large batches go to Eigen's packed GEMM: see eigen_forward_rows). Threads (OpenMP)
+// split the output columns, i.e. the rows of W, so each thread streams its own part of the
+// weight. The epilogue (kernels/epilogue.hpp) runs on each finished tile of at most `tile_rows` x
+// `tile_cols` outputs while it is still in cache: this is where adapters add their terms.
 //
-// Versions (kernels/isa.hpp): reference (kernels/reference/gemm.hpp, double accumulation),
-// portable (xsimd), avx2, avx512 — the same algorithm over different vector types.
+// The blocks are one operation per direction (detail::block_nt, detail::block_nn) with one
+// overload per ISA folder: reference/linear.hpp (double accumulation), and the body
+// detail/linear_body.inc written once over each folder's vec: portable/linear.hpp (xsimd),
+// x86/avx2/linear.hpp, x86/avx512/linear.hpp. Their dispatch tables (kernels/dispatch.hpp) give
+// an ISA without its own blocks (NEON today) its parent's.
 #pragma once
 
 #include <algorithm>
-#include <xsimd/xsimd.hpp>
+#include <utility>
 
 #include "peft/core/error.hpp"
 #include "peft/core/matrix_view.hpp"
+#include "peft/interop/eigen.hpp"
+#include "peft/kernels/dispatch.hpp"
 #include "peft/kernels/epilogue.hpp"
 #include "peft/kernels/isa.hpp"
 #include "peft/kernels/parallel.hpp"
-#include "peft/interop/eigen.hpp"
-#include "peft/kernels/reference/gemm.hpp"
+#include "peft/kernels/portable/linear.hpp"
+#include "peft/kernels/reference/linear.hpp"
+#include "peft/kernels/x86/avx2/linear.hpp"
+#include "peft/kernels/x86/avx512/linear.hpp"
 
 namespace peft::kernels {
-
-namespace detail::portable_linear {
-struct vec {
-  using reg = xsimd::batch<float>;
-  static constexpr int width = static_cast<int>(reg::size);
-  static constexpr bool has_partial = false;
-  static reg zero() noexcept { return reg(0.0f); }
-  static reg load(const float* p) noexcept { return reg::load_unaligned(p); }
-  static reg load_n(const float*, int) noexcept { return zero(); }
-  static void store(float* p, reg v) noexcept { v.store_unaligned(p); }
-  static void store_n(float*, reg, int) noexcept {}
-  static reg set1(float a) noexcept { return reg(a); }
-  static reg fma(reg a, reg b, reg c) noexcept { return xsimd::fma(a, b, c); }
-  static float sum(reg v) noexcept { return xsimd::hadd(v); }
-};
-#include "peft/kernels/detail/linear_body.inc"
-}  // namespace detail::portable_linear
-
-#if PEFT_X86_DISPATCH
-PEFT_BEGIN_TARGET_AVX2
-namespace detail::avx2_linear {
-struct vec {
-  using reg = __m256;
-  static constexpr int width = 8;
-  static constexpr bool has_partial = true;
-  static __m256i mask(int n) noexcept {
-    alignas(32) static const int bits[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + 8 - n));
-  }
-  static reg zero() noexcept { return _mm256_setzero_ps(); }
-  static reg load(const float* p) noexcept { return _mm256_loadu_ps(p); }
-  static reg load_n(const float* p, int n) noexcept { return _mm256_maskload_ps(p, mask(n)); }
-  static void store(float* p, reg v) noexcept { _mm256_storeu_ps(p, v); }
-  static void store_n(float* p, reg v, int n) noexcept { _mm256_maskstore_ps(p, mask(n), v); }
-  static reg set1(float a) noexcept { return _mm256_set1_ps(a); }
-  static reg fma(reg a, reg b, reg c) noexcept { return _mm256_fmadd_ps(a, b, c); }
-  static float sum(reg v) noexcept {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-};
-#include "peft/kernels/detail/linear_body.inc"
-}  // namespace detail::avx2_linear
-PEFT_END_TARGET
-
-PEFT_BEGIN_TARGET_AVX512
-namespace detail::avx512_linear {
-struct vec {
-  using reg = __m512;
-  static constexpr int width = 16;
-  static constexpr bool has_partial = true;
-  static __mmask16 mask(int n) noexcept { return static_cast<__mmask16>((1u << n) - 1u); }
-  static reg zero() noexcept { return _mm512_setzero_ps(); }
-  static reg load(const float* p) noexcept { return _mm512_loadu_ps(p); }
-  static reg load_n(const float* p, int n) noexcept { return _mm512_maskz_loadu_ps(mask(n), p); }
-  static void store(float* p, reg v) noexcept { _mm512_storeu_ps(p, v); }
-  static void store_n(float* p, reg v, int n) noexcept { _mm512_mask_storeu_ps(p, mask(n), v); }
-  static reg set1(float a) noexcept { return _mm512_set1_ps(a); }
-  static reg fma(reg a, reg b, reg c) noexcept { return _mm512_fmadd_ps(a, b, c); }
-  static float sum(reg v) noexcept {
-    // extractf32x8 rather than castps512_ps256: g++ 12 warns about the latter's undefined upper half.
-    const __m256 h = _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-};
-#include "peft/kernels/detail/linear_body.inc"
-}  // namespace detail::avx512_linear
-PEFT_END_TARGET
-#endif
 
 namespace detail {
 
@@ -110,40 +43,24 @@ using block_nt_fn = void (*)(const float*, index, index, const float*, index, in
 using block_nn_fn = void (*)(const float*, index, index, const float*, index, index, index, float*,
                              index, bool);
 
-/// The scalar truth in the same block shape (double accumulation).
-inline void reference_block_nt(const float* x, index ldx, index m, const float* w, index ldw,
-                               index n, index k, float* y, index ldy) {
-  reference::gemm_nt<float, float>(1.0, matrix_view<const float>(x, m, k, ldx),
-                                   matrix_view<const float>(w, n, k, ldw), 0.0,
-                                   matrix_view<float>(y, m, n, ldy));
-}
-inline void reference_block_nn(const float* dy, index lddy, index m, const float* w, index ldw,
-                               index n, index cols, float* dx, index lddx, bool accumulate) {
-  reference::gemm_nn<float, float>(1.0, matrix_view<const float>(dy, m, n, lddy),
-                                   matrix_view<const float>(w, n, cols, ldw), accumulate ? 1.0 : 0.0,
-                                   matrix_view<float>(dx, m, cols, lddx));
-}
+struct block_nt_op {
+  template <class Tag, class... A>
+  auto operator()(Tag tag, A&&... a) const -> decltype(block_nt(tag, std::forward<A>(a)...)) {
+    return block_nt(tag, std::forward<A>(a)...);
+  }
+};
+struct block_nn_op {
+  template <class Tag, class... A>
+  auto operator()(Tag tag, A&&... a) const -> decltype(block_nn(tag, std::forward<A>(a)...)) {
+    return block_nn(tag, std::forward<A>(a)...);
+  }
+};
 
-inline block_nt_fn select_block_nt(isa i) noexcept {
-  switch (i) {
-#if PEFT_X86_DISPATCH
-    case isa::avx512: return &avx512_linear::block_nt;
-    case isa::avx2: return &avx2_linear::block_nt;
-#endif
-    case isa::portable: return &portable_linear::block_nt;
-    default: return &reference_block_nt;
-  }
-}
-inline block_nn_fn select_block_nn(isa i) noexcept {
-  switch (i) {
-#if PEFT_X86_DISPATCH
-    case isa::avx512: return &avx512_linear::block_nn;
-    case isa::avx2: return &avx2_linear::block_nn;
-#endif
-    case isa::portable: return &portable_linear::block_nn;
-    default: return &reference_block_nn;
-  }
-}
+/// The blocks of every ISA (kernels/dispatch.hpp).
+inline constexpr dispatch_table<block_nt_fn> block_nt_table =
+    make_dispatch_table<block_nt_fn, block_nt_op>();
+inline constexpr dispatch_table<block_nn_fn> block_nn_table =
+    make_dispatch_table<block_nn_fn, block_nn_op>();
 
 /// tile[i, j] += bias[j0 + j]; nothing when bias is null.
 inline void add_bias(matrix_view<float> tile, const float* bias, index j0) noexcept {
@@ -196,7 +113,7 @@ void linear_nt(matrix_view<const float> x, matrix_view<const float> w, const flo
     });
     return;
   }
-  const detail::block_nt_fn block = detail::select_block_nt(version);
+  const detail::block_nt_fn block = detail::block_nt_table[version];
   parallel_ranges(n, tile_cols, work, [&](index j_first, index j_last) {
     for (index j0 = j_first; j0 < j_last; j0 += tile_cols) {
       const index nc = std::min(tile_cols, j_last - j0);
@@ -230,7 +147,7 @@ inline void linear_nn(matrix_view<const float> dy, matrix_view<const float> w, m
     }
     return;
   }
-  const detail::block_nn_fn block = detail::select_block_nn(version);
+  const detail::block_nn_fn block = detail::block_nn_table[version];
   const double work = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
   constexpr index grain = 64;
   parallel_ranges(k, grain, work, [&](index c_first, index c_last) {

@@ -9,6 +9,8 @@
 //   template <class T> void decode_rows(j0, n, T* out, ld) const; rows as T, ld apart
 //   template <class T> void dequantize_row(index i, T* out) const;
 //   void quantize_row(index i, const float* row);                 (row-local formats)
+// The format's block layout, code tables and quantization rule live in base/formats/; its dot
+// and decode kernels in kernels/quantized.hpp.
 //
 // Products. y = x W^T + b in f32: batches below skinny_rows stream each weight row once through
 // the format's dot kernel (a decoded block is multiplied into up to 8 rows of x at a time);
@@ -25,6 +27,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -104,9 +107,10 @@ class quantized_linear {
     return w;
   }
 
-  /// y = x W0^T + b0. x (batch, in), y (batch, out); y is overwritten.
+  /// y = x W0^T + b0. x (batch, in), y (batch, out); y is overwritten. T is deduced from y, so
+  /// x may be a mutable view too (here and in matmul_t).
   template <compute_scalar T>
-  void matmul(matrix_view<const T> x, matrix_view<T> y) const {
+  void matmul(std::type_identity_t<matrix_view<const T>> x, matrix_view<T> y) const {
     matmul(x, y, kernels::no_epilogue{});
   }
 
@@ -114,7 +118,7 @@ class quantized_linear {
   /// covering y, possibly from several threads at once).
   template <compute_scalar T, class Epilogue>
     requires kernels::epilogue_for<Epilogue, T>
-  void matmul(matrix_view<const T> x, matrix_view<T> y, const Epilogue& epi) const {
+  void matmul(std::type_identity_t<matrix_view<const T>> x, matrix_view<T> y, const Epilogue& epi) const {
     const std::string where = quantized_where(Format::name, "matmul");
     expect_shape(where.c_str(), "x", x, x.rows(), in_);
     expect_shape(where.c_str(), "y", y, x.rows(), out_);
@@ -128,7 +132,8 @@ class quantized_linear {
 
   /// dx = dy W0, or dx += dy W0 when `accumulate`. dy (batch, out), dx (batch, in).
   template <compute_scalar T>
-  void matmul_t(matrix_view<const T> dy, matrix_view<T> dx, bool accumulate = false) const {
+  void matmul_t(std::type_identity_t<matrix_view<const T>> dy, matrix_view<T> dx,
+                bool accumulate = false) const {
     const std::string where = quantized_where(Format::name, "matmul_t");
     expect_shape(where.c_str(), "dy", dy, dy.rows(), out_);
     expect_shape(where.c_str(), "dx", dx, dy.rows(), in_);

@@ -1,0 +1,28 @@
+// peft/kernels/x86/avx2/linear.hpp — the AVX2 blocks of kernels/linear.hpp: the body of
+// kernels/detail/linear_body.inc over kernels/x86/avx2/vec.hpp, compiled for the AVX2 target
+// (the body is included inside the target region so its templates keep the target). Empty on
+// other architectures.
+#pragma once
+
+#include "peft/kernels/isa.hpp"
+
+#if PEFT_X86_DISPATCH
+#include <algorithm>
+
+#include "peft/core/matrix_view.hpp"
+#include "peft/kernels/dispatch.hpp"
+#include "peft/kernels/x86/avx2/vec.hpp"
+
+PEFT_BEGIN_TARGET_AVX2
+namespace peft::kernels::avx2 {
+using tag = avx2_tag;
+#include "peft/kernels/detail/linear_body.inc"
+}  // namespace peft::kernels::avx2
+
+namespace peft::kernels::detail {
+using avx2::block_nn;
+using avx2::block_nt;
+}  // namespace peft::kernels::detail
+PEFT_END_TARGET
+
+#endif  // PEFT_X86_DISPATCH

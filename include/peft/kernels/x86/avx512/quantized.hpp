@@ -1,0 +1,172 @@
+// peft/kernels/x86/avx512/quantized.hpp — the AVX-512 quantized dot kernels (int8 row-wise, q4_0,
+// nf4): blocks decoded in registers with intrinsics, accumulated with kernels/x86/avx512/vec.hpp,
+// one instantiation per batch size; the contract is kernels/detail/quantized_dot.hpp. Compiled
+// for the AVX-512 target; empty on other architectures.
+//
+// The all-lanes maskz forms of the conversions and permutes avoid GCC 12's _mm512_undefined_*
+// false -Wmaybe-uninitialized warnings; they compile to the same instructions.
+#pragma once
+
+#include "peft/kernels/isa.hpp"
+
+#if PEFT_X86_DISPATCH
+#include <algorithm>
+#include <cstdint>
+
+#include <immintrin.h>
+
+#include "peft/base/formats/nf4.hpp"
+#include "peft/base/formats/q4_0.hpp"
+#include "peft/core/matrix_view.hpp"
+#include "peft/kernels/detail/quantized_dot.hpp"
+#include "peft/kernels/dispatch.hpp"
+#include "peft/kernels/x86/avx512/vec.hpp"
+
+PEFT_BEGIN_TARGET_AVX512
+namespace peft::kernels::avx512 {
+
+inline __m512 i8_to_ps(__m128i v) {
+  return _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_maskz_cvtepi8_epi32(0xFFFF, v));
+}
+
+template <int M>
+void int8_dot_rows(const std::int8_t* q, const float* scale, index in, index n, const float* x,
+                   index ldx, float* y, index ldy) {
+  for (index j = 0; j < n; ++j) {
+    const std::int8_t* w = q + j * in;
+    __m512 acc0[M], acc1[M];
+    for (int r = 0; r < M; ++r) acc0[r] = acc1[r] = vec::zero();
+    index p = 0;
+    for (; p + 32 <= in; p += 32) {
+      const __m512 w0 = i8_to_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + p)));
+      const __m512 w1 = i8_to_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + p + 16)));
+      for (int r = 0; r < M; ++r) {
+        const float* xr = x + r * ldx + p;
+        acc0[r] = vec::fma(w0, vec::load(xr), acc0[r]);
+        acc1[r] = vec::fma(w1, vec::load(xr + 16), acc1[r]);
+      }
+    }
+    for (; p < in; p += 16) {  // the tail, masked
+      const index left = std::min<index>(16, in - p);
+      const __mmask16 k = static_cast<__mmask16>((1u << left) - 1u);
+      const __m512 wv = i8_to_ps(_mm_maskz_loadu_epi8(k, w + p));
+      for (int r = 0; r < M; ++r) {
+        acc0[r] = vec::fma(wv, _mm512_maskz_loadu_ps(k, x + r * ldx + p), acc0[r]);
+      }
+    }
+    for (int r = 0; r < M; ++r) y[r * ldy + j] = vec::sum(vec::add(acc0[r], acc1[r])) * scale[j];
+  }
+}
+
+/// Multiplies the two 16-weight halves of one q4_0 block into every row's accumulators. The
+/// codes index a 16-entry table of q - 8 (vpermps reads the low 4 bits of each lane, so the low
+/// nibble needs no mask); one row folds d after the two products (one multiply fewer).
+template <int M>
+inline void q4_0_block(const formats::block_q4_0& b, __m512 table, const float* x, index ldx,
+                       __m512* acc0, __m512* acc1) {
+  const __m512i v =
+      _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs)));
+  const __m512 lo = _mm512_maskz_permutexvar_ps(0xFFFF, v, table);
+  const __m512 hi = _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, v, 4), table);
+  const __m512 d = vec::set1(_cvtsh_ss(b.d));
+  if constexpr (M == 1) {
+    const __m512 t = vec::fma(lo, vec::load(x), _mm512_mul_ps(hi, vec::load(x + 16)));
+    acc0[0] = vec::fma(t, d, acc0[0]);
+  } else {
+    const __m512 lod = _mm512_mul_ps(lo, d);
+    const __m512 hid = _mm512_mul_ps(hi, d);
+    for (int r = 0; r < M; ++r) {
+      const float* xr = x + r * ldx;
+      acc0[r] = vec::fma(lod, vec::load(xr), acc0[r]);
+      acc1[r] = vec::fma(hid, vec::load(xr + 16), acc1[r]);
+    }
+  }
+}
+
+template <int M>
+void q4_0_dot_rows(const formats::block_q4_0* blocks, index nb, index n, const float* x, index ldx,
+                   float* y, index ldy) {
+  // Skinny batches have few accumulators: two blocks per step keep four FMA chains in flight.
+  constexpr int sets = M <= 2 ? 2 : 1;
+  constexpr index bs = formats::q4_0_block_size;
+  alignas(64) float values[16];
+  for (int i = 0; i < 16; ++i) values[i] = static_cast<float>(i - 8);
+  const __m512 table = _mm512_load_ps(values);
+  for (index j = 0; j < n; ++j) {
+    const formats::block_q4_0* row = blocks + j * nb;
+    __m512 acc[sets][2][M];
+    for (int s = 0; s < sets; ++s) {
+      for (int r = 0; r < M; ++r) acc[s][0][r] = acc[s][1][r] = vec::zero();
+    }
+    index b = 0;
+    for (; b + sets <= nb; b += sets) {
+      for (int s = 0; s < sets; ++s) {
+        q4_0_block<M>(row[b + s], table, x + (b + s) * bs, ldx, acc[s][0], acc[s][1]);
+      }
+    }
+    for (; b < nb; ++b) q4_0_block<M>(row[b], table, x + b * bs, ldx, acc[0][0], acc[0][1]);
+    for (int r = 0; r < M; ++r) {
+      __m512 t = vec::add(acc[0][0][r], acc[0][1][r]);
+      if constexpr (sets == 2) t = vec::add(t, vec::add(acc[1][0][r], acc[1][1][r]));
+      y[r * ldy + j] = vec::sum(t);
+    }
+  }
+}
+
+template <int M>
+void nf4_dot_rows(const formats::nf4_rows& w, index n, const float* x, index ldx, float* y,
+                  index ldy) {
+  const __m512 table = vec::load(formats::nf4_values.data());
+  const __m128i m4 = _mm_set1_epi8(15);
+  const index half = w.in / 2;
+  const index blocks = w.in / formats::nf4_block_size;
+  for (index j = 0; j < n; ++j) {
+    const std::uint8_t* row = w.packed + j * half;
+    const float* am = w.absmax + j * blocks;
+    __m512 acc0[M], acc1[M];
+    for (int r = 0; r < M; ++r) acc0[r] = acc1[r] = vec::zero();
+    for (index b = 0; b < blocks; ++b) {
+      const __m512 a = vec::set1(am[b]);
+      for (int h = 0; h < 2; ++h) {  // two halves of 32 weights (16 bytes)
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 32 + h * 16));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);  // even elements
+        const __m128i lo = _mm_and_si128(v, m4);                      // odd elements
+        const __m512i i0 = _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_unpacklo_epi8(hi, lo));
+        const __m512i i1 = _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_unpackhi_epi8(hi, lo));
+        const __m512 w0 = _mm512_mul_ps(_mm512_maskz_permutexvar_ps(0xFFFF, i0, table), a);
+        const __m512 w1 = _mm512_mul_ps(_mm512_maskz_permutexvar_ps(0xFFFF, i1, table), a);
+        for (int r = 0; r < M; ++r) {
+          const float* xr = x + r * ldx + b * formats::nf4_block_size + h * 32;
+          acc0[r] = vec::fma(w0, vec::load(xr), acc0[r]);
+          acc1[r] = vec::fma(w1, vec::load(xr + 16), acc1[r]);
+        }
+      }
+    }
+    for (int r = 0; r < M; ++r) y[r * ldy + j] = vec::sum(vec::add(acc0[r], acc1[r]));
+  }
+}
+
+/// The entry points: one instantiation per batch size (m <= max_dot_rows).
+inline void int8_dot(avx512_tag, const std::int8_t* q, const float* scale, index in, index n,
+                     const float* x, index ldx, index m, float* y, index ldy) {
+  with_rows<max_dot_rows>(m, [&](auto rows) { int8_dot_rows<rows()>(q, scale, in, n, x, ldx, y, ldy); });
+}
+inline void q4_0_dot(avx512_tag, const formats::block_q4_0* blocks, index nb, index n,
+                     const float* x, index ldx, index m, float* y, index ldy) {
+  with_rows<max_dot_rows>(m, [&](auto rows) { q4_0_dot_rows<rows()>(blocks, nb, n, x, ldx, y, ldy); });
+}
+inline void nf4_dot(avx512_tag, const formats::nf4_rows& w, index n, const float* x, index ldx,
+                    index m, float* y, index ldy) {
+  with_rows<max_dot_rows>(m, [&](auto rows) { nf4_dot_rows<rows()>(w, n, x, ldx, y, ldy); });
+}
+
+}  // namespace peft::kernels::avx512
+
+namespace peft::kernels::detail {
+using avx512::int8_dot;
+using avx512::nf4_dot;
+using avx512::q4_0_dot;
+}  // namespace peft::kernels::detail
+PEFT_END_TARGET
+
+#endif  // PEFT_X86_DISPATCH
