@@ -126,8 +126,10 @@ int merge(const std::vector<std::string>& args) {
       }
     } else if (a == "--quantized-base") {
       const std::string q = value();
-      opt.quantized_base = peft::io::quantized_format_from_name(q);
-      if (!opt.quantized_base) throw usage_error("--quantized-base must be int8, q4_0 or nf4, not '" + q + "'");
+      if (!peft::quantized_format_index(q)) {
+        throw usage_error("--quantized-base must be one of " + peft::quantized_format_names() + ", not '" + q + "'");
+      }
+      opt.quantized_base = q;
     } else {
       throw usage_error("unknown argument '" + a + "'");
     }
@@ -141,8 +143,7 @@ int merge(const std::vector<std::string>& args) {
     std::fprintf(stderr,
                  "peft: note: merged into a %s base: the merged weights were re-quantized to %s "
                  "(max change %.3g from W + dW); the output holds their dequantized values\n",
-                 std::string(peft::io::quantized_format_name(*report.requantized)).c_str(),
-                 std::string(peft::io::quantized_format_name(*report.requantized)).c_str(),
+                 report.requantized->c_str(), report.requantized->c_str(),
                  report.max_requantization_error);
   }
   return 0;

@@ -46,7 +46,6 @@ struct adalora_options {
 template <compute_scalar T>
 class adalora : public low_rank_adapter<adalora<T>, T> {
  public:
-  using scalar = T;
   static constexpr std::string_view method = "adalora";
   /// PEFT adds this to ranknum before dividing.
   static constexpr double ranknum_epsilon = 1e-5;

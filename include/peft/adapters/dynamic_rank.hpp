@@ -57,7 +57,6 @@ class dynamic_rank : public detail::gated_low_rank<dynamic_rank<T>, T> {
   friend class low_rank_adapter<dynamic_rank<T>, T>;
 
  public:
-  using scalar = T;
   using core::in_features;
   using core::out_features;
   using core::rank;

@@ -50,7 +50,6 @@ class loha : public additive_adapter<loha<T>, T> {
   friend class additive_adapter<loha<T>, T>;
 
  public:
-  using scalar = T;
   static constexpr std::string_view method = "loha";
 
   /// Nothing: backward forms P and Q again.

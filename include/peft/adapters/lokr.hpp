@@ -101,7 +101,6 @@ class lokr : public additive_adapter<lokr<T>, T> {
   friend class additive_adapter<lokr<T>, T>;
 
  public:
-  using scalar = T;
   static constexpr std::string_view method = "lokr";
 
   /// Nothing: backward recomputes X W2^T (a product of the size of the input).

@@ -51,7 +51,6 @@ inline double lora_scale(double alpha, index rank, bool use_rslora) {
 template <compute_scalar T>
 class lora : public low_rank_adapter<lora<T>, T> {
  public:
-  using scalar = T;
   static constexpr std::string_view method = "lora";
 
   lora() = default;

@@ -49,7 +49,6 @@ class phm_delta : public additive_adapter<phm_delta<T>, T> {
   friend class additive_adapter<phm_delta<T>, T>;
 
  public:
-  using scalar = T;
   static constexpr std::string_view method = "phm_delta";
 
   /// What backward needs from forward: M = X V^T and the rule contraction (batch n, n).

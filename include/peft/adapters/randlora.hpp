@@ -89,7 +89,6 @@ class randlora : public additive_adapter<randlora<T>, T> {
   friend class additive_adapter<randlora<T>, T>;
 
  public:
-  using scalar = T;
   static constexpr std::string_view method = "randlora";
 
   /// What backward needs from forward (batch, R): for in <= out, q = the per-base products

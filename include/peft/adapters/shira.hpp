@@ -53,7 +53,6 @@ class shira : public additive_adapter<shira<T>, T> {
   friend class additive_adapter<shira<T>, T>;
 
  public:
-  using scalar = T;
   static constexpr std::string_view method = "shira";
 
   /// SHiRA's sparse term needs nothing from forward but x itself.

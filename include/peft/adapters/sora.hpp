@@ -90,7 +90,6 @@ class sora : public detail::gated_low_rank<sora<T>, T> {
   friend class low_rank_adapter<sora<T>, T>;
 
  public:
-  using scalar = T;
   using core::in_features;
   using core::out_features;
   using core::rank;

@@ -69,9 +69,7 @@ vera_projections<T> make_vera_projections(index rank, std::initializer_list<std:
 
 template <compute_scalar T>
 class vera : public low_rank_adapter<vera<T>, T> {
-
  public:
-  using scalar = T;
   static constexpr std::string_view method = "vera";
 
   vera() = default;

@@ -21,17 +21,12 @@
 #include "peft/base/int8_rowwise.hpp"
 #include "peft/base/nf4.hpp"
 #include "peft/base/q4_0.hpp"
+#include "peft/core/type_list.hpp"
 
 namespace peft {
 
-/// A list of quantized base types.
-template <class... Formats>
-struct quantized_format_list {
-  static constexpr std::size_t size = sizeof...(Formats);
-};
-
 /// THE quantized base formats, in the order they are offered.
-using quantized_formats = quantized_format_list<int8_rowwise, q4_0, nf4>;
+using quantized_formats = type_list<int8_rowwise, q4_0, nf4>;
 
 /// The name format Q goes by on the command line and in files.
 template <class Q>

@@ -39,6 +39,8 @@ inline constexpr bool is_additive_adapter = std::is_base_of_v<additive_adapter_t
 template <class Derived, compute_scalar T>
 class additive_adapter : public additive_adapter_tag {
  public:
+  using scalar = T;
+
   /// y = x W0^T + b0 + term(x).
   template <base_weight Base, class Cache>
   void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, Cache& cache) const {

@@ -27,9 +27,7 @@
 #include <vector>
 
 #include "peft/base/dense.hpp"
-#include "peft/base/int8_rowwise.hpp"
-#include "peft/base/nf4.hpp"
-#include "peft/base/q4_0.hpp"
+#include "peft/base/quantized_formats.hpp"
 #include "peft/core/dtype.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
@@ -40,37 +38,18 @@
 
 namespace peft::io {
 
-/// Frozen quantized base formats a merge can target (base/int8_rowwise.hpp, q4_0.hpp, nf4.hpp).
-enum class quantized_format : std::uint8_t { int8_rowwise, q4_0, nf4 };
-
-/// "int8", "q4_0", "nf4".
-constexpr std::string_view quantized_format_name(quantized_format f) noexcept {
-  switch (f) {
-    case quantized_format::int8_rowwise: return "int8";
-    case quantized_format::q4_0: return "q4_0";
-    case quantized_format::nf4: return "nf4";
-  }
-  return "?";
-}
-
-/// Parses "int8", "q4_0" or "nf4"; nullopt otherwise.
-constexpr std::optional<quantized_format> quantized_format_from_name(std::string_view s) noexcept {
-  for (auto f : {quantized_format::int8_rowwise, quantized_format::q4_0, quantized_format::nf4}) {
-    if (s == quantized_format_name(f)) return f;
-  }
-  return std::nullopt;
-}
-
 struct merge_options {
   std::optional<dtype> out_dtype{};  // nullopt: each tensor keeps its dtype; else floating tensors convert
-  std::optional<quantized_format> quantized_base{};  // the adapter was trained over this frozen base
+  /// The adapter was trained over this frozen quantized base: a name of base/quantized_formats.hpp
+  /// ("int8", "q4_0", "nf4").
+  std::optional<std::string> quantized_base{};
 };
 
 struct merge_report {
   std::size_t tensors = 0;               // tensors written
   std::vector<std::string> merged;       // base tensors that received a delta
   std::vector<std::string> replaced;     // base tensors replaced by modules_to_save
-  std::optional<quantized_format> requantized;  // set when merged weights were re-quantized
+  std::optional<std::string> requantized;  // the format, when merged weights were re-quantized
   double max_requantization_error = 0.0;        // max |re-quantized - (Wq + dW)| over them
 };
 
@@ -128,14 +107,12 @@ double requantized_merge(const dense<double>& w0, const merge_adapter& a, matrix
   return worst;
 }
 
-inline double requantized_merge(quantized_format f, const dense<double>& w0, const merge_adapter& a,
+/// requantized_merge for the format named `format` (a quantized_formats name).
+inline double requantized_merge(const std::string& format, const dense<double>& w0, const merge_adapter& a,
                                 matrix<double>& out) {
-  switch (f) {
-    case quantized_format::int8_rowwise: return requantized_merge<int8_rowwise>(w0, a, out);
-    case quantized_format::q4_0: return requantized_merge<q4_0>(w0, a, out);
-    case quantized_format::nf4: return requantized_merge<nf4>(w0, a, out);
-  }
-  return 0.0;
+  double err = 0.0;
+  visit_quantized_format(format, [&](auto q) { err = requantized_merge<typename decltype(q)::type>(w0, a, out); });
+  return err;
 }
 
 }  // namespace detail
@@ -147,6 +124,10 @@ inline merge_report merge_model(const std::filesystem::path& base, const std::fi
   constexpr const char* where = "merge_model";
   if (opt.out_dtype && !is_floating(*opt.out_dtype)) {
     peft::detail::raise<unsupported_error>(where, "the output dtype must be f32, bf16, f16 or f64");
+  }
+  if (opt.quantized_base && !quantized_format_index(*opt.quantized_base)) {
+    peft::detail::raise<unsupported_error>(where, "unknown quantized base format '" + *opt.quantized_base + "' (" +
+                                                      quantized_format_names() + ")");
   }
   const auto model = model_files::open(base);
   const bool fan_in_fan_out = adapter_config::load(adapter_dir).fan_in_fan_out;

@@ -291,7 +291,11 @@ class safetensors_file {
   }
 
   std::string source_name() const {
-    return path_.empty() ? std::string("the in-memory buffer") : "'" + path_.string() + "'";
+    if (path_.empty()) return "the in-memory buffer";
+    std::string s = "'";  // appended piece by piece: g++ 12 -O3 misreports "'" + s + "'" (-Wrestrict)
+    s += path_.string();
+    s += '\'';
+    return s;
   }
 
   /// "[where] what" plus the file, for errors found while loading.

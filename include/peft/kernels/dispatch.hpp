@@ -1,17 +1,18 @@
 // peft/kernels/dispatch.hpp — run-time choices made compile-time: one table of function pointers
 // per operation, built from the ISA list, and the batch-size switch.
 //
-//   struct int8_dot_op {   // lifts the overload set detail::int8_dot(tag, ...) into a type
+//   struct int8_dot_op {   // lifts the overload set int8_dot(tag, ...) into a type
 //     template <class Tag, class... A>
-//     auto operator()(Tag tag, A&&... a) const -> decltype(detail::int8_dot(tag, std::forward<A>(a)...)) {
-//       return detail::int8_dot(tag, std::forward<A>(a)...);
+//     auto operator()(Tag tag, A&&... a) const -> decltype(int8_dot(tag, std::forward<A>(a)...)) {
+//       return int8_dot(tag, std::forward<A>(a)...);
 //     }
 //   };
 //   inline constexpr auto int8_dot_table = make_dispatch_table<int8_dot_fn, int8_dot_op>();
 //   int8_dot_table[active_isa()](q, scale, ...);
 //
 // An operation is an overload set over the ISA tags of kernels/isa.hpp, one overload per ISA
-// that provides it (the reference one always). The table has an entry per ISA of isa_tags: the
+// that provides it (the reference one always), each in its ISA's namespace: the unqualified call
+// on a tag finds them by argument-dependent lookup. The table has an entry per ISA of isa_tags: the
 // overload of the nearest ancestor that provides one (the one overload resolution on that tag
 // picks), so an ISA that does not provide the operation shares its parent's entry, pointer for
 // pointer. The op's operator() must be SFINAE-friendly (the trailing decltype above): that is
@@ -122,7 +123,7 @@ consteval std::size_t provider_index() {
 }
 
 template <class Fn, class Op, class... Tags>
-consteval dispatch_table<Fn> build_dispatch_table(isa_list<Tags...>) {
+consteval dispatch_table<Fn> build_dispatch_table(type_list<Tags...>) {
   dispatch_table<Fn> table;
   const auto add = [&]<class T>(T) {
     constexpr std::size_t p = provider_index<Op, Fn, T, Tags...>();

@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "peft/core/error.hpp"
+#include "peft/core/type_list.hpp"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define PEFT_X86_DISPATCH 1
@@ -66,23 +67,31 @@ namespace peft::kernels {
 enum class isa : std::uint8_t { reference, portable, avx2, avx512, neon };
 
 // ---- the tags ---------------------------------------------------------------------------------
+// Each ISA's tag lives in the ISA's own namespace, where its kernels are: a call f(tag, ...)
+// finds, by argument-dependent lookup, the overloads of that namespace and of every ISA the tag
+// derives from, and overload resolution picks the most derived one.
 
 /// Scalar loops, double accumulation: the truth.
-struct reference_tag {
+namespace reference {
+struct tag {
   static constexpr isa value = isa::reference;
   static constexpr std::string_view name = "reference";
   static bool supported() noexcept { return true; }
 };
+}  // namespace reference
 
 /// xsimd batches of the build's default architecture.
-struct portable_tag : reference_tag {
+namespace portable {
+struct tag : reference::tag {
   static constexpr isa value = isa::portable;
   static constexpr std::string_view name = "portable";
   static bool supported() noexcept { return true; }
 };
+}  // namespace portable
 
 /// x86 AVX2 + FMA (+ F16C), function-level target.
-struct avx2_tag : portable_tag {
+namespace avx2 {
+struct tag : portable::tag {
   static constexpr isa value = isa::avx2;
   static constexpr std::string_view name = "avx2";
   static bool supported() noexcept {
@@ -93,9 +102,11 @@ struct avx2_tag : portable_tag {
 #endif
   }
 };
+}  // namespace avx2
 
 /// x86 AVX-512 F/BW/VL/DQ, function-level target.
-struct avx512_tag : avx2_tag {
+namespace avx512 {
+struct tag : avx2::tag {
   static constexpr isa value = isa::avx512;
   static constexpr std::string_view name = "avx512";
   static bool supported() noexcept {
@@ -108,30 +119,33 @@ struct avx512_tag : avx2_tag {
 #endif
   }
 };
+}  // namespace avx512
 
 /// Arm NEON (AArch64, where it is always present).
-struct neon_tag : portable_tag {
+namespace neon {
+struct tag : portable::tag {
   static constexpr isa value = isa::neon;
   static constexpr std::string_view name = "neon";
   static bool supported() noexcept { return PEFT_ARM_NEON != 0; }
 };
+}  // namespace neon
 
-/// A list of ISA tags.
-template <class... Tags>
-struct isa_list {
-  static constexpr std::size_t size = sizeof...(Tags);
-};
+using reference_tag = reference::tag;
+using portable_tag = portable::tag;
+using avx2_tag = avx2::tag;
+using avx512_tag = avx512::tag;
+using neon_tag = neon::tag;
 
 /// THE ISA list, in the enumerators' order; among the ISAs a CPU supports, a later one that
 /// derives from an earlier one is preferred.
-using isa_tags = isa_list<reference_tag, portable_tag, avx2_tag, avx512_tag, neon_tag>;
+using isa_tags = type_list<reference_tag, portable_tag, avx2_tag, avx512_tag, neon_tag>;
 
 inline constexpr std::size_t isa_count = isa_tags::size;
 
 namespace detail {
 
 template <class... Tags>
-constexpr bool tags_in_enum_order(isa_list<Tags...>) {
+constexpr bool tags_in_enum_order(type_list<Tags...>) {
   std::size_t i = 0;
   return ((static_cast<std::size_t>(Tags::value) == i++) && ...);
 }
@@ -139,13 +153,13 @@ static_assert(tags_in_enum_order(isa_tags{}), "isa_tags must list the tags in th
 
 /// Calls f(Tag{}) for each tag of the list, in order.
 template <class... Tags, class F>
-constexpr void for_each_isa_tag(isa_list<Tags...>, F&& f) {
+constexpr void for_each_isa_tag(type_list<Tags...>, F&& f) {
   (f(Tags{}), ...);
 }
 
 /// derives[d][b]: whether ISA d's tag is ISA b's tag or derives from it.
 template <class... Tags>
-constexpr auto derivation_table(isa_list<Tags...>) {
+constexpr auto derivation_table(type_list<Tags...>) {
   std::array<std::array<bool, sizeof...(Tags)>, sizeof...(Tags)> t{};
   auto row = [&]<class D>(D) {
     ((t[static_cast<std::size_t>(D::value)][static_cast<std::size_t>(Tags::value)] =
@@ -159,7 +173,7 @@ inline constexpr auto isa_derivation = derivation_table(isa_tags{});
 
 /// How many tags of the list a tag derives from, itself included (reference: 1).
 template <class... Tags>
-constexpr std::array<int, sizeof...(Tags)> depth_table(isa_list<Tags...>) {
+constexpr std::array<int, sizeof...(Tags)> depth_table(type_list<Tags...>) {
   std::array<int, sizeof...(Tags)> d{};
   for (std::size_t i = 0; i < sizeof...(Tags); ++i) {
     for (std::size_t j = 0; j < sizeof...(Tags); ++j) d[i] += isa_derivation[i][j] ? 1 : 0;

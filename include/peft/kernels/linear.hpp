@@ -12,7 +12,7 @@
 // weight. The epilogue (kernels/epilogue.hpp) runs on each finished tile of at most `tile_rows` x
 // `tile_cols` outputs while it is still in cache: this is where adapters add their terms.
 //
-// The blocks are one operation per direction (detail::block_nt, detail::block_nn) with one
+// The blocks are one operation per direction (block_nt, block_nn on an ISA tag) with one
 // overload per ISA folder: reference/linear.hpp (double accumulation), and the body
 // detail/linear_body.inc written once over each folder's vec: portable/linear.hpp (xsimd),
 // x86/avx2/linear.hpp, x86/avx512/linear.hpp. Their dispatch tables (kernels/dispatch.hpp) give

@@ -10,11 +10,6 @@
 #include "peft/kernels/portable/vec.hpp"
 
 namespace peft::kernels::portable {
-using tag = portable_tag;
 #include "peft/kernels/detail/linear_body.inc"
 }  // namespace peft::kernels::portable
 
-namespace peft::kernels::detail {
-using portable::block_nn;
-using portable::block_nt;
-}  // namespace peft::kernels::detail

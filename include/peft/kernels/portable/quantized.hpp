@@ -84,8 +84,3 @@ inline void nf4_dot(portable_tag, const formats::nf4_rows& w, index n, const flo
 
 }  // namespace peft::kernels::portable
 
-namespace peft::kernels::detail {
-using portable::int8_dot;
-using portable::nf4_dot;
-using portable::q4_0_dot;
-}  // namespace peft::kernels::detail

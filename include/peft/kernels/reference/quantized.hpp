@@ -69,21 +69,19 @@ inline void nf4_dot(const formats::nf4_rows& w, index n, const float* x, index l
   }
 }
 
-}  // namespace peft::kernels::reference
 
-namespace peft::kernels::detail {
 
 inline void int8_dot(reference_tag, const std::int8_t* q, const float* scale, index in, index n,
                      const float* x, index ldx, index m, float* y, index ldy) {
-  reference::int8_dot(q, scale, in, n, x, ldx, m, y, ldy);
+  int8_dot(q, scale, in, n, x, ldx, m, y, ldy);
 }
 inline void q4_0_dot(reference_tag, const formats::block_q4_0* blocks, index nb, index n,
                      const float* x, index ldx, index m, float* y, index ldy) {
-  reference::q4_0_dot(blocks, nb, n, x, ldx, m, y, ldy);
+  q4_0_dot(blocks, nb, n, x, ldx, m, y, ldy);
 }
 inline void nf4_dot(reference_tag, const formats::nf4_rows& w, index n, const float* x, index ldx,
                     index m, float* y, index ldy) {
-  reference::nf4_dot(w, n, x, ldx, m, y, ldy);
+  nf4_dot(w, n, x, ldx, m, y, ldy);
 }
 
-}  // namespace peft::kernels::detail
+}  // namespace peft::kernels::reference

@@ -15,14 +15,9 @@
 
 PEFT_BEGIN_TARGET_AVX2
 namespace peft::kernels::avx2 {
-using tag = avx2_tag;
 #include "peft/kernels/detail/linear_body.inc"
 }  // namespace peft::kernels::avx2
 
-namespace peft::kernels::detail {
-using avx2::block_nn;
-using avx2::block_nt;
-}  // namespace peft::kernels::detail
 PEFT_END_TARGET
 
 #endif  // PEFT_X86_DISPATCH

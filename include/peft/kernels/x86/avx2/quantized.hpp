@@ -131,27 +131,10 @@ void nf4_dot_rows(const formats::nf4_rows& w, index n, const float* x, index ldx
   }
 }
 
-/// The entry points: one instantiation per batch size (m <= max_dot_rows).
-inline void int8_dot(avx2_tag, const std::int8_t* q, const float* scale, index in, index n,
-                     const float* x, index ldx, index m, float* y, index ldy) {
-  with_rows<max_dot_rows>(m, [&](auto rows) { int8_dot_rows<rows()>(q, scale, in, n, x, ldx, y, ldy); });
-}
-inline void q4_0_dot(avx2_tag, const formats::block_q4_0* blocks, index nb, index n,
-                     const float* x, index ldx, index m, float* y, index ldy) {
-  with_rows<max_dot_rows>(m, [&](auto rows) { q4_0_dot_rows<rows()>(blocks, nb, n, x, ldx, y, ldy); });
-}
-inline void nf4_dot(avx2_tag, const formats::nf4_rows& w, index n, const float* x, index ldx,
-                    index m, float* y, index ldy) {
-  with_rows<max_dot_rows>(m, [&](auto rows) { nf4_dot_rows<rows()>(w, n, x, ldx, y, ldy); });
-}
+#include "peft/kernels/detail/quantized_entries.inc"
 
 }  // namespace peft::kernels::avx2
 
-namespace peft::kernels::detail {
-using avx2::int8_dot;
-using avx2::nf4_dot;
-using avx2::q4_0_dot;
-}  // namespace peft::kernels::detail
 PEFT_END_TARGET
 
 #endif  // PEFT_X86_DISPATCH

@@ -15,14 +15,9 @@
 
 PEFT_BEGIN_TARGET_AVX512
 namespace peft::kernels::avx512 {
-using tag = avx512_tag;
 #include "peft/kernels/detail/linear_body.inc"
 }  // namespace peft::kernels::avx512
 
-namespace peft::kernels::detail {
-using avx512::block_nn;
-using avx512::block_nt;
-}  // namespace peft::kernels::detail
 PEFT_END_TARGET
 
 #endif  // PEFT_X86_DISPATCH
