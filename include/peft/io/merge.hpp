@@ -55,10 +55,9 @@ struct merge_report {
 
 namespace detail {
 
-using merge_adapter = any_adapter<double>;
-
+template <class Adapter>
 struct merge_plan_entry {
-  const adapted_module<merge_adapter>* module = nullptr;
+  const adapted_module<Adapter>* module = nullptr;
   bool is_bias = false;
   const saved_tensor* replacement = nullptr;
 };
@@ -87,9 +86,9 @@ inline dense<double> read_base(const model_files& model, const std::string& name
 
 /// The merge into a quantized base: Wq = deq(Q(W0)), dW against Wq, out = deq(Q(Wq + dW)).
 /// Returns max |out - (Wq + dW)|.
-template <class Q, class... Opt>
-double requantized_merge(const dense<double>& w0, const merge_adapter& a, matrix<double>& out, Opt... opt) {
-  Q q = Q::quantize(w0.weight(), static_cast<const double*>(nullptr), opt...);
+template <class Q, class Adapter>
+double requantized_merge(const dense<double>& w0, const Adapter& a, matrix<double>& out) {
+  Q q = Q::quantize(w0.weight(), static_cast<const double*>(nullptr));
   const index rows = w0.out_features(), cols = w0.in_features();
   matrix<double> wq(rows, cols);
   for (index i = 0; i < rows; ++i) q.dequantize_row(i, wq.view().row(i));
@@ -108,8 +107,8 @@ double requantized_merge(const dense<double>& w0, const merge_adapter& a, matrix
 }
 
 /// requantized_merge for the format named `format` (a quantized_formats name).
-inline double requantized_merge(const std::string& format, const dense<double>& w0, const merge_adapter& a,
-                                matrix<double>& out) {
+template <class Adapter>
+double requantized_merge(const std::string& format, const dense<double>& w0, const Adapter& a, matrix<double>& out) {
   double err = 0.0;
   visit_quantized_format(format, [&](auto q) { err = requantized_merge<typename decltype(q)::type>(w0, a, out); });
   return err;
@@ -118,9 +117,12 @@ inline double requantized_merge(const std::string& format, const dense<double>& 
 }  // namespace detail
 
 /// Merges the adapter in `adapter_dir` into the model at `base` (a .safetensors file, a
-/// model.safetensors.index.json, or a directory holding either) and writes `out`.
-inline merge_report merge_model(const std::filesystem::path& base, const std::filesystem::path& adapter_dir,
-                                const std::filesystem::path& out, const merge_options& opt) {
+/// model.safetensors.index.json, or a directory holding either) and writes `out`. Adapter is
+/// the type the checkpoint is read as (any method by default); a template so that a program
+/// that includes this header without merging does not compile the merge of every method.
+template <class Adapter = any_adapter<double>>
+merge_report merge_model(const std::filesystem::path& base, const std::filesystem::path& adapter_dir,
+                         const std::filesystem::path& out, const merge_options& opt) {
   constexpr const char* where = "merge_model";
   if (opt.out_dtype && !is_floating(*opt.out_dtype)) {
     peft::detail::raise<unsupported_error>(where, "the output dtype must be f32, bf16, f16 or f64");
@@ -131,7 +133,7 @@ inline merge_report merge_model(const std::filesystem::path& base, const std::fi
   }
   const auto model = model_files::open(base);
   const bool fan_in_fan_out = adapter_config::load(adapter_dir).fan_in_fan_out;
-  const auto ck = load_peft_checkpoint<double>(adapter_dir, [&](const std::string& module)
+  const auto ck = load_checkpoint_as<Adapter>(adapter_dir, [&](const std::string& module)
                                                    -> std::optional<std::pair<index, index>> {
     const auto name = model.resolve(module, "weight");
     if (!name || model.info(*name).shape.size() != 2) return std::nullopt;
@@ -141,7 +143,7 @@ inline merge_report merge_model(const std::filesystem::path& base, const std::fi
   });
 
   // Plan and validate everything before writing a byte.
-  std::map<std::string, detail::merge_plan_entry> plan;
+  std::map<std::string, detail::merge_plan_entry<Adapter>> plan;
   merge_report report;
   for (const auto& m : ck.modules) {
     if (!m.adapter.template mergeable<dense<double>>()) {
