@@ -26,6 +26,7 @@
 // --check: exit 1 unless every adapter answers its own task at >= 85% and the base answers
 // upright digits at >= 85%, and predictions are the same in fused and unfused mode (a test).
 #include <peft/peft.hpp>
+#include <peft/io/model_bases.hpp>
 #include <peft/serve/adapter_registry.hpp>
 
 #include <chrono>
@@ -179,19 +180,16 @@ std::vector<request_line> read_requests(const fs::path& path) {
 }
 
 std::unique_ptr<registry> load_model(const fs::path& dir) {
-  const auto f = peft::io::safetensors_file::open(dir / "base.safetensors");
-  std::map<std::string, peft::dense<float>> bases;
-  for (const auto& l : layer_names) {
-    const auto w = f.read<float>(l + ".weight");
-    const auto& shape = f.info(l + ".weight").shape;
-    if (shape.size() != 2) throw std::runtime_error(l + ".weight is not a matrix");
-    const matrix<float> m(static_cast<index>(shape[0]), static_cast<index>(shape[1]), w);
-    bases.emplace(l + ".weight", peft::dense<float>(m, f.read<float>(l + ".bias")));
-  }
-  auto reg = std::make_unique<registry>(std::move(bases));
-  for (const auto& entry : fs::directory_iterator(dir / "adapters")) {
+  // [readme]
+  // The model's frozen bases, held once: weight name ("fc1.weight") -> W0 and its bias.
+  const auto model = peft::io::model_files::open(dir / "base.safetensors");
+  auto bases = peft::io::load_bases<peft::dense<float>>(
+      model, [](const std::string& module) { return module == "fc1" || module == "fc2"; });
+  auto reg = std::make_unique<peft::serve::adapter_registry<peft::dense<float>>>(std::move(bases));
+  for (const auto& entry : fs::directory_iterator(dir / "adapters")) {  // PEFT checkpoints, any method
     if (entry.is_directory()) reg->load(entry.path().filename().string(), entry.path());
   }
+  // [/readme]
   return reg;
 }
 
@@ -210,10 +208,13 @@ std::vector<int> serve(const registry& reg, const std::vector<request_line>& req
       rows.push_back({r.adapter});
       std::copy(r.x.begin(), r.x.end(), x.row(i));
     }
-    auto b = reg.begin(rows);  // one snapshot of the adapters for both layers
-    b.forward("fc1.weight", x.view(), z.view());
+    // [readme]
+    // One request per row: its adapter's name ("" = the base alone) and optionally a scale.
+    auto batch = reg.begin(rows);  // one snapshot of the adapters for every layer of this batch
+    batch.forward("fc1.weight", x.view(), z.view());  // one base product, each row's adapter term
     for (auto& v : z.storage()) v = std::max(v, 0.0f);
-    b.forward("fc2.weight", z.view(), logits.view());
+    batch.forward("fc2.weight", z.view(), logits.view());
+    // [/readme]
     for (index i = 0; i < n; ++i) predictions.push_back(digits::predicted(logits.view(), i));
   }
   return predictions;
