@@ -905,20 +905,19 @@ TEMPLATE_TEST_CASE("dora errors: bad shapes and options", "[dora][errors]", floa
                   peft::unsupported_error);
 
   peft::dora<T> a(base, {.rank = 2});
-  typename peft::dora<T>::cache_type cache;
-  peft::matrix<T> x(3, 5), y(3, 4), dx(3, 5), gy(3, 4);
-  peft::matrix<T> x_bad(3, 6), y_bad(2, 4);
-  CHECK_THROWS_WITH(a.forward(base, x_bad.view(), y.view(), cache), Catch::StartsWith("[dora::forward] x is (3, 6)"));
-  CHECK_THROWS_AS(a.forward(base, x.view(), y_bad.view(), cache), peft::shape_error);
+  using peft_test::arg;
+  using peft_test::pass;
+  const auto prefix = peft_test::match::prefix;
+  peft_test::check_shape_errors(a, base, 3,
+                                {{pass::forward, arg::x, 3, 6, "[dora::forward] x is (3, 6)", prefix},
+                                 {pass::forward, arg::y, 2, 4},
+                                 {pass::forward, arg::base, 3, 5, "[dora::forward] base weight", prefix},
+                                 {pass::add_term, arg::h, 2, 4},
+                                 {pass::backward, arg::dy, 2, 4},
+                                 {pass::backward_term, arg::dh, 2, 4},
+                                 {pass::delta_weight, arg::dw, 4, 4}});
   const auto other = random_dense<float>(5, 3, g);
-  CHECK_THROWS_WITH(a.forward(other, x.view(), y.view(), cache), Catch::StartsWith("[dora::forward] base weight"));
-  CHECK_THROWS_AS(a.add_term(base, x.view(), y_bad.view(), y.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward(base, x.view(), y_bad.view(), dx.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward_term(base, x.view(), y.view(), gy.view(), y_bad.view(), dx.view(), cache),
-                  peft::shape_error);
   CHECK_THROWS_AS(a.row_norms(other), peft::shape_error);
-  peft::matrix<T> dw_bad(4, 4);
-  CHECK_THROWS_AS(a.delta_weight(base, dw_bad.view()), peft::shape_error);
   CHECK_THROWS_AS(a.pin_norms(std::vector<T>(3, T{1})), peft::shape_error);
   CHECK_THROWS_AS(a.pin_norms({T{1}, T{0}, T{1}, T{1}}), peft::error);
   CHECK_THROWS_AS(a.pin_norms({T{1}, T{1}, std::numeric_limits<T>::quiet_NaN(), T{1}}), peft::error);

@@ -365,15 +365,14 @@ TEST_CASE("SHiRA: constructor and call errors", "[shira][errors]") {
 
   const peft::dense<double> w = random_dense<double>(4, 5, g);
   auto a = random_shira<double>(4, 5, 6, g);
-  peft::shira<double>::cache_type cache;
-  peft::matrix<double> x(2, 4), y(2, 5), bad(2, 3);
-  CHECK_THROWS_AS(a.forward(w, x.view(), bad.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.forward(w, bad.view(), y.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward(w, x.view(), y.view(), bad.view(), cache), peft::shape_error);
-  const peft::dense<double> other = random_dense<double>(5, 4, g);
-  CHECK_THROWS_AS(a.forward(other, x.view(), y.view(), cache), peft::shape_error);
-  peft::matrix<double> dw(4, 4);
-  CHECK_THROWS_AS(a.delta_weight(w, dw.view()), peft::shape_error);
+  using peft_test::arg;
+  using peft_test::pass;
+  peft_test::check_shape_errors(a, w, 2,
+                                {{pass::forward, arg::y, 2, 3},
+                                 {pass::forward, arg::x, 2, 3},
+                                 {pass::backward, arg::dx, 2, 3},
+                                 {pass::forward, arg::base, 4, 5},
+                                 {pass::delta_weight, arg::dw, 4, 4}});
 }
 
 TEST_CASE("SHiRA: forward, backward and delta_weight against a dense reference", "[shira]") {
