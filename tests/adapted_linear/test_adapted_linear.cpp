@@ -14,32 +14,19 @@
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/random.hpp"
+#include "support/adapter_checks.hpp"
 #include "support/test_support.hpp"
 
 using ix = peft::index;
 
 namespace {
 
-template <class T, class S>
-struct layer_types {
-  using scalar = T;
-  using storage = S;
-};
-using f32_on_f32 = layer_types<float, float>;
-using f32_on_bf16 = layer_types<float, peft::bf16>;
-using f64_on_f64 = layer_types<double, double>;
-using f64_on_bf16 = layer_types<double, peft::bf16>;
+using namespace peft_test::compute_types;  // f32_on_f32, ...: adapters in T over a weight stored as S
+using peft_test::unit_roundoff;
 
 template <class T>
 constexpr double tol() {
-  return std::is_same_v<T, float> ? 2e-5 : 1e-12;
-}
-
-template <class S>
-constexpr double storage_eps() {
-  if constexpr (std::is_same_v<S, double>) return 0x1p-53;
-  if constexpr (std::is_same_v<S, float>) return 0x1p-24;
-  return 0x1p-8;
+  return peft_test::tolerance<T>(1e-12, 2e-5);
 }
 
 constexpr ix batch = 5, in = 11, out = 9;
@@ -105,18 +92,6 @@ peft::matrix<T> forward(layer_t<T, S>& layer, const peft::matrix<T>& x) {
   peft::matrix<T> y(x.rows(), out);
   layer.forward(x.view(), y.view());
   return y;
-}
-
-/// Runs f and checks it throws peft::error (of exactly the expected kind) starting with prefix.
-template <class E, class F>
-void check_error(F&& f, const std::string& prefix) {
-  try {
-    f();
-    FAIL("expected an error starting with " << prefix);
-  } catch (const E& e) {
-    INFO(e.what());
-    CHECK(std::string(e.what()).rfind(prefix, 0) == 0);
-  }
 }
 
 }  // namespace
@@ -280,7 +255,7 @@ TEMPLATE_TEST_CASE("merging one adapter and keeping another active equals all un
                    "[adapted_linear]", f32_on_f32, f32_on_bf16, f64_on_f64, f64_on_bf16) {
   using T = typename TestType::scalar;
   using S = typename TestType::storage;
-  const double merge_tol = tol<T>() + 4 * storage_eps<S>();
+  const double merge_tol = tol<T>() + 4 * unit_roundoff<S>();
   peft::rng gen(4);
   auto layer = make_layer<T, S>(gen);
   layer.set_enabled("a", false);
@@ -303,7 +278,7 @@ TEMPLATE_TEST_CASE("merging one adapter and keeping another active equals all un
   layer.unmerge("c");
   CHECK(peft_test::rel_error(forward<T, S>(layer, x), unmerged) <= 2 * merge_tol);
   CHECK(peft_test::rel_error(layer.base().weight(), w0) <=
-        (std::is_same_v<S, double> ? 1e-15 : 8 * storage_eps<S>()));
+        (std::is_same_v<S, double> ? 1e-15 : 8 * unit_roundoff<S>()));
 
   // Merging a disabled adapter enables it (its delta is in the weight).
   layer.merge("a");
@@ -348,30 +323,32 @@ TEST_CASE("adapted_linear registry errors", "[adapted_linear]") {
   auto layer = make_layer<float, float>(gen);
   const auto names_before = layer.adapter_names();
 
-  check_error<peft::error>([&] { layer.add_adapter("b", random_adapter<float>(specs[0], gen)); },
+  peft_test::check_error<peft::error>([&] { layer.add_adapter("b", random_adapter<float>(specs[0], gen)); },
                            "[adapted_linear::add_adapter]");
   CHECK(layer.adapter_names() == names_before);
-  check_error<peft::shape_error>([&] { layer.add_adapter("d", peft::lora<float>(in + 1, out, {.rank = 2})); },
+  peft_test::check_error<peft::shape_error>(
+      [&] { layer.add_adapter("d", peft::lora<float>(in + 1, out, {.rank = 2})); },
                                  "[adapted_linear::add_adapter]");
-  check_error<peft::shape_error>([&] { layer.add_adapter("d", peft::lora<float>(in, out - 1, {.rank = 2})); },
+  peft_test::check_error<peft::shape_error>(
+      [&] { layer.add_adapter("d", peft::lora<float>(in, out - 1, {.rank = 2})); },
                                  "[adapted_linear::add_adapter]");
   CHECK_FALSE(layer.contains("d"));
 
-  check_error<peft::error>([&] { layer.adapter("nope"); }, "[adapted_linear::adapter]");
-  check_error<peft::error>([&] { layer.set_enabled("nope", true); }, "[adapted_linear::set_enabled]");
-  check_error<peft::error>([&] { (void)layer.enabled("nope"); }, "[adapted_linear::enabled]");
-  check_error<peft::error>([&] { (void)layer.merged("nope"); }, "[adapted_linear::merged]");
-  check_error<peft::error>([&] { layer.merge("nope"); }, "[adapted_linear::merge]");
-  check_error<peft::error>([&] { layer.unmerge("nope"); }, "[adapted_linear::unmerge]");
-  check_error<peft::error>([&] { layer.remove_adapter("nope"); }, "[adapted_linear::remove_adapter]");
+  peft_test::check_error<peft::error>([&] { layer.adapter("nope"); }, "[adapted_linear::adapter]");
+  peft_test::check_error<peft::error>([&] { layer.set_enabled("nope", true); }, "[adapted_linear::set_enabled]");
+  peft_test::check_error<peft::error>([&] { (void)layer.enabled("nope"); }, "[adapted_linear::enabled]");
+  peft_test::check_error<peft::error>([&] { (void)layer.merged("nope"); }, "[adapted_linear::merged]");
+  peft_test::check_error<peft::error>([&] { layer.merge("nope"); }, "[adapted_linear::merge]");
+  peft_test::check_error<peft::error>([&] { layer.unmerge("nope"); }, "[adapted_linear::unmerge]");
+  peft_test::check_error<peft::error>([&] { layer.remove_adapter("nope"); }, "[adapted_linear::remove_adapter]");
   const auto& clayer = layer;
-  check_error<peft::error>([&] { (void)clayer.adapter("nope"); }, "[adapted_linear::adapter]");
+  peft_test::check_error<peft::error>([&] { (void)clayer.adapter("nope"); }, "[adapted_linear::adapter]");
 
   // Merge state errors.
-  check_error<peft::error>([&] { layer.unmerge("a"); }, "[adapted_linear::unmerge]");
+  peft_test::check_error<peft::error>([&] { layer.unmerge("a"); }, "[adapted_linear::unmerge]");
   layer.merge("a");
-  check_error<peft::error>([&] { layer.merge("a"); }, "[adapted_linear::merge]");
-  check_error<peft::error>([&] { layer.set_enabled("a", false); }, "[adapted_linear::set_enabled]");
+  peft_test::check_error<peft::error>([&] { layer.merge("a"); }, "[adapted_linear::merge]");
+  peft_test::check_error<peft::error>([&] { layer.set_enabled("a", false); }, "[adapted_linear::set_enabled]");
   CHECK(layer.merged("a"));
   CHECK(layer.enabled("a"));
   CHECK_NOTHROW(layer.set_enabled("a", true));
@@ -381,16 +358,16 @@ TEST_CASE("adapted_linear registry errors", "[adapted_linear]") {
   // Shapes of forward and backward arguments.
   peft::matrix<float> x(3, in), x_bad(3, in + 1), y(3, out), y_bad(3, out + 1), g(3, out), dx(3, in),
       dx_bad(2, in);
-  check_error<peft::shape_error>([&] { layer.forward(x_bad.view(), y.view()); },
+  peft_test::check_error<peft::shape_error>([&] { layer.forward(x_bad.view(), y.view()); },
                                  "[adapted_linear::forward]");
-  check_error<peft::shape_error>([&] { layer.forward(x.view(), y_bad.view()); },
+  peft_test::check_error<peft::shape_error>([&] { layer.forward(x.view(), y_bad.view()); },
                                  "[adapted_linear::forward]");
-  check_error<peft::shape_error>([&] { layer.backward(x.view(), g.view(), dx_bad.view()); },
+  peft_test::check_error<peft::shape_error>([&] { layer.backward(x.view(), g.view(), dx_bad.view()); },
                                  "[adapted_linear::backward]");
   // Several active adapters: backward needs the forward of the same batch.
   layer.forward(x.view(), y.view());
   peft::matrix<float> x5(5, in), g5(5, out), dx5(5, in);
-  check_error<peft::error>([&] { layer.backward(x5.view(), g5.view(), dx5.view()); },
+  peft_test::check_error<peft::error>([&] { layer.backward(x5.view(), g5.view(), dx5.view()); },
                            "[adapted_linear::backward]");
 }
 

@@ -11,6 +11,7 @@
 #include "peft/adapters/adalora.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
+#include "support/adapter_checks.hpp"
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
@@ -18,9 +19,6 @@ using ix = peft::index;
 
 namespace {
 
-namespace fs = std::filesystem;
-using peft::index;
-using peft_test::golden_dir;
 using peft_test::rel_error;
 using peft_test::stored;
 using peft_test::tolerance;
@@ -28,7 +26,7 @@ using peft_test::tolerance;
 // ---- AdaLoRA helpers ---------------------------------------------------------------------------
 
 /// An AdaLoRA config; `masks` is the rank_pattern object (JSON text) or empty.
-peft::io::adapter_config adalora_config(index init_r, double alpha, const std::string& masks = "") {
+peft::io::adapter_config adalora_config(ix init_r, double alpha, const std::string& masks = "") {
   auto c = peft::io::adapter_config::parse(R"({"peft_type": "ADALORA", "target_modules": ["layer"], "r": 8})");
   c.raw["init_r"] = init_r;
   c.raw["target_r"] = 2;
@@ -39,12 +37,8 @@ peft::io::adapter_config adalora_config(index init_r, double alpha, const std::s
 }
 
 template <class T>
-peft::io::checkpoint_tensors<T> adalora_tensors(index in, index out, index r, peft::rng& g) {
-  peft::io::checkpoint_tensors<T> m("layer");
-  m.add("lora_A", stored<T>({r, in}, g));
-  m.add("lora_B", stored<T>({out, r}, g));
-  m.add("lora_E", stored<T>({r, 1}, g));
-  return m;
+peft::io::checkpoint_tensors<T> adalora_tensors(ix in, ix out, ix r, peft::rng& g) {
+  return peft_test::random_tensors<T>("layer", {{"lora_A", {r, in}}, {"lora_B", {out, r}}, {"lora_E", {r, 1}}}, g);
 }
 
 }  // namespace
@@ -54,7 +48,7 @@ TEMPLATE_TEST_CASE("adalora reproduces PEFT: layers, network, merged weights", "
 }
 
 TEST_CASE("adalora golden checkpoint: ranknum is init_r, scaling is lora_alpha", "[adalora][golden]") {
-  auto ck = peft::io::load_checkpoint_as<peft::adalora<double>>(golden_dir("adalora") / "adapter");
+  auto ck = peft::io::load_checkpoint_as<peft::adalora<double>>(peft_test::golden_dir("adalora") / "adapter");
   for (const auto& m : ck.modules) {
     CHECK(m.adapter.rank() == 8);
     CHECK(m.adapter.ranknum() == 8.0);   // float(init_r), a buffer the checkpoint does not hold
@@ -131,15 +125,7 @@ TEMPLATE_TEST_CASE("adalora forward, dx, delta and the gradients of A, E, B equa
   for (ix k = 0; k < r; ++k)
     for (ix j = 0; j < in; ++j) ae(k, j) = peft_test::at(a.A(), k, j) * peft_test::at(a.E(), k, 0);
   const auto dW = peft_test::scaled(peft_test::ref_nn(a.B(), ae), f);
-  const auto w_eff = peft_test::add(w.weight(), dW);
-  typename peft::adalora<T>::cache_type cache;
-  peft::matrix<T> y(batch, out), dx(batch, in), dwt(out, in);
-  a.forward(w, x.view(), y.view(), cache);
-  CHECK(rel_error(y, peft_test::ref_linear(x, w_eff, w.bias())) < tolerance<T>());
-  a.backward(w, x.view(), gy.view(), dx.view(), cache);
-  CHECK(rel_error(dx, peft_test::ref_nn(gy, w_eff)) < tolerance<T>());
-  a.delta_weight(w, dwt.view());
-  CHECK(rel_error(dwt, dW) < tolerance<T>());
+  peft_test::check_against_delta(a, w, x, gy, dW, tolerance<T>());
   // D = g^T x = dL/d(dW): dB = f D (A*E)^T, d(A*E) = f B^T D, dA = d(A*E) * E, dE_k = sum_j d(A*E)_kj A_kj.
   const auto D = peft_test::ref_tn(gy, x);
   const auto dAE = peft_test::scaled(peft_test::ref_tn(a.B(), D), f);
@@ -156,6 +142,7 @@ TEMPLATE_TEST_CASE("adalora forward, dx, delta and the gradients of A, E, B equa
   peft::adalora<T> b = a;
   b.zero_grad();
   typename peft::adalora<T>::cache_type fresh;
+  peft::matrix<T> dx(batch, in);
   b.backward(w, x.view(), gy.view(), dx.view(), fresh);
   CHECK(rel_error(b.grad_E(), dE) < tolerance<T>());
 }
@@ -165,14 +152,10 @@ TEMPLATE_TEST_CASE("adalora init: PEFT's default has E = 0 (a no-op), A and B ~ 
   using T = TestType;
   peft::rng g(1);
   const ix in = 64, out = 48, r = 8;
-  const peft::dense<T> w(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
+  const auto w = peft_test::random_dense<T>(in, out, g);
   const auto x = peft_test::random_matrix<T>(2, in, g);
-  peft::matrix<T> h(2, out), y(2, out);
-  w.matmul(x.view(), h.view());
-  typename peft::adalora<T>::cache_type cache;
-  peft::adalora<T> a(in, out, {.rank = r, .alpha = 32.0, .seed = 5});
-  a.forward(w, x.view(), y.view(), cache);
-  CHECK(peft_test::exactly_equal(y, h));
+  const peft::adalora<T> a(in, out, {.rank = r, .alpha = 32.0, .seed = 5});
+  peft_test::check_output_is_base(a, w, x);
   CHECK(peft_test::max_abs(a.E()) == 0.0);
   const double sd_a = peft_test::frobenius(a.A()) / std::sqrt(static_cast<double>(r * in));
   const double sd_b = peft_test::frobenius(a.B()) / std::sqrt(static_cast<double>(out * r));
@@ -183,8 +166,7 @@ TEMPLATE_TEST_CASE("adalora init: PEFT's default has E = 0 (a no-op), A and B ~ 
   peft::adalora<T> zero_alpha(in, out, {.rank = r, .alpha = 0.0});
   CHECK(zero_alpha.scaling() == 8.0);  // PEFT: lora_alpha if > 0 else r
   peft::adalora<T> rnd(in, out, {.rank = r, .alpha = 32.0, .init = peft::adalora_init::random, .seed = 5});
-  rnd.forward(w, x.view(), y.view(), cache);
-  CHECK(rel_error(y, h) > 1e-3);
+  peft_test::check_not_base(rnd, w, x, 1e-3);
   CHECK(peft_test::frobenius(rnd.A()) / std::sqrt(static_cast<double>(r * in)) == Approx(1.0).epsilon(0.1));
 }
 
@@ -218,10 +200,7 @@ TEST_CASE("adalora describe_in: init_r, lora_alpha, total_step and rank masks; s
   ck.config.targets_kind = peft::io::target_kind::none;
   ck.modules.push_back({"m.a", "m.a.weight", peft::adalora<double>(7, 5, {.rank = 3, .alpha = 6.0, .init = peft::adalora_init::random, .seed = 1})});
   ck.modules.push_back({"m.b", "m.b.weight", peft::adalora<double>(4, 9, {.rank = 3, .alpha = 6.0, .init = peft::adalora_init::random, .seed = 2})});
-  const auto dir = fs::temp_directory_path() / "peft_adalora_roundtrip";
-  fs::remove_all(dir);
-  peft::io::save_peft_checkpoint(dir, ck);
-  auto back = peft::io::load_checkpoint_as<peft::adalora<double>>(dir);
+  auto back = peft_test::save_and_load(ck, "peft_adalora_roundtrip");
   CHECK(back.config.peft_type == "ADALORA");
   REQUIRE(back.modules.size() == 2);
   for (auto& m : ck.modules) {
@@ -232,7 +211,6 @@ TEST_CASE("adalora describe_in: init_r, lora_alpha, total_step and rank masks; s
     CHECK(rel_error(b.E(), m.adapter.E()) < 1e-7);  // stored as f32
     CHECK(rel_error(b.B(), m.adapter.B()) < 1e-7);
   }
-  fs::remove_all(dir);
 }
 
 TEMPLATE_TEST_CASE("adalora rejects bad shapes and bad checkpoints with clear errors", "[adalora]", float, double) {
@@ -240,12 +218,12 @@ TEMPLATE_TEST_CASE("adalora rejects bad shapes and bad checkpoints with clear er
   peft::rng g(14);
   peft::adalora<T> a(7, 5, {.rank = 2, .init = peft::adalora_init::random});
   const peft::dense<T> w(peft_test::random_matrix<T>(5, 7, g));
-  const peft::dense<T> wrong(peft_test::random_matrix<T>(5, 8, g));
-  peft::matrix<T> x(2, 7), y(2, 5), dx(2, 7), bad(3, 5);
-  typename peft::adalora<T>::cache_type cache;
-  CHECK_THROWS_WITH(a.forward(wrong, x.view(), y.view(), cache), Catch::Contains("[adalora::forward] base weight is (5, 8)"));
-  CHECK_THROWS_AS(a.forward(w, x.view(), bad.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward(w, x.view(), bad.view(), dx.view(), cache), peft::shape_error);
+  using peft_test::arg;
+  using peft_test::pass;
+  peft_test::check_shape_errors(a, w, 2,
+                                {{pass::forward, arg::base, 5, 8, "[adalora::forward] base weight is (5, 8)"},
+                                 {pass::forward, arg::y, 3, 5},
+                                 {pass::backward, arg::dy, 3, 5}});
   CHECK_THROWS_AS(peft::adalora<T>(7, 5, {.rank = -1}), peft::shape_error);
   CHECK_THROWS_AS(peft::adalora<T>(peft::matrix<T>(2, 7), peft::matrix<T>(5, 2), peft::matrix<T>(2, 2), 1.0, 2.0),
                   peft::shape_error);
@@ -282,5 +260,6 @@ TEMPLATE_TEST_CASE("adalora rejects bad shapes and bad checkpoints with clear er
     c2.raw["init_r"] = 2.5;
     CHECK_THROWS_AS(peft::io::from_checkpoint<peft::adalora<T>>(c2, adalora_tensors<T>(7, 5, 2, g), none), peft::format_error);
   }
-  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::adalora<T>>(golden_dir("lora") / "adapter"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::adalora<T>>(peft_test::golden_dir("lora") / "adapter"),
+                  peft::unsupported_error);
 }

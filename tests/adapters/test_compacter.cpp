@@ -15,29 +15,16 @@
 #include "peft/io/peft/compacter.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/adapter_checks.hpp"
+#include "support/paper_support.hpp"
 #include "support/test_support.hpp"
 
 namespace {
 
-namespace fs = std::filesystem;
 using peft::index;
+using peft_test::read_rule;
 using peft_test::rel_error;
-
-const fs::path paper_dir = fs::path(PEFT_TEST_DATA_DIR) / "paper";
-
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
-}
-
-/// A (n, n, n) tensor of the file as the (n, n n) matrix phm_rule stores.
-template <class T>
-peft::matrix<T> read_rule(const peft::io::safetensors_file& f, const std::string& name) {
-  const auto& info = f.info(name);
-  REQUIRE(info.shape.size() == 3);
-  const auto n = static_cast<peft::index>(info.shape[0]);
-  return peft::matrix<T>(n, n * n, f.read<T>(name));
-}
+using peft_test::tolerance;
 
 template <class T>
 peft::phm_factors<T> read_factors(const peft::io::safetensors_file& f, const std::string& prefix) {
@@ -52,7 +39,7 @@ struct golden_compacter {
   peft::compacter<T> adapter;
 
   explicit golden_compacter(const std::string& name)
-      : f(peft::io::safetensors_file::open(paper_dir / name / "reference.safetensors")),
+      : f(peft_test::open_paper_case(name)),
         base(f.read_matrix<double>("W0"), f.read<double>("b0")),
         adapter(base.in_features(), base.out_features(),
                 name == "compacter_serial" ? peft::compacter_placement::serial : peft::compacter_placement::parallel,
@@ -400,30 +387,27 @@ TEST_CASE("compacter: bad shapes and missing checkpoint support are reported", "
   // calls with the wrong shapes
   A a(8, 8, P::serial, rule, factors(2, 8, 4), factors(2, 4, 8));
   const peft::dense<double> w(peft::matrix<double>(8, 8));
-  const peft::dense<double> w_bad(peft::matrix<double>(8, 6));
-  peft::matrix<double> x(2, 8), y(2, 8), y_bad(2, 6), dx(2, 8), g(2, 8), h(2, 8), dh(2, 8);
+  using peft_test::arg;
+  using peft_test::pass;
+  peft_test::check_shape_errors(a, w, 2,
+                                {{pass::forward, arg::base, 8, 6},
+                                 {pass::forward, arg::y, 2, 6},
+                                 {pass::add_term, arg::h, 2, 6},
+                                 {pass::backward, arg::dx, 2, 6},
+                                 {pass::backward_term, arg::dh, 2, 6},
+                                 {pass::forward, arg::y, 2, 6, "[compacter::forward] y is (2, 6)"}});
+  peft::matrix<double> x(2, 8), y(2, 8);
   A::cache_type cache;
-  CHECK_THROWS_AS(a.forward(w_bad, x.view(), y.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.forward(w, x.view(), y_bad.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.add_term(w, x.view(), y_bad.view(), y.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward(w, x.view(), g.view(), y_bad.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward_term(w, x.view(), h.view(), g.view(), y_bad.view(), dx.view(), cache), peft::shape_error);
-  CHECK_THROWS_WITH(a.forward(w, x.view(), y_bad.view(), cache), Catch::Contains("[compacter::forward] y is (2, 6)"));
   // a rule resized behind the layers' back is caught, not read out of bounds
   rule->value = peft::matrix<double>(3, 9);
   CHECK_THROWS_AS(a.forward(w, x.view(), y.view(), cache), peft::shape_error);
 
   // PEFT has no Compacter: the checkpoint hooks refuse
-  const peft::io::adapter_config cfg;
-  static_assert(!peft::io::peft_codec<A>::has_format);  // PEFT has no format: the codec says so
-  const peft::io::checkpoint_tensors<double> m("layer"), shared;
-  CHECK_THROWS_AS(peft::io::from_checkpoint<A>(cfg, m, shared), peft::unsupported_error);
-  peft::io::adapter_config out;
-  CHECK_THROWS_AS(peft::io::describe_in(a, out, "layer"), peft::unsupported_error);
+  peft_test::check_no_peft_format(a);  // PEFT has no format: the codec says so
 
   // a default-constructed adapter has no parameters and refuses to run
   A empty;
   CHECK(empty.parameters().empty());
   CHECK_NOTHROW(empty.zero_grad());
-  CHECK_THROWS_AS(empty.forward(w, x.view(), y.view(), cache), peft::shape_error);
+  peft_test::check_unset_rejected<A, peft::shape_error>(w);
 }

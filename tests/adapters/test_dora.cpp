@@ -24,6 +24,7 @@
 #include "peft/io/merge.hpp"
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/adapter_checks.hpp"
 #include "support/test_support.hpp"
 #include "support/traits_dora.hpp"
 
@@ -38,20 +39,22 @@ namespace {
 
 namespace fs = std::filesystem;
 using peft_test::at;
+using peft_test::random_dense;
 using peft_test::rel_error;
+using peft_test::run_forward;
 
 const fs::path golden_dir = fs::path(PEFT_TEST_DATA_DIR) / "peft" / "dora";
 
 /// Relative Frobenius tolerance of results computed in T against double references.
 template <class T>
 constexpr double tol() {
-  return std::is_same_v<T, float> ? 2e-5 : 1e-12;
+  return peft_test::tolerance<T>(1e-12, 2e-5);
 }
 
 /// Golden tolerance (tests/data README: 1e-12 double, 1e-5 float).
 template <class T>
 constexpr double golden_tol() {
-  return std::is_same_v<T, float> ? 1e-5 : 1e-12;
+  return peft_test::tolerance<T>();
 }
 
 // ---- an independent reference: plain double loops over a materialised W0 + s B A ----------------
@@ -172,12 +175,6 @@ peft::matrix<double> row_of(const std::vector<V>& v) {
   return r;
 }
 
-/// A random base (out, in) with bias, stored as S.
-template <class S>
-peft::dense<S> random_base(ix in, ix out, peft::rng& g) {
-  return peft::dense<S>(peft_test::random_matrix<S>(out, in, g), peft_test::random_vector<S>(out, g));
-}
-
 /// A DoRA with random A, B (non-zero) and m = n * U(0.6, 1.4), one entry negative: k is O(1)
 /// and never 1.
 template <class T, class Base>
@@ -195,14 +192,6 @@ struct dims {
   ix batch, in, out, rank;
 };
 const std::vector<dims> shapes{{1, 1, 1, 1}, {1, 5, 3, 1}, {4, 7, 5, 3}, {3, 17, 9, 2}, {5, 13, 13, 13}, {2, 3, 11, 4}};
-
-template <class T>
-peft::matrix<T> run_forward(const peft::dora<T>& a, const auto& w, const peft::matrix<T>& x) {
-  peft::matrix<T> y(x.rows(), a.out_features());
-  typename peft::dora<T>::cache_type cache;
-  a.forward(w, x.view(), y.view(), cache);
-  return y;
-}
 
 /// A dense base that counts the rows decoded through dequantize_row (the norm computation).
 struct counting_base {
@@ -435,9 +424,9 @@ TEMPLATE_TEST_CASE("dora row_norms: the expansion equals the materialised ||W0 +
       CHECK(rel_error(row_of(nr), row_of(reference_dora{ref.w, {}, ref.a, peft_test::scaled(ref.b, 0.0), 1.0, ref.m}.norms())) >
             1e-3);
     };
-    check(random_base<double>(d.in, d.out, g));
-    check(random_base<float>(d.in, d.out, g));
-    check(random_base<peft::bf16>(d.in, d.out, g));
+    check(random_dense<double>(d.in, d.out, g));
+    check(random_dense<float>(d.in, d.out, g));
+    check(random_dense<peft::bf16>(d.in, d.out, g));
   }
 }
 
@@ -546,7 +535,7 @@ TEMPLATE_TEST_CASE("dora forward and backward equal the materialised reference",
   peft::rng g(2024);
   for (const auto& d : shapes) {
     INFO("batch " << d.batch << " in " << d.in << " out " << d.out << " rank " << d.rank);
-    const auto base = random_base<float>(d.in, d.out, g);
+    const auto base = random_dense<float>(d.in, d.out, g);
     auto a = random_dora<T>(base, d.rank, g);
     const auto ref = reference_dora::of(a, base);
     const auto x = peft_test::random_matrix<T>(d.batch, d.in, g);
@@ -595,7 +584,7 @@ TEST_CASE("dora gradients: finite differences with n frozen agree; without, A an
   peft::rng g(77);
   for (const auto& d : shapes) {
     INFO("batch " << d.batch << " in " << d.in << " out " << d.out << " rank " << d.rank);
-    const auto base = random_base<double>(d.in, d.out, g);
+    const auto base = random_dense<double>(d.in, d.out, g);
     auto a = random_dora<double>(base, d.rank, g);
     auto x = peft_test::random_matrix<double>(d.batch, d.in, g);
     const auto gy = peft_test::random_matrix<double>(d.batch, d.out, g);
@@ -664,12 +653,12 @@ TEMPLATE_TEST_CASE("dora init: m = n, so with B = 0 the layer is exactly the bas
         CHECK(peft_test::count_nonzero(dw) == 0);  // merging at init is a no-op
       }
     };
-    check(random_base<float>(d.in, d.out, g));
-    check(random_base<double>(d.in, d.out, g));
-    check(random_base<peft::bf16>(d.in, d.out, g));
+    check(random_dense<float>(d.in, d.out, g));
+    check(random_dense<double>(d.in, d.out, g));
+    check(random_dense<peft::bf16>(d.in, d.out, g));
   }
   // the traits' make_default_for is this init
-  const auto base = random_base<double>(7, 5, g);
+  const auto base = random_dense<double>(7, 5, g);
   const auto a = peft_test::adapter_traits<peft::dora<double>>::make_default_for(base, g);
   const auto x = peft_test::random_matrix<double>(3, 7, g);
   peft::matrix<double> h(3, 5);
@@ -683,7 +672,7 @@ TEST_CASE("dora norm cache: reused while the parameters are unchanged, recompute
           "[dora][cache]") {
   peft::rng g(31);
   const ix in = 11, out = 7, batch = 2;
-  counting_base base{random_base<double>(in, out, g)};
+  counting_base base{random_dense<double>(in, out, g)};
   auto a = random_dora<double>(base.inner, 3, g);
   const auto x = peft_test::random_matrix<double>(batch, in, g);
   typename peft::dora<double>::cache_type cache;
@@ -738,7 +727,7 @@ TEST_CASE("dora norm cache: reused while the parameters are unchanged, recompute
     CHECK(peft_test::exactly_equal(fwd(), fresh()));
   }
   SECTION("another base object is noticed; a base changed in place needs cache.invalidate()") {
-    counting_base other{random_base<double>(in, out, g)};
+    counting_base other{random_dense<double>(in, out, g)};
     a.forward(other, x.view(), y.view(), cache);
     CHECK(peft_test::exactly_equal(y, run_forward(a, other.inner, x)));
     (void)fwd();
@@ -758,7 +747,7 @@ TEMPLATE_TEST_CASE("dora delta_weight, merge and unmerge: W' = (m / n) (W0 + s B
   peft::rng g(404);
   for (const auto& d : shapes) {
     INFO("batch " << d.batch << " in " << d.in << " out " << d.out << " rank " << d.rank);
-    const auto base = random_base<double>(d.in, d.out, g);
+    const auto base = random_dense<double>(d.in, d.out, g);
     auto a = random_dora<T>(base, d.rank, g);
     const auto ref = reference_dora::of(a, base);
     peft::matrix<T> dw(d.out, d.in);
@@ -789,7 +778,7 @@ TEMPLATE_TEST_CASE("dora delta_weight, merge and unmerge: W' = (m / n) (W0 + s B
 
 TEST_CASE("dora unmerge_delta: needs a delta_weight first and a non-zero magnitude", "[dora][merge]") {
   peft::rng g(5);
-  const auto base = random_base<double>(6, 4, g);
+  const auto base = random_dense<double>(6, 4, g);
   auto a = random_dora<double>(base, 2, g);
   peft::matrix<double> dw(4, 6);
   CHECK_THROWS_AS(a.unmerge_delta(base, dw.view()), peft::error);
@@ -810,7 +799,7 @@ TEMPLATE_TEST_CASE("dora: two adapters on one layer rescale the shared base outp
   using T = TestType;
   peft::rng g(88);
   const ix in = 9, out = 7, batch = 4;
-  const auto base = random_base<double>(in, out, g);
+  const auto base = random_dense<double>(in, out, g);
   peft::adapted_linear<peft::dense<double>, peft::dora<T>> layer(base);
   layer.add_adapter("a", random_dora<T>(base, 3, g, 5.0));
   layer.add_adapter("b", random_dora<T>(base, 2, g, 1.5));
@@ -904,7 +893,7 @@ TEST_CASE("dora from_checkpoint: rank/alpha patterns as LoRA, magnitude checked,
 TEMPLATE_TEST_CASE("dora errors: bad shapes and options", "[dora][errors]", float, double) {
   using T = TestType;
   peft::rng g(1);
-  const auto base = random_base<float>(5, 4, g);
+  const auto base = random_dense<float>(5, 4, g);
   CHECK_THROWS_AS(peft::dora<T>(base, {.rank = 2, .bias = true}), peft::unsupported_error);
   CHECK_THROWS_AS(peft::dora<T>(base, {.rank = 0}), peft::shape_error);
   CHECK_THROWS_AS(peft::dora<T>(peft::matrix<T>(2, 5), peft::matrix<T>(4, 3), T{1}, std::vector<T>(4)),
@@ -916,20 +905,19 @@ TEMPLATE_TEST_CASE("dora errors: bad shapes and options", "[dora][errors]", floa
                   peft::unsupported_error);
 
   peft::dora<T> a(base, {.rank = 2});
-  typename peft::dora<T>::cache_type cache;
-  peft::matrix<T> x(3, 5), y(3, 4), dx(3, 5), gy(3, 4);
-  peft::matrix<T> x_bad(3, 6), y_bad(2, 4);
-  CHECK_THROWS_WITH(a.forward(base, x_bad.view(), y.view(), cache), Catch::StartsWith("[dora::forward] x is (3, 6)"));
-  CHECK_THROWS_AS(a.forward(base, x.view(), y_bad.view(), cache), peft::shape_error);
-  const auto other = random_base<float>(5, 3, g);
-  CHECK_THROWS_WITH(a.forward(other, x.view(), y.view(), cache), Catch::StartsWith("[dora::forward] base weight"));
-  CHECK_THROWS_AS(a.add_term(base, x.view(), y_bad.view(), y.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward(base, x.view(), y_bad.view(), dx.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward_term(base, x.view(), y.view(), gy.view(), y_bad.view(), dx.view(), cache),
-                  peft::shape_error);
+  using peft_test::arg;
+  using peft_test::pass;
+  const auto prefix = peft_test::match::prefix;
+  peft_test::check_shape_errors(a, base, 3,
+                                {{pass::forward, arg::x, 3, 6, "[dora::forward] x is (3, 6)", prefix},
+                                 {pass::forward, arg::y, 2, 4},
+                                 {pass::forward, arg::base, 3, 5, "[dora::forward] base weight", prefix},
+                                 {pass::add_term, arg::h, 2, 4},
+                                 {pass::backward, arg::dy, 2, 4},
+                                 {pass::backward_term, arg::dh, 2, 4},
+                                 {pass::delta_weight, arg::dw, 4, 4}});
+  const auto other = random_dense<float>(5, 3, g);
   CHECK_THROWS_AS(a.row_norms(other), peft::shape_error);
-  peft::matrix<T> dw_bad(4, 4);
-  CHECK_THROWS_AS(a.delta_weight(base, dw_bad.view()), peft::shape_error);
   CHECK_THROWS_AS(a.pin_norms(std::vector<T>(3, T{1})), peft::shape_error);
   CHECK_THROWS_AS(a.pin_norms({T{1}, T{0}, T{1}, T{1}}), peft::error);
   CHECK_THROWS_AS(a.pin_norms({T{1}, T{1}, std::numeric_limits<T>::quiet_NaN(), T{1}}), peft::error);

@@ -17,7 +17,8 @@
 #include "peft/adapters/lora.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
-#include "peft/io/safetensors.hpp"
+#include "support/adapter_checks.hpp"
+#include "support/gated_rank_checks.hpp"
 #include "support/test_support.hpp"
 
 namespace {
@@ -25,29 +26,13 @@ namespace {
 namespace fs = std::filesystem;
 using peft::index;
 using peft_test::rel_error;
-
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
-}
-template <class T>
-double rounding() {  // "identical to rounding" for a re-associated product
-  return std::is_same_v<T, double> ? 1e-14 : 1e-6;
-}
-
-const fs::path case_dir = fs::path(PEFT_TEST_DATA_DIR) / "paper" / "dynamic_rank";
+using peft_test::rounding;
 
 /// The golden case: one layer 64 -> 48, r0 = 12, alpha = 8, batch 5, c_0 = 0 (already pruned).
 template <class T>
-struct golden {
-  peft::io::safetensors_file f = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
-  peft::dense<T> base{f.read_matrix<T>("W0"), f.read<T>("b0")};
-  peft::matrix<T> x = f.read_matrix<T>("x");
-  peft::matrix<T> gy = f.read_matrix<T>("grad_y");
-  peft::dynamic_rank<T> adapter{f.read_matrix<T>("lora_A"), f.read_matrix<T>("lora_B"), f.read<T>("scaler"),
-                                static_cast<T>(8.0 / 12.0)};
-  peft::matrix<double> ref(const char* name) const { return f.read_matrix<double>(name); }
-};
+peft_test::gated_case<peft::dynamic_rank<T>> golden() {
+  return {"dynamic_rank", "scaler", static_cast<T>(8.0 / 12.0)};
+}
 
 /// ||B diag(c) A||_F by materialising the product in double loops.
 template <class A>
@@ -68,45 +53,17 @@ double materialised_norm(const A& a) {
 /// A random dynamic_rank with every parameter non-zero (|c_i| in [0.2, 1), random signs).
 template <class T>
 peft::dynamic_rank<T> random_adapter(index in, index out, index r0, peft::rng& g) {
-  auto c = peft_test::random_vector<T>(r0, g, 0.2, 1.0);
-  for (auto& v : c) v = g.below(2) ? v : -v;
-  return peft::dynamic_rank<T>(peft_test::random_matrix<T>(r0, in, g), peft_test::random_matrix<T>(out, r0, g),
-                               std::move(c), static_cast<T>(0.75));
-}
-
-template <class A>
-peft::matrix<double> run(const A& a, const peft::dense<double>& w, const peft::matrix<double>& x) {
-  peft::matrix<double> y(x.rows(), w.out_features());
-  typename A::cache_type cache;
-  a.forward(w, x.view(), y.view(), cache);
-  return y;
+  return peft_test::random_gated<peft::dynamic_rank<T>>(in, out, r0, g, 0.75);
 }
 
 }  // namespace
 
 TEMPLATE_TEST_CASE("dynamic_rank matches the paper's formulas (golden)", "[dynamic_rank][golden]", float, double) {
   using T = TestType;
-  const double tol = tolerance<T>();
-  golden<T> c;
+  const double tol = peft_test::tolerance<T>();
+  auto c = golden<T>();
   auto& a = c.adapter;
-  REQUIRE(peft_test::nontrivial(c.x));
-  REQUIRE(peft_test::nontrivial(c.gy));
-  REQUIRE(peft_test::nontrivial(a.A()));
-  REQUIRE(peft_test::nontrivial(a.B()));
-  REQUIRE(peft_test::count_nonzero(a.c()) == 11);  // c_0 = 0: one component already pruned
-  REQUIRE(a.rank() == 12);
-  REQUIRE(a.active_rank() == 11);
-
-  peft::matrix<T> y(c.x.rows(), a.out_features()), dx(c.x.rows(), a.in_features());
-  typename peft::dynamic_rank<T>::cache_type cache;
-  a.forward(c.base, c.x, y, cache);
-  CHECK(rel_error(y, c.ref("y")) < tol);
-  a.zero_grad();
-  a.backward(c.base, c.x, c.gy, dx, cache);
-  CHECK(rel_error(dx, c.ref("grad_x")) < tol);
-  CHECK(rel_error(a.grad_A(), c.ref("grad.lora_A")) < tol);
-  CHECK(rel_error(a.grad_B(), c.ref("grad.lora_B")) < tol);
-  CHECK(rel_error(a.grad_c(), c.ref("grad.scaler")) < tol);
+  peft_test::check_gated_case(c, 12, 11, "grad.scaler", tol);  // c_0 = 0: one component already pruned
 
   // importance (this step's s_i) and the regulariser: the case gives R_layer / (L 2 r0), L = 1
   const auto s = a.component_importance();
@@ -135,33 +92,10 @@ TEMPLATE_TEST_CASE("dynamic_rank matches the paper's formulas (golden)", "[dynam
   b.update_importance();
   CHECK(rel_error(peft::matrix<T>(1, b.rank(), std::vector<T>(b.importance().begin(), b.importance().end())),
                   peft_test::scaled(s_ref, 0.375)) < tol);
-
-  // merged: W0 + delta gives the same output
-  peft::matrix<T> dw(a.out_features(), a.in_features());
-  a.delta_weight(c.base, dw);
-  peft::matrix<T> w = peft::to_matrix(c.base.weight());
-  for (peft::index i = 0; i < w.rows(); ++i)
-    for (peft::index j = 0; j < w.cols(); ++j) w(i, j) += dw(i, j);
-  peft::dense<T> merged(std::move(w), c.f.template read<T>("b0"));
-  peft::matrix<T> ym(c.x.rows(), a.out_features());
-  merged.matmul(peft::matrix_view<const T>(c.x.view()), ym.view());
-  CHECK(rel_error(ym, c.ref("y")) < tol);
-  T db = 0;
-  CHECK_FALSE(a.delta_bias(c.base, &db));
-
-  // compaction of the golden layer: rank 11, same output
-  const auto l = a.compact();
-  REQUIRE(l.has_value());
-  CHECK(l->rank() == 11);
-  CHECK(l->scale() == a.scale());
-  peft::matrix<T> yl(c.x.rows(), a.out_features());
-  typename peft::lora<T>::cache_type lc;
-  l->forward(c.base, c.x, yl, lc);
-  CHECK(rel_error(yl, c.ref("y")) < tol);
 }
 
 TEST_CASE("dynamic_rank: compact() to a LoRA, save it, load it back (golden)", "[dynamic_rank][golden][io]") {
-  golden<double> c;
+  auto c = golden<double>();
   const auto l = c.adapter.compact();
   REQUIRE(l.has_value());
   peft::io::basic_peft_checkpoint<peft::lora<double>> ck;
@@ -220,13 +154,8 @@ TEMPLATE_TEST_CASE("dynamic_rank: init, r0 = ceil(1.5 r), identity at start", "[
 
   // identity: the output is exactly the base output; importance is 0 (no division by zero)
   peft::rng g(3);
-  const auto w = peft::dense<T>(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
-  const auto x = peft_test::random_matrix<T>(3, in, g);
-  peft::matrix<T> y(3, out), h(3, out);
-  typename peft::dynamic_rank<T>::cache_type cache;
-  a.forward(w, x, y, cache);
-  w.matmul(peft::matrix_view<const T>(x.view()), h.view());
-  CHECK(peft_test::exactly_equal(y, h));
+  const auto w = peft_test::random_dense<T>(in, out, g);
+  peft_test::check_output_is_base(a, w, peft_test::random_matrix<T>(3, in, g));
   for (T s : a.component_importance()) CHECK(s == T{0});
   const peft::dynamic_rank<T> no_eps(in, out, {.rank = 8, .importance_eps = 0.0, .seed = 7});
   for (T s : no_eps.component_importance()) CHECK(s == T{0});  // 0 / 0 is not NaN here
@@ -374,71 +303,43 @@ TEMPLATE_TEST_CASE("dynamic_rank: compaction to a LoRA preserves outputs", "[dyn
     std::vector<bool> pruned(static_cast<std::size_t>(r0));
     for (peft::index i = 0; i < r0; ++i) pruned[static_cast<std::size_t>(i)] = i % 2 == 1;
     a.prune(pruned);
-    const auto w = peft::dense<T>(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
+    const auto w = peft_test::random_dense<T>(in, out, g);
     const auto x = peft_test::random_matrix<T>(4, in, g);
-    peft::matrix<T> y(4, out), yl(4, out), h(4, out);
-    typename peft::dynamic_rank<T>::cache_type cache;
-    a.forward(w, x, y, cache);
-    w.matmul(peft::matrix_view<const T>(x.view()), h.view());
-    REQUIRE(rel_error(y, h) > 1e-3);  // the adapter does something
     const auto l = a.compact();
     REQUIRE(l.has_value());
-    CHECK(l->rank() == (r0 + 1) / 2);
-    CHECK(l->scale() == a.scale());
-    typename peft::lora<T>::cache_type lc;
-    l->forward(w, x, yl, lc);
-    CHECK(rel_error(yl, y) < rounding<T>());
-    peft::matrix<T> d1(out, in), d2(out, in);
-    a.delta_weight(w, d1);
-    l->delta_weight(w, d2);
-    CHECK(rel_error(d2, d1) < rounding<T>());
+    peft_test::check_compacted(a, *l, w, x, (r0 + 1) / 2, rounding<T>());
+    peft_test::check_same_delta(a, *l, w, rounding<T>());
 
     // everything pruned: no LoRA (rank 0 does not exist); the adapter is exactly the identity
     a.prune(std::vector<bool>(static_cast<std::size_t>(r0), true));
-    CHECK_FALSE(a.compact().has_value());
-    a.forward(w, x, y, cache);
-    CHECK(peft_test::exactly_equal(y, h));
+    peft_test::check_compacts_to_base(a, w, x);
   }
 }
 
 TEST_CASE("dynamic_rank: errors", "[dynamic_rank][errors]") {
   using A = peft::dynamic_rank<double>;
+  using peft_test::arg;
+  using peft_test::pass;
   peft::rng g(1);
-  CHECK_THROWS_AS(A(4, 3, {.rank = 0}), peft::shape_error);
-  CHECK_THROWS_AS(A(0, 3, {.rank = 2}), peft::shape_error);
-  CHECK_THROWS_AS(A(4, 0, {.rank = 2}), peft::shape_error);
+  peft_test::check_gated_constructor_errors<A>(0, "[dynamic_rank::dynamic_rank]", {0, 0, 0});
   CHECK_THROWS_AS(A(4, 3, {.rank = 2, .importance_eps = -1.0}), peft::error);
-  CHECK_THROWS_WITH(A(peft::matrix<double>(2, 4), peft::matrix<double>(3, 3), {0, 0}, 1.0),
-                    Catch::Contains("[dynamic_rank::dynamic_rank]"));
-  CHECK_THROWS_AS(A(peft::matrix<double>(2, 4), peft::matrix<double>(3, 2), {0, 0, 0}, 1.0), peft::shape_error);
   CHECK_THROWS_AS(A(peft::matrix<double>(0, 4), peft::matrix<double>(3, 0), {}, 1.0), peft::shape_error);
 
   A a(4, 3, {.rank = 2, .seed = 2});
   const peft::dense<double> w(peft_test::random_matrix<double>(3, 4, g));
-  const peft::dense<double> wrong(peft_test::random_matrix<double>(3, 5, g));
-  peft::matrix<double> x(2, 4), y(2, 3), dx(2, 4), dy(2, 3), bad(2, 5);
-  A::cache_type cache;
-  CHECK_THROWS_WITH(a.forward(w, bad, y, cache), Catch::Contains("[dynamic_rank::forward] x is (2, 5), expected (2, 4)"));
-  CHECK_THROWS_AS(a.forward(wrong, x, y, cache), peft::shape_error);
-  CHECK_THROWS_AS(a.forward(w, x, peft::matrix<double>(3, 3), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.add_term(w, x, y, peft::matrix<double>(2, 4), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward(w, x, dy, bad, cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward_term(w, x, y, peft::matrix<double>(1, 3), dy, dx, cache), peft::shape_error);
-  CHECK_THROWS_AS(a.delta_weight(w, peft::matrix<double>(4, 3)), peft::shape_error);
+  peft_test::check_shape_errors(a, w, 2,
+                                {{pass::forward, arg::x, 2, 5, "[dynamic_rank::forward] x is (2, 5), expected (2, 4)"},
+                                 {pass::forward, arg::base, 3, 5},
+                                 {pass::forward, arg::y, 3, 3},
+                                 {pass::add_term, arg::y, 2, 4},
+                                 {pass::backward, arg::dx, 2, 5},
+                                 {pass::backward_term, arg::dy, 1, 3},
+                                 {pass::delta_weight, arg::dw, 4, 3}});
 
-  static_assert(!peft::io::peft_codec<A>::has_format);  // PEFT has no format: the codec says so
-  peft::io::checkpoint_tensors<double> m("layer");
-  CHECK_THROWS_AS(peft::io::from_checkpoint<A>(peft::io::adapter_config{}, m, m), peft::unsupported_error);
-  CHECK_THROWS_WITH(peft::io::from_checkpoint<A>(peft::io::adapter_config{}, m, m),
-                    Catch::Contains("compact() to a LoRA and save that"));
-  peft::io::adapter_config cfg;
-  CHECK_THROWS_WITH(peft::io::describe_in(a, cfg, "layer"), Catch::Contains("compact() to a LoRA and save that"));
+  // PEFT has no format: the codec says so, and says what to do
+  peft_test::check_no_peft_format(a, "compact() to a LoRA and save that", "compact() to a LoRA and save that");
   // parameters: names, logical shapes, all trainable
-  const auto p = a.parameters();
-  REQUIRE(p.size() == 3);
-  CHECK(p[0].name == "lora_A.weight");
-  CHECK(p[1].name == "lora_B.weight");
-  CHECK(p[2].name == "lora_scaler");
+  const auto p = peft_test::check_gated_parameters(a, "lora_scaler");
   CHECK(p[2].shape == std::vector<std::int64_t>{3});
   CHECK(p[0].shape == std::vector<std::int64_t>{3, 4});
 }

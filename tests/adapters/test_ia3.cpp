@@ -12,6 +12,7 @@
 #include "peft/adapters/ia3.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
+#include "support/adapter_checks.hpp"
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
@@ -19,9 +20,6 @@ using ix = peft::index;
 
 namespace {
 
-namespace fs = std::filesystem;
-using peft::index;
-using peft_test::golden_dir;
 using peft_test::rel_error;
 using peft_test::stored;
 using peft_test::tolerance;
@@ -29,14 +27,14 @@ using peft_test::tolerance;
 // ---- IA3 helpers -------------------------------------------------------------------------------
 
 peft::io::adapter_config ia3_config(const std::string& feedforward_json) {
-  auto c = peft::io::adapter_config::parse(R"({"peft_type": "IA3", "target_modules": ["up", "down", "layer"]})");
+  auto c = peft_test::config_of("IA3", R"(["up", "down", "layer"])");
   c.raw["feedforward_modules"] = peft::io::ordered_json::parse(feedforward_json);
   return c;
 }
 
 /// A bound adapter of either kind with l random in [0.5, 1.5].
 template <class T>
-peft::ia3<T> random_ia3(index in, index out, bool feedforward, peft::rng& g) {
+peft::ia3<T> random_ia3(ix in, ix out, bool feedforward, peft::rng& g) {
   peft::ia3<T> a(in, out, {.feedforward = feedforward});
   peft_test::fill_random(a.l(), g, 0.5, 1.5);
   return a;
@@ -49,7 +47,7 @@ TEMPLATE_TEST_CASE("ia3 reproduces PEFT: layers, network, merged weights and bia
 }
 
 TEST_CASE("ia3 golden checkpoint: kinds from feedforward_modules, the other side unbound until bind", "[ia3][golden]") {
-  auto ck = peft::io::load_checkpoint_as<peft::ia3<double>>(golden_dir("ia3") / "adapter");
+  auto ck = peft::io::load_checkpoint_as<peft::ia3<double>>(peft_test::golden_dir("ia3") / "adapter");
   auto& up = ck.find("up.weight")->adapter;
   auto& down = ck.find("down.weight")->adapter;
   CHECK(!up.feedforward());  // [96, 1]: scales up's output
@@ -215,20 +213,15 @@ TEMPLATE_TEST_CASE("ia3 init: PEFT's ones are an exact no-op; random (randn) is 
   using T = TestType;
   peft::rng g(2);
   const ix in = 10, out = 12;
-  const peft::dense<T> w(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
+  const auto w = peft_test::random_dense<T>(in, out, g);
   const auto x = peft_test::random_matrix<T>(3, in, g);
-  peft::matrix<T> h(3, out), y(3, out);
-  w.matmul(x.view(), h.view());
-  typename peft::ia3<T>::cache_type cache;
   for (const bool ff : {true, false}) {
     peft::ia3<T> a(in, out, {.feedforward = ff});
     CHECK(a.l().rows() == (ff ? 1 : out));
     CHECK(a.l().cols() == (ff ? in : 1));
-    a.forward(w, x.view(), y.view(), cache);
-    CHECK(peft_test::exactly_equal(y, h));
+    peft_test::check_output_is_base(a, w, x);
     peft::ia3<T> r(in, out, {.feedforward = ff, .init = peft::ia3_init::random, .seed = 4});
-    r.forward(w, x.view(), y.view(), cache);
-    CHECK(rel_error(y, h) > 1e-2);
+    peft_test::check_not_base(r, w, x, 1e-2);
   }
 }
 
@@ -275,10 +268,7 @@ TEST_CASE("ia3 checkpoints: from_checkpoint, describe_in and a save/load round t
   ck.config.targets_kind = peft::io::target_kind::none;
   ck.modules.push_back({"m.up", "m.up.weight", random_ia3<double>(5, 8, false, g)});
   ck.modules.push_back({"m.down", "m.down.weight", random_ia3<double>(8, 3, true, g)});
-  const auto dir = fs::temp_directory_path() / "peft_ia3_roundtrip";
-  fs::remove_all(dir);
-  peft::io::save_peft_checkpoint(dir, ck);
-  auto back = peft::io::load_checkpoint_as<peft::ia3<double>>(dir);
+  auto back = peft_test::save_and_load(ck, "peft_ia3_roundtrip");
   CHECK(back.config.peft_type == "IA3");
   CHECK(back.config.raw["feedforward_modules"] == peft::io::ordered_json::parse(R"(["m.down"])"));
   for (auto& m : ck.modules) {
@@ -286,7 +276,6 @@ TEST_CASE("ia3 checkpoints: from_checkpoint, describe_in and a save/load round t
     CHECK(b.feedforward() == m.adapter.feedforward());
     CHECK(rel_error(b.l(), m.adapter.l()) < 1e-7);  // stored as f32
   }
-  fs::remove_all(dir);
 }
 
 TEMPLATE_TEST_CASE("ia3 rejects bad shapes with clear errors", "[ia3]", float, double) {
@@ -294,20 +283,20 @@ TEMPLATE_TEST_CASE("ia3 rejects bad shapes with clear errors", "[ia3]", float, d
   peft::rng g(31);
   auto a = random_ia3<T>(7, 5, true, g);
   const peft::dense<T> w(peft_test::random_matrix<T>(5, 7, g));
-  const peft::dense<T> wrong(peft_test::random_matrix<T>(5, 8, g));
-  peft::matrix<T> x(2, 7), y(2, 5), dx(2, 7), bad(2, 6);
-  typename peft::ia3<T>::cache_type cache;
-  CHECK_THROWS_WITH(a.forward(wrong, x.view(), y.view(), cache), Catch::Contains("[ia3::forward] base weight is (5, 8)"));
-  CHECK_THROWS_AS(a.forward(w, x.view(), bad.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward(w, x.view(), y.view(), bad.view(), cache), peft::shape_error);
-  peft::matrix<T> dw(5, 6);
-  CHECK_THROWS_AS(a.delta_weight(w, dw.view()), peft::shape_error);
+  using peft_test::arg;
+  using peft_test::pass;
+  peft_test::check_shape_errors(a, w, 2,
+                                {{pass::forward, arg::base, 5, 8, "[ia3::forward] base weight is (5, 8)"},
+                                 {pass::forward, arg::y, 2, 6},
+                                 {pass::backward, arg::dx, 2, 6},
+                                 {pass::delta_weight, arg::dw, 5, 6}});
   auto o = random_ia3<T>(7, 5, false, g);
-  CHECK_THROWS_AS(o.add_term(w, x.view(), bad.view(), y.view(), cache), peft::shape_error);  // h is (2, 6)
+  peft_test::check_shape_errors(o, w, 2, {{pass::add_term, arg::h, 2, 6}});
   CHECK_THROWS_AS(peft::ia3<T>(0, 5, {}), peft::shape_error);
   CHECK_THROWS_AS(peft::ia3<T>(std::vector<T>{}, true), peft::shape_error);
   CHECK_THROWS_AS(peft::ia3<T>(std::vector<T>(3, T{1}), true, 4, 5), peft::shape_error);
   CHECK_THROWS_AS(a.bind(7, 0), peft::shape_error);
   CHECK_THROWS_AS(a.bind(6, 5), peft::shape_error);
-  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::ia3<T>>(golden_dir("loha") / "adapter"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::ia3<T>>(peft_test::golden_dir("loha") / "adapter"),
+                  peft::unsupported_error);
 }

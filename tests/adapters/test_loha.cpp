@@ -10,6 +10,7 @@
 #include "peft/adapters/loha.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
+#include "support/adapter_checks.hpp"
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
@@ -17,17 +18,14 @@ using ix = peft::index;
 
 namespace {
 
-namespace fs = std::filesystem;
-using peft::index;
-using peft_test::golden_dir;
 using peft_test::rel_error;
 using peft_test::stored;
 using peft_test::tolerance;
 
 // ---- LoHa helpers ------------------------------------------------------------------------------
 
-peft::io::adapter_config loha_config(index r, double alpha) {
-  auto c = peft::io::adapter_config::parse(R"({"peft_type": "LOHA", "target_modules": ["layer"]})");
+peft::io::adapter_config loha_config(ix r, double alpha) {
+  auto c = peft_test::config_of("LOHA");
   c.r = r;
   c.raw["alpha"] = alpha;
   return c;
@@ -35,21 +33,17 @@ peft::io::adapter_config loha_config(index r, double alpha) {
 
 /// The four factors of a (out, in) module of rank r.
 template <class T>
-peft::io::checkpoint_tensors<T> loha_tensors(index in, index out, index r, peft::rng& g) {
-  peft::io::checkpoint_tensors<T> m("layer");
-  m.add("hada_w1_a", stored<T>({out, r}, g));
-  m.add("hada_w1_b", stored<T>({r, in}, g));
-  m.add("hada_w2_a", stored<T>({out, r}, g));
-  m.add("hada_w2_b", stored<T>({r, in}, g));
-  return m;
+peft::io::checkpoint_tensors<T> loha_tensors(ix in, ix out, ix r, peft::rng& g) {
+  return peft_test::random_tensors<T>(
+      "layer", {{"hada_w1_a", {out, r}}, {"hada_w1_b", {r, in}}, {"hada_w2_a", {out, r}}, {"hada_w2_b", {r, in}}}, g);
 }
 
 /// a * b elementwise, in double.
 template <class MA, class MB>
 peft::matrix<double> hadamard(const MA& a, const MB& b) {
   peft::matrix<double> c(a.rows(), a.cols());
-  for (index i = 0; i < a.rows(); ++i)
-    for (index j = 0; j < a.cols(); ++j) c(i, j) = peft_test::at(a, i, j) * peft_test::at(b, i, j);
+  for (ix i = 0; i < a.rows(); ++i)
+    for (ix j = 0; j < a.cols(); ++j) c(i, j) = peft_test::at(a, i, j) * peft_test::at(b, i, j);
   return c;
 }
 
@@ -60,7 +54,7 @@ TEMPLATE_TEST_CASE("loha reproduces PEFT: layers, network, merged weights", "[lo
 }
 
 TEST_CASE("loha golden checkpoint: rank and scale from the config", "[loha][golden]") {
-  auto ck = peft::io::load_checkpoint_as<peft::loha<double>>(golden_dir("loha") / "adapter");
+  auto ck = peft::io::load_checkpoint_as<peft::loha<double>>(peft_test::golden_dir("loha") / "adapter");
   const auto& up = ck.find("up.weight")->adapter;
   CHECK(up.rank() == 8);
   CHECK(up.alpha() == 16.0);
@@ -82,15 +76,7 @@ TEMPLATE_TEST_CASE("loha forward, dx, delta and the four gradients equal double 
   const double s = 5.0 / 3.0;
   const auto P = peft_test::ref_nn(a.W1a(), a.W1b()), Q = peft_test::ref_nn(a.W2a(), a.W2b());
   const auto dW = peft_test::scaled(hadamard(P, Q), s);
-  const auto w_eff = peft_test::add(w.weight(), dW);
-  typename peft::loha<T>::cache_type cache;
-  peft::matrix<T> y(batch, out), dx(batch, in), dwt(out, in);
-  a.forward(w, x.view(), y.view(), cache);
-  CHECK(rel_error(y, peft_test::ref_linear(x, w_eff, w.bias())) < tolerance<T>());
-  a.backward(w, x.view(), gy.view(), dx.view(), cache);
-  CHECK(rel_error(dx, peft_test::ref_nn(gy, w_eff)) < tolerance<T>());
-  a.delta_weight(w, dwt.view());
-  CHECK(rel_error(dwt, dW) < tolerance<T>());
+  peft_test::check_against_delta(a, w, x, gy, dW, tolerance<T>());
   std::vector<T> db(static_cast<std::size_t>(out));
   CHECK(!a.delta_bias(w, db.data()));
   // dL/d(dW) = g^T x; through dW = s P * Q: dP = s M * Q, dQ = s M * P.
@@ -102,6 +88,8 @@ TEMPLATE_TEST_CASE("loha forward, dx, delta and the four gradients equal double 
   CHECK(rel_error(a.grad_W2b(), peft_test::ref_tn(a.W2a(), dQ)) < tolerance<T>());
   // A second backward accumulates; zero_grad clears.
   const auto first = peft_test::to_double(a.grad_W1a());
+  typename peft::loha<T>::cache_type cache;
+  peft::matrix<T> dx(batch, in);
   a.backward(w, x.view(), gy.view(), dx.view(), cache);
   CHECK(rel_error(a.grad_W1a(), peft_test::scaled(first, 2.0)) < tolerance<T>());
   a.zero_grad();
@@ -113,14 +101,10 @@ TEMPLATE_TEST_CASE("loha init: PEFT's default zeroes hada_w2_b only (a no-op); r
   using T = TestType;
   peft::rng g(8);
   const ix in = 40, out = 24, r = 4;
-  const peft::dense<T> w(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
+  const auto w = peft_test::random_dense<T>(in, out, g);
   const auto x = peft_test::random_matrix<T>(3, in, g);
-  peft::matrix<T> h(3, out), y(3, out);
-  w.matmul(x.view(), h.view());
-  typename peft::loha<T>::cache_type cache;
   peft::loha<T> a(in, out, {.rank = r, .alpha = 8.0, .seed = 1});
-  a.forward(w, x.view(), y.view(), cache);
-  CHECK(peft_test::exactly_equal(y, h));
+  peft_test::check_output_is_base(a, w, x);
   CHECK(peft_test::max_abs(a.W2b()) == 0.0);
   for (auto v : {a.W1a(), a.W1b(), a.W2a()}) {
     CHECK(peft_test::count_nonzero(v) == v.size());
@@ -129,8 +113,7 @@ TEMPLATE_TEST_CASE("loha init: PEFT's default zeroes hada_w2_b only (a no-op); r
   CHECK(peft_test::max_abs(a.W1b()) > 0.5 / std::sqrt(static_cast<double>(in)));
   CHECK(a.scale() == static_cast<T>(2.0));
   peft::loha<T> b(in, out, {.rank = r, .alpha = 8.0, .init = peft::loha_init::random, .seed = 1});
-  b.forward(w, x.view(), y.view(), cache);
-  CHECK(rel_error(y, h) > 1e-4);
+  peft_test::check_not_base(b, w, x, 1e-4);
 }
 
 TEST_CASE("loha checkpoints: rank_pattern and alpha_pattern; save and load keep every module", "[loha]") {
@@ -146,10 +129,7 @@ TEST_CASE("loha checkpoints: rank_pattern and alpha_pattern; save and load keep 
   ck.config.targets_kind = peft::io::target_kind::none;
   ck.modules.push_back({"m.a", "m.a.weight", peft::loha<double>(7, 5, {.rank = 2, .alpha = 3.0, .init = peft::loha_init::random, .seed = 1})});
   ck.modules.push_back({"m.b", "m.b.weight", peft::loha<double>(4, 6, {.rank = 5, .alpha = 7.5, .init = peft::loha_init::random, .seed = 2})});
-  const auto dir = fs::temp_directory_path() / "peft_loha_roundtrip";
-  fs::remove_all(dir);
-  peft::io::save_peft_checkpoint(dir, ck);
-  auto back = peft::io::load_checkpoint_as<peft::loha<double>>(dir);
+  auto back = peft_test::save_and_load(ck, "peft_loha_roundtrip");
   CHECK(back.config.peft_type == "LOHA");
   REQUIRE(back.modules.size() == 2);
   for (auto& m : ck.modules) {
@@ -158,7 +138,6 @@ TEST_CASE("loha checkpoints: rank_pattern and alpha_pattern; save and load keep 
     CHECK(b.scale() == m.adapter.scale());
     CHECK(rel_error(b.W2b(), m.adapter.W2b()) < 1e-7);  // stored as f32
   }
-  fs::remove_all(dir);
 }
 
 TEMPLATE_TEST_CASE("loha rejects bad shapes, bad checkpoints and convolutions with clear errors", "[loha]", float,
@@ -167,12 +146,12 @@ TEMPLATE_TEST_CASE("loha rejects bad shapes, bad checkpoints and convolutions wi
   peft::rng g(4);
   peft::loha<T> a(7, 5, {.rank = 2, .init = peft::loha_init::random});
   const peft::dense<T> w(peft_test::random_matrix<T>(5, 7, g));
-  const peft::dense<T> wrong(peft_test::random_matrix<T>(6, 7, g));
-  peft::matrix<T> x(2, 7), y(2, 5), dx(2, 7), bad(2, 6);
-  typename peft::loha<T>::cache_type cache;
-  CHECK_THROWS_WITH(a.forward(wrong, x.view(), y.view(), cache), Catch::Contains("[loha::forward] base weight is (6, 7)"));
-  CHECK_THROWS_AS(a.add_term(w, x.view(), y.view(), bad.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward_term(w, x.view(), y.view(), y.view(), y.view(), bad.view(), cache), peft::shape_error);
+  using peft_test::arg;
+  using peft_test::pass;
+  peft_test::check_shape_errors(a, w, 2,
+                                {{pass::forward, arg::base, 6, 7, "[loha::forward] base weight is (6, 7)"},
+                                 {pass::add_term, arg::y, 2, 6},
+                                 {pass::backward_term, arg::dx, 2, 6}});
   CHECK_THROWS_AS(peft::loha<T>(7, 5, {.rank = 0}), peft::shape_error);
   CHECK_THROWS_AS(peft::loha<T>(peft::matrix<T>(5, 2), peft::matrix<T>(2, 7), peft::matrix<T>(5, 3), peft::matrix<T>(2, 7), 1.0),
                   peft::shape_error);
@@ -209,5 +188,6 @@ TEMPLATE_TEST_CASE("loha rejects bad shapes, bad checkpoints and convolutions wi
     c2.raw["alpha"] = "big";
     CHECK_THROWS_AS(peft::io::from_checkpoint<peft::loha<T>>(c2, loha_tensors<T>(7, 5, 2, g), none), peft::format_error);
   }
-  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::loha<T>>(golden_dir("lokr") / "adapter"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::loha<T>>(peft_test::golden_dir("lokr") / "adapter"),
+                  peft::unsupported_error);
 }

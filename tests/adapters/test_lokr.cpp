@@ -11,6 +11,7 @@
 #include "peft/adapters/lokr.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
+#include "support/adapter_checks.hpp"
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
@@ -18,22 +19,26 @@ using ix = peft::index;
 
 namespace {
 
-namespace fs = std::filesystem;
-using peft::index;
-using peft_test::golden_dir;
 using peft_test::rel_error;
 using peft_test::stored;
 using peft_test::tolerance;
 
 // ---- LoKr helpers ------------------------------------------------------------------------------
 
-peft::io::adapter_config lokr_config(index r, double alpha, bool decompose_both, index factor = -1) {
-  auto c = peft::io::adapter_config::parse(R"({"peft_type": "LOKR", "target_modules": ["layer"]})");
+peft::io::adapter_config lokr_config(ix r, double alpha, bool decompose_both, ix factor = -1) {
+  auto c = peft_test::config_of("LOKR");
   c.r = r;
   c.raw["alpha"] = alpha;
   c.raw["decompose_both"] = decompose_both;
   c.raw["decompose_factor"] = factor;
   return c;
+}
+
+/// The four tensors of a module whose factors are both rank 1: W1 (p1, q1), W2 (p2, q2).
+template <class T>
+peft::io::checkpoint_tensors<T> low_rank_tensors(ix p1, ix q1, ix p2, ix q2, peft::rng& g) {
+  return peft_test::random_tensors<T>(
+      "layer", {{"lokr_w1_a", {p1, 1}}, {"lokr_w1_b", {1, q1}}, {"lokr_w2_a", {p2, 1}}, {"lokr_w2_b", {1, q2}}}, g);
 }
 
 std::vector<std::string> names_of(peft::lokr<double>& a) {
@@ -46,10 +51,10 @@ std::vector<std::string> names_of(peft::lokr<double>& a) {
 template <class M1, class M2>
 peft::matrix<double> kron(const M1& a, const M2& b, double s) {
   peft::matrix<double> k(a.rows() * b.rows(), a.cols() * b.cols());
-  for (index i = 0; i < a.rows(); ++i)
-    for (index j = 0; j < a.cols(); ++j)
-      for (index p = 0; p < b.rows(); ++p)
-        for (index q = 0; q < b.cols(); ++q)
+  for (ix i = 0; i < a.rows(); ++i)
+    for (ix j = 0; j < a.cols(); ++j)
+      for (ix p = 0; p < b.rows(); ++p)
+        for (ix q = 0; q < b.cols(); ++q)
           k(i * b.rows() + p, j * b.cols() + q) = s * peft_test::at(a, i, j) * peft_test::at(b, p, q);
   return k;
 }
@@ -63,7 +68,7 @@ TEMPLATE_TEST_CASE("lokr reproduces PEFT: layers, network, merged weights", "[lo
 
 TEST_CASE("lokr golden checkpoints: full factors, and alpha / r applies to them too", "[lokr][golden]") {
   for (const std::string name : {"lokr", "lokr_full"}) {
-    auto ck = peft::io::load_checkpoint_as<peft::lokr<double>>(golden_dir(name) / "adapter");
+    auto ck = peft::io::load_checkpoint_as<peft::lokr<double>>(peft_test::golden_dir(name) / "adapter");
     const auto& up = ck.find("up.weight")->adapter;
     const auto& down = ck.find("down.weight")->adapter;
     CHECK(!up.w1().decomposed());
@@ -138,18 +143,7 @@ TEMPLATE_TEST_CASE("lokr low-rank forms equal a double reference built from the 
     REQUIRE(peft_test::nontrivial(W2));
     const double s = 3.0;
     const auto dW = kron(W1, W2, s);
-    const auto w_eff = peft_test::add(w.weight(), dW);
-
-    typename peft::lokr<T>::cache_type cache;
-    peft::matrix<T> y(batch, out), dx(batch, in);
-    a.forward(w, x.view(), y.view(), cache);
-    CHECK(rel_error(y, peft_test::ref_linear(x, w_eff, w.bias())) < tolerance<T>());
-    a.backward(w, x.view(), gy.view(), dx.view(), cache);
-    CHECK(rel_error(dx, peft_test::ref_nn(gy, w_eff)) < tolerance<T>());
-
-    peft::matrix<T> dwt(out, in);
-    a.delta_weight(w, dwt.view());
-    CHECK(rel_error(dwt, dW) < tolerance<T>());
+    peft_test::check_against_delta(a, w, x, gy, dW, tolerance<T>());
 
     // dW1[i, j] = s sum_pq D[i ok + p, j in_n + q] W2[p, q] with D = g^T x; likewise dW2.
     const auto D = peft_test::ref_tn(gy, x);
@@ -185,29 +179,21 @@ TEMPLATE_TEST_CASE("lokr inits: standard and lycoris are no-ops, random is not; 
   using T = TestType;
   peft::rng g(5);
   const ix in = 64, out = 96;
-  const peft::dense<T> w(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
+  const auto w = peft_test::random_dense<T>(in, out, g);
   const auto x = peft_test::random_matrix<T>(2, in, g);
-  peft::matrix<T> h(2, out);
-  w.matmul(x.view(), h.view());
-  auto run = [&](const peft::lokr<T>& a) {
-    peft::matrix<T> y(2, out);
-    typename peft::lokr<T>::cache_type cache;
-    a.forward(w, x.view(), y.view(), cache);
-    return y;
-  };
   for (const ix r : {ix{8}, ix{2}}) {
     INFO("rank " << r);
     peft::lokr<T> std_init(in, out, {.rank = r, .alpha = 16, .decompose_both = true, .seed = 3});
-    CHECK(peft_test::exactly_equal(run(std_init), h));
+    peft_test::check_output_is_base(std_init, w, x);
     CHECK(peft_test::max_abs(std_init.W1()) == 0.0);
     CHECK(peft_test::count_nonzero(std_init.W2()) == std_init.W2().size());
     if (!std_init.w2().decomposed()) CHECK(peft_test::max_abs(std_init.W2()) <= 1.0 / std::sqrt(8.0));  // W2 (12, 8)
     peft::lokr<T> lyc(in, out, {.rank = r, .alpha = 16, .decompose_both = true, .init = peft::lokr_init::lycoris, .seed = 3});
-    CHECK(peft_test::exactly_equal(run(lyc), h));
+    peft_test::check_output_is_base(lyc, w, x);
     CHECK(peft_test::max_abs(lyc.W2()) == 0.0);
     CHECK(peft_test::count_nonzero(lyc.W1()) == lyc.W1().size());
     peft::lokr<T> rnd(in, out, {.rank = r, .alpha = 16, .decompose_both = true, .init = peft::lokr_init::random, .seed = 3});
-    CHECK(rel_error(run(rnd), h) > 1e-3);
+    peft_test::check_not_base(rnd, w, x, 1e-3);
     CHECK(rnd.scale() == static_cast<T>(16.0 / static_cast<double>(r)));
   }
   // Same seed, same adapter.
@@ -220,11 +206,8 @@ TEST_CASE("lokr checkpoints: low-rank forms load from tensors and a config", "[l
   peft::rng g(3);
   // in 24 -> (4, 6), out 20 -> (4, 5); r = 1 with decompose_both: all four low-rank tensors.
   const auto c = lokr_config(1, 6.0, true);
-  peft::io::checkpoint_tensors<double> m("layer"), none;
-  m.add("lokr_w1_a", stored<double>({4, 1}, g));
-  m.add("lokr_w1_b", stored<double>({1, 4}, g));
-  m.add("lokr_w2_a", stored<double>({5, 1}, g));
-  m.add("lokr_w2_b", stored<double>({1, 6}, g));
+  peft::io::checkpoint_tensors<double> none;
+  auto m = low_rank_tensors<double>(4, 4, 5, 6, g);
   const auto a = peft::io::from_checkpoint<peft::lokr<double>>(c, m, none);
   CHECK(a.in_features() == 24);
   CHECK(a.out_features() == 20);
@@ -246,10 +229,7 @@ TEST_CASE("lokr save and load keep every module: describe_in writes what PEFT ne
   const peft::lokr_options o2{.rank = 8, .alpha = 5.0, .decompose_both = true, .init = peft::lokr_init::random, .seed = 2};
   ck.modules.push_back({"model.a", "model.a.weight", peft::lokr<double>(24, 20, o1)});
   ck.modules.push_back({"model.b", "model.b.weight", peft::lokr<double>(64, 96, o2)});
-  const auto dir = fs::temp_directory_path() / "peft_lokr_roundtrip";
-  fs::remove_all(dir);
-  peft::io::save_peft_checkpoint(dir, ck);
-  auto back = peft::io::load_checkpoint_as<peft::lokr<double>>(dir);
+  auto back = peft_test::save_and_load(ck, "peft_lokr_roundtrip");
   CHECK(back.config.peft_type == "LOKR");
   CHECK(back.config.raw["decompose_both"] == true);
   CHECK(back.config.raw["alpha"] == 3);
@@ -269,7 +249,6 @@ TEST_CASE("lokr save and load keep every module: describe_in writes what PEFT ne
   }
   CHECK(back.find("model.a.weight")->adapter.w1().decomposed());
   CHECK(!back.find("model.b.weight")->adapter.w1().decomposed());
-  fs::remove_all(dir);
 
   // A module PEFT would shape differently under the config cannot be described.
   auto c = lokr_config(8, 8.0, false);
@@ -286,14 +265,13 @@ TEMPLATE_TEST_CASE("lokr rejects bad shapes, bad checkpoints and convolutions wi
   peft::rng g(11);
   peft::lokr<T> a(24, 20, {.rank = 2, .init = peft::lokr_init::random});
   const peft::dense<T> w(peft_test::random_matrix<T>(20, 24, g));
-  const peft::dense<T> wrong(peft_test::random_matrix<T>(20, 25, g));
-  peft::matrix<T> x(2, 24), y(2, 20), dx(2, 24), bad(2, 23);
-  typename peft::lokr<T>::cache_type cache;
-  CHECK_THROWS_WITH(a.forward(wrong, x.view(), y.view(), cache), Catch::Contains("[lokr::forward] base weight is (20, 25)"));
-  CHECK_THROWS_AS(a.forward(w, bad.view(), y.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward(w, x.view(), y.view(), bad.view(), cache), peft::shape_error);
-  peft::matrix<T> dw(20, 23);
-  CHECK_THROWS_AS(a.delta_weight(w, dw.view()), peft::shape_error);
+  using peft_test::arg;
+  using peft_test::pass;
+  peft_test::check_shape_errors(a, w, 2,
+                                {{pass::forward, arg::base, 20, 25, "[lokr::forward] base weight is (20, 25)"},
+                                 {pass::forward, arg::x, 2, 23},
+                                 {pass::backward, arg::dx, 2, 23},
+                                 {pass::delta_weight, arg::dw, 20, 23}});
   CHECK_THROWS_AS(peft::lokr<T>(24, 20, {.rank = 0}), peft::shape_error);
   CHECK_THROWS_AS(peft::lokr<T>(0, 20, {}), peft::shape_error);
   CHECK_THROWS_AS(peft::lokr<T>(peft::lokr_factor<T>::product(peft::matrix<T>(4, 2), peft::matrix<T>(3, 4)),
@@ -302,14 +280,7 @@ TEMPLATE_TEST_CASE("lokr rejects bad shapes, bad checkpoints and convolutions wi
 
   const auto c = lokr_config(1, 6.0, true);
   peft::io::checkpoint_tensors<T> none;
-  auto base_tensors = [&] {
-    peft::io::checkpoint_tensors<T> m("layer");
-    m.add("lokr_w1_a", stored<T>({4, 1}, g));
-    m.add("lokr_w1_b", stored<T>({1, 4}, g));
-    m.add("lokr_w2_a", stored<T>({5, 1}, g));
-    m.add("lokr_w2_b", stored<T>({1, 6}, g));
-    return m;
-  };
+  auto base_tensors = [&] { return low_rank_tensors<T>(4, 4, 5, 6, g); };
   REQUIRE_NOTHROW(peft::io::from_checkpoint<peft::lokr<T>>(c, base_tensors(), none));
   {
     auto m = base_tensors();
@@ -344,11 +315,7 @@ TEMPLATE_TEST_CASE("lokr rejects bad shapes, bad checkpoints and convolutions wi
   }
   {
     // W1 (5, 4), W2 (4, 6): a (20, 24) weight, which PEFT factors as (4, 5) x (4, 6).
-    peft::io::checkpoint_tensors<T> m("layer");
-    m.add("lokr_w1_a", stored<T>({5, 1}, g));
-    m.add("lokr_w1_b", stored<T>({1, 4}, g));
-    m.add("lokr_w2_a", stored<T>({4, 1}, g));
-    m.add("lokr_w2_b", stored<T>({1, 6}, g));
+    auto m = low_rank_tensors<T>(5, 4, 4, 6, g);
     CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::lokr<T>>(c, m, none), Catch::Contains("factors as W1 (4, 4), W2 (5, 6)"));
   }
   {
@@ -365,5 +332,6 @@ TEMPLATE_TEST_CASE("lokr rejects bad shapes, bad checkpoints and convolutions wi
     CHECK_THROWS_AS(peft::io::from_checkpoint<peft::lokr<T>>(c3, base_tensors(), none), peft::format_error);
   }
   // A LoRA checkpoint is not LoKr's.
-  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::lokr<T>>(golden_dir("lora") / "adapter"), peft::unsupported_error);
+  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::lokr<T>>(peft_test::golden_dir("lora") / "adapter"),
+                  peft::unsupported_error);
 }

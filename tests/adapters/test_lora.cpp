@@ -6,6 +6,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -17,6 +18,7 @@
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/random.hpp"
+#include "support/adapter_checks.hpp"
 #include "support/test_support.hpp"
 
 using ix = peft::index;
@@ -30,31 +32,13 @@ static_assert(!peft::adapter_for<int, peft::dense<float>>);
 
 namespace {
 
-/// An adapter computing in T over a frozen weight stored as S.
-template <class T, class S>
-struct lora_types {
-  using scalar = T;
-  using storage = S;
-};
-using f32_on_f32 = lora_types<float, float>;
-using f32_on_f64 = lora_types<float, double>;
-using f32_on_bf16 = lora_types<float, peft::bf16>;
-using f64_on_f64 = lora_types<double, double>;
-using f64_on_f32 = lora_types<double, float>;
-using f64_on_bf16 = lora_types<double, peft::bf16>;
+using namespace peft_test::compute_types;  // f32_on_f32, ...: an adapter in T over a weight stored as S
+using peft_test::unit_roundoff;
 
 /// Relative Frobenius tolerance for results computed in T against double references.
 template <class T>
 constexpr double tol() {
-  return std::is_same_v<T, float> ? 2e-5 : 1e-12;
-}
-
-/// Unit roundoff of a storage type (what one rounding to it can cost, relatively).
-template <class S>
-constexpr double storage_eps() {
-  if constexpr (std::is_same_v<S, double>) return 0x1p-53;
-  if constexpr (std::is_same_v<S, float>) return 0x1p-24;
-  return 0x1p-8;  // bf16 (and f16 would be 2^-11)
+  return peft_test::tolerance<T>(1e-12, 2e-5);
 }
 
 struct dims {
@@ -142,13 +126,7 @@ void require_nontrivial_adapter(const peft::lora<T>& a) {
 /// Runs f and checks it throws peft::shape_error whose message starts with `prefix`.
 template <class F>
 void check_shape_error(F&& f, const std::string& prefix) {
-  try {
-    f();
-    FAIL("expected a shape_error starting with " << prefix);
-  } catch (const peft::shape_error& e) {
-    INFO(e.what());
-    CHECK(std::string(e.what()).rfind(prefix, 0) == 0);
-  }
+  peft_test::check_error<peft::shape_error>(std::forward<F>(f), prefix);
 }
 
 }  // namespace
@@ -400,9 +378,9 @@ TEMPLATE_TEST_CASE("merging into the base equals the unmerged forward; unmerge r
   using T = typename TestType::scalar;
   using S = typename TestType::storage;
   // Merged outputs differ from unmerged ones by the rounding of W0 + dW to S (and of T).
-  const double merge_tol = tol<T>() + 4 * storage_eps<S>();
+  const double merge_tol = tol<T>() + 4 * unit_roundoff<S>();
   // W0 + dW - dW rounded twice to S: for double storage within 1e-15 relative.
-  const double restore_tol = std::is_same_v<S, double> ? 1e-15 : 4 * storage_eps<S>();
+  const double restore_tol = std::is_same_v<S, double> ? 1e-15 : 4 * unit_roundoff<S>();
   peft::rng gen(707);
   for (const dims d : {dims{4, 9, 7, 3}, dims{1, 16, 5, 1}, dims{6, 5, 12, 5}}) {
     for (bool base_bias : {false, true}) {
@@ -426,7 +404,7 @@ TEMPLATE_TEST_CASE("merging into the base equals the unmerged forward; unmerge r
         // The merged weight is W0 + s B A.
         const auto dw = peft_test::scaled(peft_test::ref_nn(f.adapter.B(), f.adapter.A()), f.s());
         CHECK(peft_test::rel_error(layer.base().weight(), peft_test::add(w_before, dw)) <=
-              tol<T>() + 2 * storage_eps<S>());
+              tol<T>() + 2 * unit_roundoff<S>());
         layer.forward(f.x.view(), y_merged.view());
         CHECK(peft_test::rel_error(y_merged, y_unmerged) <= merge_tol);
 
@@ -527,16 +505,9 @@ TEMPLATE_TEST_CASE("lora init distributions", "[lora]", float, double) {
     REQUIRE(peft_test::nontrivial(a.A()));
     CHECK(peft_test::max_abs(a.A()) <= bound * slack);
     CHECK(peft_test::max_abs(a.A()) > 0.95 * bound);  // the range is used
-    double sum = 0.0, sum2 = 0.0;
-    for (ix i = 0; i < r; ++i) {
-      for (ix j = 0; j < in; ++j) {
-        sum += static_cast<double>(a.A()(i, j));
-        sum2 += static_cast<double>(a.A()(i, j)) * static_cast<double>(a.A()(i, j));
-      }
-    }
-    const double n = static_cast<double>(r * in);
-    CHECK(std::abs(sum / n) < 5 * bound / std::sqrt(3 * n));
-    CHECK(sum2 / n == Approx(bound * bound / 3).epsilon(0.1));
+    const auto m = peft_test::moments_of(a.A());
+    CHECK(std::abs(m.mean) < 5 * bound / std::sqrt(3 * m.n));
+    CHECK(m.mean_square == Approx(bound * bound / 3).epsilon(0.1));
     CHECK(peft_test::count_nonzero(a.B()) == 0);
     CHECK(a.B().rows() == out);
     CHECK(a.B().cols() == r);
@@ -545,17 +516,10 @@ TEMPLATE_TEST_CASE("lora init distributions", "[lora]", float, double) {
     const ix in = 512, out = 10, r = 8;
     peft::lora<T> a(in, out, {.rank = r, .init = peft::lora_init::gaussian, .seed = 2});
     REQUIRE(peft_test::nontrivial(a.A()));
-    double sum = 0.0, sum2 = 0.0;
-    for (ix i = 0; i < r; ++i) {
-      for (ix j = 0; j < in; ++j) {
-        sum += static_cast<double>(a.A()(i, j));
-        sum2 += static_cast<double>(a.A()(i, j)) * static_cast<double>(a.A()(i, j));
-      }
-    }
-    const double n = static_cast<double>(r * in);
-    const double sd = std::sqrt(sum2 / n - (sum / n) * (sum / n));
+    const auto m = peft_test::moments_of(a.A());
+    const double sd = std::sqrt(m.mean_square - m.mean * m.mean);
     CHECK(sd == Approx(1.0 / r).epsilon(0.05));
-    CHECK(std::abs(sum / n) < 5.0 / r / std::sqrt(n));
+    CHECK(std::abs(m.mean) < 5.0 / r / std::sqrt(m.n));
     CHECK(peft_test::max_abs(a.A()) > 2.5 / r);  // Gaussian tails, not a bounded uniform
     CHECK(peft_test::count_nonzero(a.B()) == 0);
   }
@@ -567,11 +531,7 @@ TEMPLATE_TEST_CASE("lora init distributions", "[lora]", float, double) {
     CHECK(peft_test::max_abs(a.B()) <= bound * slack);
     CHECK(peft_test::max_abs(a.B()) > 0.95 * bound);
     CHECK(peft_test::max_abs(a.A()) <= 0.25 * slack);
-    double sum2 = 0.0;
-    for (ix i = 0; i < out; ++i) {
-      for (ix j = 0; j < r; ++j) sum2 += static_cast<double>(a.B()(i, j)) * static_cast<double>(a.B()(i, j));
-    }
-    CHECK(sum2 / static_cast<double>(out * r) == Approx(bound * bound / 3).epsilon(0.1));
+    CHECK(peft_test::moments_of(a.B()).mean_square == Approx(bound * bound / 3).epsilon(0.1));
   }
   SECTION("the seed decides A (and B)") {
     for (auto init : {peft::lora_init::kaiming_uniform, peft::lora_init::gaussian,
@@ -693,30 +653,22 @@ TEMPLATE_TEST_CASE("lora shape errors name the function", "[lora]", float, doubl
   using T = TestType;
   peft::rng gen(121);
   const auto base = peft::dense<T>(peft_test::random_matrix<T>(5, 7, gen));
-  const auto wrong_base = peft::dense<T>(peft_test::random_matrix<T>(5, 8, gen));
   peft::lora<T> a(7, 5, {.rank = 3});
-  typename peft::lora<T>::cache_type cache;
-  peft::matrix<T> x(2, 7), x_bad(2, 6), y(2, 5), y_bad(3, 5), g(2, 5), g_bad(2, 4), dx(2, 7),
-      dx_bad(2, 6), h(2, 5), dw(5, 7), dw_bad(7, 5);
-
-  check_shape_error([&] { a.forward(base, x_bad.view(), y.view(), cache); }, "[lora::forward]");
-  check_shape_error([&] { a.forward(base, x.view(), y_bad.view(), cache); }, "[lora::forward]");
-  check_shape_error([&] { a.forward(wrong_base, x.view(), y.view(), cache); }, "[lora::forward]");
-  check_shape_error([&] { a.add_term(base, x_bad.view(), h.view(), y.view(), cache); },
-                    "[lora::add_term]");
-  check_shape_error([&] { a.add_term(wrong_base, x.view(), h.view(), y.view(), cache); },
-                    "[lora::add_term]");
-  check_shape_error([&] { a.backward(base, x.view(), g_bad.view(), dx.view(), cache); },
-                    "[lora::backward]");
-  check_shape_error([&] { a.backward(base, x.view(), g.view(), dx_bad.view(), cache); },
-                    "[lora::backward]");
-  check_shape_error([&] { a.backward(wrong_base, x.view(), g.view(), dx.view(), cache); },
-                    "[lora::backward]");
-  check_shape_error(
-      [&] { a.backward_term(base, x.view(), h.view(), g.view(), h.view(), dx_bad.view(), cache); },
-      "[lora::backward_term]");
-  check_shape_error([&] { a.delta_weight(base, dw_bad.view()); }, "[lora::delta_weight]");
-  check_shape_error([&] { a.delta_weight(wrong_base, dw.view()); }, "[lora::delta_weight]");
+  using peft_test::arg;
+  using peft_test::pass;
+  const auto named = peft_test::match::shape_error_prefix;
+  peft_test::check_shape_errors(a, base, 2,
+                                {{pass::forward, arg::x, 2, 6, "[lora::forward]", named},
+                                 {pass::forward, arg::y, 3, 5, "[lora::forward]", named},
+                                 {pass::forward, arg::base, 5, 8, "[lora::forward]", named},
+                                 {pass::add_term, arg::x, 2, 6, "[lora::add_term]", named},
+                                 {pass::add_term, arg::base, 5, 8, "[lora::add_term]", named},
+                                 {pass::backward, arg::dy, 2, 4, "[lora::backward]", named},
+                                 {pass::backward, arg::dx, 2, 6, "[lora::backward]", named},
+                                 {pass::backward, arg::base, 5, 8, "[lora::backward]", named},
+                                 {pass::backward_term, arg::dx, 2, 6, "[lora::backward_term]", named},
+                                 {pass::delta_weight, arg::dw, 7, 5, "[lora::delta_weight]", named},
+                                 {pass::delta_weight, arg::base, 5, 8, "[lora::delta_weight]", named}});
 
   check_shape_error([] { peft::lora<T>(7, 5, {.rank = 0}); }, "[lora::lora]");
   check_shape_error([] { peft::lora<T>(7, 5, {.rank = -2}); }, "[lora::lora]");

@@ -14,28 +14,15 @@
 #include "peft/io/peft/phm_delta.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/adapter_checks.hpp"
+#include "support/paper_support.hpp"
 #include "support/test_support.hpp"
 
 namespace {
 
-namespace fs = std::filesystem;
+using peft_test::read_rule;
 using peft_test::rel_error;
-
-const fs::path case_dir = fs::path(PEFT_TEST_DATA_DIR) / "paper" / "phm_delta";
-
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
-}
-
-/// A (n, n, n) tensor of the file as the (n, n n) matrix phm_rule stores.
-template <class T>
-peft::matrix<T> read_rule(const peft::io::safetensors_file& f, const std::string& name) {
-  const auto& info = f.info(name);
-  REQUIRE(info.shape.size() == 3);
-  const auto n = static_cast<peft::index>(info.shape[0]);
-  return peft::matrix<T>(n, n * n, f.read<T>(name));
-}
+using peft_test::tolerance;
 
 /// Delta W (out, in) = sum_i A_i kron (u_i v_i^T), formed with plain loops in double.
 template <class MR, class MU, class MV>
@@ -64,7 +51,7 @@ TEMPLATE_TEST_CASE("phm_delta: golden parity with the formula (y, dx, gradients,
                    "[phm_delta][golden]", float, double) {
   using T = TestType;
   const double tol = tolerance<T>();
-  const auto f = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
+  const auto f = peft_test::open_paper_case("phm_delta");
   const peft::dense<double> base(f.read_matrix<double>("W0"), f.read<double>("b0"));
   peft::phm_delta<T> a(std::make_shared<peft::phm_rule<T>>(4, read_rule<T>(f, "phm_rule").storage()),
                        f.read_matrix<T>("W_left"), f.read_matrix<T>("W_right"));
@@ -262,25 +249,22 @@ TEST_CASE("phm_delta: bad shapes and missing checkpoint support are reported", "
   CHECK_THROWS_AS(A(rule, peft::matrix<double>(2, 0), peft::matrix<double>(2, 3)), peft::shape_error);
 
   A a(rule, peft::matrix<double>(2, 3), peft::matrix<double>(2, 4));  // in 8, out 6
-  const peft::dense<double> w(peft::matrix<double>(6, 8)), w_bad(peft::matrix<double>(8, 6));
-  peft::matrix<double> x(2, 8), y(2, 6), bad(2, 5), dx(2, 8), dw(6, 8), dw_bad(8, 6);
-  A::cache_type cache;
-  CHECK_THROWS_AS(a.forward(w_bad, x.view(), y.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.forward(w, x.view(), bad.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.forward(w, bad.view(), y.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward(w, x.view(), y.view(), bad.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward_term(w, x.view(), y.view(), bad.view(), y.view(), dx.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.delta_weight(w, dw_bad.view()), peft::shape_error);
+  const peft::dense<double> w(peft::matrix<double>(6, 8));
+  using peft_test::arg;
+  using peft_test::pass;
+  peft_test::check_shape_errors(a, w, 2,
+                                {{pass::forward, arg::base, 8, 6},
+                                 {pass::forward, arg::y, 2, 5},
+                                 {pass::forward, arg::x, 2, 5},
+                                 {pass::backward, arg::dx, 2, 5},
+                                 {pass::backward_term, arg::dy, 2, 5},
+                                 {pass::delta_weight, arg::dw, 8, 6}});
+  peft::matrix<double> dw(6, 8);
   CHECK_NOTHROW(a.delta_weight(w, dw.view()));
-  CHECK_THROWS_WITH(a.forward(w, bad.view(), y.view(), cache), Catch::Contains("[phm_delta::forward] x is (2, 5)"));
+  peft_test::check_shape_errors(a, w, 2, {{pass::forward, arg::x, 2, 5, "[phm_delta::forward] x is (2, 5)"}});
 
-  const peft::io::adapter_config cfg;
-  static_assert(!peft::io::peft_codec<A>::has_format);  // PEFT has no format: the codec says so
-  const peft::io::checkpoint_tensors<double> m("layer"), shared;
-  CHECK_THROWS_AS(peft::io::from_checkpoint<A>(cfg, m, shared), peft::unsupported_error);
-  peft::io::adapter_config out;
-  CHECK_THROWS_AS(peft::io::describe_in(a, out, "layer"), peft::unsupported_error);
+  peft_test::check_no_peft_format(a);  // PEFT has no format: the codec says so
   A empty;
   CHECK(empty.parameters().empty());
-  CHECK_THROWS_AS(empty.forward(w, x.view(), y.view(), cache), peft::shape_error);
+  peft_test::check_unset_rejected<A, peft::shape_error>(w);
 }

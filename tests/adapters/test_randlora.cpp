@@ -15,24 +15,20 @@
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/adapter_checks.hpp"
 #include "support/golden_support.hpp"
+#include "support/shared_projection_checks.hpp"
 #include "support/test_support.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
-using peft_test::load_base;
-using peft_test::load_bound;
-using peft_test::message_of;
 using peft_test::rel_error;
 using peft_test::rewrite_adapter;
-using peft_test::scratch_dir;
 using peft_test::tolerance;
 
 const fs::path case_dir = peft_test::golden_dir("randlora");
 
-template <class T>
-using layer_t = peft::adapted_linear<peft::dense<float>, peft::randlora<T>>;
 template <class T>
 using golden_case = peft_test::golden_case<peft::randlora<T>>;
 
@@ -75,7 +71,6 @@ peft::matrix<double> peft_delta_weight(const peft::randlora<T>& a) {
 TEMPLATE_TEST_CASE("randlora golden: each layer's output, dx and gamma/lambda gradients match PEFT",
                    "[randlora][golden]", float, double) {
   using T = TestType;
-  const double tol = tolerance<T>();
   golden_case<T> c("randlora");
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
@@ -84,30 +79,15 @@ TEMPLATE_TEST_CASE("randlora golden: each layer's output, dx and gamma/lambda gr
     REQUIRE(peft_test::nontrivial(a.gamma()));
     CHECK(a.scale() == static_cast<T>(80));     // randlora_alpha 640 / r 8
     CHECK(a.num_bases() == (name == "up" ? 8 : 6));
-    const auto r = peft_test::run_layer(c, name);
-    const auto y_ref = c.ref("layer." + name + ".output");
-    CHECK(rel_error(r.y, y_ref) < tol);
-    CHECK(rel_error(r.y_base, y_ref) > 1e-3);  // the adapter's term is a visible part of the output
-    CHECK(rel_error(r.dx, c.ref("layer." + name + ".grad_input")) < tol);
-    const std::string key = "grad.base_model.model." + name;
-    CHECK(rel_error(a.grad_lambda(), c.ref(key + ".randlora_lambda.default")) < tol);
-    CHECK(rel_error(a.grad_gamma(), c.ref(key + ".randlora_gamma.default")) < tol);
+    peft_test::check_layer_outputs(c, name, tolerance<T>());
+    peft_test::check_trainable_gradients(c, name, tolerance<T>());
   }
 }
 
 TEMPLATE_TEST_CASE("randlora golden: the two-layer network's output, dL/dx and gradients match PEFT",
                    "[randlora][golden]", float, double) {
-  using T = TestType;
-  const double tol = tolerance<T>();
-  golden_case<T> c("randlora");
-  peft_test::check_network_outputs(c, tol);
-  for (const std::string name : {"up", "down"}) {
-    INFO("layer " << name);
-    const auto& ad = c.layer(name).adapter("default");
-    const std::string key = "grad.base_model.model." + name;
-    CHECK(rel_error(ad.grad_lambda(), c.ref(key + ".randlora_lambda.default")) < tol);
-    CHECK(rel_error(ad.grad_gamma(), c.ref(key + ".randlora_gamma.default")) < tol);
-  }
+  golden_case<TestType> c("randlora");
+  peft_test::check_network_trainable(c, tolerance<TestType>());
 }
 
 TEMPLATE_TEST_CASE("randlora golden: delta_weight and merge give PEFT's merged weights", "[randlora][golden][merge]",
@@ -116,14 +96,8 @@ TEMPLATE_TEST_CASE("randlora golden: delta_weight and merge give PEFT's merged w
   golden_case<T> c("randlora");
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
-    auto& layer = c.layer(name);
-    const auto w0 = peft_test::to_double(layer.base().weight());
-    peft::matrix<T> dw(layer.out_features(), layer.in_features());
-    layer.adapter("default").delta_weight(layer.base(), dw.view());
-    REQUIRE(peft_test::max_abs(dw) > 1e-2);
-    CHECK(rel_error(dw, peft_delta_weight(layer.adapter("default"))) < tolerance<T>());
-    CHECK(rel_error(peft_test::add(w0, dw), c.ref("merged." + name + ".weight")) < tolerance<T>());
-    peft_test::check_merged_base(c, name, 1e-7);  // the bias is untouched
+    const auto dw = peft_test::check_merged_delta(c, name, 1e-2);
+    CHECK(rel_error(dw, peft_delta_weight(c.layer(name).adapter("default"))) < tolerance<T>());
   }
 }
 
@@ -150,7 +124,7 @@ TEMPLATE_TEST_CASE("randlora: forward and delta_weight follow PEFT's flatten ord
       const peft::dense<T> w(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
       peft::matrix<T> dw(out, in);
       a.delta_weight(w, dw.view());
-      const double tol = std::is_same_v<T, double> ? 1e-13 : 1e-5;
+      const double tol = tolerance<T>(1e-13);
       CHECK(rel_error(dw, d_ref) < tol);
       const auto x = peft_test::random_matrix<T>(3, in, g);
       REQUIRE(peft_test::nontrivial(x));
@@ -171,7 +145,7 @@ TEST_CASE("randlora: gradients of lambda, gamma and x agree with finite differen
           "[randlora][gradients]") {
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
   const auto reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
-  auto ck = load_bound<peft::randlora<double>>(case_dir / "adapter", base);
+  auto ck = peft_test::load_bound<peft::randlora<double>>(case_dir / "adapter", base);
   peft::rng g(3);
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
@@ -202,16 +176,11 @@ TEST_CASE("randlora: gradients of lambda, gamma and x agree with finite differen
 TEST_CASE("randlora: the bases are shared, never copied; PEFT's per-module copies are checked and dropped",
           "[randlora][shared]") {
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
-  auto ck = load_bound<peft::randlora<double>>(case_dir / "adapter", base);
+  auto ck = peft_test::load_bound<peft::randlora<double>>(case_dir / "adapter", base);
   auto& up = ck.find("up.weight")->adapter;
   auto& down = ck.find("down.weight")->adapter;
-  REQUIRE(up.shared_A() != nullptr);
-  CHECK(up.shared_A().get() == down.shared_A().get());
-  CHECK(up.shared_B().get() == down.shared_B().get());
-  CHECK(up.A_slice().data() == up.shared_A()->data());
-  CHECK(down.B_slice().data() == up.shared_B()->data());
-  CHECK(up.shared_A().use_count() == 2);  // the per-module copies were not kept
-  layer_t<double> layer(load_base(base, "up"));
+  peft_test::check_one_projection_object(up, down);  // the per-module copies were not kept
+  peft::adapted_linear<peft::dense<float>, peft::randlora<double>> layer(peft_test::load_base(base, "up"));
   const auto& held = layer.add_adapter("default", up);
   CHECK(held.shared_B().get() == up.shared_B().get());
   CHECK(up.shared_B().use_count() == 3);
@@ -225,59 +194,30 @@ TEST_CASE("randlora: the bases are shared, never copied; PEFT's per-module copie
   }
   CHECK(ck.parameter_count() == (8 * 8 + 8 * 64) + (8 * 6 + 6 * 48));  // trainable only, as PEFT counts
   CHECK(ck.parameter_count() == 912);  // PEFT's trainable count (case.json)
-  // The bases are the same memory: a change through one module shows in the other.
-  const auto w_down = load_base(base, "down");
-  peft::matrix<double> d0(48, 96), d1(48, 96);
-  down.delta_weight(w_down, d0.view());
-  for (auto& p : up.parameters()) {
-    if (p.name == "randlora_B") p.value(90, 0) += 1.0;  // row 90 < max(in, out) = 96 of down
-  }
-  down.delta_weight(w_down, d1.view());
-  CHECK(rel_error(d1, d0) > 1e-9);
+  // The bases are the same memory: a change through one module shows in the other (row 90 <
+  // max(in, out) = 96 of down).
+  peft_test::check_change_reaches_other(up, down, peft_test::load_base(base, "down"), "randlora_B", 90, 0, 1e-9);
 }
 
 TEST_CASE("randlora: save_peft_checkpoint writes the bases once and reloads to identical outputs",
           "[randlora][shared][io]") {
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
   const auto reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
-  auto ck = load_bound<peft::randlora<double>>(case_dir / "adapter", base);
-  const auto dir = scratch_dir("peft_randlora_roundtrip");
-  fs::remove_all(dir);
-  peft::io::save_peft_checkpoint(dir, ck);
-  const auto saved = peft::io::safetensors_file::open(dir / "adapter_model.safetensors");
-  std::vector<std::string> names;
-  for (const auto& t : saved.tensors()) names.push_back(t.name);
-  std::sort(names.begin(), names.end());
-  CHECK(names == std::vector<std::string>{"base_model.model.down.randlora_gamma", "base_model.model.down.randlora_lambda",
-                                          "base_model.model.up.randlora_gamma", "base_model.model.up.randlora_lambda",
-                                          "base_model.randlora_A", "base_model.randlora_B"});
-  CHECK(saved.info("base_model.randlora_A").shape == std::vector<std::int64_t>{8, 1, 96});
-  CHECK(saved.info("base_model.randlora_B").shape == std::vector<std::int64_t>{96, 12, 8});
-  const auto original = peft::io::safetensors_file::open(case_dir / "adapter" / "adapter_model.safetensors");
-  for (const auto& n : names) {
-    INFO(n);
-    CHECK(saved.read<float>(n) == original.read<float>(n));  // f32 in, f32 out: bit-exact
-  }
+  auto ck = peft_test::load_bound<peft::randlora<double>>(case_dir / "adapter", base);
+  const auto dir = peft_test::scratch_dir("peft_randlora_roundtrip");
+  peft_test::check_saved_once(ck, dir, "randlora",
+                              {{"base_model.model.down.randlora_gamma", {}},
+                               {"base_model.model.down.randlora_lambda", {}},
+                               {"base_model.model.up.randlora_gamma", {}},
+                               {"base_model.model.up.randlora_lambda", {}},
+                               {"base_model.randlora_A", {8, 1, 96}}, {"base_model.randlora_B", {96, 12, 8}}});
   const auto cfg = peft::io::adapter_config::load(dir);
   CHECK(cfg.peft_type == "RANDLORA");
   CHECK(cfg.r == 8);
   CHECK(cfg.raw["randlora_alpha"] == 640);
   CHECK(cfg.raw["randlora_alpha"].is_number_integer());
   CHECK(cfg.raw["save_projection"] == true);
-
-  auto back = load_bound<peft::randlora<double>>(dir, base);  // without the per-module copies
-  CHECK(back.find("up.weight")->adapter.shared_A().get() == back.find("down.weight")->adapter.shared_A().get());
-  for (const std::string name : {"up", "down"}) {
-    INFO(name);
-    const auto w = load_base(base, name);
-    const auto x = reference.read_matrix<double>("layer." + name + ".input");
-    peft::matrix<double> y0(x.rows(), w.out_features()), y1(x.rows(), w.out_features());
-    peft::randlora<double>::cache_type c0, c1;
-    ck.find(name + ".weight")->adapter.forward(w, x.view(), y0.view(), c0);
-    back.find(name + ".weight")->adapter.forward(w, x.view(), y1.view(), c1);
-    CHECK(peft_test::exactly_equal(y1, y0));
-    CHECK(rel_error(y1, reference.read_matrix<double>("layer." + name + ".output")) < 1e-12);
-  }
+  peft_test::check_reloaded(ck, dir, base, reference, 1e-12);  // without the per-module copies
   fs::remove_all(dir);
 }
 
@@ -295,16 +235,7 @@ TEMPLATE_TEST_CASE("randlora: a fresh adapter is the identity (lambda = 0, gamma
     CHECK(peft_test::count_nonzero(a.lambda()) == 0);
     CHECK(a.gamma()(nb - 1, mn - 1) == static_cast<T>(1.0 / static_cast<double>(std::max(nb, mn))));
     CHECK(a.scale() == static_cast<T>(20));
-    const peft::dense<T> w(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
-    const auto x = peft_test::random_matrix<T>(3, in, g);
-    REQUIRE(peft_test::nontrivial(x));
-    peft::matrix<T> y(3, out), h(3, out);
-    typename peft::randlora<T>::cache_type cache;
-    a.forward(w, x.view(), y.view(), cache);
-    w.matmul(peft::matrix_view<const T>(x.view()), h.view());
-    CHECK(peft_test::exactly_equal(y, h));
-    peft::matrix<T> dx(3, in);
-    a.backward(w, x.view(), peft_test::random_matrix<T>(3, out, g).view(), dx.view(), cache);
+    peft_test::check_identity_at_init(a, 3, g);
     CHECK(peft_test::nontrivial(a.grad_lambda()));  // training moves it off the identity
   }
 }
@@ -328,7 +259,7 @@ TEST_CASE("randlora: make_randlora_projections draws PEFT's distribution from pe
 }
 
 TEST_CASE("randlora: per-module copies of the bases must equal the shared ones", "[randlora][errors][io]") {
-  const auto dir = scratch_dir("peft_randlora_copies");
+  const auto dir = peft_test::scratch_dir("peft_randlora_copies");
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
   const auto original = peft::io::safetensors_file::open(case_dir / "adapter" / "adapter_model.safetensors");
   auto keep = [](auto&) {};
@@ -336,7 +267,7 @@ TEST_CASE("randlora: per-module copies of the bases must equal the shared ones",
     auto b = original.read<float>("base_model.model.down.randlora_B");
     b[5] += 1.0f;
     rewrite_adapter("randlora", dir, keep, {{"base_model.model.down.randlora_B", {{96, 12, 8}, b}}});
-    const auto msg = message_of([&] { peft::io::load_checkpoint_as<peft::randlora<double>>(dir); });
+    const auto msg = peft_test::message_of([&] { peft::io::load_checkpoint_as<peft::randlora<double>>(dir); });
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
     CHECK(msg.find("module 'down': its copy of randlora_B differs from base_model.randlora_B") != std::string::npos);
   }
@@ -347,7 +278,7 @@ TEST_CASE("randlora: per-module copies of the bases must equal the shared ones",
   }
   SECTION("missing copies are fine") {
     rewrite_adapter("randlora", dir, keep, {}, {"base_model.model.up.randlora_A", "base_model.model.up.randlora_B"});
-    auto ck = load_bound<peft::randlora<double>>(dir, base);
+    auto ck = peft_test::load_bound<peft::randlora<double>>(dir, base);
     CHECK(ck.modules.size() == 2);
   }
   SECTION("the shared bases are required") {
@@ -358,18 +289,11 @@ TEST_CASE("randlora: per-module copies of the bases must equal the shared ones",
 }
 
 TEST_CASE("randlora: save_projection=false is rejected with a clear message", "[randlora][errors][io]") {
-  const auto dir = scratch_dir("peft_randlora_no_projection");
-  rewrite_adapter("randlora", dir, [](auto& c) { c["save_projection"] = false; });
-  const auto msg = message_of([&] { peft::io::load_checkpoint_as<peft::randlora<float>>(dir); });
-  CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<float>>(dir), peft::unsupported_error);
-  CHECK(msg.rfind("[randlora::from_checkpoint]", 0) == 0);
-  CHECK(msg.find("save_projection") != std::string::npos);
-  CHECK(msg.find("PyTorch") != std::string::npos);
-  fs::remove_all(dir);
+  peft_test::check_projection_required<peft::randlora<float>>("randlora");
 }
 
 TEST_CASE("randlora: malformed checkpoints are rejected", "[randlora][errors][io]") {
-  const auto dir = scratch_dir("peft_randlora_malformed");
+  const auto dir = peft_test::scratch_dir("peft_randlora_malformed");
   auto keep = [](auto&) {};
   SECTION("lambda with the wrong rank") {
     rewrite_adapter("randlora", dir, keep,
@@ -380,7 +304,7 @@ TEST_CASE("randlora: malformed checkpoints are rejected", "[randlora][errors][io
     rewrite_adapter("randlora", dir, keep,
                     {{"base_model.model.up.randlora_gamma", {{7, 64}, std::vector<float>(7 * 64, 0.5f)}},
                      {"base_model.model.up.randlora_lambda", {{8, 7}, std::vector<float>(56, 0.5f)}}});
-    const auto msg = message_of([&] { peft::io::load_checkpoint_as<peft::randlora<double>>(dir); });
+    const auto msg = peft_test::message_of([&] { peft::io::load_checkpoint_as<peft::randlora<double>>(dir); });
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::randlora<double>>(dir), peft::format_error);
     CHECK(msg.find("ceil(min(in, out) / r)") != std::string::npos);
   }
@@ -420,13 +344,13 @@ TEST_CASE("randlora: malformed shapes are rejected by the constructors and at us
   CHECK(a.in_features() == 6);
   CHECK(a.out_features() == 8);
   const peft::dense<double> w(peft_test::random_matrix<double>(6, 8, g));
-  peft::matrix<double> x(2, 8), y(2, 6);
-  R::cache_type cache;
-  const auto msg = message_of([&] { a.forward(w, x.view(), y.view(), cache); });
-  CHECK(msg.rfind("[randlora::forward] base weight is (6, 8), adapter expects (8, 6)", 0) == 0);
+  using peft_test::arg;
+  using peft_test::pass;
+  peft_test::check_shape_errors(a, w, 2,
+                                {{pass::forward, arg::none, 0, 0,
+                                  "[randlora::forward] base weight is (6, 8), adapter expects (8, 6)",
+                                  peft_test::match::prefix}});
   a.set_features(8, 6);
-  peft::matrix<double> bad_dx(2, 7);
-  CHECK_THROWS_AS(a.backward(w, x.view(), y.view(), bad_dx.view(), cache), peft::shape_error);
-  R empty;
-  CHECK_THROWS_AS(empty.forward(w, x.view(), y.view(), cache), peft::error);
+  peft_test::check_shape_errors(a, w, 2, {{pass::backward, arg::dx, 2, 7}});
+  peft_test::check_unset_rejected<R, peft::error>(w);
 }

@@ -21,6 +21,8 @@
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/train/shira_masks.hpp"
+#include "support/adapter_checks.hpp"
+#include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
 namespace {
@@ -30,40 +32,16 @@ using peft_test::rel_error;
 
 const fs::path case_dir = fs::path(PEFT_TEST_DATA_DIR) / "peft" / "shira";
 
+using peft_test::tolerance;
+
+/// The golden case, every stored value set and none zero.
 template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
-}
-
-template <class T>
-using layer_t = peft::adapted_linear<peft::dense<float>, peft::shira<T>>;
-
-peft::dense<float> load_base(const peft::io::safetensors_file& f, const std::string& name) {
-  return peft::dense<float>(f.read_matrix<float>(name + ".weight"), f.read<float>(name + ".bias"));
-}
-
-template <class T>
-struct golden_case {
-  peft::io::safetensors_file base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
-  peft::io::safetensors_file reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
-  peft::io::basic_peft_checkpoint<peft::shira<T>> checkpoint =
-      peft::io::load_checkpoint_as<peft::shira<T>>(case_dir / "adapter");
-  layer_t<T> up{load_base(base, "up")};
-  layer_t<T> down{load_base(base, "down")};
-
-  golden_case() {
-    REQUIRE(checkpoint.modules.size() == 2);
+struct golden_case : peft_test::golden_case<peft::shira<T>> {
+  golden_case() : peft_test::golden_case<peft::shira<T>>("shira") {
     for (const std::string n : {"up", "down"}) {
-      const auto& a = checkpoint.find(n + ".weight")->adapter;
-      REQUIRE(peft_test::count_nonzero(a.values()) == a.entries());  // every value set, none zero
+      const auto& a = this->checkpoint.find(n + ".weight")->adapter;
+      REQUIRE(peft_test::count_nonzero(a.values()) == a.entries());
     }
-    up.add_adapter("default", checkpoint.find("up.weight")->adapter);
-    down.add_adapter("default", checkpoint.find("down.weight")->adapter);
-  }
-  layer_t<T>& layer(const std::string& n) { return n == "up" ? up : down; }
-  template <class U>
-  peft::matrix<U> ref(const std::string& name) const {
-    return reference.read_matrix<U>(name);
   }
 };
 
@@ -169,50 +147,17 @@ TEMPLATE_TEST_CASE("SHiRA golden: each layer's output, dx and shira_weight gradi
   const double tol = tolerance<TestType>();
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
-    auto& layer = c.layer(name);
-    const auto x = c.template ref<TestType>("layer." + name + ".input");
-    const auto g = c.template ref<TestType>("layer." + name + ".grad_output");
-    REQUIRE(peft_test::count_nonzero(x) > x.size() / 4);  // the down input is a relu output
-    REQUIRE(peft_test::count_nonzero(g) > g.size() / 4);
-    peft::matrix<TestType> y(x.rows(), layer.out_features()), dx(x.rows(), layer.in_features());
-    layer.forward(x, y);
-    CHECK(rel_error(y, c.template ref<double>("layer." + name + ".output")) < tol);
-    layer.zero_grad();
-    layer.backward(x, g, dx);
-    CHECK(rel_error(dx, c.template ref<double>("layer." + name + ".grad_input")) < tol);
-    const auto& a = layer.adapter("default");
-    CHECK(rel_error(a.grad_values(), c.template ref<double>("grad.base_model.model." + name + ".shira_weight.default")) < tol);
+    const auto r = peft_test::run_layer(c, name);
+    CHECK(rel_error(r.y, c.ref("layer." + name + ".output")) < tol);
+    CHECK(rel_error(r.dx, c.ref("layer." + name + ".grad_input")) < tol);
+    peft_test::check_trainable_gradients(c, name, tol);
   }
 }
 
 TEMPLATE_TEST_CASE("SHiRA golden: the two-layer network's y, dL/dx and both gradients match PEFT", "[shira][golden]",
                    float, double) {
   golden_case<TestType> c;
-  const double tol = tolerance<TestType>();
-  using T = TestType;
-  const auto x = c.template ref<T>("x");
-  const auto gy = c.template ref<T>("grad_y");
-  REQUIRE(peft_test::nontrivial(x));
-  REQUIRE(peft_test::nontrivial(gy));
-  peft::matrix<T> h(x.rows(), c.up.out_features()), a(h.rows(), h.cols()), y(x.rows(), c.down.out_features());
-  c.up.forward(x, h);
-  for (peft::index i = 0; i < h.rows(); ++i)
-    for (peft::index j = 0; j < h.cols(); ++j) a(i, j) = h(i, j) > 0 ? h(i, j) : T{0};
-  c.down.forward(a, y);
-  CHECK(rel_error(y, c.template ref<double>("y")) < tol);
-  peft::matrix<T> da(a.rows(), a.cols()), dx(x.rows(), x.cols());
-  c.up.zero_grad();
-  c.down.zero_grad();
-  c.down.backward(a, gy, da);
-  for (peft::index i = 0; i < da.rows(); ++i)
-    for (peft::index j = 0; j < da.cols(); ++j) da(i, j) = h(i, j) > 0 ? da(i, j) : T{0};
-  c.up.backward(x, da, dx);
-  CHECK(rel_error(dx, c.template ref<double>("grad_x")) < tol);
-  for (const std::string name : {"up", "down"}) {
-    INFO("layer " << name);
-    CHECK(rel_error(c.layer(name).adapter("default").grad_values(),
-                    c.template ref<double>("grad.base_model.model." + name + ".shira_weight.default")) < tol);
-  }
+  peft_test::check_network_trainable(c, tolerance<TestType>());
 }
 
 TEMPLATE_TEST_CASE("SHiRA golden: merged weights (merge, and apply into f32 and f64 bases) match merge_and_unload",
@@ -220,7 +165,7 @@ TEMPLATE_TEST_CASE("SHiRA golden: merged weights (merge, and apply into f32 and 
   golden_case<TestType> c;
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
-    const auto merged_w = c.template ref<double>("merged." + name + ".weight");
+    const auto merged_w = c.ref("merged." + name + ".weight");
     const peft::matrix<double> merged_b(1, merged_w.rows(), c.reference.template read<double>("merged." + name + ".bias"));
     REQUIRE(rel_error(merged_w, c.base.template read_matrix<double>(name + ".weight")) > 1e-4);  // the delta shows
     auto a = c.layer(name).adapter("default");
@@ -420,15 +365,14 @@ TEST_CASE("SHiRA: constructor and call errors", "[shira][errors]") {
 
   const peft::dense<double> w = random_dense<double>(4, 5, g);
   auto a = random_shira<double>(4, 5, 6, g);
-  peft::shira<double>::cache_type cache;
-  peft::matrix<double> x(2, 4), y(2, 5), bad(2, 3);
-  CHECK_THROWS_AS(a.forward(w, x.view(), bad.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.forward(w, bad.view(), y.view(), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward(w, x.view(), y.view(), bad.view(), cache), peft::shape_error);
-  const peft::dense<double> other = random_dense<double>(5, 4, g);
-  CHECK_THROWS_AS(a.forward(other, x.view(), y.view(), cache), peft::shape_error);
-  peft::matrix<double> dw(4, 4);
-  CHECK_THROWS_AS(a.delta_weight(w, dw.view()), peft::shape_error);
+  using peft_test::arg;
+  using peft_test::pass;
+  peft_test::check_shape_errors(a, w, 2,
+                                {{pass::forward, arg::y, 2, 3},
+                                 {pass::forward, arg::x, 2, 3},
+                                 {pass::backward, arg::dx, 2, 3},
+                                 {pass::forward, arg::base, 4, 5},
+                                 {pass::delta_weight, arg::dw, 4, 4}});
 }
 
 TEST_CASE("SHiRA: forward, backward and delta_weight against a dense reference", "[shira]") {

@@ -6,7 +6,6 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
-#include <filesystem>
 #include <limits>
 #include <string>
 #include <vector>
@@ -15,43 +14,18 @@
 #include "peft/adapters/sora.hpp"
 #include "peft/io/peft/sora.hpp"
 #include "peft/base/dense.hpp"
-#include "peft/io/safetensors.hpp"
+#include "support/adapter_checks.hpp"
+#include "support/gated_rank_checks.hpp"
 #include "support/test_support.hpp"
 
 namespace {
 
-namespace fs = std::filesystem;
 using peft_test::rel_error;
-
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
-}
-template <class T>
-double rounding() {  // "identical to rounding" for a re-associated product
-  return std::is_same_v<T, double> ? 1e-14 : 1e-6;
-}
-
-const fs::path case_dir = fs::path(PEFT_TEST_DATA_DIR) / "paper" / "sora";
-
-/// The golden case: one layer 64 -> 48, r_max = 8, alpha = 16, batch 5, gate_1 = 0.
-template <class T>
-struct golden {
-  peft::io::safetensors_file f = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
-  peft::dense<T> base{f.read_matrix<T>("W0"), f.read<T>("b0")};
-  peft::matrix<T> x = f.read_matrix<T>("x");
-  peft::matrix<T> gy = f.read_matrix<T>("grad_y");
-  peft::sora<T> adapter{f.read_matrix<T>("lora_A"), f.read_matrix<T>("lora_B"), f.read<T>("gate"), static_cast<T>(2.0)};
-  peft::matrix<double> ref(const char* name) const { return f.read_matrix<double>(name); }
-};
 
 /// A random sora adapter with every parameter non-zero (|g_i| in [0.2, 1), random signs).
 template <class T>
 peft::sora<T> random_adapter(peft::index in, peft::index out, peft::index r, peft::rng& g) {
-  auto gate = peft_test::random_vector<T>(r, g, 0.2, 1.0);
-  for (auto& v : gate) v = g.below(2) ? v : -v;
-  return peft::sora<T>(peft_test::random_matrix<T>(r, in, g), peft_test::random_matrix<T>(out, r, g),
-                       std::move(gate), static_cast<T>(0.5));
+  return peft_test::random_gated<peft::sora<T>>(in, out, r, g, 0.5);
 }
 
 /// Forward + backward of L = sum(y * gy) on random data: fills the adapter's gradients.
@@ -71,51 +45,10 @@ void accumulate_gradients(peft::sora<T>& a, peft::rng& g) {
 
 TEMPLATE_TEST_CASE("sora matches the paper's formula (golden)", "[sora][golden]", float, double) {
   using T = TestType;
-  const double tol = tolerance<T>();
-  golden<T> c;
-  auto& a = c.adapter;
-  REQUIRE(peft_test::nontrivial(c.x));
-  REQUIRE(peft_test::nontrivial(c.gy));
-  REQUIRE(peft_test::nontrivial(a.A()));
-  REQUIRE(peft_test::nontrivial(a.B()));
-  REQUIRE(a.rank() == 8);
-  REQUIRE(peft_test::count_nonzero(a.gate()) == 7);  // one gate entry already zero
-  REQUIRE(a.active_rank() == 7);
-
-  peft::matrix<T> y(c.x.rows(), a.out_features()), dx(c.x.rows(), a.in_features());
-  typename peft::sora<T>::cache_type cache;
-  a.forward(c.base, c.x, y, cache);
-  CHECK(rel_error(y, c.ref("y")) < tol);
-  a.zero_grad();
-  a.backward(c.base, c.x, c.gy, dx, cache);
-  CHECK(rel_error(dx, c.ref("grad_x")) < tol);
-  CHECK(rel_error(a.grad_A(), c.ref("grad.lora_A")) < tol);
-  CHECK(rel_error(a.grad_B(), c.ref("grad.lora_B")) < tol);
-  CHECK(rel_error(a.grad_gate(), c.ref("grad.gate")) < tol);
-  CHECK(a.grad_gate()(0, 1) != T{0});  // a zero gate still has a gradient (it may come back)
-
-  // merged: W0 + s B diag(g) A gives the same output
-  peft::matrix<T> dw(a.out_features(), a.in_features());
-  a.delta_weight(c.base, dw);
-  peft::matrix<T> w = peft::to_matrix(c.base.weight());
-  for (peft::index i = 0; i < w.rows(); ++i)
-    for (peft::index j = 0; j < w.cols(); ++j) w(i, j) += dw(i, j);
-  const peft::dense<T> merged(std::move(w), c.f.template read<T>("b0"));
-  peft::matrix<T> ym(c.x.rows(), a.out_features());
-  merged.matmul(peft::matrix_view<const T>(c.x.view()), ym.view());
-  CHECK(rel_error(ym, c.ref("y")) < tol);
-  T db = 0;
-  CHECK_FALSE(a.delta_bias(c.base, &db));
-
-  // compaction: rank 7, same output
-  const auto l = a.compact();
-  REQUIRE(l.has_value());
-  CHECK(l->rank() == 7);
-  CHECK(l->scale() == a.scale());
-  peft::matrix<T> yl(c.x.rows(), a.out_features());
-  typename peft::lora<T>::cache_type lc;
-  l->forward(c.base, c.x, yl, lc);
-  CHECK(rel_error(yl, c.ref("y")) < tol);
+  // one layer 64 -> 48, r_max = 8, alpha = 16, batch 5, gate_1 = 0
+  peft_test::gated_case<peft::sora<T>> c("sora", "gate", static_cast<T>(2.0));
+  peft_test::check_gated_case(c, 8, 7, "grad.gate", peft_test::tolerance<T>());  // one gate entry already zero
+  CHECK(c.adapter.grad_gate()(0, 1) != T{0});  // a zero gate still has a gradient (it may come back)
 }
 
 TEMPLATE_TEST_CASE("sora: init (A kaiming-uniform, B = 0, g ~ N(0, 1)) is the identity", "[sora][init]", float, double) {
@@ -128,15 +61,9 @@ TEMPLATE_TEST_CASE("sora: init (A kaiming-uniform, B = 0, g ~ N(0, 1)) is the id
   CHECK(peft_test::max_abs(a.A()) <= bound);
   CHECK(peft_test::max_abs(a.A()) > 0.99 * bound);
   CHECK(peft_test::nontrivial(a.A()));
-  double mean = 0.0, sq = 0.0;
-  for (peft::index i = 0; i < r; ++i) {
-    mean += static_cast<double>(a.gate()(0, i));
-    sq += static_cast<double>(a.gate()(0, i)) * static_cast<double>(a.gate()(0, i));
-  }
-  mean /= static_cast<double>(r);
-  const double var = sq / static_cast<double>(r) - mean * mean;
-  CHECK(std::abs(mean) < 0.06);  // 4 standard errors
-  CHECK(std::abs(var - 1.0) < 0.1);
+  const auto m = peft_test::moments_of(a.gate());
+  CHECK(std::abs(m.mean) < 0.06);  // 4 standard errors
+  CHECK(std::abs(m.mean_square - m.mean * m.mean - 1.0) < 0.1);
   CHECK(a.active_rank() == r);
   const peft::sora<T> same(in, out, {.rank = r, .alpha = 16.0, .seed = 3});
   const peft::sora<T> other(in, out, {.rank = r, .alpha = 16.0, .seed = 4});
@@ -146,12 +73,7 @@ TEMPLATE_TEST_CASE("sora: init (A kaiming-uniform, B = 0, g ~ N(0, 1)) is the id
   peft::rng g(8);
   const peft::sora<T> small(in, out, {.rank = 3, .alpha = 6.0, .seed = 1});
   const auto w = peft::dense<T>(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
-  const auto x = peft_test::random_matrix<T>(3, in, g);
-  peft::matrix<T> y(3, out), h(3, out);
-  typename peft::sora<T>::cache_type cache;
-  small.forward(w, x, y, cache);
-  w.matmul(peft::matrix_view<const T>(x.view()), h.view());
-  CHECK(peft_test::exactly_equal(y, h));
+  peft_test::check_output_is_base(small, w, peft_test::random_matrix<T>(3, in, g));
 }
 
 TEST_CASE("sora: soft threshold and the official code's threshold", "[sora][threshold]") {
@@ -270,71 +192,41 @@ TEMPLATE_TEST_CASE("sora: compaction to a LoRA preserves outputs", "[sora][compa
     CHECK(a.active_rank() == r / 2);
     const auto w = peft::dense<T>(peft_test::random_matrix<T>(out, in, g), peft_test::random_vector<T>(out, g));
     const auto x = peft_test::random_matrix<T>(4, in, g);
-    peft::matrix<T> y(4, out), yl(4, out), h(4, out);
-    typename peft::sora<T>::cache_type cache;
-    a.forward(w, x, y, cache);
-    w.matmul(peft::matrix_view<const T>(x.view()), h.view());
     const auto l = a.compact();
     if (r / 2 == 0) {
-      CHECK_FALSE(l.has_value());
-      CHECK(peft_test::exactly_equal(y, h));
+      peft_test::check_compacts_to_base(a, w, x);
       continue;
     }
-    REQUIRE(rel_error(y, h) > 1e-3);
     REQUIRE(l.has_value());
-    CHECK(l->rank() == r / 2);
-    CHECK(l->scale() == a.scale());
-    typename peft::lora<T>::cache_type lc;
-    l->forward(w, x, yl, lc);
-    CHECK(rel_error(yl, y) < rounding<T>());
-    peft::matrix<T> d1(out, in), d2(out, in);
-    a.delta_weight(w, d1);
-    l->delta_weight(w, d2);
-    CHECK(rel_error(d2, d1) < rounding<T>());
+    peft_test::check_compacted(a, *l, w, x, r / 2, peft_test::rounding<T>());
+    peft_test::check_same_delta(a, *l, w, peft_test::rounding<T>());
 
     // every gate zero: no LoRA (rank 0 does not exist); the adapter is exactly the identity
     a.official_threshold(10.0);
     CHECK(a.active_rank() == 0);
-    CHECK_FALSE(a.compact().has_value());
-    a.forward(w, x, y, cache);
-    CHECK(peft_test::exactly_equal(y, h));
+    peft_test::check_compacts_to_base(a, w, x);
   }
 }
 
 TEST_CASE("sora: errors", "[sora][errors]") {
   using A = peft::sora<double>;
+  using peft_test::arg;
+  using peft_test::pass;
   peft::rng g(1);
-  CHECK_THROWS_AS(A(4, 3, {.rank = 0}), peft::shape_error);
-  CHECK_THROWS_AS(A(0, 3, {.rank = 2}), peft::shape_error);
-  CHECK_THROWS_AS(A(4, -1, {.rank = 2}), peft::shape_error);
-  CHECK_THROWS_WITH(A(peft::matrix<double>(2, 4), peft::matrix<double>(3, 3), {0, 0}, 1.0),
-                    Catch::Contains("[sora::sora] B is (3, 3) but A has rank 2"));
-  CHECK_THROWS_AS(A(peft::matrix<double>(2, 4), peft::matrix<double>(3, 2), {0}, 1.0), peft::shape_error);
+  peft_test::check_gated_constructor_errors<A>(-1, "[sora::sora] B is (3, 3) but A has rank 2", {0});
 
   A a(4, 3, {.rank = 2, .seed = 2});
   const peft::dense<double> w(peft_test::random_matrix<double>(3, 4, g));
-  const peft::dense<double> wrong(peft_test::random_matrix<double>(2, 4, g));
-  peft::matrix<double> x(2, 4), y(2, 3), dx(2, 4), dy(2, 3), bad(2, 5);
-  A::cache_type cache;
-  CHECK_THROWS_WITH(a.forward(w, bad, y, cache), Catch::Contains("[sora::forward] x is (2, 5), expected (2, 4)"));
-  CHECK_THROWS_AS(a.forward(wrong, x, y, cache), peft::shape_error);
-  CHECK_THROWS_AS(a.add_term(w, x, y, peft::matrix<double>(2, 2), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward(w, x, dy, bad, cache), peft::shape_error);
-  CHECK_THROWS_AS(a.backward_term(w, x, y, dy, dy, peft::matrix<double>(2, 3), cache), peft::shape_error);
-  CHECK_THROWS_AS(a.delta_weight(w, peft::matrix<double>(4, 3)), peft::shape_error);
+  peft_test::check_shape_errors(a, w, 2,
+                                {{pass::forward, arg::x, 2, 5, "[sora::forward] x is (2, 5), expected (2, 4)"},
+                                 {pass::forward, arg::base, 2, 4},
+                                 {pass::add_term, arg::y, 2, 2},
+                                 {pass::backward, arg::dx, 2, 5},
+                                 {pass::backward_term, arg::dx, 2, 3},
+                                 {pass::delta_weight, arg::dw, 4, 3}});
 
-  static_assert(!peft::io::peft_codec<A>::has_format);  // PEFT has no format: the codec says so
-  peft::io::checkpoint_tensors<double> m("layer");
-  CHECK_THROWS_AS(peft::io::from_checkpoint<A>(peft::io::adapter_config{}, m, m), peft::unsupported_error);
-  CHECK_THROWS_WITH(peft::io::from_checkpoint<A>(peft::io::adapter_config{}, m, m),
-                    Catch::Contains("compact() to a LoRA and save that"));
-  peft::io::adapter_config cfg;
-  CHECK_THROWS_AS(peft::io::describe_in(a, cfg, "layer"), peft::unsupported_error);
-  const auto p = a.parameters();
-  REQUIRE(p.size() == 3);
-  CHECK(p[0].name == "lora_A.weight");
-  CHECK(p[1].name == "lora_B.weight");
-  CHECK(p[2].name == "lora_gate");
+  peft_test::check_no_peft_format(a, "compact() to a LoRA and save that");  // PEFT has no format: the codec says so
+  const auto p = peft_test::check_gated_parameters(a, "lora_gate");
   CHECK(p[2].shape == std::vector<std::int64_t>{2});
   CHECK(p[1].shape == std::vector<std::int64_t>{3, 2});
 }

@@ -40,12 +40,6 @@ inline std::filesystem::path golden_dir(const std::string& name) {
   return std::filesystem::path(PEFT_TEST_DATA_DIR) / "peft" / name;
 }
 
-/// The parity bound against PEFT's float64 reference: 1e-12 computing in double, 1e-5 in float.
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 1e-5;
-}
-
 /// The frozen layer `name` ("up", "down") of a case's base model, with its bias.
 inline peft::dense<float> load_base(const peft::io::safetensors_file& f, const std::string& name) {
   return peft::dense<float>(f.read_matrix<float>(name + ".weight"), f.read<float>(name + ".bias"));
@@ -172,16 +166,23 @@ void check_gradients(golden_case<A>& c, const std::string& name, double tol) {
   CHECK(checked == c.reference_gradients(name));
 }
 
+/// Layer `name` alone: its output and dL/dinput against PEFT's, the adapter's term a visible part
+/// of the output (the gradients are left in the adapter for the caller).
+template <class A>
+void check_layer_outputs(golden_case<A>& c, const std::string& name, double tol) {
+  const auto r = run_layer(c, name);
+  const auto y_ref = c.ref("layer." + name + ".output");
+  CHECK(rel_error(r.y, y_ref) < tol);
+  REQUIRE(rel_error(r.y_base, y_ref) > 1e-3);  // the adapter is not a no-op
+  CHECK(rel_error(r.dx, c.ref("layer." + name + ".grad_input")) < tol);
+}
+
 /// Each layer alone: output, dL/dinput, every parameter gradient.
 template <class A>
 void check_layers(golden_case<A>& c, double tol) {
   for (const std::string name : {"up", "down"}) {
     INFO("layer " << name);
-    const auto r = run_layer(c, name);
-    const auto y_ref = c.ref("layer." + name + ".output");
-    CHECK(rel_error(r.y, y_ref) < tol);
-    REQUIRE(rel_error(r.y_base, y_ref) > 1e-3);  // the adapter is not a no-op
-    CHECK(rel_error(r.dx, c.ref("layer." + name + ".grad_input")) < tol);
+    check_layer_outputs(c, name, tol);
     check_gradients(c, name, tol);
   }
 }
@@ -205,6 +206,26 @@ void check_network(golden_case<A>& c, double tol) {
   check_network_outputs(c, tol);
   check_gradients(c, "up", tol);
   check_gradients(c, "down", tol);
+}
+
+/// Every trainable parameter's gradient of layer `name` against PEFT's (frozen tensors, such as
+/// shared projections or a mask's indices, have none).
+template <class A>
+void check_trainable_gradients(golden_case<A>& c, const std::string& name, double tol) {
+  const std::string key = "grad.base_model.model." + name + ".";
+  for (const auto& p : c.layer(name).adapter("default").parameters()) {
+    if (p.trainable) CHECK(rel_error(p.grad, c.ref(key + p.name + ".default")) < tol);
+  }
+}
+
+/// The two-layer network's output and dL/dx, and every trainable gradient, against PEFT's.
+template <class A>
+void check_network_trainable(golden_case<A>& c, double tol) {
+  check_network_outputs(c, tol);
+  for (const std::string name : {"up", "down"}) {
+    INFO("layer " << name);
+    check_trainable_gradients(c, name, tol);
+  }
 }
 
 /// adapted_linear::merge of layer `name` into its f32 base against PEFT's merged weight (rounded
@@ -273,6 +294,14 @@ void check_golden(const std::string& name) {
 
 // ---- building and editing checkpoints ----------------------------------------------------------
 
+/// A temporary directory of this process: test binaries run concurrently (ctest -j, several
+/// builds), so fixed names would collide.
+inline std::filesystem::path scratch_dir(const std::string& stem) {
+  static const std::string tag = std::to_string(std::random_device{}());
+  return std::filesystem::temp_directory_path() / (stem + "_" + tag);
+}
+
+
 /// A stored tensor of the given shape (n-D flattened to (d0, d1*...*dn)), uniform in [lo, hi).
 template <class T>
 peft::io::stored_tensor<T> stored(std::vector<std::int64_t> shape, peft::rng& g, double lo = -1.0, double hi = 1.0) {
@@ -282,6 +311,34 @@ peft::io::stored_tensor<T> stored(std::vector<std::int64_t> shape, peft::rng& g,
   s.shape = std::move(shape);
   s.data = std::make_shared<peft::matrix<T>>(random_matrix<T>(rows, cols, g, lo, hi));
   return s;
+}
+
+/// A module's checkpoint tensors (as from_checkpoint receives them): each (name, shape) stored
+/// with values uniform in [lo, hi), drawn in the order given.
+template <class T>
+peft::io::checkpoint_tensors<T> random_tensors(
+    const std::string& module, const std::vector<std::pair<std::string, std::vector<std::int64_t>>>& tensors,
+    peft::rng& g, double lo = -1.0, double hi = 1.0) {
+  peft::io::checkpoint_tensors<T> m(module);
+  for (const auto& [name, shape] : tensors) m.add(name, stored<T>(shape, g, lo, hi));
+  return m;
+}
+
+/// An adapter_config of `peft_type` targeting `targets` (a JSON list), as a saved config reads.
+inline peft::io::adapter_config config_of(const std::string& peft_type, const std::string& targets = R"(["layer"])") {
+  return peft::io::adapter_config::parse(R"({"peft_type": ")" + peft_type + R"(", "target_modules": )" + targets + "}");
+}
+
+/// `ck` saved (tensors as f32) to a scratch directory named after `stem` and loaded back as A;
+/// the directory is removed.
+template <class A>
+peft::io::basic_peft_checkpoint<A> save_and_load(peft::io::basic_peft_checkpoint<A>& ck, const std::string& stem) {
+  const auto dir = scratch_dir(stem);
+  std::filesystem::remove_all(dir);
+  peft::io::save_peft_checkpoint(dir, ck);
+  auto back = peft::io::load_checkpoint_as<A>(dir);
+  std::filesystem::remove_all(dir);
+  return back;
 }
 
 /// Copies case `name`'s adapter to `dst`, letting `edit_config` change adapter_config.json,
@@ -308,13 +365,6 @@ inline void rewrite_adapter(const std::string& name, const std::filesystem::path
     }
   }
   w.write(dst / "adapter_model.safetensors");
-}
-
-/// A temporary directory of this process: test binaries run concurrently (ctest -j, several
-/// builds), so fixed names would collide.
-inline std::filesystem::path scratch_dir(const std::string& stem) {
-  static const std::string tag = std::to_string(std::random_device{}());
-  return std::filesystem::temp_directory_path() / (stem + "_" + tag);
 }
 
 /// The message of the exception f throws, or "" if it throws none.

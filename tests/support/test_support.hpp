@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "peft/core/dtype.hpp"
@@ -21,6 +22,49 @@
 namespace peft_test {
 
 using peft::index;
+
+// ---- tolerances ----------------------------------------------------------------------------------
+
+/// The bound for a result computed in T against a double reference: `for_double` when T is
+/// double, `for_float` otherwise. The defaults are the parity bound of the golden cases
+/// (tests/data README: 1e-12 computing in double, 1e-5 in float).
+template <class T>
+constexpr double tolerance(double for_double = 1e-12, double for_float = 1e-5) {
+  return std::is_same_v<T, double> ? for_double : for_float;
+}
+
+/// "Identical to rounding" for a re-associated product computed in T.
+template <class T>
+constexpr double rounding() {
+  return tolerance<T>(1e-14, 1e-6);
+}
+
+/// Unit roundoff of a storage type (what one rounding to it can cost, relatively).
+template <class S>
+constexpr double unit_roundoff() {
+  if constexpr (std::is_same_v<S, double>) return 0x1p-53;
+  if constexpr (std::is_same_v<S, float>) return 0x1p-24;
+  return 0x1p-8;  // bf16 (and f16 would be 2^-11)
+}
+
+/// A compute type T over a frozen weight stored as S, for TEMPLATE_TEST_CASE type lists.
+template <class T, class S>
+struct compute_on {
+  using scalar = T;
+  using storage = S;
+};
+
+/// The pairs the layer tests run over, named as in their test case names.
+namespace compute_types {
+using f32_on_f32 = compute_on<float, float>;
+using f32_on_f64 = compute_on<float, double>;
+using f32_on_bf16 = compute_on<float, peft::bf16>;
+using f64_on_f64 = compute_on<double, double>;
+using f64_on_f32 = compute_on<double, float>;
+using f64_on_bf16 = compute_on<double, peft::bf16>;
+}  // namespace compute_types
+
+// ---- elements and random data ----------------------------------------------------------------------
 
 /// Element (i, j) of a matrix or view of any storage scalar, as double (exact widening).
 template <class M>
@@ -45,11 +89,28 @@ peft::matrix<T> random_matrix(index rows, index cols, peft::rng& gen, double lo 
   return m;
 }
 
+/// A new rows x cols matrix of normal values N(0, stddev^2), rounded to T.
+template <class T>
+peft::matrix<T> normal_matrix(index rows, index cols, peft::rng& gen, double stddev) {
+  peft::matrix<T> m(rows, cols);
+  for (auto& v : m.storage()) v = peft::convert<T>(gen.normal(0.0, stddev));
+  return m;
+}
+
 /// A vector of n uniform values in [lo, hi), rounded to T.
 template <class T>
 std::vector<T> random_vector(index n, peft::rng& gen, double lo = -1.0, double hi = 1.0) {
   std::vector<T> v(static_cast<std::size_t>(n));
   for (auto& e : v) e = peft::convert<T>(gen.uniform(lo, hi));
+  return v;
+}
+
+/// n values whose magnitudes are uniform in [lo, hi) and whose signs are random (the magnitudes
+/// are drawn first, then the signs).
+template <class T>
+std::vector<T> random_signed_vector(index n, peft::rng& gen, double lo, double hi) {
+  auto v = random_vector<T>(n, gen, lo, hi);
+  for (auto& e : v) e = gen.below(2) ? e : -e;
   return v;
 }
 
@@ -108,6 +169,26 @@ double rel_error(const MA& a, const MB& b) {
   }
   const double e = ref > 0.0 ? std::sqrt(diff / ref) : std::sqrt(diff);
   return std::isnan(e) ? std::numeric_limits<double>::infinity() : e;
+}
+
+/// The sample moments of a matrix's elements, accumulated in double (row by row).
+struct element_moments {
+  double n;            // how many elements
+  double mean;         // sum / n
+  double mean_square;  // sum of squares / n
+};
+
+template <class M>
+element_moments moments_of(const M& m) {
+  double sum = 0.0, sum2 = 0.0;
+  for (index i = 0; i < m.rows(); ++i) {
+    for (index j = 0; j < m.cols(); ++j) {
+      sum += at(m, i, j);
+      sum2 += at(m, i, j) * at(m, i, j);
+    }
+  }
+  const double n = static_cast<double>(m.rows() * m.cols());
+  return {n, sum / n, sum2 / n};
 }
 
 /// True when every element of a and b compares equal (== on the stored values).

@@ -28,26 +28,23 @@
 #include "peft/core/random.hpp"
 #include "peft/train/dynamic_rank_trainer.hpp"
 #include "peft/train/optimizer.hpp"
+#include "support/gated_rank_checks.hpp"
 #include "support/test_support.hpp"
+#include "support/trainer_harness.hpp"
 
 namespace {
 
 namespace train = peft::train;
-using peft_test::rel_error;
 
 /// A layer with random A, B and r0 non-zero c_i (|c_i| in [0.2, 1), random signs).
 peft::dynamic_rank<double> random_layer(peft::index in, peft::index out, peft::index r0, peft::rng& g) {
-  auto c = peft_test::random_vector<double>(r0, g, 0.2, 1.0);
-  for (auto& v : c) v = g.below(2) ? v : -v;
-  return peft::dynamic_rank<double>(peft_test::random_matrix<double>(r0, in, g),
-                                    peft_test::random_matrix<double>(out, r0, g), std::move(c), 0.5);
+  return peft_test::random_gated<peft::dynamic_rank<double>>(in, out, r0, g, 0.5);
 }
 
 /// A layer with random A, B and c = 0 (its importance update is exactly S <- 0.9 S).
 peft::dynamic_rank<double> zero_c_layer(peft::index in, peft::index out, peft::index r0, peft::rng& g) {
-  return peft::dynamic_rank<double>(peft_test::random_matrix<double>(r0, in, g),
-                                    peft_test::random_matrix<double>(out, r0, g),
-                                    std::vector<double>(static_cast<std::size_t>(r0), 0.0), 0.5);
+  std::vector<double> c(static_cast<std::size_t>(r0), 0.0);
+  return peft_test::gated_with<peft::dynamic_rank<double>>(in, out, std::move(c), g, 0.5);
 }
 
 /// The toy model: three layers of r0 = 8 (N = 24), every c_i non-zero.
@@ -95,81 +92,6 @@ peft::index zero_components(const toy_model& m) {
   return n;
 }
 
-// ---- a three-layer chain y = L3(L2(L1(x))), each L_l(x) = x W_l^T + adapter term ----------------
-
-constexpr peft::index width = 10;
-constexpr peft::index batch = 64;
-
-/// Frozen bases near the identity and a teacher whose layer l adds a delta of rank ranks[l].
-struct regression_problem {
-  std::vector<peft::dense<double>> base;
-  peft::matrix<double> x;
-  peft::matrix<double> target;
-
-  explicit regression_problem(const std::array<peft::index, 3>& ranks, std::uint64_t seed) {
-    peft::rng g(seed);
-    const double sd = 1.0 / std::sqrt(static_cast<double>(width));
-    std::vector<peft::dense<double>> teacher;
-    for (peft::index r : ranks) {
-      peft::matrix<double> w(width, width);
-      for (peft::index i = 0; i < width; ++i) {
-        for (peft::index j = 0; j < width; ++j) w(i, j) = (i == j ? 1.0 : 0.0) + 0.3 * sd * g.uniform(-1.0, 1.0);
-      }
-      peft::matrix<double> wt = w;
-      for (peft::index k = 0; k < r; ++k) {  // + 0.8 u v^T, u and v of norm ~1
-        std::vector<double> u(width), v(width);
-        for (auto& e : u) e = std::sqrt(3.0) * sd * g.uniform(-1.0, 1.0);
-        for (auto& e : v) e = std::sqrt(3.0) * sd * g.uniform(-1.0, 1.0);
-        for (peft::index i = 0; i < width; ++i) {
-          for (peft::index j = 0; j < width; ++j) {
-            wt(i, j) += 0.8 * u[static_cast<std::size_t>(i)] * v[static_cast<std::size_t>(j)];
-          }
-        }
-      }
-      base.emplace_back(std::move(w));
-      teacher.emplace_back(std::move(wt));
-    }
-    x = peft_test::random_matrix<double>(batch, width, g);
-    peft::matrix<double> h = x;
-    for (const auto& t : teacher) {
-      peft::matrix<double> next(batch, width);
-      t.matmul(peft::matrix_view<const double>(h.view()), next.view());
-      h = std::move(next);
-    }
-    target = std::move(h);
-  }
-};
-
-/// mean((y - target)^2) of the chain; with `grad`, every adapter's gradients are accumulated.
-template <class A>
-double chain_loss(const regression_problem& p, std::vector<A>& layers, bool grad) {
-  std::vector<typename A::cache_type> caches(layers.size());
-  std::vector<peft::matrix<double>> h{p.x};
-  for (std::size_t l = 0; l < layers.size(); ++l) {
-    peft::matrix<double> next(batch, width);
-    layers[l].forward(p.base[l], h.back(), next, caches[l]);
-    h.push_back(std::move(next));
-  }
-  const double n = static_cast<double>(batch * width);
-  double loss = 0.0;
-  peft::matrix<double> dy(batch, width);
-  for (peft::index i = 0; i < batch; ++i) {
-    for (peft::index j = 0; j < width; ++j) {
-      const double e = h.back()(i, j) - p.target(i, j);
-      loss += e * e / n;
-      dy(i, j) = 2.0 * e / n;
-    }
-  }
-  if (grad) {
-    for (std::size_t l = layers.size(); l-- > 0;) {
-      peft::matrix<double> dx(batch, width);
-      layers[l].backward(p.base[l], h[l], dy, dx, caches[l]);
-      dy = std::move(dx);
-    }
-  }
-  return loss;
-}
-
 /// Every layer against its compacted LoRA (or the bare base when the compaction is empty) on
 /// random inputs: equal to 1e-12.
 void check_compaction(const std::vector<peft::dynamic_rank<double>>& layers,
@@ -177,26 +99,8 @@ void check_compaction(const std::vector<peft::dynamic_rank<double>>& layers,
   REQUIRE(loras.size() == layers.size());
   for (std::size_t l = 0; l < layers.size(); ++l) {
     INFO("layer " << l);
-    const auto& a = layers[l];
-    const peft::dense<double> w(peft_test::random_matrix<double>(a.out_features(), a.in_features(), g),
-                                peft_test::random_vector<double>(a.out_features(), g));
-    const auto x = peft_test::random_matrix<double>(7, a.in_features(), g);
-    REQUIRE(peft_test::nontrivial(x));
-    peft::matrix<double> y(7, a.out_features()), yl(7, a.out_features()), h(7, a.out_features());
-    peft::dynamic_rank<double>::cache_type cache;
-    a.forward(w, x, y, cache);
-    w.matmul(peft::matrix_view<const double>(x.view()), h.view());
-    if (!loras[l]) {
-      CHECK(a.active_rank() == 0);
-      CHECK(peft_test::exactly_equal(y, h));  // every c_i zero: the layer is its base
-      continue;
-    }
-    REQUIRE(rel_error(y, h) > 1e-3);  // the adapter does something
-    CHECK(loras[l]->rank() == a.active_rank());
-    CHECK(loras[l]->scale() == a.scale());
-    peft::lora<double>::cache_type lc;
-    loras[l]->forward(w, x, yl, lc);
-    CHECK(rel_error(yl, y) < 1e-12);
+    if (!loras[l]) CHECK(layers[l].active_rank() == 0);
+    peft_test::check_layer_compaction(layers[l], loras[l], 7, layers[l].active_rank(), g);
   }
 }
 
@@ -484,43 +388,34 @@ TEST_CASE("dynamic_rank_trainer: a short training run fits at the target rank", 
   // Students: dynamic_rank with target average rank 2, r0 = ceil(1.5 * 2) = 3 per layer (N = 9);
   // 600 AdamW steps, pruning from step 90 to 300 every 10 steps down to 6 components.
   // Bound: the loss falls below 1% of the initial loss with 6 components kept in all.
-  const regression_problem p({1, 2, 3}, 12);
-  REQUIRE(peft_test::nontrivial(p.x));
-  REQUIRE(peft_test::nontrivial(p.target));
-  std::vector<peft::dynamic_rank<double>> layers;
-  for (std::uint64_t l = 0; l < 3; ++l) {
-    layers.emplace_back(width, width, peft::dynamic_rank_options{.rank = 2, .alpha = 3, .seed = 50 + l});
-  }
-  REQUIRE(layers[0].rank() == 3);
-  const double initial = chain_loss(p, layers, false);
-  REQUIRE(initial > 1e-2);  // the teacher's deltas matter (c = 0: the students start as the identity)
+  peft_test::chain_run<peft::dynamic_rank<double>> run({1, 2, 3}, 12, [](std::uint64_t l) {
+    return peft::dynamic_rank<double>(peft_test::chain_width, peft_test::chain_width,
+                                      peft::dynamic_rank_options{.rank = 2, .alpha = 3, .seed = 50 + l});
+  });
+  REQUIRE(run.layers[0].rank() == 3);
   const peft::index total = 600;
-  train::dynamic_rank_trainer<double> tr({&layers[0], &layers[1], &layers[2]},
-                                         {.total_steps = total, .interval = 10, .target_rank = 2});
+  train::dynamic_rank_trainer<double> tr(run.pointers(), {.total_steps = total, .interval = 10, .target_rank = 2});
   REQUIRE(tr.pruning_start() == 90);
   REQUIRE(tr.pruning_end() == 300);
   train::adamw<double> opt(tr.parameters(), {.lr = 1e-2, .weight_decay = 1e-2});
   std::ostringstream log;
-  for (peft::index step = 1; step <= total; ++step) {
-    for (auto& l : layers) l.zero_grad();
-    const double loss = chain_loss(p, layers, true);
+  run.train(static_cast<int>(total), [&](int step, double loss) {
     const double reg = tr.add_regularizer(step);
     opt.step(tr.parameters());
     tr.after_step(step);
     if (step % 50 == 0) {
-      log << "step " << step << " loss " << loss << " reg " << reg << " ranks";
-      for (peft::index r : tr.ranks()) log << ' ' << r;
-      log << '\n';
+      log << "step " << step << " loss " << loss << " reg " << reg << " ranks" << peft_test::ranks_text(tr.ranks())
+          << '\n';
     }
-  }
-  const double final_loss = chain_loss(p, layers, false);
-  INFO("initial loss " << initial << "\n" << log.str());
-  CHECK(final_loss < 0.01 * initial);
+  });
+  const double final_loss = run.loss();
+  INFO("initial loss " << run.initial << "\n" << log.str());
+  CHECK(final_loss < 0.01 * run.initial);
   CHECK(sum(tr.ranks()) == 6);  // the target: average rank 2 over 3 layers
   CHECK(sum(tr.active_ranks()) == 6);
   CHECK(tr.finished());
   peft::rng g(13);
-  check_compaction(layers, tr.compact(), g);
+  check_compaction(run.layers, tr.compact(), g);
 }
 
 TEST_CASE("dynamic_rank_trainer: errors", "[dynamic_rank_trainer][errors]") {
@@ -533,9 +428,10 @@ TEST_CASE("dynamic_rank_trainer: errors", "[dynamic_rank_trainer][errors]") {
     return o;
   };
   using opts = train::dynamic_rank_schedule_options;
-  CHECK_THROWS_WITH(trainer({}, toy_schedule), Catch::StartsWith(ctor) && Catch::Contains("no layers"));
-  CHECK_THROWS_WITH(trainer({&m.layers[0], nullptr}, toy_schedule), Catch::StartsWith(ctor) && Catch::Contains("layer 1 is null"));
-  CHECK_THROWS_WITH(trainer({&m.layers[0], &m.layers[0]}, toy_schedule), Catch::StartsWith(ctor) && Catch::Contains("twice"));
+  peft_test::check_layer_list_errors(ctor, m.layers[0], m.layers[1],
+                                     [](const std::vector<peft::dynamic_rank<double>*>& layers) {
+                                       return trainer(layers, toy_schedule);
+                                     });
   CHECK_THROWS_WITH(trainer(m.pointers(), with([](opts& o) { o.total_steps = 0; })),
                     Catch::StartsWith(ctor) && Catch::Contains("total_steps"));
   CHECK_THROWS_WITH(trainer(m.pointers(), opts{}), Catch::StartsWith(ctor) && Catch::Contains("total_steps"));
@@ -555,7 +451,6 @@ TEST_CASE("dynamic_rank_trainer: errors", "[dynamic_rank_trainer][errors]") {
   CHECK_THROWS_WITH(trainer(m.pointers(), with([](opts& o) { o.target_rank = -1.0; })), Catch::StartsWith(ctor));
   CHECK_THROWS_WITH(trainer(m.pointers(), with([](opts& o) { o.regularizer = -0.1; })),
                     Catch::StartsWith(ctor) && Catch::Contains("regularizer"));
-  CHECK_THROWS_AS(trainer({}, toy_schedule), peft::error);
 
   trainer tr(m.pointers(), toy_schedule);
   CHECK_THROWS_WITH(tr.after_step(0), Catch::StartsWith("[dynamic_rank_trainer::after_step]"));

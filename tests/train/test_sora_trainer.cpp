@@ -8,10 +8,12 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "peft/adapters/lora.hpp"
@@ -22,12 +24,15 @@
 #include "peft/core/random.hpp"
 #include "peft/train/optimizer.hpp"
 #include "peft/train/sora_trainer.hpp"
+#include "support/gated_rank_checks.hpp"
 #include "support/test_support.hpp"
+#include "support/trainer_harness.hpp"
 
 namespace {
 
 namespace train = peft::train;
 using peft_test::rel_error;
+using sora_run = peft_test::chain_run<peft::sora<double>>;
 
 /// T_t(z) = sign(z) max(|z| - t, 0), written out for the tests.
 double soft(double z, double t) {
@@ -38,9 +43,7 @@ double soft(double z, double t) {
 
 /// A sora layer with random non-zero A, B and the given gates.
 peft::sora<double> layer_with_gates(peft::index in, peft::index out, const std::vector<double>& gates, peft::rng& g) {
-  const auto r = static_cast<peft::index>(gates.size());
-  return peft::sora<double>(peft_test::random_matrix<double>(r, in, g), peft_test::random_matrix<double>(out, r, g),
-                            gates, 0.5);
+  return peft_test::gated_with<peft::sora<double>>(in, out, gates, g, 0.5);
 }
 
 /// Forward + backward of L = sum(y * G) with random x, G: fills the layer's gradients.
@@ -62,96 +65,15 @@ std::vector<double> gates_of(const peft::sora<double>& a) {
   return v;
 }
 
-// ---- a three-layer chain y = L3(L2(L1(x))), each L_l(x) = x W_l^T + adapter term ----------------
-
-constexpr peft::index width = 10;
-constexpr peft::index batch = 64;
-
-/// Frozen bases near the identity and a teacher whose layer l adds a delta of rank ranks[l].
-struct regression_problem {
-  std::vector<peft::dense<double>> base;
-  std::vector<peft::dense<double>> teacher;
-  peft::matrix<double> x;
-  peft::matrix<double> target;
-
-  explicit regression_problem(const std::array<peft::index, 3>& ranks, std::uint64_t seed) {
-    peft::rng g(seed);
-    const double sd = 1.0 / std::sqrt(static_cast<double>(width));
-    for (peft::index r : ranks) {
-      peft::matrix<double> w(width, width), wt(width, width);
-      for (peft::index i = 0; i < width; ++i) {
-        for (peft::index j = 0; j < width; ++j) w(i, j) = (i == j ? 1.0 : 0.0) + 0.3 * sd * g.uniform(-1.0, 1.0);
-      }
-      wt = w;
-      for (peft::index k = 0; k < r; ++k) {  // + 0.8 u v^T, u and v of norm ~1
-        std::vector<double> u(width), v(width);
-        for (auto& e : u) e = std::sqrt(3.0) * sd * g.uniform(-1.0, 1.0);
-        for (auto& e : v) e = std::sqrt(3.0) * sd * g.uniform(-1.0, 1.0);
-        for (peft::index i = 0; i < width; ++i) {
-          for (peft::index j = 0; j < width; ++j) wt(i, j) += 0.8 * u[static_cast<std::size_t>(i)] * v[static_cast<std::size_t>(j)];
-        }
-      }
-      base.emplace_back(std::move(w));
-      teacher.emplace_back(std::move(wt));
-    }
-    x = peft_test::random_matrix<double>(batch, width, g);
-    peft::matrix<double> h = x;
-    for (const auto& t : teacher) {
-      peft::matrix<double> next(batch, width);
-      t.matmul(peft::matrix_view<const double>(h.view()), next.view());
-      h = std::move(next);
-    }
-    target = std::move(h);
-  }
-};
-
-/// mean((y - target)^2) of the chain; with `grad`, every adapter's gradients are accumulated.
-template <class A>
-double chain_loss(const regression_problem& p, std::vector<A>& layers, bool grad) {
-  std::vector<typename A::cache_type> caches(layers.size());
-  std::vector<peft::matrix<double>> h{p.x};
-  for (std::size_t l = 0; l < layers.size(); ++l) {
-    peft::matrix<double> next(batch, width);
-    layers[l].forward(p.base[l], h.back(), next, caches[l]);
-    h.push_back(std::move(next));
-  }
-  const double n = static_cast<double>(batch * width);
-  double loss = 0.0;
-  peft::matrix<double> dy(batch, width);
-  for (peft::index i = 0; i < batch; ++i) {
-    for (peft::index j = 0; j < width; ++j) {
-      const double e = h.back()(i, j) - p.target(i, j);
-      loss += e * e / n;
-      dy(i, j) = 2.0 * e / n;
-    }
-  }
-  if (grad) {
-    for (std::size_t l = layers.size(); l-- > 0;) {
-      peft::matrix<double> dx(batch, width);
-      layers[l].backward(p.base[l], h[l], dy, dx, caches[l]);
-      dy = std::move(dx);
-    }
-  }
-  return loss;
-}
-
-std::string stage_line(peft::index stage, double xi, double loss, const std::vector<peft::index>& ranks) {
-  std::ostringstream s;
-  s << "stage " << stage << " xi " << xi << " loss " << loss << " ranks";
-  for (peft::index r : ranks) s << ' ' << r;
-  s << '\n';
-  return s.str();
-}
-
 /// Every layer of the trained chain against its compacted LoRA (or the bare base when the
 /// compaction is empty), on the inputs the layer sees in the chain: equal to 1e-12.
-void check_compaction(const regression_problem& p, const std::vector<peft::sora<double>>& layers,
+void check_compaction(const peft_test::regression_problem& p, const std::vector<peft::sora<double>>& layers,
                       const std::vector<std::optional<peft::lora<double>>>& loras) {
   REQUIRE(loras.size() == layers.size());
   peft::matrix<double> h = p.x;
   for (std::size_t l = 0; l < layers.size(); ++l) {
     INFO("layer " << l);
-    peft::matrix<double> y(batch, width), yl(batch, width);
+    peft::matrix<double> y(h.rows(), layers[l].out_features()), yl(h.rows(), layers[l].out_features());
     peft::sora<double>::cache_type cache;
     layers[l].forward(p.base[l], h, y, cache);
     if (loras[l]) {
@@ -165,6 +87,32 @@ void check_compaction(const regression_problem& p, const std::vector<peft::sora<
     CHECK(rel_error(yl, y) < 1e-12);
     h = std::move(y);
   }
+}
+
+/// Three stages of 400 steps: step(t, loss) after each step's gradients, then the stage ends.
+/// Returns the log of the stages' thresholds, losses and ranks.
+std::string run_stages(sora_run& run, train::sora_trainer<double>& tr, const std::function<void(int, double)>& step) {
+  std::string log;
+  for (peft::index stage = 0; stage < 3; ++stage) {
+    run.train(400, step);
+    std::ostringstream s;
+    s << "stage " << stage << " xi " << tr.xi() << " loss " << run.loss() << " ranks"
+      << peft_test::ranks_text(tr.ranks()) << '\n';
+    log += s.str();
+    tr.next_stage();
+  }
+  return log;
+}
+
+/// The bound of a run: the loss below 1% of the initial loss with 1 to 6 of the 12 gates open,
+/// and the compacted LoRAs computing what the layers compute.
+void check_fits_sparse(sora_run& run, train::sora_trainer<double>& tr, const std::string& log) {
+  const double final_loss = run.loss();
+  INFO("initial loss " << run.initial << "\n" << log);
+  CHECK(final_loss < 0.01 * run.initial);
+  CHECK(tr.total_rank() <= 6);
+  CHECK(tr.total_rank() >= 1);
+  check_compaction(run.problem, run.layers, tr.compact());
 }
 
 }  // namespace
@@ -320,25 +268,7 @@ TEST_CASE("sora_trainer: compaction preserves every layer's outputs", "[sora_tra
   CHECK_FALSE(loras[1].has_value());
   for (std::size_t l = 0; l < 3; ++l) {
     INFO("layer " << l);
-    const auto& a = layers[l];
-    const peft::dense<double> w(peft_test::random_matrix<double>(a.out_features(), a.in_features(), g),
-                                peft_test::random_vector<double>(a.out_features(), g));
-    const auto x = peft_test::random_matrix<double>(6, a.in_features(), g);
-    REQUIRE(peft_test::nontrivial(x));
-    peft::matrix<double> y(6, a.out_features()), yl(6, a.out_features()), h(6, a.out_features());
-    peft::sora<double>::cache_type cache;
-    a.forward(w, x, y, cache);
-    w.matmul(peft::matrix_view<const double>(x.view()), h.view());
-    if (!loras[l]) {
-      CHECK(peft_test::exactly_equal(y, h));  // every gate zero: the layer is the base
-      continue;
-    }
-    REQUIRE(rel_error(y, h) > 1e-3);  // the adapter does something
-    CHECK(loras[l]->rank() == tr.ranks()[l]);
-    CHECK(loras[l]->scale() == a.scale());
-    peft::lora<double>::cache_type lc;
-    loras[l]->forward(w, x, yl, lc);
-    CHECK(rel_error(yl, y) < 1e-12);
+    peft_test::check_layer_compaction(layers[l], loras[l], 6, tr.ranks()[l], g);
   }
 }
 
@@ -347,67 +277,38 @@ TEST_CASE("sora_trainer: a short training run fits and sparsifies", "[sora_train
   // identity); every student layer has r_max = 4 gated components (12 in all). Bound: the loss
   // falls below 1% of the initial loss while at most 6 of the 12 gates stay non-zero (the
   // teacher's change of the whole chain has rank <= 4).
-  const regression_problem p({1, 1, 2}, 11);
-  REQUIRE(peft_test::nontrivial(p.x));
-  REQUIRE(peft_test::nontrivial(p.target));
-  std::vector<peft::sora<double>> layers;
-  for (std::uint64_t l = 0; l < 3; ++l) {
-    layers.emplace_back(width, width, peft::sora_options{.rank = 4, .alpha = 4, .seed = 40 + l});
-  }
-  const double initial = chain_loss(p, layers, false);
-  REQUIRE(initial > 1e-2);  // the teacher's deltas matter (the students start as the identity)
+  sora_run run({1, 1, 2}, 11, [](std::uint64_t l) {
+    return peft::sora<double>(peft_test::chain_width, peft_test::chain_width,
+                              peft::sora_options{.rank = 4, .alpha = 4, .seed = 40 + l});
+  });
 
   SECTION("the paper's proximal rule") {
     // AdamW steps A and B; the gates take the proximal step with a gate lr of 0.05 and xi
     // raised over 3 stages of 400 steps from 0.01 to 0.03.
-    train::sora_trainer<double> tr({&layers[0], &layers[1], &layers[2]}, {.xi0 = 0.01, .xi_max = 0.03, .stages = 3});
+    train::sora_trainer<double> tr(run.pointers(), {.xi0 = 0.01, .xi_max = 0.03, .stages = 3});
     train::adamw<double> opt(tr.optimizer_parameters(), {.lr = 1e-2, .weight_decay = 1e-2});
     REQUIRE(tr.ranks() == std::vector<peft::index>{4, 4, 4});
-    std::string log;
-    for (peft::index stage = 0; stage < 3; ++stage) {
-      for (int step = 0; step < 400; ++step) {
-        for (auto& l : layers) l.zero_grad();
-        chain_loss(p, layers, true);
-        opt.step(tr.optimizer_parameters());
-        tr.after_step(0.05);
-      }
-      log += stage_line(stage, tr.xi(), chain_loss(p, layers, false), tr.ranks());
-      tr.next_stage();
-    }
-    const double final_loss = chain_loss(p, layers, false);
-    INFO("initial loss " << initial << "\n" << log);
-    CHECK(final_loss < 0.01 * initial);
-    CHECK(tr.total_rank() <= 6);
-    CHECK(tr.total_rank() >= 1);
-    check_compaction(p, layers, tr.compact());
+    const auto log = run_stages(run, tr, [&](int, double) {
+      opt.step(tr.optimizer_parameters());
+      tr.after_step(0.05);
+    });
+    check_fits_sparse(run, tr, log);
   }
 
   SECTION("the official code's rule") {
     // AdamW steps A, B and (weight decay 0) the gates; the code's L1 term lambda_1 = 0.1 and
     // its threshold with xi from 1e-4 to 1e-3 over 3 stages of 400 steps.
-    train::sora_trainer<double> tr({&layers[0], &layers[1], &layers[2]},
+    train::sora_trainer<double> tr(run.pointers(),
                                    {.xi0 = 1e-4, .xi_max = 1e-3, .stages = 3, .rule = peft::sora_gate_rule::official_code});
     train::adamw<double> opt(tr.optimizer_parameters(), {.lr = 1e-2, .weight_decay = 1e-2},
                              {{.name = "gates", .select = train::name_contains{"lora_gate"},
                                .options = {.lr = 1e-2, .weight_decay = 0.0}}});
-    std::string log;
-    for (peft::index stage = 0; stage < 3; ++stage) {
-      for (int step = 0; step < 400; ++step) {
-        for (auto& l : layers) l.zero_grad();
-        chain_loss(p, layers, true);
-        tr.add_gate_l1(0.1);
-        opt.step(tr.optimizer_parameters());
-        tr.after_step(1e-2);
-      }
-      log += stage_line(stage, tr.xi(), chain_loss(p, layers, false), tr.ranks());
-      tr.next_stage();
-    }
-    const double final_loss = chain_loss(p, layers, false);
-    INFO("initial loss " << initial << "\n" << log);
-    CHECK(final_loss < 0.01 * initial);
-    CHECK(tr.total_rank() <= 6);
-    CHECK(tr.total_rank() >= 1);
-    check_compaction(p, layers, tr.compact());
+    const auto log = run_stages(run, tr, [&](int, double) {
+      tr.add_gate_l1(0.1);
+      opt.step(tr.optimizer_parameters());
+      tr.after_step(1e-2);
+    });
+    check_fits_sparse(run, tr, log);
   }
 }
 
@@ -416,9 +317,9 @@ TEST_CASE("sora_trainer: errors", "[sora_trainer][errors]") {
   auto a = layer_with_gates(3, 3, {0.5, 0.5}, g);
   auto b = layer_with_gates(3, 3, {0.5, 0.5}, g);
   const std::string ctor = "[sora_trainer::sora_trainer]";
-  CHECK_THROWS_WITH(train::sora_trainer<double>({}, {}), Catch::StartsWith(ctor) && Catch::Contains("no layers"));
-  CHECK_THROWS_WITH(train::sora_trainer<double>({&a, nullptr}, {}), Catch::StartsWith(ctor) && Catch::Contains("layer 1 is null"));
-  CHECK_THROWS_WITH(train::sora_trainer<double>({&a, &b, &a}, {}), Catch::StartsWith(ctor) && Catch::Contains("twice"));
+  peft_test::check_layer_list_errors(ctor, a, b, [](const std::vector<peft::sora<double>*>& layers) {
+    return train::sora_trainer<double>(layers, {});
+  });
   CHECK_THROWS_WITH(train::sora_trainer<double>({&a}, {.xi0 = -1e-4}), Catch::StartsWith(ctor));
   CHECK_THROWS_WITH(train::sora_trainer<double>({&a}, {.xi_max = -1.0}), Catch::StartsWith(ctor));
   CHECK_THROWS_WITH(train::sora_trainer<double>({&a}, {.xi0 = std::numeric_limits<double>::quiet_NaN()}),
@@ -429,7 +330,6 @@ TEST_CASE("sora_trainer: errors", "[sora_trainer][errors]") {
   CHECK_THROWS_WITH(train::sora_trainer<double>({&a}, {.xi0 = 1e-2, .xi_max = 1e-3, .stages = 3}),
                     Catch::StartsWith(ctor) && Catch::Contains("decrease"));
   CHECK_NOTHROW(train::sora_trainer<double>({&a}, {.xi0 = 1e-2, .xi_max = 1e-3, .stages = 1}));  // xi_max unused
-  CHECK_THROWS_AS(train::sora_trainer<double>({}, {}), peft::error);
 
   train::sora_trainer<double> tr({&a, &b}, {});
   CHECK_THROWS_WITH(tr.after_step(-0.1), Catch::StartsWith("[sora_trainer::after_step]"));

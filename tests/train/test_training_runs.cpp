@@ -30,6 +30,7 @@
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
 #include "peft/train/optimizer.hpp"
+#include "support/test_support.hpp"
 
 namespace {
 
@@ -47,18 +48,13 @@ struct problem {
   matrix<float> target;          // (64, 8)
 };
 
-matrix<float> random_matrix(index rows, index cols, peft::rng& gen, double stddev) {
-  matrix<float> m(rows, cols);
-  for (auto& v : m.storage()) v = static_cast<float>(gen.normal(0.0, stddev));
-  return m;
-}
-
 /// w + sum of `rank` outer products u v^T with entries ~ N(0, scale^2 / cols).
 matrix<float> perturbed(const matrix<float>& w, index rank, double scale, peft::rng& gen) {
   matrix<float> p = w;
   const double s = scale / std::sqrt(static_cast<double>(w.cols()));
   for (index k = 0; k < rank; ++k) {
-    const matrix<float> u = random_matrix(w.rows(), 1, gen, 1.0), v = random_matrix(1, w.cols(), gen, s);
+    const matrix<float> u = peft_test::normal_matrix<float>(w.rows(), 1, gen, 1.0);
+    const matrix<float> v = peft_test::normal_matrix<float>(1, w.cols(), gen, s);
     for (index i = 0; i < w.rows(); ++i) {
       for (index j = 0; j < w.cols(); ++j) p(i, j) += u(i, 0) * v(0, j);
     }
@@ -89,11 +85,11 @@ matrix<float> reference_forward(const matrix<float>& x, const matrix<float>& w1,
 problem make_problem(std::uint64_t seed) {
   peft::rng gen(seed);
   problem p;
-  p.w1 = random_matrix(d_hidden, d_in, gen, 1.0 / std::sqrt(double(d_in)));
-  p.b1 = random_matrix(1, d_hidden, gen, 0.1);
-  p.w2 = random_matrix(d_out, d_hidden, gen, 1.0 / std::sqrt(double(d_hidden)));
-  p.b2 = random_matrix(1, d_out, gen, 0.1);
-  p.x = random_matrix(batch, d_in, gen, 1.0);
+  p.w1 = peft_test::normal_matrix<float>(d_hidden, d_in, gen, 1.0 / std::sqrt(double(d_in)));
+  p.b1 = peft_test::normal_matrix<float>(1, d_hidden, gen, 0.1);
+  p.w2 = peft_test::normal_matrix<float>(d_out, d_hidden, gen, 1.0 / std::sqrt(double(d_hidden)));
+  p.b2 = peft_test::normal_matrix<float>(1, d_out, gen, 0.1);
+  p.x = peft_test::normal_matrix<float>(batch, d_in, gen, 1.0);
   p.target = reference_forward(p.x, perturbed(p.w1, 2, 0.6, gen), p.b1, perturbed(p.w2, 2, 0.6, gen), p.b2);
   return p;
 }
