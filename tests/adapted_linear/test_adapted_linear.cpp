@@ -17,6 +17,8 @@
 #include "support/adapter_checks.hpp"
 #include "support/test_support.hpp"
 
+namespace test_adapted_linear {
+
 using ix = peft::index;
 
 namespace {
@@ -410,3 +412,5 @@ TEST_CASE("references returned by add_adapter stay valid as adapters come and go
   CHECK(peft_test::rel_error(forward<double, double>(layer, x), reference<double, double>(layer, x, {})) <=
         1e-12);
 }
+
+}  // namespace test_adapted_linear

@@ -15,6 +15,8 @@
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
+namespace test_adalora {
+
 using ix = peft::index;
 
 namespace {
@@ -263,3 +265,5 @@ TEMPLATE_TEST_CASE("adalora rejects bad shapes and bad checkpoints with clear er
   CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::adalora<T>>(peft_test::golden_dir("lora") / "adapter"),
                   peft::unsupported_error);
 }
+
+}  // namespace test_adalora

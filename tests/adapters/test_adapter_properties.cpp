@@ -17,6 +17,8 @@
 #include "support/all_adapters.hpp"
 #include "support/test_support.hpp"
 
+namespace test_adapter_properties {
+
 namespace {
 
 using dense_base = peft::dense<double>;
@@ -125,3 +127,5 @@ TEMPLATE_LIST_TEST_CASE("adapter properties: forward, terms, gradients, merge, i
     }
   }
 }
+
+}  // namespace test_adapter_properties

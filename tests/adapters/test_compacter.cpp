@@ -19,6 +19,8 @@
 #include "support/paper_support.hpp"
 #include "support/test_support.hpp"
 
+namespace test_compacter {
+
 namespace {
 
 using peft::index;
@@ -411,3 +413,5 @@ TEST_CASE("compacter: bad shapes and missing checkpoint support are reported", "
   CHECK_NOTHROW(empty.zero_grad());
   peft_test::check_unset_rejected<A, peft::shape_error>(w);
 }
+
+}  // namespace test_compacter

@@ -28,6 +28,8 @@
 #include "support/test_support.hpp"
 #include "support/traits_dora.hpp"
 
+namespace test_dora {
+
 static_assert(peft::mergeable_adapter_for<peft::dora<float>, peft::dense<float>>);
 static_assert(peft::mergeable_adapter_for<peft::dora<float>, peft::dense<peft::bf16>>);
 static_assert(peft::mergeable_adapter_for<peft::dora<double>, peft::dense<double>>);
@@ -923,3 +925,5 @@ TEMPLATE_TEST_CASE("dora errors: bad shapes and options", "[dora][errors]", floa
   CHECK_THROWS_AS(a.pin_norms({T{1}, T{1}, std::numeric_limits<T>::quiet_NaN(), T{1}}), peft::error);
   CHECK_FALSE(a.norms_pinned());
 }
+
+}  // namespace test_dora

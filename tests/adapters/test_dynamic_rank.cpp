@@ -21,6 +21,8 @@
 #include "support/gated_rank_checks.hpp"
 #include "support/test_support.hpp"
 
+namespace test_dynamic_rank {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -343,3 +345,5 @@ TEST_CASE("dynamic_rank: errors", "[dynamic_rank][errors]") {
   CHECK(p[2].shape == std::vector<std::int64_t>{3});
   CHECK(p[0].shape == std::vector<std::int64_t>{3, 4});
 }
+
+}  // namespace test_dynamic_rank

@@ -16,6 +16,8 @@
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
+namespace test_ia3 {
+
 using ix = peft::index;
 
 namespace {
@@ -300,3 +302,5 @@ TEMPLATE_TEST_CASE("ia3 rejects bad shapes with clear errors", "[ia3]", float, d
   CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::ia3<T>>(peft_test::golden_dir("loha") / "adapter"),
                   peft::unsupported_error);
 }
+
+}  // namespace test_ia3

@@ -14,6 +14,8 @@
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
+namespace test_loha {
+
 using ix = peft::index;
 
 namespace {
@@ -191,3 +193,5 @@ TEMPLATE_TEST_CASE("loha rejects bad shapes, bad checkpoints and convolutions wi
   CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::loha<T>>(peft_test::golden_dir("lokr") / "adapter"),
                   peft::unsupported_error);
 }
+
+}  // namespace test_loha

@@ -15,6 +15,8 @@
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
+namespace test_lokr {
+
 using ix = peft::index;
 
 namespace {
@@ -335,3 +337,5 @@ TEMPLATE_TEST_CASE("lokr rejects bad shapes, bad checkpoints and convolutions wi
   CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::lokr<T>>(peft_test::golden_dir("lora") / "adapter"),
                   peft::unsupported_error);
 }
+
+}  // namespace test_lokr

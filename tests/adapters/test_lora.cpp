@@ -21,6 +21,8 @@
 #include "support/adapter_checks.hpp"
 #include "support/test_support.hpp"
 
+namespace test_lora {
+
 using ix = peft::index;
 
 static_assert(peft::mergeable_adapter_for<peft::lora<float>, peft::dense<peft::bf16>>);
@@ -685,3 +687,5 @@ TEMPLATE_TEST_CASE("lora shape errors name the function", "[lora]", float, doubl
   CHECK(peft_test::max_abs(a.grad_A()) == 0.0);
   CHECK(peft_test::max_abs(a.grad_B()) == 0.0);
 }
+
+}  // namespace test_lora

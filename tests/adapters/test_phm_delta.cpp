@@ -18,6 +18,8 @@
 #include "support/paper_support.hpp"
 #include "support/test_support.hpp"
 
+namespace test_phm_delta {
+
 namespace {
 
 using peft_test::read_rule;
@@ -268,3 +270,5 @@ TEST_CASE("phm_delta: bad shapes and missing checkpoint support are reported", "
   CHECK(empty.parameters().empty());
   peft_test::check_unset_rejected<A, peft::shape_error>(w);
 }
+
+}  // namespace test_phm_delta

@@ -20,6 +20,8 @@
 #include "support/shared_projection_checks.hpp"
 #include "support/test_support.hpp"
 
+namespace test_randlora {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -354,3 +356,5 @@ TEST_CASE("randlora: malformed shapes are rejected by the constructors and at us
   peft_test::check_shape_errors(a, w, 2, {{pass::backward, arg::dx, 2, 7}});
   peft_test::check_unset_rejected<R, peft::error>(w);
 }
+
+}  // namespace test_randlora

@@ -25,6 +25,8 @@
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
+namespace test_shira {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -753,3 +755,5 @@ TEST_CASE("SHiRA masks: struct is the diagonal plus evenly spaced lines, exactly
   peft::shira<double> a(8, 10, peft::shira_struct_mask(10, 8, 36));
   CHECK(a.entries() == 36);
 }
+
+}  // namespace test_shira

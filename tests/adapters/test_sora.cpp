@@ -18,6 +18,8 @@
 #include "support/gated_rank_checks.hpp"
 #include "support/test_support.hpp"
 
+namespace test_sora {
+
 namespace {
 
 using peft_test::rel_error;
@@ -230,3 +232,5 @@ TEST_CASE("sora: errors", "[sora][errors]") {
   CHECK(p[2].shape == std::vector<std::int64_t>{2});
   CHECK(p[1].shape == std::vector<std::int64_t>{3, 2});
 }
+
+}  // namespace test_sora

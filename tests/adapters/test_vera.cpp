@@ -18,6 +18,8 @@
 #include "support/shared_projection_checks.hpp"
 #include "support/test_support.hpp"
 
+namespace test_vera {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -248,3 +250,5 @@ TEST_CASE("vera: malformed shapes are rejected by the constructors and at use", 
   peft_test::check_unset_rejected<V, peft::error>(w);
   CHECK(V{}.parameters().size() == 2);
 }
+
+}  // namespace test_vera

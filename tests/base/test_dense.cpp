@@ -9,6 +9,8 @@
 #include "peft/kernels/epilogue.hpp"
 #include "support/test_support.hpp"
 
+namespace test_dense {
+
 using ix = peft::index;
 
 namespace {
@@ -53,3 +55,5 @@ TEMPLATE_TEST_CASE("dense matmul and matmul_t accept mutable views of their inpu
   CHECK(peft_test::exactly_equal(dx_mut, dx_const));
   REQUIRE(peft_test::nontrivial(dx_const));
 }
+
+}  // namespace test_dense

@@ -29,6 +29,8 @@
 #include "peft/kernels/quantized.hpp"
 #include "support/test_support.hpp"
 
+namespace test_quantized {
+
 using ix = peft::index;
 
 namespace {
@@ -713,3 +715,5 @@ TEST_CASE("quantized_formats lists every format once, by its command-line name",
   CHECK_FALSE(peft::visit_quantized_format_at(3, [&](auto) { ++calls; }));
   CHECK(calls == 0);
 }
+
+}  // namespace test_quantized

@@ -16,6 +16,8 @@
 #include "peft/io/safetensors.hpp"
 #include "support/test_support.hpp"
 
+namespace test_cli {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -185,4 +187,5 @@ TEST_CASE("peft exits 2 with one line on stderr and leaves no output on bad inpu
   }
 }
 
+}  // namespace test_cli
 #endif  // PEFT_CLI_PATH

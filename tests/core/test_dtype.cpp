@@ -14,6 +14,8 @@
 #include "peft/core/dtype.hpp"
 #include "peft/core/random.hpp"
 
+namespace test_dtype {
+
 namespace {
 
 using peft::bf16;
@@ -360,3 +362,5 @@ TEST_CASE("load_element and store_element round trip every dtype, unaligned", "[
   peft::store_element(p, dtype::f16, 2, 1.0 + std::ldexp(3.0, -11));
   CHECK(peft::load_element<double>(p, dtype::f16, 2) == 1.0 + std::ldexp(1.0, -9));
 }
+
+}  // namespace test_dtype

@@ -18,6 +18,8 @@
 #include "peft/core/random.hpp"
 #include "support/test_support.hpp"
 
+namespace test_matrix_view {
+
 using ix = peft::index;
 
 TEST_CASE("matrix_view addresses data[i * stride + j]", "[matrix_view]") {
@@ -315,3 +317,5 @@ TEST_CASE("rng below(n) is in range and covers every residue evenly", "[matrix_v
   }
   CHECK(upper_half.size() == 2);
 }
+
+}  // namespace test_matrix_view

@@ -17,6 +17,8 @@
 #include "peft/interop/xtensor.hpp"
 #include "support/test_support.hpp"
 
+namespace test_interop {
+
 using ix = peft::index;
 
 namespace {
@@ -302,3 +304,5 @@ TEST_CASE("view_of rejects tensors that are not 2-D row-major", "[interop]") {
   xt::xtensor<float, 2, xt::layout_type::column_major> cm = xt::zeros<float>({3, 4});
   CHECK_THROWS_AS(peft::view_of(cm), peft::shape_error);
 }
+
+}  // namespace test_interop

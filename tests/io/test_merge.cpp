@@ -12,6 +12,8 @@
 #include "peft/io/safetensors.hpp"
 #include "support/test_support.hpp"
 
+namespace test_merge {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -230,3 +232,5 @@ TEST_CASE("merge_model rejects bad input before writing anything", "[merge][erro
     CHECK(e.path().filename().string().find(".tmp") == std::string::npos);
   }
 }
+
+}  // namespace test_merge

@@ -13,6 +13,8 @@
 #include "peft/io/safetensors.hpp"
 #include "support/test_support.hpp"
 
+namespace test_merge_methods {
+
 TEST_CASE("merge_model reproduces PEFT's merged weights for every PEFT method", "[merge][golden]") {
   namespace fs = std::filesystem;
   const fs::path data = fs::path(PEFT_TEST_DATA_DIR) / "peft";
@@ -50,3 +52,5 @@ TEST_CASE("every PEFT case loads with PEFT's trainable parameter count", "[golde
   CHECK(ck.modules.size() == 2);
   CHECK(ck.parameter_count() == expected);
 }
+
+}  // namespace test_merge_methods

@@ -15,6 +15,8 @@
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
+namespace test_peft_golden {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -133,3 +135,5 @@ TEMPLATE_TEST_CASE("PEFT golden: the BF16-saved adapter loads as the F32 one rou
   CHECK(err > 1e-7);  // the BF16 values really are different numbers
   check_offline_merge("lora", "adapter_bf16", 1e-2);
 }
+
+}  // namespace test_peft_golden

@@ -22,6 +22,8 @@
 
 #include "peft/io/safetensors.hpp"
 
+namespace test_safetensors {
+
 namespace fs = std::filesystem;
 using peft::dtype;
 using peft::io::safetensors_file;
@@ -668,3 +670,5 @@ TEST_CASE("safetensors reads the PEFT golden LoRA adapter", "[safetensors]") {
     CHECK(g.read<float>(t.name) == f.read<float>(t.name));
   }
 }
+
+}  // namespace test_safetensors

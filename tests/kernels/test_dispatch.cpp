@@ -15,6 +15,8 @@
 #include "peft/kernels/linear.hpp"
 #include "peft/kernels/quantized.hpp"
 
+namespace test_dispatch {
+
 namespace kernels = peft::kernels;
 using kernels::isa;
 
@@ -146,3 +148,5 @@ TEST_CASE("the ISA list: names, order, ancestry and the PEFT_ISA cap", "[kernels
     ::unsetenv("PEFT_ISA");
   }
 }
+
+}  // namespace test_dispatch

@@ -17,6 +17,8 @@
 #include "peft/kernels/reference/gemm.hpp"
 #include "support/test_support.hpp"
 
+namespace test_gemm {
+
 using ix = peft::index;
 
 namespace {
@@ -235,3 +237,5 @@ TEST_CASE("reference gemm on a hand-computed example", "[gemm]") {
   CHECK(y(0, 0) == 1.0f);   // 1 * 1.5 - 2 * 0.25
   CHECK(y(1, 0) == 3.5f);   // 3 * 1.5 - 4 * 0.25
 }
+
+}  // namespace test_gemm

@@ -21,6 +21,8 @@
 #include "peft/kernels/linear.hpp"
 #include "support/test_support.hpp"
 
+namespace test_linear {
+
 using ix = peft::index;
 namespace kernels = peft::kernels;
 
@@ -299,3 +301,5 @@ TEST_CASE("fused VeRA and SHiRA forwards over dense<float> equal base + add_term
     }
   }
 }
+
+}  // namespace test_linear

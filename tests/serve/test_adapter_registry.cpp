@@ -17,6 +17,8 @@
 #include "support/all_adapters.hpp"
 #include "support/test_support.hpp"
 
+namespace test_adapter_registry {
+
 using ix = peft::index;
 using peft_test::random_matrix;
 using registry = peft::serve::adapter_registry<peft::dense<float>>;
@@ -298,3 +300,5 @@ TEST_CASE("adapter_registry in double agrees with each row's own forward to 1e-1
   REQUIRE(scale > 0.1);
   CHECK(worst <= 1e-12 * scale);
 }
+
+}  // namespace test_adapter_registry

@@ -16,6 +16,8 @@
 #include "peft/serve/adapter_registry.hpp"
 #include "support/test_support.hpp"
 
+namespace test_hot_swap {
+
 using ix = peft::index;
 using peft_test::random_matrix;
 
@@ -124,3 +126,5 @@ TEST_CASE("adapter_registry hot swap: a batch sees the old or the new adapter, n
   CHECK(seen[0].load() + seen[1].load() == batches.load());
   CHECK_FALSE(reg.contains("b"));
 }
+
+}  // namespace test_hot_swap

@@ -17,6 +17,8 @@
 #include "support/all_adapters.hpp"
 #include "support/test_support.hpp"
 
+namespace test_mixed_forward {
+
 using ix = peft::index;
 using peft_test::random_matrix;
 
@@ -224,3 +226,5 @@ TEST_CASE("mixed_forward refuses bad groups before writing anything", "[serve]")
   CHECK_THROWS_AS(peft::serve::mixed_forward(base, x.view(), y_bad.view(), std::vector<group>{}), peft::shape_error);
   for (float v : y.storage()) REQUIRE(v == 7.0f);
 }
+
+}  // namespace test_mixed_forward

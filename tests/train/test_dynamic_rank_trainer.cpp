@@ -32,6 +32,8 @@
 #include "support/test_support.hpp"
 #include "support/trainer_harness.hpp"
 
+namespace test_dynamic_rank_trainer {
+
 namespace {
 
 namespace train = peft::train;
@@ -464,3 +466,5 @@ TEST_CASE("dynamic_rank_trainer: errors", "[dynamic_rank_trainer][errors]") {
   m.set_importance(nan_s);
   CHECK_THROWS_WITH(tr.after_step(15), Catch::StartsWith("[dynamic_rank_trainer::after_step]") && Catch::Contains("NaN"));
 }
+
+}  // namespace test_dynamic_rank_trainer

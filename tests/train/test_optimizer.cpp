@@ -28,6 +28,8 @@
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
+namespace test_optimizer {
+
 namespace {
 
 namespace train = peft::train;
@@ -891,3 +893,5 @@ TEST_CASE("invalid options and inconsistent parameters are refused with the func
     check_throws<peft::shape_error>([&] { train::sgd<double>(std::vector{wrong_shape}); }, "sgd::sgd");
   }
 }
+
+}  // namespace test_optimizer

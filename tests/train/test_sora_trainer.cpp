@@ -28,6 +28,8 @@
 #include "support/test_support.hpp"
 #include "support/trainer_harness.hpp"
 
+namespace test_sora_trainer {
+
 namespace {
 
 namespace train = peft::train;
@@ -337,3 +339,5 @@ TEST_CASE("sora_trainer: errors", "[sora_trainer][errors]") {
   CHECK_THROWS_WITH(tr.add_gate_l1(-1.0), Catch::StartsWith("[sora_trainer::add_gate_l1]"));
   CHECK(tr.ranks() == std::vector<peft::index>{2, 2});  // nothing changed
 }
+
+}  // namespace test_sora_trainer

@@ -32,6 +32,8 @@
 #include "peft/train/optimizer.hpp"
 #include "support/test_support.hpp"
 
+namespace test_training_runs {
+
 namespace {
 
 using peft::index;
@@ -290,3 +292,5 @@ TEST_CASE("training runs: LoRA over an nf4 base (QLoRA)", "[train][runs][lora][n
   const problem p = make_problem(1);
   check_fit(fit<peft::nf4, peft::lora<float>>(p, make_lora<peft::nf4>, 1e-2, 150), 0.05);
 }
+
+}  // namespace test_training_runs
