@@ -42,7 +42,10 @@ TEST_CASE("dispatch tables give an ISA without its own overload its parent's ent
   static_assert(table.provider(isa::neon) == isa::portable);
   static_assert(table[isa::avx512] == table[isa::avx2]);
   static_assert(table[isa::neon] == table[isa::portable]);
-  static_assert(table[isa::avx2] != table[isa::portable] && table[isa::portable] != table[isa::reference]);
+  // Distinct entries compared at run time: under -fsanitize=address g++ does not fold the
+  // comparison of two function addresses into a constant.
+  CHECK(table[isa::avx2] != table[isa::portable]);
+  CHECK(table[isa::portable] != table[isa::reference]);
   int calls = 0;
   for (isa i : kernels::all_isas) {
     INFO("isa " << kernels::isa_name(i));
