@@ -5,6 +5,12 @@
 //              [--dtype same|f32|bf16|f16] [--quantized-base int8|q4_0|nf4]
 //   (--quantized-base: the adapter was trained over that frozen quantized base (QLoRA); the merged
 //   weights are re-quantized to it, and the tool says so on stderr)
+//   peft logits   --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --out OUT.safetensors
+//   peft generate --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --max-new-tokens N
+//                 [--temperature T --top-k K --top-p P --seed S --ignore-eos]
+//   peft finetune --model MODEL_DIR (--adapter INIT_DIR | --method NAME --rank R --alpha A
+//                 --targets LIST|all-linear) --tokens FILE --steps N --batch B --lr LR --out DIR ...
+//   (lm_commands.cpp; docs/models.md has every flag)
 //
 // Exit status 0 on success; 2 on bad input, with one line on stderr and no output file left.
 #include <algorithm>
@@ -19,16 +25,27 @@
 #include <peft/io/merge.hpp>
 #include <peft/io/peft_checkpoint.hpp>
 
+#include "cli_common.hpp"
+
 namespace {
+
+using peft_cli::usage_error;
 
 constexpr const char* usage =
     "usage: peft inspect ADAPTER_DIR\n"
     "       peft merge --base BASE.safetensors --adapter ADAPTER_DIR --out OUT.safetensors "
-    "[--dtype same|f32|bf16|f16] [--quantized-base int8|q4_0|nf4]\n";
-
-struct usage_error : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+    "[--dtype same|f32|bf16|f16] [--quantized-base int8|q4_0|nf4]\n"
+    "       peft logits --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --out OUT.safetensors\n"
+    "                   [--quantize-base int8|q4_0|nf4] [--precision f32|f64] [--threads T]\n"
+    "       peft generate --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --max-new-tokens N\n"
+    "                   [--temperature T] [--top-k K] [--top-p P] [--seed S] [--ignore-eos]\n"
+    "       peft finetune --model MODEL_DIR (--adapter INIT_DIR | --method NAME --rank R --alpha A\n"
+    "                   --targets LIST|all-linear [--rslora] [--lora-bias]) --tokens FILE --steps N\n"
+    "                   --batch B --lr LR [--weight-decay WD] [--grad-accum K] [--threads T]\n"
+    "                   [--quantize-base int8|q4_0|nf4] [--checkpointing] [--log LOG.csv] [--seed S]\n"
+    "                   [--save-every K] [--resume] --out ADAPTER_DIR\n"
+    "   (methods: lora, dora, vera, loha, lokr, adalora, ia3, shira; token FILE: one sequence of\n"
+    "    ids per line, separated by spaces)\n";
 
 std::string one_line(std::string s) {
   for (char& c : s) {
@@ -154,7 +171,7 @@ int merge(const std::vector<std::string>& args) {
 int main(int argc, char** argv) {
   const std::vector<std::string> all(argv + 1, argv + argc);
   try {
-    if (all.empty()) throw usage_error("missing command: inspect or merge");
+    if (all.empty()) throw usage_error("missing command: inspect, merge, logits, generate or finetune");
     if (all[0] == "-h" || all[0] == "--help") {
       std::fputs(usage, stdout);
       return 0;
@@ -162,6 +179,9 @@ int main(int argc, char** argv) {
     const std::vector<std::string> rest(all.begin() + 1, all.end());
     if (all[0] == "inspect") return inspect(rest);
     if (all[0] == "merge") return merge(rest);
+    if (all[0] == "logits") return peft_cli::lm_logits(rest);
+    if (all[0] == "generate") return peft_cli::lm_generate(rest);
+    if (all[0] == "finetune") return peft_cli::lm_finetune(rest);
     throw usage_error("unknown command '" + all[0] + "'");
   } catch (const usage_error& e) {
     std::cerr << "peft: " << one_line(e.what()) << " (peft --help for usage)\n";

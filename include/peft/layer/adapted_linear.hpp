@@ -85,6 +85,12 @@ class adapted_linear {
     slots_.remove_if([&](const slot& other) { return &other == &s; });
   }
 
+  /// Drops an adapter; a merged one stays in the base weight (PEFT's merge_and_unload).
+  void unload(const std::string& name) {
+    slot& s = get("adapted_linear::unload", name);
+    slots_.remove_if([&](const slot& other) { return &other == &s; });
+  }
+
   Adapter& adapter(const std::string& name) { return get("adapted_linear::adapter", name).adapter; }
   const Adapter& adapter(const std::string& name) const {
     return const_cast<adapted_linear*>(this)->get("adapted_linear::adapter", name).adapter;

@@ -1,0 +1,412 @@
+// `peft logits | generate | finetune`: language models from a HuggingFace model directory.
+// See docs/models.md for the contracts; every failure is a one-line message and exit status 2.
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <peft/base/quantized_formats.hpp>
+#include <peft/io/safetensors.hpp>
+#include <peft/models/generate.hpp>
+#include <peft/models/peft_model.hpp>
+#include <peft/models/token_file.hpp>
+#include <peft/train/optimizer.hpp>
+
+#include "cli_common.hpp"
+
+namespace peft_cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+using peft::index;
+
+/// Options every LM command shares.
+struct model_args {
+  std::optional<std::string> model, adapter, tokens, quantize;
+  bool f64 = false;
+  int threads = 0;
+
+  /// Consumes the current flag if it is one of these; false otherwise.
+  bool read(arg_reader& r) {
+    const std::string& a = r.flag();
+    if (a == "--model") {
+      model = r.value();
+    } else if (a == "--adapter") {
+      adapter = r.value();
+    } else if (a == "--tokens") {
+      tokens = r.value();
+    } else if (a == "--quantize-base") {
+      quantize = r.value();
+      if (!peft::quantized_format_index(*quantize)) {
+        throw usage_error("--quantize-base must be one of " + peft::quantized_format_names() + ", not '" + *quantize + "'");
+      }
+    } else if (a == "--precision") {
+      const std::string p = r.value();
+      if (p != "f32" && p != "f64") throw usage_error("--precision must be f32 or f64, not '" + p + "'");
+      f64 = p == "f64";
+    } else if (a == "--threads") {
+      threads = static_cast<int>(r.integer(1));
+    } else {
+      return false;
+    }
+    return true;
+  }
+  void require(const char* command) const {
+    if (!model) throw usage_error(std::string(command) + " needs --model");
+    if (!tokens) throw usage_error(std::string(command) + " needs --tokens");
+    if (f64 && quantize) throw usage_error("--precision f64 runs dense bases only; drop --quantize-base");
+  }
+  void apply_threads() const {
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(threads);
+#endif
+  }
+};
+
+/// Calls f.template operator()<T, Base>() for the compute type and base the arguments choose.
+template <class F>
+int with_model_type(const model_args& m, F&& f) {
+  if (m.f64) return f.template operator()<double, peft::dense<double>>();
+  if (!m.quantize) return f.template operator()<float, peft::dense<float>>();
+  int rc = 2;
+  peft::visit_quantized_format(*m.quantize, [&](auto format) {
+    using Q = typename decltype(format)::type;
+    rc = f.template operator()<float, Q>();
+  });
+  return rc;
+}
+
+template <class T, class Base>
+peft::models::peft_model<T, Base> open_model(const model_args& m, bool checkpointing = false) {
+  peft::models::load_options lo;
+  lo.activation_checkpointing = checkpointing;
+  peft::models::peft_model<T, Base> pm(peft::models::causal_lm<T, Base>::load(*m.model, lo), *m.model);
+  if (m.adapter) pm.load_adapter(*m.adapter);
+  return pm;
+}
+
+void check_lengths(const std::vector<std::vector<long long>>& rows, index max_positions, index extra = 0) {
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    if (static_cast<index>(rows[i].size()) + extra > max_positions) {
+      throw peft::error("[peft] line " + std::to_string(i + 1) + " has " + std::to_string(rows[i].size()) +
+                        " tokens" + (extra ? " + " + std::to_string(extra) + " new" : std::string()) +
+                        "; the model has " + std::to_string(max_positions) + " positions");
+    }
+  }
+}
+
+std::string clock_text(double seconds) {
+  const long s = static_cast<long>(seconds + 0.5);
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%ld:%02ld:%02ld", s / 3600, (s / 60) % 60, s % 60);
+  return buf;
+}
+
+}  // namespace
+
+int lm_logits(const std::vector<std::string>& args) {
+  model_args m;
+  std::optional<std::string> out;
+  arg_reader r(args);
+  while (r.next()) {
+    if (m.read(r)) continue;
+    if (r.flag() == "--out") {
+      out = r.value();
+    } else {
+      r.unknown();
+    }
+  }
+  m.require("logits");
+  if (!out) throw usage_error("logits needs --out");
+  m.apply_threads();
+  const auto rows = peft::models::read_token_file(*m.tokens);
+  return with_model_type(m, [&]<class T, class Base>() {
+    auto pm = open_model<T, Base>(m);
+    auto& lm = pm.model();
+    check_lengths(rows, lm.config().max_positions);
+    index length = 0;
+    for (const auto& row : rows) length = std::max(length, static_cast<index>(row.size()));
+    const index V = lm.vocab_size();
+    const auto n = static_cast<index>(rows.size());
+    std::vector<float> all(static_cast<std::size_t>(n * length * V), 0.0f);
+    // A few sequences at a time keeps the activations small.
+    constexpr std::size_t chunk = 8;
+    for (std::size_t first = 0; first < rows.size(); first += chunk) {
+      const std::size_t last = std::min(rows.size(), first + chunk);
+      const std::vector<std::vector<long long>> part(rows.begin() + static_cast<std::ptrdiff_t>(first),
+                                                     rows.begin() + static_cast<std::ptrdiff_t>(last));
+      const auto b = peft::models::token_batch::from_rows(part);
+      const auto logits = lm.forward(b);
+      for (index s = 0; s < b.sequences; ++s) {
+        for (index c = 0; c < b.length; ++c) {
+          const T* src = logits.row(s * b.length + c);
+          float* dst = all.data() + ((static_cast<index>(first) + s) * length + c) * V;
+          for (index v = 0; v < V; ++v) dst[v] = static_cast<float>(src[v]);
+        }
+      }
+    }
+    peft::io::safetensors_writer w;
+    w.set_metadata({{"format", "pt"}});
+    w.add("logits", {n, length, V}, std::span<const float>(all));
+    w.write(*out);
+    std::fprintf(stderr, "peft: logits (%td, %td, %td) written to %s\n", static_cast<std::ptrdiff_t>(n),
+                 static_cast<std::ptrdiff_t>(length), static_cast<std::ptrdiff_t>(V), out->c_str());
+    return 0;
+  });
+}
+
+int lm_generate(const std::vector<std::string>& args) {
+  model_args m;
+  peft::models::sampling_options s;
+  arg_reader r(args);
+  bool have_max = false;
+  while (r.next()) {
+    if (m.read(r)) continue;
+    const std::string& a = r.flag();
+    if (a == "--max-new-tokens") {
+      s.max_new_tokens = static_cast<index>(r.integer(0));
+      have_max = true;
+    } else if (a == "--temperature") {
+      s.temperature = r.number();
+      if (s.temperature < 0) throw usage_error("--temperature must not be negative");
+    } else if (a == "--top-k") {
+      s.top_k = static_cast<index>(r.integer(0));
+    } else if (a == "--top-p") {
+      s.top_p = r.number();
+      if (!(s.top_p > 0 && s.top_p <= 1)) throw usage_error("--top-p must be in (0, 1]");
+    } else if (a == "--seed") {
+      s.seed = static_cast<std::uint64_t>(r.integer(0));
+    } else if (a == "--ignore-eos") {
+      s.stop_at_eos = false;
+    } else {
+      r.unknown();
+    }
+  }
+  m.require("generate");
+  if (!have_max) throw usage_error("generate needs --max-new-tokens");
+  m.apply_threads();
+  const auto rows = peft::models::read_token_file(*m.tokens);
+  return with_model_type(m, [&]<class T, class Base>() {
+    auto pm = open_model<T, Base>(m);
+    check_lengths(rows, pm.model().config().max_positions, s.max_new_tokens);
+    std::string text;
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      auto opt = s;
+      opt.seed = s.seed + i;  // each prompt its own stream
+      const auto ids = peft::models::generate(pm.model(), rows[i], opt);
+      std::string line;
+      for (std::size_t k = 0; k < ids.size(); ++k) line += (k ? " " : "") + std::to_string(ids[k]);
+      text += line + "\n";
+    }
+    std::fputs(text.c_str(), stdout);
+    return 0;
+  });
+}
+
+namespace {
+
+/// What `finetune` saves beside the adapter so --resume can continue exactly.
+struct trainer_state {
+  long long step = 0;
+  std::string method;
+  static constexpr const char* file = "trainer_state.json";
+};
+
+void write_file_atomically(const fs::path& path, const std::string& text) {
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream o(tmp, std::ios::binary | std::ios::trunc);
+    o << text;
+    o.flush();
+    if (!o) throw peft::io_error("[finetune] cannot write " + tmp.string());
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw peft::io_error("[finetune] cannot write " + path.string());
+  }
+}
+
+}  // namespace
+
+int lm_finetune(const std::vector<std::string>& args) {
+  model_args m;
+  peft::models::adapter_options ao;
+  bool have_method = false;
+  std::optional<std::string> out, log_path;
+  long long steps = -1, batch = -1, save_every = 0, accum = 1;
+  double lr = -1, weight_decay = 0.0;
+  bool resume = false, checkpointing = false;
+  std::optional<std::string> targets_text;
+  arg_reader r(args);
+  while (r.next()) {
+    if (m.read(r)) continue;
+    const std::string& a = r.flag();
+    if (a == "--method") {
+      ao.method = r.value();
+      have_method = true;
+    } else if (a == "--rank") {
+      ao.rank = static_cast<index>(r.integer(1));
+    } else if (a == "--alpha") {
+      ao.alpha = r.number();
+    } else if (a == "--targets") {
+      targets_text = r.value();
+    } else if (a == "--rslora") {
+      ao.use_rslora = true;
+    } else if (a == "--lora-bias") {
+      ao.bias = true;
+    } else if (a == "--steps") {
+      steps = r.integer(1);
+    } else if (a == "--batch") {
+      batch = r.integer(1);
+    } else if (a == "--grad-accum") {
+      accum = r.integer(1);
+    } else if (a == "--lr") {
+      lr = r.number();
+    } else if (a == "--weight-decay") {
+      weight_decay = r.number();
+    } else if (a == "--log") {
+      log_path = r.value();
+    } else if (a == "--seed") {
+      ao.seed = static_cast<std::uint64_t>(r.integer(0));
+    } else if (a == "--out") {
+      out = r.value();
+    } else if (a == "--save-every") {
+      save_every = r.integer(1);
+    } else if (a == "--resume") {
+      resume = true;
+    } else if (a == "--checkpointing") {
+      checkpointing = true;
+    } else {
+      r.unknown();
+    }
+  }
+  m.require("finetune");
+  if (!out) throw usage_error("finetune needs --out");
+  if (steps < 0 || batch < 0 || lr < 0) throw usage_error("finetune needs --steps, --batch and --lr");
+  if (m.adapter && have_method) throw usage_error("give --adapter or --method, not both");
+  if (!m.adapter && !have_method && !resume) throw usage_error("finetune needs --adapter INIT_DIR or --method NAME");
+  if (accum > batch) throw usage_error("--grad-accum cannot exceed --batch");
+  if (targets_text) {
+    ao.targets.clear();
+    std::string t = *targets_text;
+    std::size_t p = 0;
+    while (p <= t.size()) {
+      const std::size_t q = std::min(t.find(',', p), t.size());
+      if (q > p) ao.targets.push_back(t.substr(p, q - p));
+      p = q + 1;
+    }
+    if (ao.targets.empty()) throw usage_error("--targets is empty");
+  }
+  m.apply_threads();
+  const auto rows = peft::models::read_token_file(*m.tokens);
+  const fs::path dir = *out;
+  return with_model_type(m, [&]<class T, class Base>() {
+    model_args opened = m;
+    long long start = 0;
+    if (resume) {
+      if (!fs::exists(dir / trainer_state::file)) {
+        throw peft::io_error("[finetune] --resume: " + (dir / trainer_state::file).string() + " does not exist");
+      }
+      opened.adapter = dir.string();
+      std::ifstream in(dir / trainer_state::file);
+      const auto j = nlohmann::json::parse(in, nullptr, false);
+      if (!j.is_object() || !j.contains("step") || !j["step"].is_number_integer()) {
+        throw peft::format_error("[finetune] " + (dir / trainer_state::file).string() + " is not a trainer state");
+      }
+      start = j["step"].get<long long>();
+    }
+    auto pm = open_model<T, Base>(opened, checkpointing);
+    auto& lm = pm.model();
+    check_lengths(rows, lm.config().max_positions);
+    if (!opened.adapter) pm.add_adapter("default", ao);
+    std::vector<peft::parameter<T>> params;
+    for (auto& p : lm.parameters()) {
+      if (p.trainable && !p.integer) params.push_back(p);
+    }
+    if (params.empty()) throw peft::error("[finetune] the adapter has no trainable parameter");
+    peft::train::adamw_options opt;
+    opt.lr = lr;
+    opt.weight_decay = weight_decay;
+    peft::train::adamw<T> optimizer(params, opt);
+    if (resume) optimizer.load_state(dir / "optimizer.safetensors");
+    std::ofstream log;
+    if (log_path) {
+      // On resume the rows up to the checkpoint are kept; later ones (lost work) are dropped.
+      std::vector<std::string> kept;
+      if (resume) {
+        std::ifstream in(*log_path);
+        std::string line;
+        std::getline(in, line);
+        while (std::getline(in, line)) {
+          if (std::stoll(line.substr(0, line.find(','))) < start) kept.push_back(line);
+        }
+      }
+      log.open(*log_path, std::ios::trunc);
+      if (!log) throw peft::io_error("[finetune] cannot write " + *log_path);
+      log << "step,loss,lr,tokens,seconds\n";
+      for (const auto& k : kept) log << k << "\n";
+      log.flush();
+    }
+    auto save = [&](long long step) {
+      fs::create_directories(dir);
+      pm.save_pretrained(dir);
+      optimizer.save_state(dir / "optimizer.safetensors");
+      nlohmann::json st{{"step", step}, {"batch", batch}, {"lines", rows.size()}, {"format", "peft-cpp finetune 1"}};
+      write_file_atomically(dir / trainer_state::file, st.dump(2) + "\n");
+    };
+    const auto n = static_cast<long long>(rows.size());
+    const auto t0 = std::chrono::steady_clock::now();
+    double tokens_seen = 0;
+    for (long long s = start; s < steps; ++s) {
+      std::vector<std::vector<long long>> lines;
+      for (long long i = 0; i < batch; ++i) lines.push_back(rows[static_cast<std::size_t>((s * batch + i) % n)]);
+      // Micro-batches share one normaliser: the loss and gradient equal the whole batch's.
+      const auto whole = peft::models::token_batch::from_rows(lines);
+      const double predicted = static_cast<double>(lm.predicted_tokens(whole, whole.causal_labels()));
+      lm.zero_grad();
+      double loss = 0;
+      for (long long k = 0; k < accum; ++k) {
+        const long long a0 = k * batch / accum, a1 = (k + 1) * batch / accum;
+        const std::vector<std::vector<long long>> part(lines.begin() + a0, lines.begin() + a1);
+        const auto b = peft::models::token_batch::from_rows(part);
+        const auto labels = b.causal_labels();
+        if (lm.predicted_tokens(b, labels) == 0) continue;
+        loss += lm.loss_and_backward(b, labels, predicted);
+      }
+      if (!std::isfinite(loss)) throw peft::error("[finetune] the loss at step " + std::to_string(s) + " is not finite");
+      const double step_lr = optimizer.lr("default");
+      optimizer.step();
+      for (const auto& l : lines) tokens_seen += static_cast<double>(l.size());
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (log.is_open()) {
+        char row[160];
+        std::snprintf(row, sizeof row, "%lld,%.9g,%.6g,%.0f,%.3f\n", s, loss, step_lr, tokens_seen, secs);
+        log << row;
+        log.flush();
+      }
+      const double done = static_cast<double>(s - start + 1);
+      std::fprintf(stderr, "\rpeft: step %lld/%lld  loss %.4f  lr %.3g  %.0f tok/s  left %s   ", s + 1, steps, loss,
+                   step_lr, tokens_seen / std::max(secs, 1e-9),
+                   clock_text(secs / done * static_cast<double>(steps - s - 1)).c_str());
+      if (save_every > 0 && (s + 1) % save_every == 0 && s + 1 < steps) save(s + 1);
+    }
+    std::fprintf(stderr, "\n");
+    save(std::max(steps, start));
+    std::fprintf(stderr, "peft: %zu trainable parameters; adapter saved in %s\n", pm.trainable_parameters(),
+                 dir.string().c_str());
+    return 0;
+  });
+}
+
+}  // namespace peft_cli

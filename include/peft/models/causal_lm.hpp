@@ -1,0 +1,817 @@
+// peft/models/causal_lm.hpp — decoder-only language models (Llama, Mistral, Qwen2, Qwen3, GPT-2)
+// whose every projection is an adapted linear layer over a frozen base.
+//
+//   auto lm = peft::models::causal_lm<float>::load("path/to/model");        // dense f32 bases
+//   auto q  = peft::models::causal_lm<float, peft::nf4>::load("path/to/model");  // QLoRA bases
+//   peft::models::token_batch b = peft::models::token_batch::from_rows({{1, 5, 9}, {1, 7}});
+//   auto logits = lm.forward(b);                        // (sequences * length, vocab)
+//   double loss = lm.loss_and_backward(b, b.causal_labels());   // adapter grads +=
+//
+// Modules are named as transformers names them in *ForCausalLM ("model.layers.0.self_attn.q_proj",
+// GPT-2's "transformer.h.0.attn.c_attn"); `modules()` lists them for attaching adapters
+// (models/peft_model.hpp does it PEFT's way). Numbers follow transformers: see docs/models.md.
+// Not thread-safe: forward stores what backward needs.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peft/adapters/any_adapter.hpp"
+#include "peft/base/dense.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/matrix.hpp"
+#include "peft/io/model_bases.hpp"
+#include "peft/io/model_files.hpp"
+#include "peft/kernels/gemm.hpp"
+#include "peft/kernels/parallel.hpp"
+#include "peft/layer/adapted_linear.hpp"
+#include "peft/models/config.hpp"
+#include "peft/models/ops.hpp"
+
+namespace peft::models {
+
+/// Label value that takes no part in the loss (transformers' ignore_index).
+inline constexpr long long ignore_label = -100;
+
+/// A batch of token sequences: ids (sequences, length) row-major, a 0/1 attention mask of the
+/// same shape (empty: all 1) and position ids (empty: the column index, as transformers' forward).
+struct token_batch {
+  index sequences = 0;
+  index length = 0;
+  std::vector<long long> ids;
+  std::vector<unsigned char> mask;
+  std::vector<long long> positions;
+
+  /// Right-padded rows (pad id 0, mask 0).
+  static token_batch from_rows(const std::vector<std::vector<long long>>& rows) {
+    token_batch b;
+    b.sequences = static_cast<index>(rows.size());
+    for (const auto& r : rows) b.length = std::max(b.length, static_cast<index>(r.size()));
+    b.ids.assign(static_cast<std::size_t>(b.sequences * b.length), 0);
+    b.mask.assign(b.ids.size(), 0);
+    for (index s = 0; s < b.sequences; ++s) {
+      const auto& r = rows[static_cast<std::size_t>(s)];
+      for (std::size_t c = 0; c < r.size(); ++c) {
+        b.ids[static_cast<std::size_t>(s * b.length) + c] = r[c];
+        b.mask[static_cast<std::size_t>(s * b.length) + c] = 1;
+      }
+    }
+    return b;
+  }
+  bool valid(index s, index c) const { return mask.empty() || mask[static_cast<std::size_t>(s * length + c)] != 0; }
+  /// transformers' labels for causal-LM training: the ids, with masked positions ignored.
+  std::vector<long long> causal_labels() const {
+    std::vector<long long> l = ids;
+    for (index s = 0; s < sequences; ++s) {
+      for (index c = 0; c < length; ++c) {
+        if (!valid(s, c)) l[static_cast<std::size_t>(s * length + c)] = ignore_label;
+      }
+    }
+    return l;
+  }
+};
+
+/// Options of causal_lm::load.
+struct load_options {
+  /// Also keep trainable copies of nothing else: adapters only. (Full fine-tuning: see docs.)
+  bool activation_checkpointing = false;  // keep only each block's input; recompute in backward
+};
+
+template <compute_scalar T, base_weight Base = dense<T>>
+class causal_lm {
+ public:
+  using scalar = T;
+  using base_type = Base;
+  using adapter_type = any_adapter<T>;
+  using linear = adapted_linear<Base, adapter_type>;
+
+  /// Loads config.json and the weights (model.safetensors or a sharded index) from `dir`.
+  /// unsupported_error for an architecture or config value not implemented, format_error for a
+  /// missing or misshapen tensor, io_error for unreadable files.
+  static causal_lm load(const std::filesystem::path& dir, load_options opt = {}) {
+    causal_lm m;
+    m.cfg_ = lm_config::load(dir);
+    m.opt_ = opt;
+    const auto files = io::model_files::open(dir);
+    m.load_weights(files);
+    return m;
+  }
+
+  const lm_config& config() const noexcept { return cfg_; }
+  index vocab_size() const noexcept { return cfg_.vocab_size; }
+  void set_activation_checkpointing(bool on) { opt_.activation_checkpointing = on; }
+
+  /// Every projection, named as transformers names the module, in layer order.
+  std::vector<std::pair<std::string, linear*>> modules() {
+    std::vector<std::pair<std::string, linear*>> out;
+    for (auto& b : blocks_) {
+      for (std::size_t p = 0; p < b.proj.size(); ++p) out.emplace_back(b.names[p], b.proj[p].get());
+    }
+    return out;
+  }
+  linear* module(const std::string& name) {
+    for (auto& [n, l] : modules()) {
+      if (n == name) return l;
+    }
+    return nullptr;
+  }
+
+  /// Logits (sequences * length, vocab) row-major; rows of masked positions are 0.
+  matrix<T> forward(const token_batch& b) {
+    run(b, false);
+    matrix<T> logits(b.sequences * b.length, cfg_.vocab_size);
+    for (index r = 0; r < packed_.rows; ++r) {
+      const index row = packed_.seq[static_cast<std::size_t>(r)] * b.length + packed_.col[static_cast<std::size_t>(r)];
+      std::copy(logits_.row(r), logits_.row(r) + cfg_.vocab_size, logits.row(row));
+    }
+    return logits;
+  }
+
+  /// The causal-LM loss of transformers: logits at column c predict labels[c + 1]; -100 is
+  /// ignored; the sum of the token losses divided by `normalizer` (default: the number of
+  /// predicted tokens, i.e. the mean). Adds d loss / d parameter to every trainable adapter's
+  /// gradients (gradient accumulation: pass the total token count of all micro-batches).
+  double loss_and_backward(const token_batch& b, const std::vector<long long>& labels, double normalizer = 0) {
+    return loss_impl(b, labels, normalizer, true);
+  }
+  /// The same loss without gradients.
+  double loss(const token_batch& b, const std::vector<long long>& labels) { return loss_impl(b, labels, 0, false); }
+  /// Number of tokens the loss of (b, labels) averages over.
+  static index predicted_tokens(const token_batch& b, const std::vector<long long>& labels) {
+    index n = 0;
+    for (index s = 0; s < b.sequences; ++s) {
+      for (index c = 0; c + 1 < b.length; ++c) n += labels[static_cast<std::size_t>(s * b.length + c + 1)] != ignore_label;
+    }
+    return n;
+  }
+
+  /// Every trainable adapter parameter of the model, named "<module>.<adapter>.<parameter>";
+  /// a tensor shared by several modules (VeRA) is listed once.
+  std::vector<parameter<T>> parameters() {
+    std::vector<parameter<T>> all;
+    std::vector<const T*> seen;
+    for (auto& [name, l] : modules()) {
+      for (auto p : l->parameters()) {
+        if (p.shared) {
+          if (std::find(seen.begin(), seen.end(), p.value.data()) != seen.end()) continue;
+          seen.push_back(p.value.data());
+        }
+        p.name = name + "." + p.name;
+        all.push_back(std::move(p));
+      }
+    }
+    return all;
+  }
+  void zero_grad() {
+    for (auto& [name, l] : modules()) l->zero_grad();
+  }
+
+  // ---- generation with a key/value cache ---------------------------------------------------
+
+  /// Keys and values of the tokens seen so far of one sequence.
+  class kv_cache {
+   public:
+    index size() const noexcept { return len_; }
+
+   private:
+    friend class causal_lm;
+    std::vector<matrix<T>> k, v;  // per layer (capacity, kv_heads * head_dim)
+    index len_ = 0;
+  };
+
+  kv_cache new_cache(index capacity) const {
+    kv_cache c;
+    const index kvd = cfg_.kv_heads * cfg_.head_dim;
+    for (index l = 0; l < cfg_.layers; ++l) {
+      c.k.emplace_back(capacity, kvd);
+      c.v.emplace_back(capacity, kvd);
+    }
+    return c;
+  }
+
+  /// Runs `tokens` (positions cache.size()...) through the model, appending their keys and
+  /// values to `cache`; returns the logits of the last token (vocab).
+  std::vector<T> decode(kv_cache& cache, const std::vector<long long>& tokens) {
+    constexpr const char* where = "causal_lm::decode";
+    if (tokens.empty()) detail::raise<error>(where, "no tokens");
+    const index start = cache.len_;
+    const index n = static_cast<index>(tokens.size());
+    if (cache.k.empty() || start + n > cache.k.front().rows()) {
+      detail::raise<error>(where, "the cache holds " + std::to_string(cache.k.empty() ? 0 : cache.k.front().rows()) +
+                                      " tokens; " + std::to_string(start + n) + " needed");
+    }
+    token_batch b;
+    b.sequences = 1;
+    b.length = start + n;
+    b.ids.assign(static_cast<std::size_t>(start), 0);
+    b.ids.insert(b.ids.end(), tokens.begin(), tokens.end());
+    b.mask.assign(static_cast<std::size_t>(start), 0);
+    b.mask.resize(static_cast<std::size_t>(start + n), 1);
+    cache_ = &cache;
+    try {
+      run(b, false);
+    } catch (...) {
+      cache_ = nullptr;
+      throw;
+    }
+    cache_ = nullptr;
+    cache.len_ = start + n;
+    return std::vector<T>(logits_.row(packed_.rows - 1), logits_.row(packed_.rows - 1) + cfg_.vocab_size);
+  }
+
+ private:
+  // Projections of a block. Llama family: q k v o gate up down; GPT-2: c_attn (q, k and v in one)
+  // attn.c_proj, mlp.c_fc, mlp.c_proj.
+  static constexpr std::size_t q_ = 0, k_ = 1, v_ = 2, o_ = 3, gate_ = 4, up_ = 5, down_ = 6;
+  static constexpr std::size_t qkv_ = 0, attn_out_ = 1, fc_ = 2, fc_out_ = 3;
+
+  struct block {
+    std::vector<std::string> names;
+    std::vector<std::unique_ptr<linear>> proj;
+    std::vector<T> norm1_w, norm1_b, norm2_w, norm2_b, q_norm_w, k_norm_w;
+  };
+
+  /// What one block's forward keeps for backward.
+  struct saved {
+    matrix<T> x;              // block input (rows, hidden)
+    matrix<T> n1, n2;         // normalised inputs of attention and MLP
+    std::vector<T> st1, st2;  // norm statistics
+    matrix<T> q_raw, k_raw;   // q, k before the head norm (Qwen3)
+    std::vector<T> qn_inv, kn_inv;
+    matrix<T> q, k, v;        // rotated q, k; v (rows, heads*hd | kv*hd)
+    matrix<T> qkv;            // GPT-2's fused projection output
+    std::vector<T> probs;     // attention probabilities, per sequence and head
+    matrix<T> att;            // attention output (rows, heads*hd)
+    matrix<T> h;              // after the attention residual
+    matrix<T> g, u, a;        // gate (or c_fc) output, up output, activation (input of down)
+  };
+
+  /// The batch as packed rows (only unmasked tokens), sequence by sequence.
+  struct packing {
+    index rows = 0;
+    std::vector<index> seq, col, pos;
+    std::vector<long long> ids;
+    std::vector<index> start;  // sequences + 1 offsets
+  };
+
+  lm_config cfg_;
+  load_options opt_;
+  std::vector<block> blocks_;
+  matrix<T> embed_;        // (vocab, hidden)
+  matrix<T> positions_;    // GPT-2 (n_positions, hidden)
+  matrix<T> lm_head_;      // (vocab, hidden); empty when tied
+  std::vector<T> final_w_, final_b_;
+  ops::rope_table<T> rope_;
+
+  // forward state
+  packing packed_;
+  std::vector<saved> saved_;
+  matrix<T> final_in_, final_n_;
+  std::vector<T> final_st_;
+  matrix<T> logits_;
+  kv_cache* cache_ = nullptr;
+
+  bool gpt2() const noexcept { return cfg_.is_gpt2(); }
+  const matrix<T>& head_weight() const { return cfg_.tie_word_embeddings ? embed_ : lm_head_; }
+
+  // ---- loading ------------------------------------------------------------------------------
+
+  static matrix<T> read_matrix(const io::model_files& f, const std::string& module, const std::string& suffix,
+                               index rows, index cols) {
+    const auto name = f.resolve(module, suffix);
+    if (!name) detail::raise<format_error>("causal_lm::load", "the model has no tensor '" + module + "." + suffix + "'");
+    const auto& info = f.info(*name);
+    if (info.shape != std::vector<std::int64_t>{rows, cols} || !is_floating(info.type)) {
+      detail::raise<format_error>("causal_lm::load", "'" + *name + "' is " + detail::shape_text(info.shape) +
+                                                         ", expected " + std::to_string(rows) + "x" +
+                                                         std::to_string(cols) + " floating");
+    }
+    return f.file_of(*name).template read_matrix<T>(*name);
+  }
+  static std::vector<T> read_vector(const io::model_files& f, const std::string& module, const std::string& suffix,
+                                    index n) {
+    const auto name = f.resolve(module, suffix);
+    if (!name) detail::raise<format_error>("causal_lm::load", "the model has no tensor '" + module + "." + suffix + "'");
+    const auto& info = f.info(*name);
+    if (info.shape != std::vector<std::int64_t>{n} || !is_floating(info.type)) {
+      detail::raise<format_error>("causal_lm::load", "'" + *name + "' is " + detail::shape_text(info.shape) +
+                                                         ", expected " + std::to_string(n) + " floating values");
+    }
+    return f.file_of(*name).template read<T>(*name);
+  }
+
+  std::unique_ptr<linear> load_linear(const io::model_files& f, const std::string& module, index out, index in,
+                                      bool bias) {
+    auto l = std::make_unique<linear>(io::load_base<Base>(f, module, gpt2()));
+    if (l->out_features() != out || l->in_features() != in) {
+      detail::raise<format_error>("causal_lm::load", "'" + module + "' is " + std::to_string(l->out_features()) + "x" +
+                                                         std::to_string(l->in_features()) + ", the config says " +
+                                                         std::to_string(out) + "x" + std::to_string(in));
+    }
+    if (bias != f.resolve(module, "bias").has_value()) {
+      detail::raise<format_error>("causal_lm::load", "'" + module + "' " + (bias ? "has no bias; the config says it has one"
+                                                                                 : "has a bias the config does not declare"));
+    }
+    return l;
+  }
+
+  void load_weights(const io::model_files& f) {
+    const index H = cfg_.hidden_size, I = cfg_.intermediate_size, hd = cfg_.head_dim;
+    const index qd = cfg_.heads * hd, kvd = cfg_.kv_heads * hd;
+    const std::string root = gpt2() ? "transformer" : "model";
+    embed_ = read_matrix(f, root + (gpt2() ? ".wte" : ".embed_tokens"), "weight", cfg_.vocab_size, H);
+    if (gpt2()) positions_ = read_matrix(f, "transformer.wpe", "weight", cfg_.max_positions, H);
+    for (index l = 0; l < cfg_.layers; ++l) {
+      block b;
+      const std::string p = root + (gpt2() ? ".h." : ".layers.") + std::to_string(l) + ".";
+      auto add = [&](const std::string& name, index out, index in, bool bias) {
+        b.names.push_back(p + name);
+        b.proj.push_back(load_linear(f, p + name, out, in, bias));
+      };
+      if (gpt2()) {
+        add("attn.c_attn", 3 * H, H, true);
+        add("attn.c_proj", H, H, true);
+        add("mlp.c_fc", I, H, true);
+        add("mlp.c_proj", H, I, true);
+        b.norm1_w = read_vector(f, p + "ln_1", "weight", H);
+        b.norm1_b = read_vector(f, p + "ln_1", "bias", H);
+        b.norm2_w = read_vector(f, p + "ln_2", "weight", H);
+        b.norm2_b = read_vector(f, p + "ln_2", "bias", H);
+      } else {
+        add("self_attn.q_proj", qd, H, cfg_.qkv_bias);
+        add("self_attn.k_proj", kvd, H, cfg_.qkv_bias);
+        add("self_attn.v_proj", kvd, H, cfg_.qkv_bias);
+        add("self_attn.o_proj", H, qd, cfg_.o_bias);
+        add("mlp.gate_proj", I, H, cfg_.mlp_bias);
+        add("mlp.up_proj", I, H, cfg_.mlp_bias);
+        add("mlp.down_proj", H, I, cfg_.mlp_bias);
+        b.norm1_w = read_vector(f, p + "input_layernorm", "weight", H);
+        b.norm2_w = read_vector(f, p + "post_attention_layernorm", "weight", H);
+        if (cfg_.qk_norm) {
+          b.q_norm_w = read_vector(f, p + "self_attn.q_norm", "weight", hd);
+          b.k_norm_w = read_vector(f, p + "self_attn.k_norm", "weight", hd);
+        }
+      }
+      blocks_.push_back(std::move(b));
+    }
+    final_w_ = read_vector(f, root + (gpt2() ? ".ln_f" : ".norm"), "weight", H);
+    if (gpt2()) final_b_ = read_vector(f, "transformer.ln_f", "bias", H);
+    if (!cfg_.tie_word_embeddings) lm_head_ = read_matrix(f, "lm_head", "weight", cfg_.vocab_size, H);
+    if (cfg_.rope.kind != rope_kind::none) rope_ = ops::rope_table<T>(cfg_.rope, hd, cfg_.max_positions);
+  }
+
+  // ---- forward ------------------------------------------------------------------------------
+
+  void pack(const token_batch& b) {
+    constexpr const char* where = "causal_lm::forward";
+    const auto n = static_cast<std::size_t>(b.sequences * b.length);
+    if (b.ids.size() != n || (!b.mask.empty() && b.mask.size() != n) || (!b.positions.empty() && b.positions.size() != n)) {
+      detail::raise<shape_error>(where, "ids, mask and positions must each hold sequences x length values");
+    }
+    packing& p = packed_;
+    p = packing{};
+    p.start.push_back(0);
+    for (index s = 0; s < b.sequences; ++s) {
+      for (index c = 0; c < b.length; ++c) {
+        if (!b.valid(s, c)) continue;
+        const long long id = b.ids[static_cast<std::size_t>(s * b.length + c)];
+        if (id < 0 || id >= cfg_.vocab_size) {
+          detail::raise<error>(where, "token id " + std::to_string(id) + " (sequence " + std::to_string(s) +
+                                          ") is outside the vocabulary of " + std::to_string(cfg_.vocab_size));
+        }
+        const long long pos = b.positions.empty() ? c : b.positions[static_cast<std::size_t>(s * b.length + c)];
+        if (pos < 0 || pos >= cfg_.max_positions) {
+          detail::raise<error>(where, "position " + std::to_string(pos) + " (sequence " + std::to_string(s) +
+                                          ") is beyond the model's " + std::to_string(cfg_.max_positions) +
+                                          " positions");
+        }
+        p.seq.push_back(s);
+        p.col.push_back(c);
+        p.pos.push_back(static_cast<index>(pos));
+        p.ids.push_back(id);
+      }
+      p.start.push_back(static_cast<index>(p.ids.size()));
+    }
+    p.rows = static_cast<index>(p.ids.size());
+    if (p.rows == 0) detail::raise<error>(where, "the batch has no unmasked token");
+  }
+
+  void run(const token_batch& b, bool keep) {
+    pack(b);
+    const index H = cfg_.hidden_size;
+    const index R = packed_.rows;
+    matrix<T> x(R, H);
+    for (index r = 0; r < R; ++r) {
+      const T* e = embed_.row(static_cast<index>(packed_.ids[static_cast<std::size_t>(r)]));
+      std::copy(e, e + H, x.row(r));
+      if (gpt2()) {
+        const T* pe = positions_.row(packed_.pos[static_cast<std::size_t>(r)]);
+        for (index i = 0; i < H; ++i) x(r, i) += pe[i];
+      }
+    }
+    saved_.assign(static_cast<std::size_t>(cfg_.layers), saved{});
+    for (index l = 0; l < cfg_.layers; ++l) {
+      saved& s = saved_[static_cast<std::size_t>(l)];
+      matrix<T> out = block_forward(l, x, s, keep && !opt_.activation_checkpointing);
+      if (keep && opt_.activation_checkpointing) s.x = std::move(x);  // the block input only
+      x = std::move(out);
+    }
+    final_in_ = std::move(x);
+    final_n_ = matrix<T>(R, H);
+    norm(final_in_, final_w_, final_b_, final_n_, final_st_);
+    logits_ = matrix<T>(R, cfg_.vocab_size);
+    kernels::gemm_nt<T, T>(1.0, final_n_.view(), head_weight().view(), 0.0, logits_.view());
+  }
+
+  void norm(const matrix<T>& x, const std::vector<T>& w, const std::vector<T>& bias, matrix<T>& y,
+            std::vector<T>& st) const {
+    const index R = x.rows(), n = x.cols();
+    if (gpt2()) {
+      st.resize(static_cast<std::size_t>(2 * R));
+      ops::layer_norm(x.data(), w.data(), bias.data(), R, n, cfg_.norm_eps, y.data(), st.data());
+    } else {
+      st.resize(static_cast<std::size_t>(R));
+      ops::rms_norm(x.data(), w.data(), R, n, cfg_.norm_eps, y.data(), st.data());
+    }
+  }
+  void norm_backward(const matrix<T>& x, const std::vector<T>& w, const std::vector<T>& st, const matrix<T>& dy,
+                     matrix<T>& dx) const {
+    if (gpt2()) {
+      ops::layer_norm_backward(x.data(), w.data(), st.data(), x.rows(), x.cols(), dy.data(), dx.data(),
+                               static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+    } else {
+      ops::rms_norm_backward(x.data(), w.data(), st.data(), x.rows(), x.cols(), dy.data(), dx.data(),
+                             static_cast<T*>(nullptr));
+    }
+  }
+
+  static void apply(linear& l, const matrix<T>& x, matrix<T>& y) {
+    y = matrix<T>(x.rows(), l.out_features());
+    l.forward(x.view(), y.view());
+  }
+
+  /// One block on x (rows, hidden): returns its output; `s` keeps what backward needs when
+  /// `full`, else it is left empty.
+  matrix<T> block_forward(index l, const matrix<T>& x, saved& s, bool full) {
+    block& b = blocks_[static_cast<std::size_t>(l)];
+    const index R = x.rows(), H = cfg_.hidden_size, hd = cfg_.head_dim;
+    const index qd = cfg_.heads * hd, kvd = cfg_.kv_heads * hd;
+    if (full) s.x = to_matrix(x.view());
+    s.n1 = matrix<T>(R, H);
+    norm(x, b.norm1_w, b.norm1_b, s.n1, s.st1);
+    if (gpt2()) {
+      apply(*b.proj[qkv_], s.n1, s.qkv);
+      s.q = matrix<T>(R, qd);
+      s.k = matrix<T>(R, kvd);
+      s.v = matrix<T>(R, kvd);
+      for (index r = 0; r < R; ++r) {
+        std::copy(s.qkv.row(r), s.qkv.row(r) + H, s.q.row(r));
+        std::copy(s.qkv.row(r) + H, s.qkv.row(r) + 2 * H, s.k.row(r));
+        std::copy(s.qkv.row(r) + 2 * H, s.qkv.row(r) + 3 * H, s.v.row(r));
+      }
+      if (!full) s.qkv = {};
+    } else {
+      apply(*b.proj[q_], s.n1, s.q);
+      apply(*b.proj[k_], s.n1, s.k);
+      apply(*b.proj[v_], s.n1, s.v);
+      if (cfg_.qk_norm) {
+        s.q_raw = s.q;
+        s.k_raw = s.k;
+        s.qn_inv.resize(static_cast<std::size_t>(R * cfg_.heads));
+        s.kn_inv.resize(static_cast<std::size_t>(R * cfg_.kv_heads));
+        ops::rms_norm(s.q_raw.data(), b.q_norm_w.data(), R * cfg_.heads, hd, cfg_.norm_eps, s.q.data(), s.qn_inv.data());
+        ops::rms_norm(s.k_raw.data(), b.k_norm_w.data(), R * cfg_.kv_heads, hd, cfg_.norm_eps, s.k.data(),
+                      s.kn_inv.data());
+      }
+      for (index r = 0; r < R; ++r) {
+        const index p = packed_.pos[static_cast<std::size_t>(r)];
+        for (index h = 0; h < cfg_.heads; ++h) rope_.apply(s.q.row(r) + h * hd, p);
+        for (index h = 0; h < cfg_.kv_heads; ++h) rope_.apply(s.k.row(r) + h * hd, p);
+      }
+    }
+    attention_forward(l, s, full);
+    matrix<T> a;
+    apply(*b.proj[gpt2() ? attn_out_ : o_], s.att, a);
+    s.h = matrix<T>(R, H);
+    for (index i = 0; i < R * H; ++i) s.h.data()[i] = x.data()[i] + a.data()[i];
+    s.n2 = matrix<T>(R, H);
+    norm(s.h, b.norm2_w, b.norm2_b, s.n2, s.st2);
+    if (gpt2()) {
+      apply(*b.proj[fc_], s.n2, s.g);
+      s.a = matrix<T>(R, cfg_.intermediate_size);
+      for (index i = 0; i < s.g.size(); ++i) s.a.data()[i] = ops::activate(cfg_.act, s.g.data()[i]);
+    } else {
+      apply(*b.proj[gate_], s.n2, s.g);
+      apply(*b.proj[up_], s.n2, s.u);
+      s.a = matrix<T>(R, cfg_.intermediate_size);
+      for (index i = 0; i < s.g.size(); ++i) s.a.data()[i] = ops::activate(cfg_.act, s.g.data()[i]) * s.u.data()[i];
+    }
+    matrix<T> m;
+    apply(*b.proj[gpt2() ? fc_out_ : down_], s.a, m);
+    matrix<T> out(R, H);
+    for (index i = 0; i < R * H; ++i) out.data()[i] = s.h.data()[i] + m.data()[i];
+    if (!full) s = saved{};
+    return out;
+  }
+
+  /// Which keys a query sees: its own sequence, columns <= its own, within the sliding window.
+  index window_of(index l) const { return cfg_.sliding_window[static_cast<std::size_t>(l)]; }
+
+  /// Attention of every sequence and head; s.att (rows, heads*hd). With a cache (decode), the
+  /// keys and values are appended to it and the queries attend to everything it holds.
+  void attention_forward(index l, saved& s, bool full) {
+    const index R = packed_.rows, hd = cfg_.head_dim, nh = cfg_.heads, group = cfg_.heads / cfg_.kv_heads;
+    const index qd = nh * hd;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+    const index window = window_of(l);
+    s.att = matrix<T>(R, qd);
+    const index nseq = static_cast<index>(packed_.start.size()) - 1;
+    // Key/value rows and their columns: the batch's own rows, or the cache (decode).
+    const T* kbase = s.k.data();
+    const T* vbase = s.v.data();
+    const index kvd = cfg_.kv_heads * hd;
+    std::vector<index> kcol_cache;
+    if (cache_ != nullptr) {
+      auto& ck = cache_->k[static_cast<std::size_t>(l)];
+      auto& cv = cache_->v[static_cast<std::size_t>(l)];
+      const index start = cache_->len_;
+      for (index r = 0; r < R; ++r) {
+        std::copy(s.k.row(r), s.k.row(r) + kvd, ck.row(start + r));
+        std::copy(s.v.row(r), s.v.row(r) + kvd, cv.row(start + r));
+      }
+      kbase = ck.data();
+      vbase = cv.data();
+    }
+    // probability offsets per (sequence, head)
+    std::vector<std::size_t> off(static_cast<std::size_t>(nseq * nh + 1), 0);
+    for (index q = 0; q < nseq; ++q) {
+      const index len = packed_.start[static_cast<std::size_t>(q) + 1] - packed_.start[static_cast<std::size_t>(q)];
+      const index klen = cache_ != nullptr ? cache_->len_ + len : len;
+      for (index h = 0; h < nh; ++h) {
+        const auto i = static_cast<std::size_t>(q * nh + h);
+        off[i + 1] = off[i] + static_cast<std::size_t>(len * klen);
+      }
+    }
+    std::vector<T> local;
+    std::vector<T>& probs = full ? s.probs : local;
+    probs.assign(off.back(), T{0});
+    kernels::parallel_ranges(nseq * nh, 1, static_cast<double>(off.back()) * static_cast<double>(hd) * 4,
+                             [&](index first, index last) {
+      for (index job = first; job < last; ++job) {
+        const index q = job / nh, h = job % nh, kh = h / group;
+        const index r0 = packed_.start[static_cast<std::size_t>(q)];
+        const index len = packed_.start[static_cast<std::size_t>(q) + 1] - r0;
+        const index past = cache_ != nullptr ? cache_->len_ : 0;
+        const index k0 = cache_ != nullptr ? 0 : r0;
+        const index klen = past + len;
+        T* P = probs.data() + off[static_cast<std::size_t>(job)];
+        for (index i = 0; i < len; ++i) {
+          const index qcol = cache_ != nullptr ? past + i : packed_.col[static_cast<std::size_t>(r0 + i)];
+          const T* qv = s.q.row(r0 + i) + h * hd;
+          T* Pi = P + i * klen;
+          index visible = 0;
+          double m = -HUGE_VAL;
+          for (index j = 0; j < klen; ++j) {
+            const index kcol = cache_ != nullptr ? j : packed_.col[static_cast<std::size_t>(k0 + j)];
+            if (kcol > qcol || (window > 0 && qcol - kcol >= window)) {
+              Pi[j] = T{0};
+              continue;
+            }
+            const T* kv = kbase + (k0 + j) * kvd + kh * hd;
+            T dot{0};
+            for (index d = 0; d < hd; ++d) dot += qv[d] * kv[d];
+            Pi[j] = static_cast<T>(dot * scale);
+            m = std::max(m, static_cast<double>(Pi[j]));
+            ++visible;
+          }
+          double sum = 0;
+          for (index j = 0; j < klen; ++j) {
+            const index kcol = cache_ != nullptr ? j : packed_.col[static_cast<std::size_t>(k0 + j)];
+            if (kcol > qcol || (window > 0 && qcol - kcol >= window)) continue;
+            const double e = std::exp(static_cast<double>(Pi[j]) - m);
+            Pi[j] = static_cast<T>(e);
+            sum += e;
+          }
+          T* out = s.att.row(r0 + i) + h * hd;
+          std::fill(out, out + hd, T{0});
+          if (visible == 0) continue;
+          for (index j = 0; j < klen; ++j) {
+            if (Pi[j] == T{0}) continue;
+            Pi[j] = static_cast<T>(Pi[j] / sum);
+            const T* vv = vbase + (k0 + j) * kvd + kh * hd;
+            for (index d = 0; d < hd; ++d) out[d] += Pi[j] * vv[d];
+          }
+        }
+      }
+    });
+  }
+
+  // ---- loss and backward ------------------------------------------------------------------
+
+  double loss_impl(const token_batch& b, const std::vector<long long>& labels, double normalizer, bool grad) {
+    constexpr const char* where = "causal_lm::loss";
+    if (labels.size() != b.ids.size()) detail::raise<shape_error>(where, "labels must hold sequences x length values");
+    for (index s = 0; s < b.sequences; ++s) {
+      for (index c = 0; c + 1 < b.length; ++c) {
+        const long long t = labels[static_cast<std::size_t>(s * b.length + c + 1)];
+        if (t == ignore_label) continue;
+        if (t < 0 || t >= cfg_.vocab_size) {
+          detail::raise<error>(where, "label " + std::to_string(t) + " is outside the vocabulary");
+        }
+        if (!b.valid(s, c)) {
+          detail::raise<error>(where, "sequence " + std::to_string(s) + " has a label after a masked position " +
+                                          std::to_string(c) + "; set it to -100");
+        }
+      }
+    }
+    run(b, grad);
+    const index count = predicted_tokens(b, labels);
+    if (count == 0) detail::raise<error>(where, "no token to predict (every label is -100)");
+    const double norm = normalizer > 0 ? normalizer : static_cast<double>(count);
+    const index R = packed_.rows, V = cfg_.vocab_size;
+    matrix<T> dlogits(grad ? R : 0, grad ? V : 0);
+    double total = 0;
+    for (index r = 0; r < R; ++r) {
+      const index s = packed_.seq[static_cast<std::size_t>(r)], c = packed_.col[static_cast<std::size_t>(r)];
+      if (c + 1 >= b.length) continue;
+      const long long t = labels[static_cast<std::size_t>(s * b.length + c + 1)];
+      if (t == ignore_label) continue;
+      const T* z = logits_.row(r);
+      double m = z[0];
+      for (index v = 1; v < V; ++v) m = std::max(m, static_cast<double>(z[v]));
+      double sum = 0;
+      for (index v = 0; v < V; ++v) sum += std::exp(static_cast<double>(z[v]) - m);
+      const double lse = m + std::log(sum);
+      total += lse - static_cast<double>(z[t]);
+      if (grad) {
+        T* d = dlogits.row(r);
+        for (index v = 0; v < V; ++v) d[v] = static_cast<T>(std::exp(static_cast<double>(z[v]) - lse) / norm);
+        d[t] -= static_cast<T>(1.0 / norm);
+      }
+    }
+    if (grad) backward(dlogits);
+    return total / norm;
+  }
+
+  void backward(const matrix<T>& dlogits) {
+    const index R = packed_.rows, H = cfg_.hidden_size;
+    matrix<T> dn(R, H);
+    kernels::gemm_nn<T, T>(1.0, dlogits.view(), head_weight().view(), 0.0, dn.view());
+    matrix<T> dx(R, H);
+    norm_backward(final_in_, final_w_, final_st_, dn, dx);
+    for (index l = cfg_.layers - 1; l >= 0; --l) {
+      saved& s = saved_[static_cast<std::size_t>(l)];
+      if (opt_.activation_checkpointing) {
+        const matrix<T> x = std::move(s.x);
+        block_forward(l, x, s, true);  // recompute (and refresh the adapters' caches)
+      }
+      dx = block_backward(l, s, dx);
+      s = saved{};
+    }
+  }
+
+  static void back(linear& l, const matrix<T>& x, const matrix<T>& dy, matrix<T>& dx) {
+    dx = matrix<T>(x.rows(), x.cols());
+    l.backward(x.view(), dy.view(), dx.view());
+  }
+
+  /// Gradient of the block input from the gradient of its output.
+  matrix<T> block_backward(index l, saved& s, const matrix<T>& dout) {
+    block& b = blocks_[static_cast<std::size_t>(l)];
+    const index R = packed_.rows, H = cfg_.hidden_size, hd = cfg_.head_dim;
+    // MLP
+    matrix<T> da;
+    back(*b.proj[gpt2() ? fc_out_ : down_], s.a, dout, da);
+    matrix<T> dn2(R, H);
+    if (gpt2()) {
+      matrix<T> dg(R, cfg_.intermediate_size);
+      for (index i = 0; i < dg.size(); ++i) dg.data()[i] = da.data()[i] * ops::activate_derivative(cfg_.act, s.g.data()[i]);
+      back(*b.proj[fc_], s.n2, dg, dn2);
+    } else {
+      matrix<T> dg(R, cfg_.intermediate_size), du(R, cfg_.intermediate_size);
+      for (index i = 0; i < dg.size(); ++i) {
+        const T g = s.g.data()[i];
+        du.data()[i] = da.data()[i] * ops::activate(cfg_.act, g);
+        dg.data()[i] = da.data()[i] * s.u.data()[i] * ops::activate_derivative(cfg_.act, g);
+      }
+      matrix<T> t;
+      back(*b.proj[gate_], s.n2, dg, dn2);
+      back(*b.proj[up_], s.n2, du, t);
+      for (index i = 0; i < dn2.size(); ++i) dn2.data()[i] += t.data()[i];
+    }
+    matrix<T> dh(R, H);
+    norm_backward(s.h, b.norm2_w, s.st2, dn2, dh);
+    for (index i = 0; i < dh.size(); ++i) dh.data()[i] += dout.data()[i];
+    // attention
+    matrix<T> datt;
+    back(*b.proj[gpt2() ? attn_out_ : o_], s.att, dh, datt);
+    matrix<T> dq(R, s.q.cols()), dk(R, s.k.cols()), dv(R, s.v.cols());
+    attention_backward(s, datt, dq, dk, dv);
+    matrix<T> dn1(R, H);
+    if (gpt2()) {
+      matrix<T> dqkv(R, 3 * H);
+      for (index r = 0; r < R; ++r) {
+        std::copy(dq.row(r), dq.row(r) + H, dqkv.row(r));
+        std::copy(dk.row(r), dk.row(r) + H, dqkv.row(r) + H);
+        std::copy(dv.row(r), dv.row(r) + H, dqkv.row(r) + 2 * H);
+      }
+      back(*b.proj[qkv_], s.n1, dqkv, dn1);
+    } else {
+      for (index r = 0; r < R; ++r) {
+        const index p = packed_.pos[static_cast<std::size_t>(r)];
+        for (index h = 0; h < cfg_.heads; ++h) rope_.apply(dq.row(r) + h * hd, p, true);
+        for (index h = 0; h < cfg_.kv_heads; ++h) rope_.apply(dk.row(r) + h * hd, p, true);
+      }
+      if (cfg_.qk_norm) {
+        matrix<T> tq(R, dq.cols()), tk(R, dk.cols());
+        ops::rms_norm_backward(s.q_raw.data(), b.q_norm_w.data(), s.qn_inv.data(), R * cfg_.heads, hd, dq.data(),
+                               tq.data(), static_cast<T*>(nullptr));
+        ops::rms_norm_backward(s.k_raw.data(), b.k_norm_w.data(), s.kn_inv.data(), R * cfg_.kv_heads, hd, dk.data(),
+                               tk.data(), static_cast<T*>(nullptr));
+        dq = std::move(tq);
+        dk = std::move(tk);
+      }
+      matrix<T> t;
+      back(*b.proj[q_], s.n1, dq, dn1);
+      back(*b.proj[k_], s.n1, dk, t);
+      for (index i = 0; i < dn1.size(); ++i) dn1.data()[i] += t.data()[i];
+      back(*b.proj[v_], s.n1, dv, t);
+      for (index i = 0; i < dn1.size(); ++i) dn1.data()[i] += t.data()[i];
+    }
+    matrix<T> dx(R, H);
+    norm_backward(s.x, b.norm1_w, s.st1, dn1, dx);
+    for (index i = 0; i < dx.size(); ++i) dx.data()[i] += dh.data()[i];
+    return dx;
+  }
+
+  /// dq, dk, dv from d(attention output), with the probabilities forward kept.
+  void attention_backward(const saved& s, const matrix<T>& datt, matrix<T>& dq, matrix<T>& dk, matrix<T>& dv) {
+    const index hd = cfg_.head_dim, nh = cfg_.heads, group = cfg_.heads / cfg_.kv_heads;
+    const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
+    const index nseq = static_cast<index>(packed_.start.size()) - 1;
+    dq.fill(T{0});
+    dk.fill(T{0});
+    dv.fill(T{0});
+    // Sequences are independent; heads of one kv group write the same dk/dv, so a job is a
+    // (sequence, kv head) pair.
+    const index nkv = cfg_.kv_heads;
+    std::vector<std::size_t> off(static_cast<std::size_t>(nseq * nh + 1), 0);
+    for (index q = 0; q < nseq; ++q) {
+      const index len = packed_.start[static_cast<std::size_t>(q) + 1] - packed_.start[static_cast<std::size_t>(q)];
+      for (index h = 0; h < nh; ++h) {
+        const auto i = static_cast<std::size_t>(q * nh + h);
+        off[i + 1] = off[i] + static_cast<std::size_t>(len * len);
+      }
+    }
+    kernels::parallel_ranges(nseq * nkv, 1, static_cast<double>(off.back()) * static_cast<double>(hd) * 8,
+                             [&](index first, index last) {
+      std::vector<T> dP;
+      for (index job = first; job < last; ++job) {
+        const index q = job / nkv, kh = job % nkv;
+        const index r0 = packed_.start[static_cast<std::size_t>(q)];
+        const index len = packed_.start[static_cast<std::size_t>(q) + 1] - r0;
+        dP.resize(static_cast<std::size_t>(len));
+        for (index h = kh * group; h < (kh + 1) * group; ++h) {
+          const T* P = s.probs.data() + off[static_cast<std::size_t>(q * nh + h)];
+          for (index i = 0; i < len; ++i) {
+            const T* Pi = P + i * len;
+            const T* dO = datt.row(r0 + i) + h * hd;
+            double rowdot = 0;
+            for (index j = 0; j < len; ++j) {
+              if (Pi[j] == T{0}) {
+                dP[static_cast<std::size_t>(j)] = T{0};
+                continue;
+              }
+              const T* vv = s.v.row(r0 + j) + kh * hd;
+              T dot{0};
+              for (index d = 0; d < hd; ++d) dot += dO[d] * vv[d];
+              dP[static_cast<std::size_t>(j)] = dot;
+              rowdot += static_cast<double>(dot) * Pi[j];
+              T* dvv = dv.row(r0 + j) + kh * hd;
+              for (index d = 0; d < hd; ++d) dvv[d] += Pi[j] * dO[d];
+            }
+            const T* qv = s.q.row(r0 + i) + h * hd;
+            T* dqv = dq.row(r0 + i) + h * hd;
+            for (index j = 0; j < len; ++j) {
+              if (Pi[j] == T{0}) continue;
+              const T dS = static_cast<T>(Pi[j] * (dP[static_cast<std::size_t>(j)] - rowdot)) * scale;
+              const T* kv = s.k.row(r0 + j) + kh * hd;
+              T* dkv = dk.row(r0 + j) + kh * hd;
+              for (index d = 0; d < hd; ++d) {
+                dqv[d] += dS * kv[d];
+                dkv[d] += dS * qv[d];
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+};
+
+}  // namespace peft::models

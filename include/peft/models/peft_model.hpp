@@ -1,0 +1,330 @@
+// peft/models/peft_model.hpp — a language model with named adapters, in PEFT's habits.
+//
+//   auto pm = peft::models::peft_model<float>::from_pretrained(
+//       peft::models::causal_lm<float>::load("model_dir"), "adapter_dir");   // PeftModel.from_pretrained
+//   peft::models::peft_model<float> pm2(causal_lm<float>::load("model_dir"));
+//   pm2.add_adapter("default", {.method = "lora", .rank = 16, .alpha = 32, .targets = {"all-linear"}});
+//   pm2.trainable_parameters();  pm2.save_pretrained("out_dir");  pm2.merge_and_unload();
+//
+// Module names follow transformers; a checkpoint's modules are matched to the model's by their
+// path exactly, else by the one model module whose path ends with the checkpoint's (or the other
+// way round, for checkpoints saved from a bare base model). Methods created from options: lora
+// (rsLoRA, lora_bias, rank/alpha patterns), dora, vera, loha, lokr, adalora, ia3, shira; every
+// method the library loads can be attached from a checkpoint.
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peft/io/peft/codecs.hpp"
+#include "peft/io/peft_checkpoint.hpp"
+#include "peft/models/causal_lm.hpp"
+
+namespace peft::models {
+
+/// What add_adapter creates (PEFT's LoraConfig and friends, the fields that matter here).
+struct adapter_options {
+  std::string method = "lora";          // lora, dora, vera, loha, lokr, adalora, ia3, shira
+  index rank = 8;                       // r
+  double alpha = 8.0;                   // lora_alpha (alpha for LoHa/LoKr)
+  bool use_rslora = false;
+  bool bias = false;                    // lora_bias
+  std::vector<std::string> targets;     // module names, or {"all-linear"}; empty: PEFT's default
+  std::vector<std::pair<std::string, index>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+  std::vector<std::string> feedforward_modules;  // IA3
+  std::uint64_t seed = 0;
+};
+
+/// PEFT's default target modules for a model type (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+inline std::vector<std::string> default_targets(const lm_config& c) {
+  if (c.is_gpt2()) return {"c_attn"};
+  return {"q_proj", "v_proj"};
+}
+
+template <compute_scalar T, base_weight Base = dense<T>>
+class peft_model {
+ public:
+  using model_type = causal_lm<T, Base>;
+  using adapter_type = typename model_type::adapter_type;
+
+  explicit peft_model(model_type model, std::string model_path = {})
+      : model_(std::move(model)), model_path_(std::move(model_path)) {}
+
+  /// PeftModel.from_pretrained: the model with the adapter of `dir` attached as `name`.
+  static peft_model from_pretrained(model_type model, const std::filesystem::path& dir, const std::string& name = "default") {
+    peft_model pm(std::move(model));
+    pm.load_adapter(dir, name);
+    return pm;
+  }
+
+  model_type& model() noexcept { return model_; }
+  const model_type& model() const noexcept { return model_; }
+  std::vector<std::string> adapter_names() const {
+    std::vector<std::string> n;
+    for (const auto& [k, v] : configs_) n.push_back(k);
+    return n;
+  }
+  const io::adapter_config& adapter_config(const std::string& name = "default") const {
+    auto it = configs_.find(name);
+    if (it == configs_.end()) detail::raise<error>("peft_model::adapter_config", "no adapter named '" + name + "'");
+    return it->second;
+  }
+
+  /// Attaches the PEFT checkpoint in `dir` as adapter `name`. format_error when one of its
+  /// modules is not in the model; shape_error when its shape differs from the model's.
+  void load_adapter(const std::filesystem::path& dir, const std::string& name = "default") {
+    constexpr const char* where = "peft_model::load_adapter";
+    check_new(where, name);
+    auto mods = model_.modules();
+    io::base_shape_fn shape = [&](const std::string& path) -> std::optional<std::pair<index, index>> {
+      if (auto* l = find_module(mods, path, nullptr)) return std::pair<index, index>{l->out_features(), l->in_features()};
+      return std::nullopt;
+    };
+    auto ck = io::load_peft_checkpoint<T>(dir, shape);
+    if (!ck.saved_tensors.empty()) {
+      detail::raise<unsupported_error>(where, "the adapter replaces whole modules (modules_to_save: '" +
+                                                  ck.saved_tensors.front().name + "'), which models/ does not run");
+    }
+    std::vector<std::pair<typename model_type::linear*, adapter_type*>> attach;
+    for (auto& m : ck.modules) {
+      auto* l = find_module(mods, m.path, where);
+      attach.emplace_back(l, &m.adapter);
+    }
+    std::vector<typename model_type::linear*> done;
+    try {
+      for (std::size_t i = 0; i < attach.size(); ++i) {
+        auto [l, a] = attach[i];
+        try {
+          l->add_adapter(name, std::move(*a));
+        } catch (const shape_error& e) {
+          detail::raise<shape_error>(where, "module '" + ck.modules[i].path + "': " + e.what());
+        }
+        done.push_back(l);
+      }
+    } catch (...) {
+      for (auto* l : done) l->remove_adapter(name);
+      throw;
+    }
+    configs_[name] = ck.config;
+    stored_[name] = ck.stored_dtype;
+  }
+
+  /// get_peft_model: a fresh adapter `name` on every module `opt.targets` selects.
+  void add_adapter(const std::string& name, const adapter_options& opt) {
+    constexpr const char* where = "peft_model::add_adapter";
+    check_new(where, name);
+    io::adapter_config cfg = config_for(opt);
+    auto mods = model_.modules();
+    std::vector<std::pair<std::string, typename model_type::linear*>> chosen;
+    for (auto& [n, l] : mods) {
+      if (cfg.targets(n)) chosen.emplace_back(n, l);
+    }
+    if (chosen.empty()) detail::raise<error>(where, "target_modules " + cfg.targets_string() + " select no module of the model");
+    std::optional<vera_projections<T>> vera_p;
+    if (opt.method == "vera") {
+      std::vector<std::pair<index, index>> shapes;
+      for (auto& [n, l] : chosen) shapes.emplace_back(l->in_features(), l->out_features());
+      vera_p = make_vera_projections<T>(opt.rank, std::span<const std::pair<index, index>>(shapes), opt.seed);
+    }
+    std::vector<typename model_type::linear*> done;
+    try {
+      std::uint64_t k = 0;
+      for (auto& [n, l] : chosen) {
+        l->add_adapter(name, make(where, opt, cfg, n, *l, opt.seed * 1000003 + k++, vera_p));
+        done.push_back(l);
+      }
+    } catch (...) {
+      for (auto* l : done) l->remove_adapter(name);
+      throw;
+    }
+    configs_[name] = cfg;
+    stored_[name] = dtype::f32;
+  }
+
+  /// Removes adapter `name` from every module.
+  void delete_adapter(const std::string& name) {
+    adapter_config(name);
+    for (auto& [n, l] : model_.modules()) {
+      if (l->contains(name)) l->remove_adapter(name);
+    }
+    configs_.erase(name);
+    stored_.erase(name);
+  }
+
+  /// Makes `name` the only enabled adapter (PEFT's set_adapter).
+  void set_adapter(const std::string& name) {
+    adapter_config(name);
+    for (auto& [n, l] : model_.modules()) {
+      for (const auto& a : l->adapter_names()) {
+        if (!l->merged(a)) l->set_enabled(a, a == name);
+      }
+    }
+  }
+
+  /// Trainable adapter values (PEFT's print_trainable_parameters numerator; shared tensors once).
+  std::size_t trainable_parameters() {
+    std::size_t n = 0;
+    for (const auto& p : model_.parameters()) {
+      if (p.trainable && !p.integer) n += static_cast<std::size_t>(p.value.size());
+    }
+    return n;
+  }
+
+  /// Every tensor of adapter `name` by its key in adapter_model.safetensors.
+  std::map<std::string, parameter<T>> named_parameters(const std::string& name = "default") {
+    std::map<std::string, parameter<T>> out;
+    for (auto& [n, l] : model_.modules()) {
+      if (!l->contains(name)) continue;
+      for (auto p : l->adapter(name).parameters()) {
+        const std::string key = p.shared ? std::string(io::peft_shared_prefix) + p.name
+                                         : std::string(io::peft_key_prefix) + n + "." + p.name;
+        out.emplace(key, std::move(p));
+      }
+    }
+    return out;
+  }
+
+  /// save_pretrained: adapter_config.json + adapter_model.safetensors of adapter `name` in `dir`
+  /// (tensors stored as `stored_as`, default: the dtype the adapter was loaded with).
+  void save_pretrained(const std::filesystem::path& dir, const std::string& name = "default",
+                       std::optional<dtype> stored_as = std::nullopt) {
+    io::peft_checkpoint<T> ck;
+    ck.config = adapter_config(name);
+    for (auto& [n, l] : model_.modules()) {
+      if (l->contains(name)) ck.add(n, l->adapter(name));
+    }
+    io::save_peft_checkpoint(dir, ck, stored_as.value_or(stored_.at(name)));
+  }
+
+  /// Merges every enabled adapter into its base and removes all adapters (merge_and_unload).
+  void merge_and_unload()
+    requires mutable_base_weight<Base>
+  {
+    for (auto& [n, l] : model_.modules()) {
+      for (const auto& a : l->adapter_names()) {
+        if (l->enabled(a) && !l->merged(a)) l->merge(a);
+      }
+      for (const auto& a : l->adapter_names()) l->unload(a);
+    }
+    configs_.clear();
+    stored_.clear();
+  }
+
+ private:
+  model_type model_;
+  std::string model_path_;
+  std::map<std::string, io::adapter_config> configs_;
+  std::map<std::string, dtype> stored_;
+
+  void check_new(const char* where, const std::string& name) const {
+    if (configs_.count(name)) detail::raise<error>(where, "an adapter named '" + name + "' exists");
+  }
+
+  template <class Modules>
+  static typename model_type::linear* find_module(Modules& mods, const std::string& path, const char* where) {
+    for (auto& [n, l] : mods) {
+      if (n == path) return l;
+    }
+    typename model_type::linear* found = nullptr;
+    std::string found_name;
+    for (auto& [n, l] : mods) {
+      if (n.ends_with("." + path) || path.ends_with("." + n)) {
+        if (found != nullptr && where != nullptr) {
+          detail::raise<format_error>(where, "the adapter's module '" + path + "' matches both '" + found_name +
+                                                 "' and '" + n + "'");
+        }
+        found = l;
+        found_name = n;
+      }
+    }
+    if (found == nullptr && where != nullptr) {
+      detail::raise<format_error>(where, "the adapter's module '" + path + "' is not a projection of the model");
+    }
+    return found;
+  }
+
+  io::adapter_config config_for(const adapter_options& opt) const {
+    constexpr const char* where = "peft_model::add_adapter";
+    static const std::vector<std::string> methods = {"lora", "dora", "vera", "loha", "lokr", "adalora", "ia3", "shira"};
+    if (std::find(methods.begin(), methods.end(), opt.method) == methods.end()) {
+      detail::raise<unsupported_error>(where, "method '" + opt.method +
+                                                  "' cannot be created from options (lora, dora, vera, loha, lokr, "
+                                                  "adalora, ia3, shira); attach it from a checkpoint");
+    }
+    if (opt.rank < 1) detail::raise<error>(where, "rank must be positive");
+    io::adapter_config c;
+    const auto targets = opt.targets.empty() ? default_targets(model_.config()) : opt.targets;
+    if (targets.size() == 1 && (targets[0] == "all-linear" || targets[0] == "ALL-LINEAR")) {
+      c.targets_kind = io::target_kind::all_linear;
+    } else {
+      c.targets_kind = io::target_kind::list;
+      c.target_modules = targets;
+    }
+    c.r = opt.rank;
+    c.lora_alpha = opt.alpha;
+    c.use_rslora = opt.use_rslora;
+    c.use_dora = opt.method == "dora";
+    c.lora_bias = opt.bias;
+    c.fan_in_fan_out = model_.config().is_gpt2();
+    c.rank_pattern = opt.rank_pattern;
+    c.alpha_pattern = opt.alpha_pattern;
+    if ((opt.use_rslora || opt.bias) && opt.method != "lora" && opt.method != "dora") {
+      detail::raise<unsupported_error>(where, "use_rslora and lora_bias apply to lora and dora only");
+    }
+    c.raw = c.to_json();
+    c.raw["task_type"] = "CAUSAL_LM";
+    if (!model_path_.empty()) c.raw["base_model_name_or_path"] = model_path_;
+    if (opt.method == "ia3") {
+      c.peft_type = "IA3";
+      c.raw["peft_type"] = "IA3";
+      c.raw["feedforward_modules"] = opt.feedforward_modules;
+    }
+    return c;
+  }
+
+  static bool listed(const std::vector<std::string>& keys, const std::string& module) {
+    for (const auto& k : keys) {
+      if (module == k || module.ends_with("." + k)) return true;
+    }
+    return false;
+  }
+
+  adapter_type make(const char* where, const adapter_options& opt, const io::adapter_config& cfg, const std::string& module,
+                    const typename model_type::linear& l, std::uint64_t seed,
+                    const std::optional<vera_projections<T>>& vera_p) const {
+    const index in = l.in_features(), out = l.out_features();
+    const index r = cfg.rank_for(module);
+    const double alpha = cfg.alpha_for(module);
+    const std::string& m = opt.method;
+    if (m == "lora" || m == "dora") {
+      lora_options o;
+      o.rank = r;
+      o.alpha = alpha;
+      o.use_rslora = opt.use_rslora;
+      o.bias = opt.bias;
+      o.seed = seed;
+      if (m == "dora") return dora<T>(l.base(), o);
+      return lora<T>(in, out, o);
+    }
+    if (m == "loha") return loha<T>(in, out, loha_options{.rank = r, .alpha = alpha, .seed = seed});
+    if (m == "lokr") {
+      lokr_options o;
+      o.rank = r;
+      o.alpha = alpha;
+      o.seed = seed;
+      return lokr<T>(in, out, o);
+    }
+    if (m == "adalora") return adalora<T>(in, out, adalora_options{.rank = r, .alpha = alpha, .seed = seed});
+    if (m == "ia3") return ia3<T>(in, out, ia3_options{.feedforward = listed(opt.feedforward_modules, module), .seed = seed});
+    if (m == "shira") return shira<T>(in, out, shira_options{.rank = r, .seed = seed});
+    if (m == "vera") return vera<T>(*vera_p, in, out);
+    detail::raise<unsupported_error>(where, "method '" + m + "' cannot be created from options");
+  }
+};
+
+}  // namespace peft::models
