@@ -513,6 +513,86 @@ def make_adapter(case, aname, d, lines, batch, labels, base_logits, seed):
           f"  {len(names)} trainable tensors  gen gap {gap:.3f}")
 
 
+FULL_CASES = ["llama3_tied", "qwen3", "gpt2"]  # full fine-tuning references (every parameter trainable)
+FULL_LR = 1e-3
+
+
+def make_full(case):
+    """<case>/full.reference.safetensors: gradients and 4 AdamW steps with every parameter of the float64 model
+    trainable (no adapter). Keys are the parameters' keys in model.safetensors; tied lm_head is not a separate
+    parameter (named_parameters() lists the shared tensor once, under the embedding's name)."""
+    d = os.path.join(OUT, case)
+    batch, labels = make_batch(read_tokens(os.path.join(d, "tokens.txt")))
+    with safe_open(os.path.join(d, "model.safetensors"), "pt") as f:
+        file_keys = set(f.keys())
+    m64 = to_f64(load_f32(d))
+    params = dict(m64.named_parameters())
+    assert set(params) == file_keys, (sorted(set(params) ^ file_keys))
+    for p in params.values():
+        p.requires_grad_(True)
+    check_pure_f64(m64, batch, labels, f"{case}/full")
+    loss64 = ce_loss(logits_of(m64, batch), labels)
+    ref_loss = load_file(os.path.join(d, "reference.safetensors"))["loss_f64"]
+    assert loss64.item() == ref_loss.item(), (loss64.item(), ref_loss.item())
+    loss64.backward()
+    ref = {}
+    for n, p in params.items():
+        assert p.grad is not None and p.grad.abs().max().item() > 0, f"{case}/full: zero gradient for {n}"
+        ref["grad." + n] = p.grad.detach().clone()
+    m64.zero_grad(set_to_none=True)
+
+    # exactly zero gradient rows: the last position of a line predicts nothing (and pads are ignored), so a
+    # token or position contributes only through the lm_head unless it occurs before a line's last position
+    lines = read_tokens(os.path.join(d, "tokens.txt"))
+    emb = m64.get_input_embeddings().weight
+    emb_name = next(n for n, p in params.items() if p is emb)
+    zero_rows = lambda g: {i for i in range(g.shape[0]) if not g[i].any()}
+    if m64.config.tie_word_embeddings:
+        assert zero_rows(ref["grad." + emb_name]) == set()
+    else:
+        assert zero_rows(ref["grad." + emb_name]) == set(range(emb.shape[0])) - {t for l in lines for t in l[:-1]}
+    if case == "gpt2":
+        assert zero_rows(ref["grad.transformer.wpe.weight"]) == set(range(T - 1, m64.config.n_positions))
+        # the key part of c_attn.bias adds q.b_k to every score of a query row: softmax-invariant, so its
+        # gradient is zero up to rounding
+        kb = max(ref[f"grad.transformer.h.{i}.attn.c_attn.bias"][32:64].abs().max().item() for i in range(2))
+        qb = min(ref[f"grad.transformer.h.{i}.attn.c_attn.bias"][:32].abs().max().item() for i in range(2))
+        assert kb < 1e-15 < 1e-3 < qb
+        NOTES["full_kbias"] = kb
+
+    if m64.config.tie_word_embeddings:
+        # the tied tensor's gradient is the sum of its two uses: untie a fresh copy and compare
+        u = to_f64(load_f32(d))
+        uemb = u.get_input_embeddings()
+        u.lm_head.weight = torch.nn.Parameter(u.lm_head.weight.detach().clone())
+        assert u.lm_head.weight is not uemb.weight
+        ce_loss(logits_of(u, batch), labels).backward()
+        summed = uemb.weight.grad + u.lm_head.weight.grad
+        assert (summed - ref["grad." + emb_name]).abs().max().item() < 1e-14
+        NOTES.setdefault("full_tied", []).append(
+            f"{case}: `grad.{emb_name}` = input-embedding part (max |.| {uemb.weight.grad.abs().max().item():.1e}) + "
+            f"lm_head part (max |.| {u.lm_head.weight.grad.abs().max().item():.1e})")
+
+    opt = torch.optim.AdamW(list(params.values()), lr=FULL_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                            foreach=False)
+    losses = []
+    for _ in range(TRAIN_STEPS):
+        l = ce_loss(logits_of(m64, batch), labels)
+        losses.append(l.detach())
+        l.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert losses[0].item() == loss64.item()
+    if m64.config.tie_word_embeddings:
+        assert m64.lm_head.weight is m64.get_input_embeddings().weight  # still tied after training
+    ref["train.losses"] = torch.stack(losses)
+    for n, p in params.items():
+        ref["train." + n] = p.detach().clone()
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(d, "full.reference.safetensors"))
+    NOTES.setdefault("full", []).append(f"{case} {len(params)}")
+    print(f"  full      {len(params)} parameters  train {[round(x.item(), 4) for x in losses]}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Findings for the README
 # ---------------------------------------------------------------------------------------------
@@ -579,6 +659,7 @@ Python {python}.
     <case>/adapters/<name>/                PEFT save_pretrained directory (adapter_config.json,
                                            adapter_model.safetensors; PEFT's README.md model card removed)
     <case>/adapters/<name>.reference.safetensors   references with that adapter active (unmerged)
+    <case>/full.reference.safetensors      full fine-tuning references ({full_cases} only)
 
 Cases (all: vocab 96, hidden 32, 2 layers, 4 heads, max_position_embeddings 64):
 
@@ -636,6 +717,23 @@ IA3 1 + 0.2 N; VeRA lambda_d 1 + 0.3 N, lambda_b 0.5 N; all dropouts 0, models i
 Each saved adapter was loaded back and gives bit-identical float32 logits to the in-memory one.
 
 {adapter_table}
+
+Full fine-tuning references, `<case>/full.reference.safetensors` ({full_cases}; no adapter, every
+parameter of the float64 model trainable, same batch and loss as `loss_f64`):
+
+- `grad.<name>` F64: d loss_f64 / d parameter for every parameter (not buffers); `<name>` is its key in
+  the case's model.safetensors ({full_counts} tensors), e.g. `grad.model.layers.0.self_attn.q_proj.weight`,
+  `grad.transformer.h.0.attn.c_attn.weight` (GPT-2 Conv1D: stored (in, out) layout). Tied models have no
+  lm_head key: the embedding's gradient is the sum of both uses (checked against an untied copy:
+  {full_tied}).
+  Exactly zero rows: untied input embeddings (qwen3) of every token that does not occur before the last
+  position of a tokens.txt line (the last position predicts nothing), GPT-2 `wpe` rows 6..63 (same reason).
+  GPT-2's key third of `c_attn.bias` (entries 32..63) adds q.b_k to every score of a query row, which the
+  softmax ignores: its gradient is 0 up to rounding (max |.| {full_kbias:.0e}), and AdamW (eps 1e-8) moves it
+  by ~1e-12.
+- `train.losses` F64 (4,): losses before each of 4 steps of torch.optim.AdamW(all parameters, lr {full_lr},
+  betas (0.9, 0.999), eps 1e-8, weight_decay 0.0, foreach=False); losses[0] == loss_f64.
+- `train.<name>` F64: every parameter after the 4 steps (tied embeddings stay one tensor).
 
 ## float64
 
@@ -723,6 +821,8 @@ def main():
         info[case] = (d, lines)
         for ai, aname in enumerate(ADAPTERS[case]):
             make_adapter(case, aname, d, lines, batch, labels, base_logits, seed=10000 + 1000 * ci + 100 * ai)
+    for case in FULL_CASES:  # uses no random numbers; after everything else so nothing above can change
+        make_full(case)
 
     w, rows, diff = sliding_window_pattern(*info["mistral"])
     shards = [f for f in os.listdir(os.path.join(OUT, "mistral")) if f.startswith("model-")]
@@ -738,7 +838,9 @@ def main():
         gaps=", ".join(NOTES["gap"]), min_gap=MIN_GAP, min_distinct=MIN_DISTINCT, seeds=", ".join(NOTES["seeds"]), adapter_table=adapter_table(),
         f64_notes="\n".join("- " + s for s in NOTES["f64"]), llama3_rope=rope, mistral_window=w,
         mistral_window_minus_1=w - 1, mistral_rows=rows, mistral_diff=diff, vera_shapes=vera_shapes,
-        adalora_note=ADALORA_NOTE)
+        adalora_note=ADALORA_NOTE, full_cases=", ".join(FULL_CASES), full_lr=FULL_LR,
+        full_counts=", ".join(NOTES["full"]), full_tied="; ".join(NOTES["full_tied"]),
+        full_kbias=NOTES["full_kbias"])
     with open(os.path.join(OUT, "README.md"), "w") as f:
         f.write(text)
     total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(OUT) for f in fs)
