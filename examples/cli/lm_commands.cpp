@@ -203,9 +203,11 @@ int lm_generate(const std::vector<std::string>& args) {
       auto opt = s;
       opt.seed = s.seed + i;  // each prompt its own stream
       const auto ids = peft::models::generate(pm.model(), rows[i], opt);
-      std::string line;
-      for (std::size_t k = 0; k < ids.size(); ++k) line += (k ? " " : "") + std::to_string(ids[k]);
-      text += line + "\n";
+      for (std::size_t k = 0; k < ids.size(); ++k) {
+        if (k) text.push_back(' ');
+        text.append(std::to_string(ids[k]));
+      }
+      text.push_back('\n');
     }
     std::fputs(text.c_str(), stdout);
     return 0;
@@ -246,7 +248,7 @@ int lm_finetune(const std::vector<std::string>& args) {
   std::optional<std::string> out, log_path;
   long long steps = -1, batch = -1, save_every = 0, accum = 1;
   double lr = -1, weight_decay = 0.0;
-  bool resume = false, checkpointing = false;
+  bool resume = false, checkpointing = false, full = false;
   std::optional<std::string> targets_text;
   arg_reader r(args);
   while (r.next()) {
@@ -287,6 +289,8 @@ int lm_finetune(const std::vector<std::string>& args) {
       resume = true;
     } else if (a == "--checkpointing") {
       checkpointing = true;
+    } else if (a == "--full") {
+      full = true;
     } else {
       r.unknown();
     }
@@ -295,7 +299,11 @@ int lm_finetune(const std::vector<std::string>& args) {
   if (!out) throw usage_error("finetune needs --out");
   if (steps < 0 || batch < 0 || lr < 0) throw usage_error("finetune needs --steps, --batch and --lr");
   if (m.adapter && have_method) throw usage_error("give --adapter or --method, not both");
-  if (!m.adapter && !have_method && !resume) throw usage_error("finetune needs --adapter INIT_DIR or --method NAME");
+  if (full && (m.adapter || have_method)) throw usage_error("--full trains every weight; drop --adapter and --method");
+  if (full && m.quantize) throw usage_error("--full needs dense weights; drop --quantize-base");
+  if (!m.adapter && !have_method && !resume && !full) {
+    throw usage_error("finetune needs --adapter INIT_DIR, --method NAME or --full");
+  }
   if (accum > batch) throw usage_error("--grad-accum cannot exceed --batch");
   if (targets_text) {
     ao.targets.clear();
@@ -326,15 +334,26 @@ int lm_finetune(const std::vector<std::string>& args) {
       }
       start = j["step"].get<long long>();
     }
-    auto pm = open_model<T, Base>(opened, checkpointing);
+    if (full) {
+      // A fully fine-tuned model is saved as a model directory; --resume continues from it.
+      opened.adapter.reset();
+      if (resume) opened.model = dir.string();
+    }
+    peft::models::load_options lo;
+    lo.activation_checkpointing = checkpointing;
+    lo.full_finetuning = full;
+    peft::models::peft_model<T, Base> pm(peft::models::causal_lm<T, Base>::load(*opened.model, lo), *m.model);
+    if (opened.adapter) pm.load_adapter(*opened.adapter);
     auto& lm = pm.model();
     check_lengths(rows, lm.config().max_positions);
-    if (!opened.adapter) pm.add_adapter("default", ao);
+    if (!opened.adapter && !full) pm.add_adapter("default", ao);
     std::vector<peft::parameter<T>> params;
     for (auto& p : lm.parameters()) {
       if (p.trainable && !p.integer) params.push_back(p);
     }
     if (params.empty()) throw peft::error("[finetune] the adapter has no trainable parameter");
+    std::size_t trainable = 0;
+    for (const auto& p : params) trainable += static_cast<std::size_t>(p.value.size());
     peft::train::adamw_options opt;
     opt.lr = lr;
     opt.weight_decay = weight_decay;
@@ -360,14 +379,22 @@ int lm_finetune(const std::vector<std::string>& args) {
     }
     auto save = [&](long long step) {
       fs::create_directories(dir);
-      pm.save_pretrained(dir);
+      if (full) {
+        if constexpr (std::is_same_v<Base, peft::dense<T>>) lm.save_pretrained(dir, *m.model);
+      } else {
+        pm.save_pretrained(dir);
+      }
       optimizer.save_state(dir / "optimizer.safetensors");
       nlohmann::json st{{"step", step}, {"batch", batch}, {"lines", rows.size()}, {"format", "peft-cpp finetune 1"}};
       write_file_atomically(dir / trainer_state::file, st.dump(2) + "\n");
     };
     const auto n = static_cast<long long>(rows.size());
     const auto t0 = std::chrono::steady_clock::now();
-    double tokens_seen = 0;
+    double tokens_seen = 0;  // since the run began (a resumed run counts the steps before it)
+    for (long long s = 0; s < start; ++s) {
+      for (long long i = 0; i < batch; ++i) tokens_seen += static_cast<double>(rows[static_cast<std::size_t>((s * batch + i) % n)].size());
+    }
+    const double tokens_before = tokens_seen;
     for (long long s = start; s < steps; ++s) {
       std::vector<std::vector<long long>> lines;
       for (long long i = 0; i < batch; ++i) lines.push_back(rows[static_cast<std::size_t>((s * batch + i) % n)]);
@@ -397,13 +424,13 @@ int lm_finetune(const std::vector<std::string>& args) {
       }
       const double done = static_cast<double>(s - start + 1);
       std::fprintf(stderr, "\rpeft: step %lld/%lld  loss %.4f  lr %.3g  %.0f tok/s  left %s   ", s + 1, steps, loss,
-                   step_lr, tokens_seen / std::max(secs, 1e-9),
+                   step_lr, (tokens_seen - tokens_before) / std::max(secs, 1e-9),
                    clock_text(secs / done * static_cast<double>(steps - s - 1)).c_str());
       if (save_every > 0 && (s + 1) % save_every == 0 && s + 1 < steps) save(s + 1);
     }
     std::fprintf(stderr, "\n");
     save(std::max(steps, start));
-    std::fprintf(stderr, "peft: %zu trainable parameters; adapter saved in %s\n", pm.trainable_parameters(),
+    std::fprintf(stderr, "peft: %zu trainable parameters; %s saved in %s\n", trainable, full ? "model" : "adapter",
                  dir.string().c_str());
     return 0;
   });

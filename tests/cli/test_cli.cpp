@@ -187,5 +187,167 @@ TEST_CASE("peft exits 2 with one line on stderr and leaves no output on bad inpu
   }
 }
 
+
+// ---- language models: peft logits | generate | finetune ------------------------------------
+
+namespace {
+const fs::path lm = data / "lm";
+std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
+
+std::vector<double> csv_losses(const fs::path& p) {
+  std::ifstream in(p);
+  std::string line;
+  std::getline(in, line);
+  REQUIRE(line.rfind("step,loss", 0) == 0);
+  std::vector<double> out;
+  long long want = 0;
+  while (std::getline(in, line)) {
+    const auto c1 = line.find(','), c2 = line.find(',', c1 + 1);
+    CHECK(std::stoll(line.substr(0, c1)) == want++);
+    out.push_back(std::stod(line.substr(c1 + 1, c2 - c1 - 1)));
+  }
+  return out;
+}
+}  // namespace
+
+TEST_CASE("peft logits writes transformers+PEFT's logits as one F32 tensor", "[cli][models]") {
+  scratch_dir s("logits");
+  for (const std::string c : {"llama", "gpt2"}) {
+    INFO(c);
+    const auto out = s.dir / (c + ".safetensors");
+    const auto r = run_cli("logits --model " + q(lm / c) + " --adapter " + q(lm / c / "adapters" / "dora") + " --tokens " +
+                               q(lm / c / "tokens.txt") + " --out " + q(out),
+                           s.dir);
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    const auto got = peft::io::safetensors_file::open(out);
+    REQUIRE(got.tensors().size() == 1);
+    const auto& t = got.info("logits");
+    CHECK(t.type == peft::dtype::f32);
+    CHECK(t.shape == std::vector<std::int64_t>{3, 7, 96});
+    const auto want = peft::io::safetensors_file::open(lm / c / "adapters" / "dora.reference.safetensors").read<double>("logits");
+    const auto have = got.read<double>("logits");
+    double diff = 0, scale = 0;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      diff = std::max(diff, std::abs(have[i] - want[i]));
+      scale = std::max(scale, std::abs(want[i]));
+    }
+    CHECK(scale > 0.1);
+    CHECK(diff < 1e-5 * scale);
+  }
+}
+
+TEST_CASE("peft generate prints transformers' greedy continuation", "[cli][models]") {
+  scratch_dir s("generate");
+  const auto r = run_cli("generate --model " + q(lm / "qwen3") + " --adapter " + q(lm / "qwen3" / "adapters" / "lora") +
+                             " --tokens " + q(lm / "qwen3" / "tokens.txt") + " --max-new-tokens 6",
+                         s.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  const auto want = peft::io::safetensors_file::open(lm / "qwen3" / "adapters" / "lora.reference.safetensors").read<long long>("generated");
+  std::string expected;
+  for (std::size_t i = 0; i < 3; ++i) {
+    for (std::size_t t = 0; t < 6; ++t) expected += (t ? " " : "") + std::to_string(want[i * 6 + t]);
+    expected += "\n";
+  }
+  CHECK(r.out == expected);
+  // Sampling is reproducible from its seed.
+  const std::string sample = "generate --model " + q(lm / "qwen3") + " --tokens " + q(lm / "qwen3" / "tokens.txt") +
+                             " --max-new-tokens 5 --temperature 0.9 --top-k 20 --top-p 0.9 --seed 4";
+  const auto a = run_cli(sample, s.dir), b = run_cli(sample, s.dir);
+  REQUIRE(a.status == 0);
+  CHECK(a.out == b.out);
+  CHECK(lines(a.out) == 3);
+}
+
+TEST_CASE("peft finetune follows PEFT+torch's AdamW trajectory, saves a checkpoint PEFT loads, resumes exactly",
+          "[cli][models]") {
+  scratch_dir s("finetune");
+  const fs::path model = lm / "mistral";
+  const auto out = s.dir / "adapter";
+  const auto r = run_cli("finetune --model " + q(model) + " --adapter " + q(model / "adapters" / "lora") + " --tokens " +
+                             q(model / "tokens.txt") + " --steps 4 --batch 3 --lr 1e-2 --weight-decay 0.01 " +
+                             "--precision f64 --log " + q(s.dir / "log.csv") + " --out " + q(out),
+                         s.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  const auto ref = peft::io::safetensors_file::open(model / "adapters" / "lora.reference.safetensors");
+  const auto want = ref.read<double>("train.losses");
+  const auto got = csv_losses(s.dir / "log.csv");
+  REQUIRE(got.size() == 4);
+  for (std::size_t i = 0; i < 4; ++i) CHECK(got[i] == Approx(want[i]).epsilon(1e-8));
+  // The trained adapter equals torch's, tensor by tensor.
+  const auto saved = peft::io::safetensors_file::open(out / "adapter_model.safetensors");
+  for (const auto& t : saved.tensors()) {
+    INFO(t.name);
+    const auto a = saved.read<double>(t.name), b = ref.read<double>("train." + t.name);
+    for (std::size_t i = 0; i < a.size(); ++i) CHECK(a[i] == Approx(b[i]).epsilon(1e-6).margin(1e-7));
+  }
+  CHECK(fs::exists(out / "adapter_config.json"));
+  CHECK(fs::exists(out / "optimizer.safetensors"));
+
+  // A fresh adapter, gradient accumulation over micro-batches, stopped after 3 steps and resumed:
+  // the same losses as one uninterrupted run.
+  const std::string fresh = "finetune --model " + q(model) + " --method lora --rank 4 --alpha 8 --targets all-linear " +
+                            "--tokens " + q(model / "tokens.txt") + " --batch 2 --lr 1e-2 --seed 3 ";
+  REQUIRE(run_cli(fresh + "--steps 6 --log " + q(s.dir / "a.csv") + " --out " + q(s.dir / "a"), s.dir).status == 0);
+  REQUIRE(run_cli(fresh + "--steps 6 --grad-accum 2 --log " + q(s.dir / "c.csv") + " --out " + q(s.dir / "c"), s.dir).status == 0);
+  REQUIRE(run_cli(fresh + "--steps 3 --log " + q(s.dir / "b.csv") + " --out " + q(s.dir / "b"), s.dir).status == 0);
+  const auto resumed = run_cli("finetune --model " + q(model) + " --tokens " + q(model / "tokens.txt") +
+                                   " --batch 2 --lr 1e-2 --steps 6 --resume --log " + q(s.dir / "b.csv") + " --out " +
+                                   q(s.dir / "b"),
+                               s.dir);
+  INFO(resumed.err);
+  REQUIRE(resumed.status == 0);
+  const auto la = csv_losses(s.dir / "a.csv"), lb = csv_losses(s.dir / "b.csv"), lc = csv_losses(s.dir / "c.csv");
+  REQUIRE(la.size() == 6);
+  REQUIRE(lb.size() == 6);
+  REQUIRE(lc.size() == 6);
+  for (std::size_t i = 0; i < 6; ++i) {
+    CHECK(lb[i] == la[i]);
+    CHECK(lc[i] == Approx(la[i]).epsilon(1e-5));
+  }
+  CHECK(la[5] < la[0]);
+}
+
+TEST_CASE("peft logits|generate|finetune exit 2 with one line on bad input", "[cli][models][errors]") {
+  scratch_dir s("lm_errors");
+  const fs::path model = lm / "llama";
+  std::ofstream(s.dir / "big.txt") << "1 2 96\n";
+  std::ofstream(s.dir / "empty.txt") << "";
+  std::string long_line;
+  for (int i = 0; i < 65; ++i) long_line += "1 ";
+  std::ofstream(s.dir / "long.txt") << long_line << "\n";
+  fs::create_directories(s.dir / "falcon");
+  std::ofstream(s.dir / "falcon" / "config.json") << R"({"model_type": "falcon"})";
+  const std::string tokens = " --tokens " + q(model / "tokens.txt");
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"logits --model " + q(model) + " --tokens " + q(s.dir / "big.txt") + " --out " + q(s.dir / "o.st"), "token id 96"},
+      {"logits --model " + q(model) + " --tokens " + q(s.dir / "empty.txt") + " --out " + q(s.dir / "o.st"), "no sequence"},
+      {"logits --model " + q(model) + " --tokens " + q(s.dir / "long.txt") + " --out " + q(s.dir / "o.st"), "64 positions"},
+      {"logits --model " + q(s.dir / "falcon") + tokens + " --out " + q(s.dir / "o.st"), "falcon"},
+      {"logits --model " + q(model) + " --adapter " + q(lm / "gpt2" / "adapters" / "lora") + tokens + " --out " +
+           q(s.dir / "o.st"),
+       "not a projection"},
+      {"logits --model " + q(model) + tokens, "needs --out"},
+      {"generate --model " + q(model) + tokens + " --max-new-tokens 60", "64 positions"},
+      {"finetune --model " + q(model) + tokens + " --method lora --steps 2 --batch 1 --lr 1e-3", "needs --out"},
+      {"finetune --model " + q(model) + tokens + " --method nosuch --steps 2 --batch 1 --lr 1e-3 --out " + q(s.dir / "f"),
+       "nosuch"},
+      {"finetune --model " + q(model) + tokens + " --steps 2 --batch 1 --lr 1e-3 --resume --out " + q(s.dir / "f"),
+       "trainer_state.json"},
+  };
+  for (const auto& [args, what] : cases) {
+    INFO(args);
+    const auto r = run_cli(args, s.dir);
+    INFO(r.err);
+    CHECK(r.status == 2);
+    CHECK(lines(r.err) == 1);
+    CHECK(r.err.find(what) != std::string::npos);
+    CHECK(!fs::exists(s.dir / "o.st"));
+    CHECK(!fs::exists(s.dir / "f"));
+  }
+}
+
 }  // namespace test_cli
 #endif  // PEFT_CLI_PATH

@@ -63,6 +63,8 @@ class dense {
   /// Writable storage, for in-place switching (SHiRA scatters values into W0 and restores them).
   matrix_view<S> mutable_weight() noexcept { return weight_.view(); }
   const std::vector<S>& bias() const noexcept { return bias_; }
+  /// Writable bias (full fine-tuning steps it in place); empty when the layer has none.
+  std::vector<S>& mutable_bias() noexcept { return bias_; }
 
   template <compute_scalar T>
   T bias_value(index j) const noexcept {

@@ -17,6 +17,9 @@
 #include <cmath>
 #include <filesystem>
 #include <memory>
+#include <optional>
+#include <span>
+#include <type_traits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -27,6 +30,7 @@
 #include "peft/core/matrix.hpp"
 #include "peft/io/model_bases.hpp"
 #include "peft/io/model_files.hpp"
+#include "peft/io/safetensors.hpp"
 #include "peft/kernels/gemm.hpp"
 #include "peft/kernels/parallel.hpp"
 #include "peft/layer/adapted_linear.hpp"
@@ -78,8 +82,10 @@ struct token_batch {
 
 /// Options of causal_lm::load.
 struct load_options {
-  /// Also keep trainable copies of nothing else: adapters only. (Full fine-tuning: see docs.)
   bool activation_checkpointing = false;  // keep only each block's input; recompute in backward
+  /// Every weight of the model trainable too (needs Base = dense<T>): parameters() then lists
+  /// them under their names in model.safetensors, after the adapters' tensors.
+  bool full_finetuning = false;
 };
 
 template <compute_scalar T, base_weight Base = dense<T>>
@@ -99,7 +105,47 @@ class causal_lm {
     m.opt_ = opt;
     const auto files = io::model_files::open(dir);
     m.load_weights(files);
+    if (opt.full_finetuning) {
+      if constexpr (std::is_same_v<Base, dense<T>>) {
+        m.full_.emplace(m);
+      } else {
+        detail::raise<unsupported_error>("causal_lm::load", "full fine-tuning needs dense bases of the compute type");
+      }
+    }
     return m;
+  }
+
+  /// Writes the model's weights as `dir`/model.safetensors (stored as `stored_as`, names and
+  /// layouts as read) and its config.json copied from `source_dir`: a model directory
+  /// transformers loads (after full fine-tuning, or merge_and_unload).
+  void save_pretrained(const std::filesystem::path& dir, const std::filesystem::path& source_dir,
+                       dtype stored_as = dtype::f32)
+    requires std::is_same_v<Base, dense<T>>
+  {
+    io::safetensors_writer w;
+    w.set_metadata({{"format", "pt"}});
+    for (auto& t : named_tensors()) {
+      matrix<T> m = to_matrix(matrix_view<const T>(t.value));
+      if (t.transposed) {
+        matrix<T> tr(m.cols(), m.rows());
+        for (index i = 0; i < m.rows(); ++i) {
+          for (index j = 0; j < m.cols(); ++j) tr(j, i) = m(i, j);
+        }
+        m = std::move(tr);
+      }
+      std::vector<std::int64_t> shape = t.vector ? std::vector<std::int64_t>{m.cols()}
+                                                 : std::vector<std::int64_t>{m.rows(), m.cols()};
+      w.add(t.name, std::move(shape), std::span<const T>(m.storage()), stored_as);
+    }
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) detail::raise<io_error>("causal_lm::save_pretrained", "cannot create " + dir.string());
+    w.write(dir / "model.safetensors");
+    const auto cfg = std::filesystem::is_directory(source_dir) ? source_dir / "config.json" : source_dir;
+    if (std::filesystem::absolute(cfg) != std::filesystem::absolute(dir / "config.json")) {
+      std::filesystem::copy_file(cfg, dir / "config.json", std::filesystem::copy_options::overwrite_existing, ec);
+      if (ec) detail::raise<io_error>("causal_lm::save_pretrained", "cannot copy " + cfg.string());
+    }
   }
 
   const lm_config& config() const noexcept { return cfg_; }
@@ -165,11 +211,29 @@ class causal_lm {
         all.push_back(std::move(p));
       }
     }
+    if (full_) {
+      auto named = named_tensors();
+      for (std::size_t i = 0; i < named.size(); ++i) {
+        auto& t = named[i];
+        parameter<T> p;
+        p.name = t.name;
+        p.value = t.value;
+        p.grad = full_->grads[i].view();
+        p.shape = t.vector ? std::vector<std::int64_t>{t.value.cols()}
+                           : t.transposed ? std::vector<std::int64_t>{t.value.cols(), t.value.rows()}
+                                          : std::vector<std::int64_t>{t.value.rows(), t.value.cols()};
+        all.push_back(std::move(p));
+      }
+    }
     return all;
   }
   void zero_grad() {
     for (auto& [name, l] : modules()) l->zero_grad();
+    if (full_) {
+      for (auto& g : full_->grads) g.fill(T{0});
+    }
   }
+  bool full_finetuning() const noexcept { return full_.has_value(); }
 
   // ---- generation with a key/value cache ---------------------------------------------------
 
@@ -259,8 +323,76 @@ class causal_lm {
     std::vector<index> start;  // sequences + 1 offsets
   };
 
+  /// A weight of the model by its name in model.safetensors: a view of the value as this class
+  /// stores it (a projection (out, in); GPT-2's Conv1D is stored (in, out): `transposed`).
+  struct named_tensor {
+    std::string name;
+    matrix_view<T> value;
+    bool vector = false;
+    bool transposed = false;
+  };
+
+  /// Every weight, in a fixed order: embeddings, per block (projections, biases, norms), final
+  /// norm, lm_head. Only for dense<T> bases.
+  std::vector<named_tensor> named_tensors() {
+    std::vector<named_tensor> out;
+    if constexpr (std::is_same_v<Base, dense<T>>) {
+      const std::string root = gpt2() ? "transformer" : "model";
+      auto vec = [&](std::string name, std::vector<T>& v) {
+        out.push_back({std::move(name), matrix_view<T>(v.data(), 1, static_cast<index>(v.size())), true, false});
+      };
+      out.push_back({root + (gpt2() ? ".wte.weight" : ".embed_tokens.weight"), embed_.view(), false, false});
+      if (gpt2()) out.push_back({"transformer.wpe.weight", positions_.view(), false, false});
+      for (auto& b : blocks_) {
+        for (std::size_t p = 0; p < b.proj.size(); ++p) {
+          auto& base = b.proj[p]->base();
+          out.push_back({b.names[p] + ".weight", base.mutable_weight(), false, gpt2()});
+          if (base.has_bias()) vec(b.names[p] + ".bias", base.mutable_bias());
+        }
+        const std::string prefix = b.names[0].substr(0, b.names[0].find(gpt2() ? "attn." : "self_attn."));
+        if (gpt2()) {
+          vec(prefix + "ln_1.weight", b.norm1_w);
+          vec(prefix + "ln_1.bias", b.norm1_b);
+          vec(prefix + "ln_2.weight", b.norm2_w);
+          vec(prefix + "ln_2.bias", b.norm2_b);
+        } else {
+          vec(prefix + "input_layernorm.weight", b.norm1_w);
+          vec(prefix + "post_attention_layernorm.weight", b.norm2_w);
+          if (cfg_.qk_norm) {
+            vec(prefix + "self_attn.q_norm.weight", b.q_norm_w);
+            vec(prefix + "self_attn.k_norm.weight", b.k_norm_w);
+          }
+        }
+      }
+      vec(root + (gpt2() ? ".ln_f.weight" : ".norm.weight"), final_w_);
+      if (gpt2()) vec("transformer.ln_f.bias", final_b_);
+      if (!cfg_.tie_word_embeddings) out.push_back({"lm_head.weight", lm_head_.view(), false, false});
+    }
+    return out;
+  }
+
+  /// Gradients of every named tensor (full fine-tuning), in named_tensors() order.
+  struct full_state {
+    std::vector<matrix<T>> grads;
+    std::vector<const void*> values;  // where each tensor's value starts (storage never moves)
+    explicit full_state(causal_lm& m) {
+      for (auto& t : m.named_tensors()) {
+        grads.emplace_back(t.value.rows(), t.value.cols());
+        values.push_back(t.value.data());
+      }
+    }
+  };
+  /// The gradient buffer of the named tensor whose value starts at `data`.
+  T* grad_of(const void* data) {
+    for (std::size_t i = 0; i < full_->values.size(); ++i) {
+      if (full_->values[i] == data) return full_->grads[i].data();
+    }
+    detail::raise<error>("causal_lm::backward", "internal: no gradient buffer for a weight");
+  }
+
   lm_config cfg_;
   load_options opt_;
+  std::optional<full_state> full_;
   std::vector<block> blocks_;
   matrix<T> embed_;        // (vocab, hidden)
   matrix<T> positions_;    // GPT-2 (n_positions, hidden)
@@ -403,6 +535,12 @@ class causal_lm {
 
   void run(const token_batch& b, bool keep) {
     pack(b);
+    if (full_) {
+      // The weights may have been stepped: drop what adapters derived from them (DoRA's norms).
+      for (auto& blk : blocks_) {
+        for (auto& l : blk.proj) l->base();
+      }
+    }
     const index H = cfg_.hidden_size;
     const index R = packed_.rows;
     matrix<T> x(R, H);
@@ -439,14 +577,16 @@ class causal_lm {
       ops::rms_norm(x.data(), w.data(), R, n, cfg_.norm_eps, y.data(), st.data());
     }
   }
-  void norm_backward(const matrix<T>& x, const std::vector<T>& w, const std::vector<T>& st, const matrix<T>& dy,
-                     matrix<T>& dx) const {
+  /// dx from dy through a norm with weight w (and bias b for LayerNorm); with full fine-tuning
+  /// the weight's and bias' gradients are accumulated too.
+  void norm_backward(const matrix<T>& x, const std::vector<T>& w, const std::vector<T>& b, const std::vector<T>& st,
+                     const matrix<T>& dy, matrix<T>& dx) {
+    T* dw = full_ ? grad_of(w.data()) : nullptr;
     if (gpt2()) {
-      ops::layer_norm_backward(x.data(), w.data(), st.data(), x.rows(), x.cols(), dy.data(), dx.data(),
-                               static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+      T* db = full_ ? grad_of(b.data()) : nullptr;
+      ops::layer_norm_backward(x.data(), w.data(), st.data(), x.rows(), x.cols(), dy.data(), dx.data(), dw, db);
     } else {
-      ops::rms_norm_backward(x.data(), w.data(), st.data(), x.rows(), x.cols(), dy.data(), dx.data(),
-                             static_cast<T*>(nullptr));
+      ops::rms_norm_backward(x.data(), w.data(), st.data(), x.rows(), x.cols(), dy.data(), dx.data(), dw);
     }
   }
 
@@ -662,8 +802,12 @@ class causal_lm {
     const index R = packed_.rows, H = cfg_.hidden_size;
     matrix<T> dn(R, H);
     kernels::gemm_nn<T, T>(1.0, dlogits.view(), head_weight().view(), 0.0, dn.view());
+    if (full_) {  // d lm_head (or the tied embedding) += dlogits^T h
+      matrix_view<T> g(grad_of(head_weight().data()), cfg_.vocab_size, H);
+      kernels::gemm_tn<T>(1.0, dlogits.view(), final_n_.view(), 1.0, g);
+    }
     matrix<T> dx(R, H);
-    norm_backward(final_in_, final_w_, final_st_, dn, dx);
+    norm_backward(final_in_, final_w_, final_b_, final_st_, dn, dx);
     for (index l = cfg_.layers - 1; l >= 0; --l) {
       saved& s = saved_[static_cast<std::size_t>(l)];
       if (opt_.activation_checkpointing) {
@@ -673,11 +817,37 @@ class causal_lm {
       dx = block_backward(l, s, dx);
       s = saved{};
     }
+    if (full_) {  // token (and GPT-2 position) embeddings
+      T* ge = grad_of(embed_.data());
+      T* gp = gpt2() ? grad_of(positions_.data()) : nullptr;
+      for (index r = 0; r < R; ++r) {
+        T* e = ge + static_cast<index>(packed_.ids[static_cast<std::size_t>(r)]) * H;
+        for (index i = 0; i < H; ++i) e[i] += dx(r, i);
+        if (gp != nullptr) {
+          T* pe = gp + packed_.pos[static_cast<std::size_t>(r)] * H;
+          for (index i = 0; i < H; ++i) pe[i] += dx(r, i);
+        }
+      }
+    }
   }
 
-  static void back(linear& l, const matrix<T>& x, const matrix<T>& dy, matrix<T>& dx) {
+  /// dx through a projection (adapter gradients +=); with full fine-tuning also
+  /// dW += dy^T x and db += the column sums of dy.
+  void back(linear& l, const matrix<T>& x, const matrix<T>& dy, matrix<T>& dx) {
     dx = matrix<T>(x.rows(), x.cols());
     l.backward(x.view(), dy.view(), dx.view());
+    if constexpr (std::is_same_v<Base, dense<T>>) {
+      if (!full_) return;
+      const Base& base = std::as_const(l).base();
+      matrix_view<T> gw(grad_of(base.weight().data()), l.out_features(), l.in_features());
+      kernels::gemm_tn<T>(1.0, dy.view(), x.view(), 1.0, gw);
+      if (base.has_bias()) {
+        T* gb = grad_of(base.bias().data());
+        for (index r = 0; r < dy.rows(); ++r) {
+          for (index j = 0; j < dy.cols(); ++j) gb[j] += dy(r, j);
+        }
+      }
+    }
   }
 
   /// Gradient of the block input from the gradient of its output.
@@ -705,7 +875,7 @@ class causal_lm {
       for (index i = 0; i < dn2.size(); ++i) dn2.data()[i] += t.data()[i];
     }
     matrix<T> dh(R, H);
-    norm_backward(s.h, b.norm2_w, s.st2, dn2, dh);
+    norm_backward(s.h, b.norm2_w, b.norm2_b, s.st2, dn2, dh);
     for (index i = 0; i < dh.size(); ++i) dh.data()[i] += dout.data()[i];
     // attention
     matrix<T> datt;
@@ -730,9 +900,9 @@ class causal_lm {
       if (cfg_.qk_norm) {
         matrix<T> tq(R, dq.cols()), tk(R, dk.cols());
         ops::rms_norm_backward(s.q_raw.data(), b.q_norm_w.data(), s.qn_inv.data(), R * cfg_.heads, hd, dq.data(),
-                               tq.data(), static_cast<T*>(nullptr));
+                               tq.data(), full_ ? grad_of(b.q_norm_w.data()) : nullptr);
         ops::rms_norm_backward(s.k_raw.data(), b.k_norm_w.data(), s.kn_inv.data(), R * cfg_.kv_heads, hd, dk.data(),
-                               tk.data(), static_cast<T*>(nullptr));
+                               tk.data(), full_ ? grad_of(b.k_norm_w.data()) : nullptr);
         dq = std::move(tq);
         dk = std::move(tk);
       }
@@ -744,7 +914,7 @@ class causal_lm {
       for (index i = 0; i < dn1.size(); ++i) dn1.data()[i] += t.data()[i];
     }
     matrix<T> dx(R, H);
-    norm_backward(s.x, b.norm1_w, s.st1, dn1, dx);
+    norm_backward(s.x, b.norm1_w, b.norm1_b, s.st1, dn1, dx);
     for (index i = 0; i < dx.size(); ++i) dx.data()[i] += dh.data()[i];
     return dx;
   }

@@ -273,6 +273,11 @@ class peft_model {
     c.fan_in_fan_out = model_.config().is_gpt2();
     c.rank_pattern = opt.rank_pattern;
     c.alpha_pattern = opt.alpha_pattern;
+    if (model_.config().is_gpt2() && (opt.method == "loha" || opt.method == "lokr" || opt.method == "shira")) {
+      // PEFT refuses these on transformers' Conv1D, so a checkpoint made here would not load there.
+      detail::raise<unsupported_error>(where, "PEFT does not apply " + opt.method +
+                                                  " to GPT-2's Conv1D modules; its checkpoint would not load in PEFT");
+    }
     if ((opt.use_rslora || opt.bias) && opt.method != "lora" && opt.method != "dora") {
       detail::raise<unsupported_error>(where, "use_rslora and lora_bias apply to lora and dora only");
     }
