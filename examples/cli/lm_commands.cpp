@@ -2,6 +2,7 @@
 // See docs/models.md for the contracts; every failure is a one-line message and exit status 2.
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -11,6 +12,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#ifdef PEFT_CLI_MPI
+#include <peft/dist/mpi.hpp>
 #endif
 
 #include <peft/base/quantized_formats.hpp>
@@ -103,6 +107,35 @@ void check_lengths(const std::vector<std::vector<long long>>& rows, index max_po
     }
   }
 }
+
+/// Whether mpirun (Open MPI, MPICH, PMIx launchers) started this process.
+bool launched_by_mpirun() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {
+    if (std::getenv(v) != nullptr) return true;
+  }
+  return false;
+}
+
+/// This process's place in a data-parallel run: rank 0 of 1 without mpirun.
+struct data_parallel {
+  int rank = 0, size = 1;
+#ifdef PEFT_CLI_MPI
+  std::optional<peft::dist::environment> env;
+#endif
+  data_parallel() {
+    if (!launched_by_mpirun()) return;
+#ifdef PEFT_CLI_MPI
+    int argc = 0;
+    char** argv = nullptr;
+    env.emplace(argc, argv);
+    rank = env->rank();
+    size = env->size();
+#else
+    throw peft::unsupported_error("[finetune] started by mpirun, but this peft was built without MPI");
+#endif
+  }
+  bool root() const noexcept { return rank == 0; }
+};
 
 std::string clock_text(double seconds) {
   const long s = static_cast<long>(seconds + 0.5);
@@ -317,9 +350,11 @@ int lm_finetune(const std::vector<std::string>& args) {
     if (ao.targets.empty()) throw usage_error("--targets is empty");
   }
   m.apply_threads();
+  data_parallel dp;
+  if (dp.size > 1 && batch < dp.size) throw usage_error("--batch must be at least the number of MPI ranks");
   const auto rows = peft::models::read_token_file(*m.tokens);
   const fs::path dir = *out;
-  return with_model_type(m, [&]<class T, class Base>() {
+  auto train = [&]<class T, class Base>() {
     model_args opened = m;
     long long start = 0;
     if (resume) {
@@ -359,8 +394,18 @@ int lm_finetune(const std::vector<std::string>& args) {
     opt.weight_decay = weight_decay;
     peft::train::adamw<T> optimizer(params, opt);
     if (resume) optimizer.load_state(dir / "optimizer.safetensors");
+#ifdef PEFT_CLI_MPI
+    // Every rank starts from rank 0's adapter and sums its tokens' gradients; the all-reduce
+    // divides by the batch's token count: the gradient of one process's mean loss.
+    std::optional<peft::dist::gradient_allreducer<T>> reducer;
+    if (dp.size > 1) {
+      peft::dist::broadcast_parameters(MPI_COMM_WORLD, params);
+      reducer.emplace(MPI_COMM_WORLD, std::span<const peft::parameter<T>>(params),
+                      peft::dist::allreduce_options{.reduction = peft::dist::loss_reduction::sum});
+    }
+#endif
     std::ofstream log;
-    if (log_path) {
+    if (log_path && dp.root()) {
       // On resume the rows up to the checkpoint are kept; later ones (lost work) are dropped.
       std::vector<std::string> kept;
       if (resume) {
@@ -403,14 +448,23 @@ int lm_finetune(const std::vector<std::string>& args) {
       const double predicted = static_cast<double>(lm.predicted_tokens(whole, whole.causal_labels()));
       lm.zero_grad();
       double loss = 0;
+      // This rank's share of the batch (all of it in one process), in --grad-accum micro-batches.
+      const long long r0 = dp.rank * batch / dp.size, r1 = (dp.rank + 1) * batch / dp.size;
+      index local_tokens = 0;
       for (long long k = 0; k < accum; ++k) {
-        const long long a0 = k * batch / accum, a1 = (k + 1) * batch / accum;
+        const long long a0 = r0 + k * (r1 - r0) / accum, a1 = r0 + (k + 1) * (r1 - r0) / accum;
+        if (a1 <= a0) continue;
         const std::vector<std::vector<long long>> part(lines.begin() + a0, lines.begin() + a1);
         const auto b = peft::models::token_batch::from_rows(part);
         const auto labels = b.causal_labels();
-        if (lm.predicted_tokens(b, labels) == 0) continue;
-        loss += lm.loss_and_backward(b, labels, predicted);
+        const index n_pred = lm.predicted_tokens(b, labels);
+        if (n_pred == 0) continue;
+        local_tokens += n_pred;
+        loss += lm.loss_and_backward(b, labels, dp.size > 1 ? 1.0 : predicted);
       }
+#ifdef PEFT_CLI_MPI
+      if (reducer) loss = reducer->allreduce(local_tokens, loss).mean_loss;
+#endif
       if (!std::isfinite(loss)) throw peft::error("[finetune] the loss at step " + std::to_string(s) + " is not finite");
       const double step_lr = optimizer.lr("default");
       optimizer.step();
@@ -423,17 +477,30 @@ int lm_finetune(const std::vector<std::string>& args) {
         log.flush();
       }
       const double done = static_cast<double>(s - start + 1);
-      std::fprintf(stderr, "\rpeft: step %lld/%lld  loss %.4f  lr %.3g  %.0f tok/s  left %s   ", s + 1, steps, loss,
+      if (dp.root()) std::fprintf(stderr, "\rpeft: step %lld/%lld  loss %.4f  lr %.3g  %.0f tok/s  left %s   ", s + 1, steps, loss,
                    step_lr, (tokens_seen - tokens_before) / std::max(secs, 1e-9),
                    clock_text(secs / done * static_cast<double>(steps - s - 1)).c_str());
-      if (save_every > 0 && (s + 1) % save_every == 0 && s + 1 < steps) save(s + 1);
+      if (save_every > 0 && (s + 1) % save_every == 0 && s + 1 < steps && dp.root()) save(s + 1);
     }
+    if (!dp.root()) return 0;
     std::fprintf(stderr, "\n");
     save(std::max(steps, start));
     std::fprintf(stderr, "peft: %zu trainable parameters; %s saved in %s\n", trainable, full ? "model" : "adapter",
                  dir.string().c_str());
     return 0;
-  });
+  };
+  if (dp.size == 1) return with_model_type(m, train);
+#ifdef PEFT_CLI_MPI
+  // A failure on one rank ends the job (the others would wait in the all-reduce forever).
+  try {
+    return with_model_type(m, train);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "peft: error: rank %d: %s\n", dp.rank, e.what());
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 2);
+  }
+#endif
+  return 2;
 }
 
 }  // namespace peft_cli

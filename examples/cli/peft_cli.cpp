@@ -40,10 +40,11 @@ constexpr const char* usage =
     "       peft generate --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --max-new-tokens N\n"
     "                   [--temperature T] [--top-k K] [--top-p P] [--seed S] [--ignore-eos]\n"
     "       peft finetune --model MODEL_DIR (--adapter INIT_DIR | --method NAME --rank R --alpha A\n"
-    "                   --targets LIST|all-linear [--rslora] [--lora-bias]) --tokens FILE --steps N\n"
+    "                   --targets LIST|all-linear [--rslora] [--lora-bias] | --full) --tokens FILE --steps N\n"
     "                   --batch B --lr LR [--weight-decay WD] [--grad-accum K] [--threads T]\n"
     "                   [--quantize-base int8|q4_0|nf4] [--checkpointing] [--log LOG.csv] [--seed S]\n"
-    "                   [--save-every K] [--resume] --out ADAPTER_DIR\n"
+    "                   [--save-every K] [--resume] [--precision f32|f64] --out ADAPTER_DIR\n"
+    "   (mpirun -np N peft finetune ... trains data-parallel where peft was built with MPI)\n"
     "   (methods: lora, dora, vera, loha, lokr, adalora, ia3, shira; token FILE: one sequence of\n"
     "    ids per line, separated by spaces)\n";
 

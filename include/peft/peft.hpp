@@ -1,6 +1,8 @@
 // peft/peft.hpp — the umbrella header: every public header of peft-cpp, except the two that need
-// an optional library: peft/interop/xtensor.hpp (xtensor; link peft::xtensor) and
-// peft/dist/mpi.hpp (MPI). Including only the headers a program uses compiles faster.
+// an optional library, peft/interop/xtensor.hpp (xtensor; link peft::xtensor) and
+// peft/dist/mpi.hpp (MPI), and the optional language models of peft/models/ (include
+// <peft/models/peft_model.hpp> and <peft/models/generate.hpp>). Including only the headers a
+// program uses compiles faster.
 #pragma once
 
 #include "peft/adapters/adalora.hpp"

@@ -310,6 +310,60 @@ TEST_CASE("peft finetune follows PEFT+torch's AdamW trajectory, saves a checkpoi
   CHECK(la[5] < la[0]);
 }
 
+TEST_CASE("peft finetune --full trains every weight as torch does and saves a model directory", "[cli][models]") {
+  scratch_dir s("finetune_full");
+  const fs::path model = lm / "qwen3";
+  const auto out = s.dir / "model";
+  const auto r = run_cli("finetune --model " + q(model) + " --full --tokens " + q(model / "tokens.txt") +
+                             " --steps 4 --batch 3 --lr 1e-3 --precision f64 --log " + q(s.dir / "log.csv") + " --out " +
+                             q(out),
+                         s.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  const auto want = peft::io::safetensors_file::open(model / "full.reference.safetensors").read<double>("train.losses");
+  const auto got = csv_losses(s.dir / "log.csv");
+  REQUIRE(got.size() == 4);
+  for (std::size_t i = 0; i < 4; ++i) CHECK(got[i] == Approx(want[i]).epsilon(1e-8));
+  // The saved directory is a model: peft logits reads it.
+  REQUIRE(fs::exists(out / "config.json"));
+  const auto l = run_cli("logits --model " + q(out) + " --tokens " + q(model / "tokens.txt") + " --out " +
+                             q(s.dir / "logits.safetensors"),
+                         s.dir);
+  INFO(l.err);
+  CHECK(l.status == 0);
+}
+
+#ifdef PEFT_MPIEXEC
+TEST_CASE("mpirun -np 2 peft finetune gives one process's losses and adapter", "[cli][models][mpi]") {
+  scratch_dir s("finetune_mpi");
+  const fs::path model = lm / "gpt2";
+  const std::string args = "finetune --model " + q(model) + " --method dora --rank 4 --alpha 8 --targets c_attn,c_fc " +
+                           "--tokens " + q(model / "tokens.txt") + " --batch 3 --lr 1e-2 --steps 5 --threads 1 --seed 2 ";
+  const auto one = run_cli(args + "--log " + q(s.dir / "one.csv") + " --out " + q(s.dir / "one"), s.dir);
+  REQUIRE(one.status == 0);
+  const std::string mpirun = std::string("'") + PEFT_MPIEXEC + "' --allow-run-as-root --oversubscribe -np 2 ";
+  const auto out = s.dir / "stdout.txt", err = s.dir / "stderr.txt";
+  const std::string cmd = mpirun + "'" + PEFT_CLI_PATH + "' " + args + "--log " + q(s.dir / "two.csv") + " --out " +
+                          q(s.dir / "two") + " >" + q(out) + " 2>" + q(err);
+  const int raw = std::system(cmd.c_str());
+  INFO(slurp(err));
+  REQUIRE(WIFEXITED(raw));
+  REQUIRE(WEXITSTATUS(raw) == 0);
+  const auto a = csv_losses(s.dir / "one.csv"), b = csv_losses(s.dir / "two.csv");
+  REQUIRE(a.size() == 5);
+  REQUIRE(b.size() == 5);
+  for (std::size_t i = 0; i < 5; ++i) CHECK(b[i] == Approx(a[i]).epsilon(1e-5));
+  const auto fa = peft::io::safetensors_file::open(s.dir / "one" / "adapter_model.safetensors");
+  const auto fb = peft::io::safetensors_file::open(s.dir / "two" / "adapter_model.safetensors");
+  REQUIRE(fa.tensors().size() == fb.tensors().size());
+  for (const auto& t : fa.tensors()) {
+    INFO(t.name);
+    const auto x = fa.read<double>(t.name), y = fb.read<double>(t.name);
+    for (std::size_t i = 0; i < x.size(); ++i) CHECK(y[i] == Approx(x[i]).epsilon(1e-4).margin(1e-6));
+  }
+}
+#endif
+
 TEST_CASE("peft logits|generate|finetune exit 2 with one line on bad input", "[cli][models][errors]") {
   scratch_dir s("lm_errors");
   const fs::path model = lm / "llama";

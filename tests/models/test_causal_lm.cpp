@@ -73,6 +73,19 @@ const std::vector<lm_case> cases = {
 
 token_batch batch_of(const fs::path& dir) { return token_batch::from_rows(read_token_file(dir / "tokens.txt")); }
 
+/// f(model directory, adapter directory, the adapter's references, the batch) for every case.
+template <class F>
+void for_each_adapter(F&& f) {
+  for (const auto& c : cases) {
+    for (const char* a : c.adapters) {
+      const fs::path dir = lm_data / c.name;
+      INFO("model " << c.name << ", adapter " << a);
+      const auto ref = peft::io::safetensors_file::open(dir / "adapters" / (std::string(a) + ".reference.safetensors"));
+      f(dir, dir / "adapters" / a, ref, batch_of(dir));
+    }
+  }
+}
+
 template <class T>
 void check_outputs(peft_model<T>& pm, const peft::io::safetensors_file& ref, const token_batch& b) {
   const bool f64 = std::is_same_v<T, double>;
@@ -100,77 +113,60 @@ TEST_CASE("language models give transformers' logits and loss, in float and doub
 }
 
 TEST_CASE("adapters attached from PEFT checkpoints give PEFT's logits and loss", "[models]") {
-  for (const auto& c : cases) {
-    for (const char* a : c.adapters) {
-      const fs::path dir = lm_data / c.name;
-      INFO("model " << c.name << ", adapter " << a);
-      const auto ref = peft::io::safetensors_file::open(dir / "adapters" / (std::string(a) + ".reference.safetensors"));
-      const auto b = batch_of(dir);
-      auto pf = peft_model<float>::from_pretrained(causal_lm<float>::load(dir), dir / "adapters" / a);
-      check_outputs(pf, ref, b);
-      auto pd = peft_model<double>::from_pretrained(causal_lm<double>::load(dir), dir / "adapters" / a);
-      check_outputs(pd, ref, b);
-    }
-  }
+  for_each_adapter([](const fs::path& dir, const fs::path& adapter, const peft::io::safetensors_file& ref, const token_batch& b) {
+    auto pf = peft_model<float>::from_pretrained(causal_lm<float>::load(dir), adapter);
+    check_outputs(pf, ref, b);
+    auto pd = peft_model<double>::from_pretrained(causal_lm<double>::load(dir), adapter);
+    check_outputs(pd, ref, b);
+  });
 }
 
 TEST_CASE("every adapter gradient of the LM loss equals torch autograd's", "[models]") {
-  for (const auto& c : cases) {
-    for (const char* a : c.adapters) {
-      const fs::path dir = lm_data / c.name;
-      INFO("model " << c.name << ", adapter " << a);
-      const auto ref = peft::io::safetensors_file::open(dir / "adapters" / (std::string(a) + ".reference.safetensors"));
-      const auto b = batch_of(dir);
-      for (const bool checkpointing : {false, true}) {
-        INFO("activation checkpointing " << checkpointing);
-        auto pm = peft_model<double>::from_pretrained(causal_lm<double>::load(dir, {.activation_checkpointing = checkpointing}),
-                                                      dir / "adapters" / a);
-        pm.model().zero_grad();
-        pm.model().loss_and_backward(b, b.causal_labels());
-        std::size_t compared = 0;
-        for (auto& [key, p] : pm.named_parameters()) {
-          if (!p.trainable || p.integer) continue;
-          INFO("tensor " << key);
-          REQUIRE(ref.contains("grad." + key));
-          CHECK(tensor_error(p.grad, ref.read<double>("grad." + key)) < 1e-9);
-          ++compared;
-        }
-        std::size_t expected = 0;
-        for (const auto& t : ref.tensors()) expected += t.name.rfind("grad.", 0) == 0;
-        CHECK(compared == expected);
-      }
-    }
-  }
-}
-
-TEST_CASE("four AdamW steps follow PEFT + torch's trajectory", "[models]") {
-  for (const auto& c : cases) {
-    for (const char* a : c.adapters) {
-      const fs::path dir = lm_data / c.name;
-      INFO("model " << c.name << ", adapter " << a);
-      const auto ref = peft::io::safetensors_file::open(dir / "adapters" / (std::string(a) + ".reference.safetensors"));
-      const auto b = batch_of(dir);
-      auto pm = peft_model<double>::from_pretrained(causal_lm<double>::load(dir), dir / "adapters" / a);
-      std::vector<peft::parameter<double>> params;
-      for (auto& p : pm.model().parameters()) {
-        if (p.trainable && !p.integer) params.push_back(p);
-      }
-      peft::train::adamw<double> opt(params, {.lr = 1e-2, .weight_decay = 0.01});
-      const auto losses = ref.read<double>("train.losses");
-      for (std::size_t s = 0; s < 4; ++s) {
-        pm.model().zero_grad();
-        const double loss = pm.model().loss_and_backward(b, b.causal_labels());
-        CHECK(std::abs(loss - losses[s]) < 1e-9 * std::abs(losses[s]));
-        opt.step();
-      }
-      CHECK(losses[3] < losses[0]);
+  for_each_adapter([](const fs::path& dir, const fs::path& adapter, const peft::io::safetensors_file& ref, const token_batch& b) {
+    for (const bool checkpointing : {false, true}) {
+      INFO("activation checkpointing " << checkpointing);
+      load_options lo;
+      lo.activation_checkpointing = checkpointing;
+      auto pm = peft_model<double>::from_pretrained(causal_lm<double>::load(dir, lo), adapter);
+      pm.model().zero_grad();
+      pm.model().loss_and_backward(b, b.causal_labels());
+      std::size_t compared = 0;
       for (auto& [key, p] : pm.named_parameters()) {
         if (!p.trainable || p.integer) continue;
         INFO("tensor " << key);
-        CHECK(tensor_error(p.value, ref.read<double>("train." + key)) < 1e-8);
+        REQUIRE(ref.contains("grad." + key));
+        CHECK(tensor_error(p.grad, ref.read<double>("grad." + key)) < 1e-9);
+        ++compared;
       }
+      std::size_t expected = 0;
+      for (const auto& t : ref.tensors()) expected += t.name.rfind("grad.", 0) == 0;
+      CHECK(compared == expected);
     }
-  }
+  });
+}
+
+TEST_CASE("four AdamW steps follow PEFT + torch's trajectory", "[models]") {
+  for_each_adapter([](const fs::path& dir, const fs::path& adapter, const peft::io::safetensors_file& ref, const token_batch& b) {
+    auto pm = peft_model<double>::from_pretrained(causal_lm<double>::load(dir), adapter);
+    std::vector<peft::parameter<double>> params;
+    for (auto& p : pm.model().parameters()) {
+      if (p.trainable && !p.integer) params.push_back(p);
+    }
+    peft::train::adamw<double> opt(params, {.lr = 1e-2, .weight_decay = 0.01});
+    const auto losses = ref.read<double>("train.losses");
+    for (std::size_t s = 0; s < 4; ++s) {
+      pm.model().zero_grad();
+      const double loss = pm.model().loss_and_backward(b, b.causal_labels());
+      CHECK(std::abs(loss - losses[s]) < 1e-9 * std::abs(losses[s]));
+      opt.step();
+    }
+    CHECK(losses[3] < losses[0]);
+    for (auto& [key, p] : pm.named_parameters()) {
+      if (!p.trainable || p.integer) continue;
+      INFO("tensor " << key);
+      CHECK(tensor_error(p.value, ref.read<double>("train." + key)) < 1e-8);
+    }
+  });
 }
 
 TEST_CASE("full fine-tuning: every weight's gradient and four AdamW steps equal torch's", "[models]") {

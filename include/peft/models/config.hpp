@@ -162,7 +162,8 @@ struct lm_config {
     }
     void refuse_unread() {
       for (const auto& [k, v] : j.items()) {
-        if (read.count(k) || harmless(k) || v.is_null()) continue;
+        // An unknown switch that is off (false) asks for nothing; any other value is refused.
+        if (read.count(k) || harmless(k) || v.is_null() || (v.is_boolean() && !v.get<bool>())) continue;
         detail::raise<unsupported_error>("lm_config", "field '" + k + "' (= " + v.dump().substr(0, 60) +
                                                           ") is not implemented; see docs/models.md");
       }
@@ -185,7 +186,8 @@ struct lm_config {
         "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
         "begin_suppress_tokens", "_attn_implementation_autoset", "attention_dropout", "attn_pdrop", "embd_pdrop",
         "resid_pdrop", "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "summary_type",
-        "summary_use_proj", "pretraining_tp", "n_ctx", "output_router_logits", "router_aux_loss_coef"};
+        "summary_use_proj", "pretraining_tp", "n_ctx", "output_router_logits", "router_aux_loss_coef",
+        "gradient_checkpointing", "output_past"};
     return names.count(k) != 0;
   }
 
@@ -260,6 +262,7 @@ struct lm_config {
     r.only("attn_logit_softcapping", nullptr, "logit soft-capping");
     r.only("final_logit_softcapping", nullptr, "logit soft-capping");
     r.only("quantization_config", nullptr, "pre-quantized checkpoints; use --quantize-base instead");
+    r.only("use_mrope", false, "multimodal rotary embeddings");
     r.only("is_encoder_decoder", false, "encoder-decoder models");
     r.only("add_cross_attention", false, "cross-attention");
     const bool attn_bias = r.boolean_or("attention_bias", false);

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/core/matrix_view.hpp"
 #include "peft/core/random.hpp"
 
 namespace peft::models {
