@@ -464,6 +464,8 @@ int lm_finetune(const std::vector<std::string>& args) {
       }
 #ifdef PEFT_CLI_MPI
       if (reducer) loss = reducer->allreduce(local_tokens, loss).mean_loss;
+#else
+      (void)local_tokens;
 #endif
       if (!std::isfinite(loss)) throw peft::error("[finetune] the loss at step " + std::to_string(s) + " is not finite");
       const double step_lr = optimizer.lr("default");
