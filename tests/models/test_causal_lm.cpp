@@ -359,6 +359,37 @@ TEST_CASE("fresh adapters from options: targets, all-linear, patterns; merge_and
   CHECK_THROWS_AS(pm.add_adapter("y", compacter), peft::unsupported_error);
 }
 
+TEST_CASE("several adapters on one model: set_adapter and per-request adapters", "[models]") {
+  const fs::path dir = lm_data / "llama";
+  const auto b = batch_of(dir);
+  peft_model<double> pm(causal_lm<double>::load(dir));
+  pm.load_adapter(dir / "adapters" / "lora", "lora");
+  pm.load_adapter(dir / "adapters" / "dora", "dora");
+  auto ref_of = [&](const std::string& a) {
+    return peft::io::safetensors_file::open(dir / "adapters" / (a + ".reference.safetensors")).read<double>("logits_f64");
+  };
+  const auto base_ref = peft::io::safetensors_file::open(dir / "reference.safetensors").read<double>("logits_f64");
+  pm.set_adapter("dora");
+  CHECK(logits_error(pm.model().forward(b), ref_of("dora")) < 1e-10);
+  pm.set_adapter("lora");
+  CHECK(logits_error(pm.model().forward(b), ref_of("lora")) < 1e-10);
+  // Sequence 0 with DoRA, 1 with no adapter, 2 with LoRA: each row equals its own model's.
+  const auto mixed = pm.forward_per_sequence(b, {"dora", "", "lora"});
+  const auto dora_ref = ref_of("dora"), lora_ref = ref_of("lora");
+  const index V = pm.model().vocab_size();
+  double worst = 0;
+  for (index s = 0; s < 3; ++s) {
+    const auto& r = s == 0 ? dora_ref : s == 1 ? base_ref : lora_ref;
+    for (index i = s * b.length * V; i < (s + 1) * b.length * V; ++i) {
+      worst = std::max(worst, std::abs(mixed.data()[i] - r[static_cast<std::size_t>(i)]));
+    }
+  }
+  CHECK(worst < 1e-9);
+  // The enabled adapters are as before: only LoRA.
+  CHECK(logits_error(pm.model().forward(b), lora_ref) < 1e-10);
+  CHECK_THROWS_AS(pm.forward_per_sequence(b, {"dora", "nope", "lora"}), peft::error);
+}
+
 TEST_CASE("QLoRA: adapters over quantized bases stay close to the dense model and train", "[models]") {
   const fs::path dir = lm_data / "llama";
   const auto b = batch_of(dir);

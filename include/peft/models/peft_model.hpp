@@ -13,6 +13,7 @@
 // method the library loads can be attached from a checkpoint.
 #pragma once
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <optional>
@@ -164,6 +165,70 @@ class peft_model {
         if (!l->merged(a)) l->set_enabled(a, a == name);
       }
     }
+  }
+
+  /// Per-request adapters: the logits of `b` (as causal_lm::forward) where sequence i runs with
+  /// adapter `adapter_of[i]` alone ("" = the base model, no adapter). Sequences of the same
+  /// adapter run together; which adapters are enabled afterwards is as before. peft::error for
+  /// an unknown name or when an adapter is merged (its delta is in every sequence's weights).
+  matrix<T> forward_per_sequence(const token_batch& b, const std::vector<std::string>& adapter_of) {
+    constexpr const char* where = "peft_model::forward_per_sequence";
+    if (static_cast<index>(adapter_of.size()) != b.sequences) {
+      detail::raise<shape_error>(where, "give one adapter name per sequence");
+    }
+    for (const auto& a : adapter_of) {
+      if (!a.empty()) adapter_config(a);
+    }
+    auto mods = model_.modules();
+    std::vector<std::pair<typename model_type::linear*, std::vector<std::pair<std::string, bool>>>> before;
+    for (auto& [n, l] : mods) {
+      std::vector<std::pair<std::string, bool>> states;
+      for (const auto& a : l->adapter_names()) {
+        if (l->merged(a)) detail::raise<error>(where, "adapter '" + a + "' is merged into '" + n + "'");
+        states.emplace_back(a, l->enabled(a));
+      }
+      before.emplace_back(l, std::move(states));
+    }
+    auto restore = [&] {
+      for (auto& [l, states] : before) {
+        for (const auto& [a, on] : states) l->set_enabled(a, on);
+      }
+    };
+    matrix<T> out(b.sequences * b.length, model_.vocab_size());
+    std::vector<std::string> names = adapter_of;
+    std::sort(names.begin(), names.end());
+    names.erase(std::unique(names.begin(), names.end()), names.end());
+    try {
+      for (const auto& name : names) {
+        for (auto& [l, states] : before) {
+          for (const auto& st : states) l->set_enabled(st.first, st.first == name);
+        }
+        token_batch part;
+        part.length = b.length;
+        std::vector<index> rows;
+        for (index s = 0; s < b.sequences; ++s) {
+          if (adapter_of[static_cast<std::size_t>(s)] != name) continue;
+          rows.push_back(s);
+          const auto from = static_cast<std::size_t>(s * b.length), to = from + static_cast<std::size_t>(b.length);
+          part.ids.insert(part.ids.end(), b.ids.begin() + from, b.ids.begin() + to);
+          if (!b.mask.empty()) part.mask.insert(part.mask.end(), b.mask.begin() + from, b.mask.begin() + to);
+          if (!b.positions.empty()) part.positions.insert(part.positions.end(), b.positions.begin() + from, b.positions.begin() + to);
+        }
+        part.sequences = static_cast<index>(rows.size());
+        const auto logits = model_.forward(part);
+        for (std::size_t i = 0; i < rows.size(); ++i) {
+          for (index c = 0; c < b.length; ++c) {
+            const T* src = logits.row(static_cast<index>(i) * b.length + c);
+            std::copy(src, src + model_.vocab_size(), out.row(rows[i] * b.length + c));
+          }
+        }
+      }
+    } catch (...) {
+      restore();
+      throw;
+    }
+    restore();
+    return out;
   }
 
   /// Trainable adapter values (PEFT's print_trainable_parameters numerator; shared tensors once).
