@@ -229,6 +229,20 @@ def ce_loss(logits, labels):
                            reduction="mean")
 
 
+def adamw_trajectory(m64, params, batch, labels, lr, weight_decay):
+    """Losses before each of TRAIN_STEPS steps of torch's AdamW on the full batch (params trained in place)."""
+    opt = torch.optim.AdamW(list(params.values()), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                            foreach=False)
+    losses = []
+    for _ in range(TRAIN_STEPS):
+        l = ce_loss(logits_of(m64, batch), labels)
+        losses.append(l.detach())
+        l.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
 def load_f32(case_dir, attn="sdpa"):
     m = AutoModelForCausalLM.from_pretrained(case_dir, dtype=torch.float32, attn_implementation=attn)
     return m.eval()
@@ -492,15 +506,7 @@ def make_adapter(case, aname, d, lines, batch, labels, base_logits, seed):
         ref["grad." + names[n]] = p.grad.detach().clone()
     m64.zero_grad(set_to_none=True)
 
-    opt = torch.optim.AdamW(list(params.values()), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                            foreach=False)
-    losses = []
-    for _ in range(TRAIN_STEPS):
-        l = ce_loss(logits_of(m64, batch), labels)
-        losses.append(l.detach())
-        l.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    losses = adamw_trajectory(m64, params, batch, labels, lr=1e-2, weight_decay=0.01)
     assert losses[0].item() == loss64.item()
     ref["train.losses"] = torch.stack(losses)
     for n, p in params.items():
@@ -573,15 +579,7 @@ def make_full(case):
             f"{case}: `grad.{emb_name}` = input-embedding part (max |.| {uemb.weight.grad.abs().max().item():.1e}) + "
             f"lm_head part (max |.| {u.lm_head.weight.grad.abs().max().item():.1e})")
 
-    opt = torch.optim.AdamW(list(params.values()), lr=FULL_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                            foreach=False)
-    losses = []
-    for _ in range(TRAIN_STEPS):
-        l = ce_loss(logits_of(m64, batch), labels)
-        losses.append(l.detach())
-        l.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    losses = adamw_trajectory(m64, params, batch, labels, lr=FULL_LR, weight_decay=0.0)
     assert losses[0].item() == loss64.item()
     if m64.config.tie_word_embeddings:
         assert m64.lm_head.weight is m64.get_input_embeddings().weight  # still tied after training
