@@ -10,16 +10,8 @@
 // temporary file in the target directory that is fsynced and renamed over the target.
 #pragma once
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <cerrno>
-#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -32,7 +24,6 @@
 #include <span>
 #include <string>
 #include <string_view>
-#include <system_error>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -42,6 +33,7 @@
 #include "peft/core/dtype.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
+#include "peft/io/detail/file_io.hpp"
 
 namespace peft {
 namespace detail {
@@ -64,8 +56,6 @@ inline std::string safetensors_quote(std::string_view s) {
   q += '\'';
   return q;
 }
-
-inline std::string safetensors_errno_text(int e) { return std::system_category().message(e); }
 
 /// Bytes of a tensor of `shape` and `type`; shape_error on a negative dimension or overflow.
 inline std::size_t safetensors_checked_nbytes(std::string_view where, std::string_view name,
@@ -129,7 +119,7 @@ class safetensors_file {
     }
     return *this;
   }
-  ~safetensors_file() { unmap(); }
+  ~safetensors_file() = default;
 
   /// Maps `path` read-only and validates it. io_error if the file cannot be opened or mapped,
   /// format_error if it is not a well-formed safetensors file.
@@ -137,41 +127,8 @@ class safetensors_file {
     constexpr std::string_view where = "safetensors_file::open";
     safetensors_file f;
     f.path_ = path;
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      const int e = errno;
-      peft::detail::raise<io_error>(
-          where, "cannot open '" + path.string() + "': " + peft::detail::safetensors_errno_text(e));
-    }
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      const int e = errno;
-      ::close(fd);
-      peft::detail::raise<io_error>(
-          where, "cannot stat '" + path.string() + "': " + peft::detail::safetensors_errno_text(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-      ::close(fd);
-      peft::detail::raise<io_error>(where, "'" + path.string() + "' is not a regular file");
-    }
-    if (static_cast<std::uintmax_t>(st.st_size) > std::numeric_limits<std::size_t>::max()) {
-      ::close(fd);
-      peft::detail::raise<io_error>(where, "'" + path.string() + "' is too large to map");
-    }
-    const auto size = static_cast<std::size_t>(st.st_size);
-    if (size > 0) {  // mmap of length 0 is an error; an empty file is simply truncated
-      void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-      if (p == MAP_FAILED) {
-        const int e = errno;
-        ::close(fd);
-        peft::detail::raise<io_error>(where, "cannot map '" + path.string() +
-                                                 "': " + peft::detail::safetensors_errno_text(e));
-      }
-      f.map_ = p;
-      f.map_size_ = size;
-    }
-    ::close(fd);  // the mapping stays valid without the descriptor
-    f.load(where, static_cast<const std::byte*>(f.map_), size);
+    f.map_ = detail::mapped_bytes::open(where, path);
+    f.load(where, f.map_->data(), f.map_->size());
     return f;
   }
 
@@ -274,7 +231,6 @@ class safetensors_file {
     swap(path_, other.path_);
     swap(owned_, other.owned_);  // vector swap keeps the heap buffer, so data_ stays valid
     swap(map_, other.map_);
-    swap(map_size_, other.map_size_);
     swap(data_, other.data_);
     swap(tensors_, other.tensors_);
     swap(index_, other.index_);
@@ -283,12 +239,6 @@ class safetensors_file {
 
  private:
   using json = nlohmann::json;
-
-  void unmap() noexcept {
-    if (map_ != nullptr) ::munmap(map_, map_size_);
-    map_ = nullptr;
-    map_size_ = 0;
-  }
 
   std::string source_name() const {
     if (path_.empty()) return "the in-memory buffer";
@@ -491,8 +441,7 @@ class safetensors_file {
 
   std::filesystem::path path_;
   std::vector<std::byte> owned_;  // parse(): the image
-  void* map_ = nullptr;           // open(): the mapping (null for an empty file)
-  std::size_t map_size_ = 0;
+  std::shared_ptr<const detail::mapped_bytes> map_;  // open(): the mapping
   const std::byte* data_ = nullptr;  // start of the data section
   std::vector<tensor_info> tensors_;
   std::map<std::string, std::size_t, std::less<>> index_;  // name -> position in tensors_
@@ -607,46 +556,25 @@ class safetensors_writer {
       peft::detail::raise<io_error>(where, "'" + path.string() + "' does not name a file");
     }
     const std::string header = header_bytes(where);
-
-    std::filesystem::path dir = path.parent_path();
-    if (dir.empty()) dir = ".";
-    temp_file tmp;
-    tmp.fd = create_temp(where, dir, path.filename().string(), tmp.path);
-
+    detail::atomic_output out(where, path);
     std::array<std::byte, 8> length{};
     for (std::size_t i = 0; i < 8; ++i) {
       length[i] =
           static_cast<std::byte>((static_cast<std::uint64_t>(header.size()) >> (8 * i)) & 0xffu);
     }
-    write_all(where, tmp, length.data(), length.size());
-    write_all(where, tmp, header.data(), header.size());
+    out.write(length.data(), length.size());
+    out.write(header.data(), header.size());
     std::vector<std::byte> buffer;  // reused by every lazy tensor
     for (const entry& e : entries_) {
       if (e.fill) {
         buffer.assign(e.nbytes, std::byte{0});
         e.fill(std::span<std::byte>(buffer));
-        write_all(where, tmp, buffer.data(), buffer.size());
+        out.write(buffer.data(), buffer.size());
       } else {
-        write_all(where, tmp, e.data.data(), e.data.size());
+        out.write(e.data.data(), e.data.size());
       }
     }
-    if (::fsync(tmp.fd) != 0) tmp.fail(where, "cannot fsync");
-    const int fd = tmp.fd;
-    tmp.fd = -1;
-    if (::close(fd) != 0) tmp.fail(where, "cannot close");
-    if (::rename(tmp.path.c_str(), path.c_str()) != 0) {
-      const int e = errno;
-      peft::detail::raise<io_error>(where, "cannot rename '" + tmp.path.string() + "' to '" +
-                                               path.string() +
-                                               "': " + peft::detail::safetensors_errno_text(e));
-    }
-    tmp.committed = true;
-    // Make the rename durable; a directory that cannot be synced is not an error.
-    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      (void)::fsync(dfd);
-      ::close(dfd);
-    }
+    out.commit();
   }
 
  private:
@@ -657,26 +585,6 @@ class safetensors_writer {
     std::size_t nbytes;
     std::vector<std::byte> data;                     // eager tensors
     std::function<void(std::span<std::byte>)> fill;  // lazy tensors
-  };
-
-  /// The temporary file: closed and removed on destruction unless committed.
-  struct temp_file {
-    int fd = -1;
-    std::filesystem::path path;
-    bool committed = false;
-
-    temp_file() = default;
-    temp_file(const temp_file&) = delete;
-    temp_file& operator=(const temp_file&) = delete;
-    ~temp_file() {
-      if (fd >= 0) ::close(fd);
-      if (!committed && !path.empty()) ::unlink(path.c_str());
-    }
-    [[noreturn]] void fail(std::string_view where, std::string_view what) const {
-      const int e = errno;
-      peft::detail::raise<io_error>(where, std::string(what) + " '" + path.string() +
-                                               "': " + peft::detail::safetensors_errno_text(e));
-    }
   };
 
   void claim_name(std::string_view where, const std::string& name) {
@@ -720,49 +628,6 @@ class safetensors_writer {
     }
     s.append((8 - s.size() % 8) % 8, ' ');  // 8 + size is then a multiple of 8
     return s;
-  }
-
-  static int create_temp(std::string_view where, const std::filesystem::path& dir,
-                         const std::string& filename, std::filesystem::path& out) {
-    static std::atomic<std::uint64_t> counter{0};
-    std::uint64_t seed =
-        static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
-        (static_cast<std::uint64_t>(::getpid()) << 32) ^ reinterpret_cast<std::uintptr_t>(&out);
-    int last_errno = 0;
-    for (int attempt = 0; attempt < 32; ++attempt) {
-      // splitmix64 over seed + counter: distinct names for concurrent writers and retries
-      std::uint64_t z = (seed += 0x9e3779b97f4a7c15ull + counter.fetch_add(1));
-      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-      z ^= z >> 31;
-      char hex[17];
-      for (int i = 0; i < 16; ++i) hex[i] = "0123456789abcdef"[(z >> (4 * i)) & 0xfu];
-      hex[16] = '\0';
-      out = dir / ("." + filename + ".tmp-" + hex);
-      const int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-      if (fd >= 0) return fd;
-      last_errno = errno;
-      if (last_errno != EEXIST && last_errno != EINTR) break;
-    }
-    const std::filesystem::path failed = out;
-    out.clear();  // nothing to remove
-    peft::detail::raise<io_error>(where, "cannot create '" + failed.string() + "': " +
-                                             peft::detail::safetensors_errno_text(last_errno));
-  }
-
-  static void write_all(std::string_view where, const temp_file& tmp, const void* data,
-                        std::size_t size) {
-    constexpr std::size_t chunk = std::size_t{1} << 30;
-    const auto* p = static_cast<const char*>(data);
-    while (size > 0) {
-      const ssize_t w = ::write(tmp.fd, p, std::min(size, chunk));
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        tmp.fail(where, "cannot write");
-      }
-      p += w;
-      size -= static_cast<std::size_t>(w);
-    }
   }
 
   std::map<std::string, std::string> metadata_;
