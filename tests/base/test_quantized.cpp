@@ -1,5 +1,6 @@
-// Quantized frozen bases (int8_rowwise, q4_0, nf4 with and without double quantization):
-// exact storage sizes, round-trip error bounds, hand-derived encodings, the fused products of
+// Quantized frozen bases (int8_rowwise, q4_0, q8_0, q4_k, q6_k, nf4 with and without double
+// quantization): exact storage sizes, round-trip error bounds, hand-derived encodings, ggml's
+// quantizers bit for bit (tests/data/gguf/quantize_golden.safetensors), decoding as ggml does, the fused products of
 // every kernel version the CPU runs against a double reference over the dequantized weight
 // (with bias, epilogues and tails), matmul_t, LoRA and DoRA over every format against the same
 // adapter over a dense copy of the dequantized weight, merging (re-quantization), errors, mutable
@@ -7,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <filesystem>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -21,10 +24,15 @@
 #include "peft/base/int8_rowwise.hpp"
 #include "peft/base/nf4.hpp"
 #include "peft/base/q4_0.hpp"
+#include "peft/base/q4_k.hpp"
+#include "peft/base/q6_k.hpp"
+#include "peft/base/q8_0.hpp"
 #include "peft/base/quantized_formats.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/random.hpp"
+#include "peft/io/safetensors.hpp"
+#include "peft/kernels/decode.hpp"
 #include "peft/kernels/isa.hpp"
 #include "peft/kernels/quantized.hpp"
 #include "support/test_support.hpp"
@@ -46,6 +54,24 @@ struct int8_format {
 struct q4_0_format {
   using type = peft::q4_0;
   static constexpr const char* label = "q4_0";
+  template <class U>
+  static type make(peft::matrix_view<const U> w, const U* b) { return type::quantize(w, b); }
+};
+struct q8_0_format {
+  using type = peft::q8_0;
+  static constexpr const char* label = "q8_0";
+  template <class U>
+  static type make(peft::matrix_view<const U> w, const U* b) { return type::quantize(w, b); }
+};
+struct q4_k_format {
+  using type = peft::q4_k;
+  static constexpr const char* label = "q4_k";
+  template <class U>
+  static type make(peft::matrix_view<const U> w, const U* b) { return type::quantize(w, b); }
+};
+struct q6_k_format {
+  using type = peft::q6_k;
+  static constexpr const char* label = "q6_k";
   template <class U>
   static type make(peft::matrix_view<const U> w, const U* b) { return type::quantize(w, b); }
 };
@@ -121,6 +147,42 @@ double bound(const peft::q4_0& q, const peft::matrix<float>& w, ix i, ix j) {
   const double ratio = d != 0.0 ? static_cast<double>(w(i, j)) / d : 0.0;
   const double base = ratio > 7.5 ? std::abs(d) : 0.5 * std::abs(d);
   return base * (1.0 + 1e-6) + 8.0 * std::abs(dq - d) + 1e-30;
+}
+
+double bound(const peft::q8_0& q, const peft::matrix<float>& w, ix i, ix j) {
+  // ggml's exact scale d = amax / 127 of the block (f32): the nearest code is within |d| / 2 (the
+  // f32 product w * (1 / d) adds at most ~2e-5 |d|), plus the fp16 rounding of d times |q| <= 127.
+  const ix b = j / 32;
+  float amax = 0.0f;
+  for (ix c = b * 32; c < std::min<ix>(w.cols(), b * 32 + 32); ++c) amax = std::max(amax, std::abs(w(i, c)));
+  const double d = static_cast<double>(amax / 127.0f);
+  const double dq = peft::formats::half_to_float(
+      q.blocks()[static_cast<std::size_t>(i * q.blocks_per_row() + b)].d);
+  return 0.5 * d * (1.0 + 1e-4) + 127.0 * std::abs(dq - d) + 1e-30;
+}
+
+/// max(step / 2, distance from v to [lo, hi]): the error of the nearest point of a grid with that
+/// step and range (slightly loosened for the f32 division that picks it).
+double grid_bound(double v, double step, double lo, double hi) {
+  const double outside = std::max({0.0, lo - v, v - hi});
+  return std::max(0.5 * step, outside) * (1.0 + 1e-5) + 1e-6 * step + 1e-30;
+}
+
+double bound(const peft::q4_k& q, const peft::matrix<float>& w, ix i, ix j) {
+  // The nearest level of the element's sub-block grid d sc q - dmin m, q = 0..15.
+  const auto& blk = q.blocks()[static_cast<std::size_t>(i * q.blocks_per_row() + j / 256)];
+  std::uint8_t sc = 0, m = 0;
+  peft::formats::q4_k_scale_min(blk.scales, static_cast<int>(j % 256 / 32), sc, m);
+  const double ds = peft::formats::half_to_float(blk.d) * sc;
+  const double dm = peft::formats::half_to_float(blk.dmin) * m;
+  return grid_bound(w(i, j), ds, -dm, 15.0 * ds - dm);
+}
+
+double bound(const peft::q6_k& q, const peft::matrix<float>& w, ix i, ix j) {
+  // The nearest level of the element's sub-block grid d scale (q - 32), q = 0..63.
+  const auto& blk = q.blocks()[static_cast<std::size_t>(i * q.blocks_per_row() + j / 256)];
+  const double s = peft::formats::half_to_float(blk.d) * blk.scales[j % 256 / 16];
+  return grid_bound(w(i, j), std::abs(s), std::min(-32.0 * s, 31.0 * s), std::max(-32.0 * s, 31.0 * s));
 }
 
 /// Half the largest gap between neighbouring NF4 values (between -1 and -0.6961928).
@@ -283,6 +345,10 @@ TEST_CASE("quantized storage sizes are exact per format", "[quantized]") {
     const std::size_t n = out * in;
     CHECK(peft::int8_rowwise::quantize(w.view()).storage_bytes() == n + 4 * out);
     CHECK(peft::q4_0::quantize(w.view()).storage_bytes() == out * ((in + 31) / 32) * 18);
+    CHECK(peft::q8_0::quantize(w.view()).storage_bytes() == out * ((in + 31) / 32) * 34);
+    CHECK(peft::q4_k::quantize(w.view()).storage_bytes() == out * ((in + 255) / 256) * 144);
+    CHECK(peft::q6_k::quantize(w.view()).storage_bytes() == out * ((in + 255) / 256) * 210);
+    CHECK(peft::q4_k::quantize(w.view()).blocks_per_row() == (s.in + 255) / 256);
     const std::size_t blocks = (n + 63) / 64;
     const std::size_t groups = (blocks + 255) / 256;
     const auto dq = peft::nf4::quantize(w.view());
@@ -292,6 +358,9 @@ TEST_CASE("quantized storage sizes are exact per format", "[quantized]") {
               .storage_bytes() == (n + 1) / 2 + 4 * blocks);
   }
   static_assert(sizeof(peft::formats::block_q4_0) == 18);
+  static_assert(sizeof(peft::formats::block_q8_0) == 34 && peft::formats::q8_0_block_size == 32);
+  static_assert(sizeof(peft::formats::block_q4_k) == 144 && peft::formats::q4_k_block_size == 256);
+  static_assert(sizeof(peft::formats::block_q6_k) == 210 && peft::formats::q6_k_block_size == 256);
 }
 
 // ---- round trips -----------------------------------------------------------------------------------
@@ -305,12 +374,28 @@ TEST_CASE("quantized round trips stay within each format's bound", "[quantized]"
     REQUIRE(peft_test::nontrivial(w));
     check_round_trip(peft::int8_rowwise::quantize(w.view()), w);
     check_round_trip(peft::q4_0::quantize(w.view()), w);
+    check_round_trip(peft::q8_0::quantize(w.view()), w);
+    check_round_trip(peft::q4_k::quantize(w.view()), w);
+    check_round_trip(peft::q6_k::quantize(w.view()), w);
     const auto dq = peft::nf4::quantize(w.view());
     check_round_trip(dq, w);
     check_absmax_error(dq, w);
     check_round_trip(peft::nf4::quantize(w.view(), static_cast<const float*>(nullptr), {.double_quant = false}), w);
     // Round trips are not trivially exact: the formats do lose information.
     if (s.in >= 32) CHECK(peft_test::rel_error(decoded(peft::q4_0::quantize(w.view())), w) > 1e-3);
+    if (s.in >= 32) {
+      // The documented typical errors (relative RMS on this uniform data), and their order.
+      const double e8 = peft_test::rel_error(decoded(peft::q8_0::quantize(w.view())), w);
+      const double e4 = peft_test::rel_error(decoded(peft::q4_k::quantize(w.view())), w);
+      const double e6 = peft_test::rel_error(decoded(peft::q6_k::quantize(w.view())), w);
+      INFO("q8_0 " << e8 << " q4_k " << e4 << " q6_k " << e6);
+      CHECK(e8 > 1e-4);
+      CHECK(e8 < 0.006);
+      CHECK(e6 > e8);
+      CHECK(e6 < 0.025);
+      CHECK(e4 > e6);
+      CHECK(e4 < 0.09);
+    }
   }
   // Double input is rounded to f32 first: the same quantization as its f32 rounding.
   const auto wd = peft_test::random_matrix<double>(4, 70, gen);
@@ -318,6 +403,9 @@ TEST_CASE("quantized round trips stay within each format's bound", "[quantized]"
   CHECK(peft::q4_0::quantize(wd.view()).blocks().size() == peft::q4_0::quantize(wf.view()).blocks().size());
   CHECK(peft_test::exactly_equal(decoded(peft::q4_0::quantize(wd.view())), decoded(peft::q4_0::quantize(wf.view()))));
   CHECK(peft_test::exactly_equal(decoded(peft::nf4::quantize(wd.view())), decoded(peft::nf4::quantize(wf.view()))));
+  CHECK(peft_test::exactly_equal(decoded(peft::q8_0::quantize(wd.view())), decoded(peft::q8_0::quantize(wf.view()))));
+  CHECK(peft_test::exactly_equal(decoded(peft::q4_k::quantize(wd.view())), decoded(peft::q4_k::quantize(wf.view()))));
+  CHECK(peft_test::exactly_equal(decoded(peft::q6_k::quantize(wd.view())), decoded(peft::q6_k::quantize(wf.view()))));
   CHECK(peft_test::exactly_equal(decoded(peft::int8_rowwise::quantize(wd.view())),
                                  decoded(peft::int8_rowwise::quantize(wf.view()))));
 }
@@ -429,10 +517,402 @@ TEST_CASE("int8_rowwise rounds w / scale to nearest, ties to even", "[quantized]
   CHECK(q.values() == want);
 }
 
+// ---- ggml's q8_0, q4_k and q6_k ------------------------------------------------------------------
+
+namespace {
+
+/// The bytes of a vector of blocks.
+template <class Block>
+std::vector<std::uint8_t> block_bytes(const std::vector<Block>& blocks) {
+  std::vector<std::uint8_t> r(blocks.size() * sizeof(Block));
+  if (!r.empty()) std::memcpy(r.data(), blocks.data(), r.size());
+  return r;
+}
+
+std::uint16_t random_finite_half(peft::rng& gen) {
+  for (;;) {
+    const auto h = static_cast<std::uint16_t>(gen.below(65536));
+    if ((h & 0x7c00u) != 0x7c00u) return h;
+  }
+}
+
+/// Blocks of random bytes whose fp16 scales are finite (any sign, subnormals included).
+template <class Block>
+std::vector<Block> random_blocks(ix count, peft::rng& gen) {
+  std::vector<Block> r(static_cast<std::size_t>(count));
+  for (auto& b : r) {
+    auto* p = reinterpret_cast<std::uint8_t*>(&b);
+    for (std::size_t k = 0; k < sizeof(Block); ++k) p[k] = static_cast<std::uint8_t>(gen.below(256));
+    b.d = random_finite_half(gen);
+    if constexpr (std::is_same_v<Block, peft::formats::block_q4_k>) b.dmin = random_finite_half(gen);
+  }
+  return r;
+}
+
+// ggml's dequantize_row_q8_0 / _q4_K / _q6_K, as written there: f32 arithmetic in its order of
+// operations, each product rounded (written independently of the library, which decodes in double).
+void ggml_f32_decode(const peft::formats::block_q8_0& b, float* out) {
+  const float d = peft::formats::half_to_float(b.d);
+  for (int k = 0; k < 32; ++k) out[k] = static_cast<float>(b.qs[k]) * d;
+}
+void ggml_f32_decode(const peft::formats::block_q4_k& b, float* out) {
+  const float d = peft::formats::half_to_float(b.d);
+  const float dmin = peft::formats::half_to_float(b.dmin);
+  for (int c = 0; c < 4; ++c) {
+    for (int h = 0; h < 2; ++h) {
+      std::uint8_t sc = 0, m = 0;
+      peft::formats::q4_k_scale_min(b.scales, 2 * c + h, sc, m);
+      const float ds = d * static_cast<float>(sc);
+      const float dm = dmin * static_cast<float>(m);
+      for (int l = 0; l < 32; ++l) {
+        const int q = h == 0 ? (b.qs[32 * c + l] & 15) : (b.qs[32 * c + l] >> 4);
+        volatile float p = ds * static_cast<float>(q);  // rounded before the subtraction
+        out[64 * c + 32 * h + l] = p - dm;
+      }
+    }
+  }
+}
+void ggml_f32_decode(const peft::formats::block_q6_k& b, float* out) {
+  const float d = peft::formats::half_to_float(b.d);
+  for (int p = 0; p < 256; ++p) {
+    const float ds = d * static_cast<float>(b.scales[p / 16]);
+    out[p] = ds * static_cast<float>(peft::formats::q6_k_code(b, p) - 32);
+  }
+}
+
+// The library's entry points per block type.
+template <class T>
+void decode_block(const peft::formats::block_q8_0& b, T* out) { peft::formats::decode_q8_0_block(b, out); }
+template <class T>
+void decode_block(const peft::formats::block_q4_k& b, T* out) { peft::formats::decode_q4_k_block(b, out); }
+template <class T>
+void decode_block(const peft::formats::block_q6_k& b, T* out) { peft::formats::decode_q6_k_block(b, out); }
+void decode_row(const peft::formats::block_q8_0* b, ix nb, float* out) { peft::kernels::decode_q8_0_row(b, nb, out); }
+void decode_row(const peft::formats::block_q4_k* b, ix nb, float* out) { peft::kernels::decode_q4_k_row(b, nb, out); }
+void decode_row(const peft::formats::block_q6_k* b, ix nb, float* out) { peft::kernels::decode_q6_k_row(b, nb, out); }
+void isa_dot(peft::kernels::isa which, const peft::formats::block_q8_0* b, ix nb, ix n, const float* x, ix ldx,
+             ix m, float* y, ix ldy) {
+  peft::kernels::q8_0_dot(which, b, nb, n, x, ldx, m, y, ldy);
+}
+void isa_dot(peft::kernels::isa which, const peft::formats::block_q4_k* b, ix nb, ix n, const float* x, ix ldx,
+             ix m, float* y, ix ldy) {
+  peft::kernels::q4_k_dot(which, b, nb, n, x, ldx, m, y, ldy);
+}
+void isa_dot(peft::kernels::isa which, const peft::formats::block_q6_k* b, ix nb, ix n, const float* x, ix ldx,
+             ix m, float* y, ix ldy) {
+  peft::kernels::q6_k_dot(which, b, nb, n, x, ldx, m, y, ldy);
+}
+void reference_dot(const peft::formats::block_q8_0* b, ix nb, ix n, const float* x, ix ldx, ix m, float* y, ix ldy) {
+  peft::kernels::reference::q8_0_dot(b, nb, n, x, ldx, m, y, ldy);
+}
+void reference_dot(const peft::formats::block_q4_k* b, ix nb, ix n, const float* x, ix ldx, ix m, float* y, ix ldy) {
+  peft::kernels::reference::q4_k_dot(b, nb, n, x, ldx, m, y, ldy);
+}
+void reference_dot(const peft::formats::block_q6_k* b, ix nb, ix n, const float* x, ix ldx, ix m, float* y, ix ldy) {
+  peft::kernels::reference::q6_k_dot(b, nb, n, x, ldx, m, y, ldy);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("ggml blocks decode to ggml's f32 values, in every decoder", "[quantized][ggml]",
+                   q8_0_format, q4_k_format, q6_k_format) {
+  // decode_*_block computes in double and rounds once; ggml computes in f32 with exact products
+  // and one rounded subtraction (q4_k): the same f32 values, which this checks on random bytes.
+  using Q = typename TestType::type;
+  using block = typename Q::block_type;
+  constexpr ix bs = Q::block_size;
+  peft::rng gen(11);
+  const auto blocks = random_blocks<block>(200, gen);
+  std::vector<float> ggml(static_cast<std::size_t>(bs)), f(static_cast<std::size_t>(bs));
+  std::vector<double> d(static_cast<std::size_t>(bs));
+  std::vector<float> row(static_cast<std::size_t>(bs * 200));
+  decode_row(blocks.data(), 200, row.data());
+  ix differ = 0, rounded = 0, nonzero = 0;
+  for (std::size_t i = 0; i < blocks.size(); ++i) {
+    ggml_f32_decode(blocks[i], ggml.data());
+    decode_block(blocks[i], f.data());
+    decode_block(blocks[i], d.data());
+    for (ix p = 0; p < bs; ++p) {
+      const auto k = static_cast<std::size_t>(p);
+      if (!(f[k] == ggml[k] && row[i * static_cast<std::size_t>(bs) + k] == ggml[k] &&
+            static_cast<float>(d[k]) == f[k])) {
+        ++differ;
+      }
+      if (static_cast<double>(f[k]) != d[k]) ++rounded;
+      if (f[k] != 0.0f) ++nonzero;
+    }
+  }
+  CHECK(differ == 0);
+  CHECK(nonzero > 100 * bs);
+  // q8_0 and q6_k are exact in f32; q4_k's subtraction does round (so the claim is not vacuous).
+  if constexpr (std::is_same_v<Q, peft::q4_k>) {
+    CHECK(rounded > 0);
+  } else {
+    CHECK(rounded == 0);
+  }
+}
+
+TEMPLATE_TEST_CASE("ggml block dot kernels agree with the reference kernels on every isa", "[quantized][ggml]",
+                   q8_0_format, q4_k_format, q6_k_format) {
+  using Q = typename TestType::type;
+  using block = typename Q::block_type;
+  constexpr ix bs = Q::block_size;
+  peft::rng gen(12);
+  constexpr ix nb = 3, n = 9, ldy = 12;
+  const ix ldx = nb * bs + 5;
+  const auto w = random_weight(n, nb * bs, gen);
+  const auto q = Q::quantize(w.view());
+  const auto raw = random_blocks<block>(n * nb, gen);  // every code and scale, both signs
+  const auto x = peft_test::random_matrix<float>(8, ldx, gen);
+  for (const auto* blocks : {q.blocks().data(), raw.data()}) {
+    for (ix m = 1; m <= 8; ++m) {
+      peft::matrix<float> want(m, ldy, 0.0f);
+      reference_dot(blocks, nb, n, x.data(), ldx, m, want.data(), ldy);
+      REQUIRE(peft_test::nontrivial(want.view().block(0, 0, m, n)));
+      for (auto which : supported_isas()) {
+        INFO(TestType::label << " m " << m << " isa " << peft::kernels::isa_name(which) << " raw "
+                             << (blocks == raw.data()));
+        peft::matrix<float> got(m, ldy, 0.0f);
+        isa_dot(which, blocks, nb, n, x.data(), ldx, m, got.data(), ldy);
+        CHECK(peft_test::rel_error(got, want) <= 1e-5);
+        for (ix r = 0; r < m; ++r) {
+          for (ix j = n; j < ldy; ++j) CHECK(got(r, j) == 0.0f);  // nothing past n is written
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("q8_0 encodes a block as ggml's quantize_row_q8_0_ref does", "[quantized][ggml]") {
+  // amax = 63.5, so d = 63.5 / 127 = 0.5 (fp16 0x3800) and id = 2: w[k] = (k - 16) / 2 gives
+  // q = k - 16; then w[3] = 63.5 -> 127, w[7] = -63.5 -> -127, w[5] = 0.25 -> 0.5 -> 1 and
+  // w[6] = -0.25 -> -1 (halves away from zero). A second, partial block (in = 40): 8 values
+  // of 1..8 (d = 8 / 127, q = round(k * 127 / 8)) then 24 zeros of padding, which stay 0.
+  std::vector<float> w(40, 0.0f);
+  for (int k = 0; k < 32; ++k) w[static_cast<std::size_t>(k)] = static_cast<float>(k - 16) * 0.5f;
+  w[3] = 63.5f;
+  w[7] = -63.5f;
+  w[5] = 0.25f;
+  w[6] = -0.25f;
+  for (int k = 0; k < 8; ++k) w[static_cast<std::size_t>(32 + k)] = static_cast<float>(k + 1);
+  const peft::matrix<float> wm(1, 40, w);
+  const auto q = peft::q8_0::quantize(wm.view());
+  REQUIRE(q.blocks().size() == 2);
+  const auto& b0 = q.blocks()[0];
+  CHECK(b0.d == 0x3800);
+  for (int k = 0; k < 32; ++k) {
+    int want = k - 16;
+    if (k == 3) want = 127;
+    if (k == 7) want = -127;
+    if (k == 5) want = 1;
+    if (k == 6) want = -1;
+    INFO("k " << k);
+    CHECK(static_cast<int>(b0.qs[k]) == want);
+  }
+  const auto& b1 = q.blocks()[1];
+  CHECK(b1.d == peft::f16(8.0f / 127.0f).bits);
+  for (int k = 0; k < 32; ++k) {
+    const int want = k < 8 ? static_cast<int>(std::round(static_cast<float>(k + 1) * (1.0f / (8.0f / 127.0f)))) : 0;
+    CHECK(static_cast<int>(b1.qs[k]) == want);
+  }
+  CHECK(b1.qs[7] == 127);
+  float out[32];
+  peft::formats::decode_q8_0_block(b1, out);
+  for (int k = 8; k < 32; ++k) CHECK(out[k] == 0.0f);  // the padding decodes to exact zeros
+  std::vector<double> row(40);
+  q.dequantize_row(0, row.data());
+  CHECK(row[3] == 63.5);
+  CHECK(row[10] == -3.0);
+  // A zero block: d = 0, codes 0.
+  peft::formats::block_q8_0 z{};
+  const std::vector<float> zeros(32, 0.0f);
+  z.d = 1;
+  REQUIRE(peft::formats::quantize_q8_0_block(zeros.data(), z));
+  CHECK(block_bytes(std::vector<peft::formats::block_q8_0>{z}) == std::vector<std::uint8_t>(34, 0));
+}
+
+TEST_CASE("q4_k packs its 6-bit codes and nibbles as ggml does", "[quantized][ggml]") {
+  // Scale and min codes: s < 4 in the low 6 bits of bytes s and s + 4; s >= 4 in the nibbles of
+  // byte s + 4 with their top 2 bits in the top bits of bytes s - 4 and s.
+  peft::formats::block_q4_k b{};
+  const std::uint8_t bytes[12] = {0xC1, 0x42, 0x83, 0x04, 0x45, 0x86, 0xC7, 0x08, 0x9A, 0xBC, 0xDE, 0xF0};
+  std::memcpy(b.scales, bytes, 12);
+  std::uint8_t sc[8], m[8];
+  peft::formats::q4_k_scale_mins(b, sc, m);
+  const std::vector<int> want_sc{1, 2, 3, 4, 0x3A, 0x1C, 0x2E, 0x00};
+  const std::vector<int> want_m{5, 6, 7, 8, 0x19, 0x2B, 0x3D, 0x0F};
+  CHECK(std::vector<int>(sc, sc + 8) == want_sc);
+  CHECK(std::vector<int>(m, m + 8) == want_m);
+
+  // Zeros: every byte 0 (d = dmin = 0, codes 0).
+  const std::vector<float> zeros(256, 0.0f);
+  peft::formats::block_q4_k z;
+  std::memset(&z, 0xAB, sizeof z);
+  REQUIRE(peft::formats::quantize_q4_k_block(zeros.data(), z));
+  CHECK(block_bytes(std::vector<peft::formats::block_q4_k>{z}) == std::vector<std::uint8_t>(144, 0));
+
+  // All weights 2: each sub-block fits min 0 (min is capped at 0) and scale 1 / 7.5 with codes 15
+  // (the search's least-squares steps are degenerate: all codes equal); every sc = 63, m = 0, so
+  // bytes 0..3 = 63 | 3 << 6, bytes 4..7 = 0, bytes 8..11 = 15; dmin = 0.
+  const std::vector<float> twos(256, 2.0f);
+  peft::formats::block_q4_k t{};
+  REQUIRE(peft::formats::quantize_q4_k_block(twos.data(), t));
+  CHECK(t.d == peft::f16((1.0f / 7.5f) / 63.0f).bits);
+  CHECK(t.dmin == 0);
+  const std::vector<int> want_bytes{0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0, 15, 15, 15, 15};
+  CHECK(std::vector<int>(t.scales, t.scales + 12) == want_bytes);
+  CHECK(std::all_of(t.qs, t.qs + 128, [](std::uint8_t v) { return v == 0xFF; }));
+
+  // Weights on a grid of 1/16 with 0 and 15/16 in every sub-block: the codes are the grid indices,
+  // low nibble of byte 32 c + l = weight 64 c + l, high nibble = weight 64 c + 32 + l.
+  std::vector<int> code(256);
+  std::vector<float> x(256);
+  for (int p = 0; p < 256; ++p) {
+    code[static_cast<std::size_t>(p)] = p % 32 == 0 ? 0 : p % 32 == 1 ? 15 : (p * 7 + p / 32) % 16;
+    x[static_cast<std::size_t>(p)] = static_cast<float>(code[static_cast<std::size_t>(p)]) / 16.0f;
+  }
+  peft::formats::block_q4_k g{};
+  REQUIRE(peft::formats::quantize_q4_k_block(x.data(), g));
+  peft::formats::q4_k_scale_mins(g, sc, m);
+  for (int s = 0; s < 8; ++s) {
+    CHECK(sc[s] == 63);
+    CHECK(m[s] == 0);
+  }
+  for (int c = 0; c < 4; ++c) {
+    for (int l = 0; l < 32; ++l) {
+      INFO("c " << c << " l " << l);
+      CHECK((g.qs[32 * c + l] & 15) == code[static_cast<std::size_t>(64 * c + l)]);
+      CHECK((g.qs[32 * c + l] >> 4) == code[static_cast<std::size_t>(64 * c + 32 + l)]);
+    }
+  }
+  float out[256];
+  peft::formats::decode_q4_k_block(g, out);
+  for (int p = 0; p < 256; ++p) CHECK(std::abs(out[p] - x[static_cast<std::size_t>(p)]) <= 1e-3f);
+
+  // Random data: the sub-block with the largest scale (and the one with the largest -min) gets
+  // code 63, which needs the top bits of the packing for s >= 4.
+  peft::rng gen(13);
+  for (int trial = 0; trial < 20; ++trial) {
+    std::vector<float> r(256);
+    for (int p = 0; p < 256; ++p) r[static_cast<std::size_t>(p)] = static_cast<float>(gen.uniform(-1.0, 1.0) * (1 + p / 32));
+    peft::formats::block_q4_k rb{};
+    REQUIRE(peft::formats::quantize_q4_k_block(r.data(), rb));
+    peft::formats::q4_k_scale_mins(rb, sc, m);
+    CHECK(*std::max_element(sc, sc + 8) == 63);
+    CHECK(*std::max_element(m, m + 8) == 63);
+    CHECK(sc[7] == 63);  // the widest sub-block
+  }
+}
+
+TEST_CASE("q6_k packs its 6-bit codes and scales as ggml does", "[quantized][ggml]") {
+  // Zeros: every byte 0.
+  const std::vector<float> zeros(256, 0.0f);
+  peft::formats::block_q6_k z;
+  std::memset(&z, 0xAB, sizeof z);
+  REQUIRE(peft::formats::quantize_q6_k_block(zeros.data(), z));
+  CHECK(block_bytes(std::vector<peft::formats::block_q6_k>{z}) == std::vector<std::uint8_t>(210, 0));
+
+  // All weights 1 (or -1): each sub-block fits scale -1/32 (1/32) with l = -32 (every other step
+  // ties, and ties keep the first); d = 1 / (-128 / scale) = 2^-12 (-2^-12), scales -128, codes 0.
+  for (float v : {1.0f, -1.0f}) {
+    const std::vector<float> ones(256, v);
+    peft::formats::block_q6_k o{};
+    REQUIRE(peft::formats::quantize_q6_k_block(ones.data(), o));
+    INFO("v " << v);
+    CHECK(o.d == (v > 0 ? 0x0C00 : 0x8C00));
+    CHECK(std::all_of(o.scales, o.scales + 16, [](std::int8_t s) { return s == -128; }));
+    CHECK(std::all_of(o.ql, o.ql + 128, [](std::uint8_t c) { return c == 0; }));
+    CHECK(std::all_of(o.qh, o.qh + 64, [](std::uint8_t c) { return c == 0; }));
+    float out[256];
+    peft::formats::decode_q6_k_block(o, out);
+    CHECK(std::all_of(out, out + 256, [&](float w) { return w == v; }));
+  }
+
+  // Weights on the grid (c - 32) / 32 with -1 (c = 0) in every sub-block: every scale is -128 of
+  // d = -2^-12, so the codes are c; weight p = 128 h + 32 k + l has the low (k < 2) or high
+  // nibble of ql[64 h + 32 (k % 2) + l] and bits 2k, 2k + 1 of qh[32 h + l].
+  std::vector<int> code(256);
+  std::vector<float> x(256);
+  for (int p = 0; p < 256; ++p) {
+    code[static_cast<std::size_t>(p)] = p % 16 == 0 ? 0 : (p * 37 + 11) % 64;
+    x[static_cast<std::size_t>(p)] = static_cast<float>(code[static_cast<std::size_t>(p)] - 32) / 32.0f;
+  }
+  peft::formats::block_q6_k g{};
+  REQUIRE(peft::formats::quantize_q6_k_block(x.data(), g));
+  CHECK(g.d == 0x8C00);
+  CHECK(std::all_of(g.scales, g.scales + 16, [](std::int8_t s) { return s == -128; }));
+  for (int p = 0; p < 256; ++p) {
+    const int h = p / 128, k = p % 128 / 32, l = p % 32;
+    const std::uint8_t byte = g.ql[64 * h + 32 * (k % 2) + l];
+    const int lo = k < 2 ? byte & 15 : byte >> 4;
+    const int hi = (g.qh[32 * h + l] >> (2 * k)) & 3;
+    INFO("p " << p);
+    CHECK((lo | hi << 4) == code[static_cast<std::size_t>(p)]);
+    CHECK(peft::formats::q6_k_code(g, p) == code[static_cast<std::size_t>(p)]);
+  }
+  float out[256];
+  peft::formats::decode_q6_k_block(g, out);
+  for (int p = 0; p < 256; ++p) CHECK(out[p] == x[static_cast<std::size_t>(p)]);
+}
+
+TEST_CASE("ggml formats pad rows with zeros that decode to exact zeros", "[quantized][ggml]") {
+  // in = 300: the second super-block holds 44 weights (sub-blocks of 32: one full, one with 12)
+  // and 212 zeros. q8_0 and q6_k decode every zero of padding to 0; q4_k does so for the
+  // sub-blocks of padding alone (a shared sub-block puts its zeros on its affine grid).
+  peft::rng gen(14);
+  const auto w = random_weight(3, 300, gen);
+  const auto q8 = peft::q8_0::quantize(w.view());
+  const auto q4 = peft::q4_k::quantize(w.view());
+  const auto q6 = peft::q6_k::quantize(w.view());
+  for (ix i = 0; i < 3; ++i) {
+    float b8[32], b4[256], b6[256];
+    peft::formats::decode_q8_0_block(q8.blocks()[static_cast<std::size_t>(i * 10 + 9)], b8);
+    peft::formats::decode_q4_k_block(q4.blocks()[static_cast<std::size_t>(i * 2 + 1)], b4);
+    peft::formats::decode_q6_k_block(q6.blocks()[static_cast<std::size_t>(i * 2 + 1)], b6);
+    for (int k = 300 - 288; k < 32; ++k) CHECK(b8[k] == 0.0f);
+    for (int k = 64; k < 256; ++k) CHECK(b4[k] == 0.0f);
+    for (int k = 300 - 256; k < 256; ++k) CHECK(b6[k] == 0.0f);
+  }
+}
+
+TEST_CASE("q4_0, q8_0, q4_k and q6_k quantize as llama-quantize does, bit for bit", "[quantized][ggml]") {
+  // tests/data/gguf/quantize_golden.safetensors: `f32` (rows, cols) weights and, per format, the
+  // raw bytes llama-quantize wrote for them (U8, 1-D, rows concatenated).
+  const auto path = std::filesystem::path(PEFT_TEST_DATA_DIR) / "gguf" / "quantize_golden.safetensors";
+  REQUIRE(std::filesystem::exists(path));
+  const auto file = peft::io::safetensors_file::open(path);
+  const auto w = file.read_matrix<float>("f32");
+  REQUIRE(peft_test::nontrivial(w));
+  ix compared = 0;
+  auto check = [&](auto format, const char* key) {
+    using Q = typename decltype(format)::type;
+    INFO(key << ": weights " << w.rows() << " x " << w.cols());
+    REQUIRE(file.contains(key));
+    const auto want = file.bytes(key);
+    const auto got = block_bytes(Q::quantize(std::as_const(w).view()).blocks());
+    REQUIRE(want.size() == got.size());
+    ix bad = 0, first = -1;
+    for (std::size_t k = 0; k < got.size(); ++k) {
+      if (std::to_integer<std::uint8_t>(want[k]) != got[k]) {
+        if (bad++ == 0) first = static_cast<ix>(k / sizeof(typename Q::block_type));
+      }
+    }
+    INFO("first differing block " << first);
+    CHECK(bad == 0);
+    ++compared;
+  };
+  check(std::type_identity<peft::q4_0>{}, "q4_0");
+  check(std::type_identity<peft::q8_0>{}, "q8_0");
+  check(std::type_identity<peft::q4_k>{}, "q4_k");
+  check(std::type_identity<peft::q6_k>{}, "q6_k");
+  CHECK(compared == 4);
+}
+
 // ---- products ---------------------------------------------------------------------------------------
 
 TEMPLATE_TEST_CASE("quantized matmul and matmul_t equal the dequantized reference on every isa",
-                   "[quantized]", int8_format, q4_0_format, nf4_dq_format, nf4_plain_format) {
+                   "[quantized]", int8_format, q4_0_format, q8_0_format, q4_k_format, q6_k_format,
+                   nf4_dq_format, nf4_plain_format) {
   peft::rng gen(3);
   check_products<TestType, float>(gen);
   check_products<TestType, double>(gen);
@@ -544,8 +1024,8 @@ void check_dora(peft::rng& gen) {
 }  // namespace
 
 TEMPLATE_TEST_CASE("lora and dora over a quantized base equal them over its dense copy",
-                   "[quantized][lora][dora]", int8_format, q4_0_format, nf4_dq_format,
-                   nf4_plain_format) {
+                   "[quantized][lora][dora]", int8_format, q4_0_format, q8_0_format, q4_k_format,
+                   q6_k_format, nf4_dq_format, nf4_plain_format) {
   peft::rng gen(5);
   check_lora<TestType, float>(gen);
   check_lora<TestType, double>(gen);
@@ -556,7 +1036,8 @@ TEMPLATE_TEST_CASE("lora and dora over a quantized base equal them over its dens
 // ---- merging -----------------------------------------------------------------------------------------
 
 TEMPLATE_TEST_CASE("add_to_weight re-quantizes W + alpha dW within the format's bound",
-                   "[quantized]", int8_format, q4_0_format, nf4_dq_format, nf4_plain_format) {
+                   "[quantized]", int8_format, q4_0_format, q8_0_format, q4_k_format, q6_k_format,
+                   nf4_dq_format, nf4_plain_format) {
   peft::rng gen(6);
   for (const shape s : {shape{5, 40}, shape{9, 128}, shape{3, 70}}) {
     const auto w = random_weight(s.out, s.in, gen);
@@ -586,7 +1067,8 @@ TEMPLATE_TEST_CASE("add_to_weight re-quantizes W + alpha dW within the format's 
 // ---- errors ------------------------------------------------------------------------------------------
 
 TEMPLATE_TEST_CASE("quantized bases reject bad input with the function in the message",
-                   "[quantized]", int8_format, q4_0_format, nf4_dq_format) {
+                   "[quantized]", int8_format, q4_0_format, q8_0_format, q4_k_format, q6_k_format,
+                   nf4_dq_format) {
   using Q = typename TestType::type;
   const std::string n(Q::name);
   peft::rng gen(7);
@@ -633,10 +1115,23 @@ TEST_CASE("q4_0 rejects weights whose block scale overflows fp16", "[quantized][
   check_error<peft::format_error>([&] { peft::q4_0::quantize(std::as_const(w).view()); }, "q4_0::quantize");
 }
 
+TEST_CASE("ggml's q8_0, q4_k and q6_k reject weights whose scales overflow fp16", "[quantized][ggml]") {
+  peft::matrix<float> w(1, 300, 1.0f);
+  w(0, 270) = 1e7f;  // q8_0: d = 1e7 / 127 > 65504
+  check_error<peft::format_error>([&] { peft::q8_0::quantize(std::as_const(w).view()); }, "q8_0::quantize");
+  w(0, 270) = -5e6f;  // q4_k: dmin = 5e6 / 63 > 65504
+  check_error<peft::format_error>([&] { peft::q4_k::quantize(std::as_const(w).view()); }, "q4_k::quantize");
+  w(0, 270) = 3e8f;  // q6_k: d ~ 3e8 / 4096 > 65504
+  check_error<peft::format_error>([&] { peft::q6_k::quantize(std::as_const(w).view()); }, "q6_k::quantize");
+  w(0, 270) = 1e6f;  // within range for q8_0 and q6_k
+  CHECK(peft::q8_0::quantize(std::as_const(w).view()).blocks().size() == 10);
+  CHECK(peft::q6_k::quantize(std::as_const(w).view()).blocks().size() == 2);
+}
+
 // ---- mutable views ----------------------------------------------------------------------------------
 
 TEMPLATE_TEST_CASE("quantized matmul and matmul_t accept mutable views of their inputs", "[quantized]",
-                   int8_format, q4_0_format, nf4_dq_format) {
+                   int8_format, q4_0_format, q8_0_format, q4_k_format, q6_k_format, nf4_dq_format) {
   peft::rng gen(8);
   const auto w = random_weight(20, 128, gen);
   const auto b = peft_test::random_vector<float>(20, gen);
@@ -673,25 +1168,29 @@ TEMPLATE_TEST_CASE("quantized matmul and matmul_t accept mutable views of their 
 // ---- the list of formats -----------------------------------------------------------------------------
 
 TEST_CASE("quantized_formats lists every format once, by its command-line name", "[quantized]") {
-  static_assert(peft::quantized_formats::size == 3);
+  static_assert(peft::quantized_formats::size == 6);
   static_assert(peft::quantized_cli_name<peft::int8_rowwise> == "int8");
   static_assert(peft::quantized_cli_name<peft::q4_0> == "q4_0");
   static_assert(peft::quantized_cli_name<peft::nf4> == "nf4");
+  static_assert(peft::quantized_cli_name<peft::q8_0> == "q8_0");
+  static_assert(peft::quantized_cli_name<peft::q4_k> == "q4_k");
+  static_assert(peft::quantized_cli_name<peft::q6_k> == "q6_k");
   static_assert(peft::quantized_format_index("nf4") == 2);
-  CHECK(peft::quantized_format_names() == "int8, q4_0, nf4");
-  CHECK(peft::quantized_format_names("|") == "int8|q4_0|nf4");
+  static_assert(peft::quantized_format_index("q6_k") == 5);
+  CHECK(peft::quantized_format_names() == "int8, q4_0, nf4, q8_0, q4_k, q6_k");
+  CHECK(peft::quantized_format_names("|") == "int8|q4_0|nf4|q8_0|q4_k|q6_k");
   std::vector<std::string> seen;
   peft::for_each_quantized_format([&](auto format) {
     using Q = typename decltype(format)::type;
     static_assert(peft::mutable_base_weight<Q> && peft::fused_base_weight<Q, float>);
     seen.emplace_back(Q::name);
   });
-  CHECK(seen == std::vector<std::string>{"int8_rowwise", "q4_0", "nf4"});
+  CHECK(seen == std::vector<std::string>{"int8_rowwise", "q4_0", "nf4", "q8_0", "q4_k", "q6_k"});
 
   // A run-time name reaches the format's type: quantize with it and compare with the direct call.
   peft::rng gen(9);
   const auto w = random_weight(4, 64, gen);
-  for (const char* name : {"int8", "q4_0", "nf4"}) {
+  for (const char* name : {"int8", "q4_0", "nf4", "q8_0", "q4_k", "q6_k"}) {
     INFO(name);
     peft::matrix<double> via_name;
     const bool found = peft::visit_quantized_format(name, [&](auto format) {
@@ -708,11 +1207,11 @@ TEST_CASE("quantized_formats lists every format once, by its command-line name",
     }));
   }
   int calls = 0;
-  for (const char* bad : {"int8_rowwise", "Q4_0", "", "q8_0"}) {
+  for (const char* bad : {"int8_rowwise", "Q4_0", "", "q4_K", "Q6_K", "q5_k"}) {
     CHECK_FALSE(peft::visit_quantized_format(bad, [&](auto) { ++calls; }));
     CHECK_FALSE(peft::quantized_format_index(bad));
   }
-  CHECK_FALSE(peft::visit_quantized_format_at(3, [&](auto) { ++calls; }));
+  CHECK_FALSE(peft::visit_quantized_format_at(6, [&](auto) { ++calls; }));
   CHECK(calls == 0);
 }
 

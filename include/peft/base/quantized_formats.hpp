@@ -21,12 +21,15 @@
 #include "peft/base/int8_rowwise.hpp"
 #include "peft/base/nf4.hpp"
 #include "peft/base/q4_0.hpp"
+#include "peft/base/q4_k.hpp"
+#include "peft/base/q6_k.hpp"
+#include "peft/base/q8_0.hpp"
 #include "peft/core/type_list.hpp"
 
 namespace peft {
 
 /// THE quantized base formats, in the order they are offered.
-using quantized_formats = type_list<int8_rowwise, q4_0, nf4>;
+using quantized_formats = type_list<int8_rowwise, q4_0, nf4, q8_0, q4_k, q6_k>;
 
 /// The name format Q goes by on the command line and in files.
 template <class Q>
@@ -77,7 +80,7 @@ constexpr bool visit_quantized_format_at(std::size_t index, F&& f) {
   return called;
 }
 
-/// Calls f(std::type_identity<Q>{}) for the format named `name` ("int8", "q4_0", "nf4"); returns
+/// Calls f(std::type_identity<Q>{}) for the format named `name` ("int8", "q4_0", "q6_k", ...); returns
 /// false, without calling f, for an unknown name.
 template <class F>
 constexpr bool visit_quantized_format(std::string_view name, F&& f) {
@@ -85,7 +88,8 @@ constexpr bool visit_quantized_format(std::string_view name, F&& f) {
   return index && visit_quantized_format_at(*index, f);
 }
 
-/// The CLI names of the list joined by `separator` ("int8, q4_0, nf4"), for usage and errors.
+/// The CLI names of the list joined by `separator` ("int8, q4_0, nf4, q8_0, q4_k, q6_k"), for
+/// usage and errors.
 inline std::string quantized_format_names(std::string_view separator = ", ") {
   std::string s;
   for_each_quantized_format([&](auto format) {

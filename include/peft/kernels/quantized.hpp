@@ -1,6 +1,6 @@
 // peft/kernels/quantized.hpp — products with quantized weights, decoded in registers.
 //
-// One dot operation per format of base/formats/ (int8 row-wise, q4_0, nf4), each an overload
+// One dot operation per format of base/formats/ (int8 row-wise, q4_0, q8_0, q4_k, q6_k, nf4), each an overload
 // set over the ISA tags with one dispatch table (kernels/dispatch.hpp): the scalar reference
 // (kernels/reference/quantized.hpp, double accumulation), a portable xsimd version
 // (kernels/portable/quantized.hpp: a block decoded to a small stack buffer, then FMAs), and AVX2
@@ -25,6 +25,9 @@
 
 #include "peft/base/formats/nf4.hpp"
 #include "peft/base/formats/q4_0.hpp"
+#include "peft/base/formats/q4_k.hpp"
+#include "peft/base/formats/q6_k.hpp"
+#include "peft/base/formats/q8_0.hpp"
 #include "peft/core/matrix_view.hpp"
 #include "peft/kernels/decode.hpp"
 #include "peft/kernels/detail/quantized_dot.hpp"
@@ -43,6 +46,12 @@ using int8_dot_fn = void (*)(const std::int8_t* q, const float* scale, index in,
                              const float* x, index ldx, index m, float* y, index ldy);
 using q4_0_dot_fn = void (*)(const formats::block_q4_0* blocks, index nb, index n, const float* x,
                              index ldx, index m, float* y, index ldy);
+using q8_0_dot_fn = void (*)(const formats::block_q8_0* blocks, index nb, index n, const float* x,
+                             index ldx, index m, float* y, index ldy);
+using q4_k_dot_fn = void (*)(const formats::block_q4_k* blocks, index nb, index n, const float* x,
+                             index ldx, index m, float* y, index ldy);
+using q6_k_dot_fn = void (*)(const formats::block_q6_k* blocks, index nb, index n, const float* x,
+                             index ldx, index m, float* y, index ldy);
 using nf4_dot_fn = void (*)(const formats::nf4_rows& w, index n, const float* x, index ldx,
                             index m, float* y, index ldy);
 
@@ -58,6 +67,24 @@ struct q4_0_dot_op {
     return q4_0_dot(tag, std::forward<A>(a)...);
   }
 };
+struct q8_0_dot_op {
+  template <class Tag, class... A>
+  auto operator()(Tag tag, A&&... a) const -> decltype(q8_0_dot(tag, std::forward<A>(a)...)) {
+    return q8_0_dot(tag, std::forward<A>(a)...);
+  }
+};
+struct q4_k_dot_op {
+  template <class Tag, class... A>
+  auto operator()(Tag tag, A&&... a) const -> decltype(q4_k_dot(tag, std::forward<A>(a)...)) {
+    return q4_k_dot(tag, std::forward<A>(a)...);
+  }
+};
+struct q6_k_dot_op {
+  template <class Tag, class... A>
+  auto operator()(Tag tag, A&&... a) const -> decltype(q6_k_dot(tag, std::forward<A>(a)...)) {
+    return q6_k_dot(tag, std::forward<A>(a)...);
+  }
+};
 struct nf4_dot_op {
   template <class Tag, class... A>
   auto operator()(Tag tag, A&&... a) const -> decltype(nf4_dot(tag, std::forward<A>(a)...)) {
@@ -68,6 +95,9 @@ struct nf4_dot_op {
 /// The dot kernels of every ISA (kernels/dispatch.hpp).
 inline constexpr dispatch_table<int8_dot_fn> int8_dot_table = make_dispatch_table<int8_dot_fn, int8_dot_op>();
 inline constexpr dispatch_table<q4_0_dot_fn> q4_0_dot_table = make_dispatch_table<q4_0_dot_fn, q4_0_dot_op>();
+inline constexpr dispatch_table<q8_0_dot_fn> q8_0_dot_table = make_dispatch_table<q8_0_dot_fn, q8_0_dot_op>();
+inline constexpr dispatch_table<q4_k_dot_fn> q4_k_dot_table = make_dispatch_table<q4_k_dot_fn, q4_k_dot_op>();
+inline constexpr dispatch_table<q6_k_dot_fn> q6_k_dot_table = make_dispatch_table<q6_k_dot_fn, q6_k_dot_op>();
 inline constexpr dispatch_table<nf4_dot_fn> nf4_dot_table = make_dispatch_table<nf4_dot_fn, nf4_dot_op>();
 
 }  // namespace detail
@@ -84,6 +114,27 @@ inline void q4_0_dot(isa which, const formats::block_q4_0* blocks, index nb, ind
                      const float* x, index ldx, index m, float* y, index ldy) {
   if (n <= 0 || m <= 0) return;
   detail::q4_0_dot_table[which](blocks, nb, n, x, ldx, m, y, ldy);
+}
+
+/// q8_0 rows of nb blocks; x holds nb * 32 readable values per row, zero past in_features.
+inline void q8_0_dot(isa which, const formats::block_q8_0* blocks, index nb, index n,
+                     const float* x, index ldx, index m, float* y, index ldy) {
+  if (n <= 0 || m <= 0) return;
+  detail::q8_0_dot_table[which](blocks, nb, n, x, ldx, m, y, ldy);
+}
+
+/// q4_k rows of nb blocks; x holds nb * 256 readable values per row, zero past in_features.
+inline void q4_k_dot(isa which, const formats::block_q4_k* blocks, index nb, index n,
+                     const float* x, index ldx, index m, float* y, index ldy) {
+  if (n <= 0 || m <= 0) return;
+  detail::q4_k_dot_table[which](blocks, nb, n, x, ldx, m, y, ldy);
+}
+
+/// q6_k rows of nb blocks; x holds nb * 256 readable values per row, zero past in_features.
+inline void q6_k_dot(isa which, const formats::block_q6_k* blocks, index nb, index n,
+                     const float* x, index ldx, index m, float* y, index ldy) {
+  if (n <= 0 || m <= 0) return;
+  detail::q6_k_dot_table[which](blocks, nb, n, x, ldx, m, y, ldy);
 }
 
 /// nf4 rows with in % 64 == 0 (row j's blocks are its own).

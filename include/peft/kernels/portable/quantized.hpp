@@ -10,6 +10,9 @@
 
 #include "peft/base/formats/nf4.hpp"
 #include "peft/base/formats/q4_0.hpp"
+#include "peft/base/formats/q4_k.hpp"
+#include "peft/base/formats/q6_k.hpp"
+#include "peft/base/formats/q8_0.hpp"
 #include "peft/core/matrix_view.hpp"
 #include "peft/kernels/decode.hpp"
 #include "peft/kernels/detail/quantized_dot.hpp"
@@ -19,14 +22,16 @@
 namespace peft::kernels::portable {
 
 /// y(r, j) = sum over chunks c of decode(j, c) . x(r, c): `decode(j, c, buf)` writes the `chunk`
-/// f32 weights of chunk c of row j (chunk a multiple of the vector width, at most 64); columns
-/// past `in` in the last chunk are zero in buf and never loaded from x.
+/// f32 weights of chunk c of row j (chunk a multiple of the vector width, at most max_chunk:
+/// a ggml super-block); columns past `in` in the last chunk are zero in buf and never loaded from x.
+inline constexpr index max_chunk = 256;
+
 template <class Decode>
 void dot(const Decode& decode, index chunk, index chunks, index in, index n, const float* x,
          index ldx, index m, float* y, index ldy) {
   using reg = vec::reg;
-  alignas(64) float buf[64];
-  alignas(64) float xt[64];
+  alignas(64) float buf[max_chunk];
+  alignas(64) float xt[max_chunk];
   for (index j = 0; j < n; ++j) {
     std::array<reg, max_dot_rows> acc;
     for (index r = 0; r < m; ++r) acc[static_cast<std::size_t>(r)] = vec::zero();
@@ -70,6 +75,24 @@ inline void q4_0_dot(portable_tag, const formats::block_q4_0* blocks, index nb, 
                      const float* x, index ldx, index m, float* y, index ldy) {
   auto decode = [&](index j, index c, float* buf) { formats::decode_q4_0_block(blocks[j * nb + c], buf); };
   dot(decode, formats::q4_0_block_size, nb, nb * formats::q4_0_block_size, n, x, ldx, m, y, ldy);
+}
+
+inline void q8_0_dot(portable_tag, const formats::block_q8_0* blocks, index nb, index n,
+                     const float* x, index ldx, index m, float* y, index ldy) {
+  auto decode = [&](index j, index c, float* buf) { decode_q8_0_row(blocks + j * nb + c, 1, buf); };
+  dot(decode, formats::q8_0_block_size, nb, nb * formats::q8_0_block_size, n, x, ldx, m, y, ldy);
+}
+
+inline void q4_k_dot(portable_tag, const formats::block_q4_k* blocks, index nb, index n,
+                     const float* x, index ldx, index m, float* y, index ldy) {
+  auto decode = [&](index j, index c, float* buf) { decode_q4_k_row(blocks + j * nb + c, 1, buf); };
+  dot(decode, formats::q4_k_block_size, nb, nb * formats::q4_k_block_size, n, x, ldx, m, y, ldy);
+}
+
+inline void q6_k_dot(portable_tag, const formats::block_q6_k* blocks, index nb, index n,
+                     const float* x, index ldx, index m, float* y, index ldy) {
+  auto decode = [&](index j, index c, float* buf) { decode_q6_k_row(blocks + j * nb + c, 1, buf); };
+  dot(decode, formats::q6_k_block_size, nb, nb * formats::q6_k_block_size, n, x, ldx, m, y, ldy);
 }
 
 inline void nf4_dot(portable_tag, const formats::nf4_rows& w, index n, const float* x, index ldx,
