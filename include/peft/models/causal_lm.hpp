@@ -29,12 +29,14 @@
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/io/model_bases.hpp"
+#include "peft/io/gguf.hpp"
 #include "peft/io/model_files.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/kernels/gemm.hpp"
 #include "peft/kernels/parallel.hpp"
 #include "peft/layer/adapted_linear.hpp"
 #include "peft/models/config.hpp"
+#include "peft/models/gguf_model.hpp"
 #include "peft/models/ops.hpp"
 
 namespace peft::models {
@@ -80,6 +82,45 @@ struct token_batch {
   }
 };
 
+/// Whether `path` names a GGUF model file (its extension is .gguf) rather than a directory.
+inline bool is_gguf_path(const std::filesystem::path& path) { return path.extension() == ".gguf"; }
+
+/// The tensors of a transformers model directory by module name (what causal_lm::load reads;
+/// gguf_weights is the same for a GGUF file).
+struct hf_weights {
+  const io::model_files& f;
+  bool gpt2 = false;
+
+  bool has(const std::string& module, const std::string& suffix) const { return f.resolve(module, suffix).has_value(); }
+
+  template <class T>
+  matrix<T> read_matrix(const std::string& module, const std::string& suffix, index rows, index cols) const {
+    const std::string name = checked(module, suffix, {rows, cols}, std::to_string(rows) + "x" + std::to_string(cols) + " floating");
+    return f.file_of(name).template read_matrix<T>(name);
+  }
+  template <class T>
+  std::vector<T> read_vector(const std::string& module, const std::string& suffix, index n) const {
+    const std::string name = checked(module, suffix, {n}, std::to_string(n) + " floating values");
+    return f.file_of(name).template read<T>(name);
+  }
+  template <base_weight Base>
+  Base base(const std::string& module, index /*out*/, index /*in*/) const {
+    return io::load_base<Base>(f, module, gpt2);
+  }
+
+ private:
+  std::string checked(const std::string& module, const std::string& suffix, const std::vector<std::int64_t>& shape,
+                      const std::string& expected) const {
+    const auto name = f.resolve(module, suffix);
+    if (!name) detail::raise<format_error>("causal_lm::load", "the model has no tensor '" + module + "." + suffix + "'");
+    const auto& info = f.info(*name);
+    if (info.shape != shape || !is_floating(info.type)) {
+      detail::raise<format_error>("causal_lm::load", "'" + *name + "' is " + detail::shape_text(info.shape) + ", expected " + expected);
+    }
+    return *name;
+  }
+};
+
 /// Options of causal_lm::load.
 struct load_options {
   bool activation_checkpointing = false;  // keep only each block's input; recompute in backward
@@ -96,15 +137,25 @@ class causal_lm {
   using adapter_type = any_adapter<T>;
   using linear = adapted_linear<Base, adapter_type>;
 
-  /// Loads config.json and the weights (model.safetensors or a sharded index) from `dir`.
+  /// Loads config.json and the weights (model.safetensors or a sharded index) from a model
+  /// directory, or a llama.cpp model file (a path ending in .gguf; models/gguf_model.hpp): with
+  /// Base = gguf_weight its tensors are the bases in place, other bases get decoded copies.
   /// unsupported_error for an architecture or config value not implemented, format_error for a
   /// missing or misshapen tensor, io_error for unreadable files.
-  static causal_lm load(const std::filesystem::path& dir, load_options opt = {}) {
+  static causal_lm load(const std::filesystem::path& path, load_options opt = {}) {
     causal_lm m;
-    m.cfg_ = lm_config::load(dir);
     m.opt_ = opt;
-    const auto files = io::model_files::open(dir);
-    m.load_weights(files);
+    if (is_gguf_path(path)) {
+      const auto file = io::gguf_file::open(path);
+      m.cfg_ = gguf_config(file);
+      const gguf_weights w(file, m.cfg_);
+      m.load_weights(w);
+      w.check_all_used();
+    } else {
+      m.cfg_ = lm_config::load(path);
+      const auto files = io::model_files::open(path);
+      m.load_weights(hf_weights{files, m.cfg_.is_gpt2()});
+    }
     if (opt.full_finetuning) {
       if constexpr (std::is_same_v<Base, dense<T>>) {
         m.full_.emplace(m);
@@ -413,51 +464,28 @@ class causal_lm {
 
   // ---- loading ------------------------------------------------------------------------------
 
-  static matrix<T> read_matrix(const io::model_files& f, const std::string& module, const std::string& suffix,
-                               index rows, index cols) {
-    const auto name = f.resolve(module, suffix);
-    if (!name) detail::raise<format_error>("causal_lm::load", "the model has no tensor '" + module + "." + suffix + "'");
-    const auto& info = f.info(*name);
-    if (info.shape != std::vector<std::int64_t>{rows, cols} || !is_floating(info.type)) {
-      detail::raise<format_error>("causal_lm::load", "'" + *name + "' is " + detail::shape_text(info.shape) +
-                                                         ", expected " + std::to_string(rows) + "x" +
-                                                         std::to_string(cols) + " floating");
-    }
-    return f.file_of(*name).template read_matrix<T>(*name);
-  }
-  static std::vector<T> read_vector(const io::model_files& f, const std::string& module, const std::string& suffix,
-                                    index n) {
-    const auto name = f.resolve(module, suffix);
-    if (!name) detail::raise<format_error>("causal_lm::load", "the model has no tensor '" + module + "." + suffix + "'");
-    const auto& info = f.info(*name);
-    if (info.shape != std::vector<std::int64_t>{n} || !is_floating(info.type)) {
-      detail::raise<format_error>("causal_lm::load", "'" + *name + "' is " + detail::shape_text(info.shape) +
-                                                         ", expected " + std::to_string(n) + " floating values");
-    }
-    return f.file_of(*name).template read<T>(*name);
-  }
-
-  std::unique_ptr<linear> load_linear(const io::model_files& f, const std::string& module, index out, index in,
-                                      bool bias) {
-    auto l = std::make_unique<linear>(io::load_base<Base>(f, module, gpt2()));
+  template <class Source>
+  std::unique_ptr<linear> load_linear(const Source& f, const std::string& module, index out, index in, bool bias) {
+    auto l = std::make_unique<linear>(f.template base<Base>(module, out, in));
     if (l->out_features() != out || l->in_features() != in) {
       detail::raise<format_error>("causal_lm::load", "'" + module + "' is " + std::to_string(l->out_features()) + "x" +
                                                          std::to_string(l->in_features()) + ", the config says " +
                                                          std::to_string(out) + "x" + std::to_string(in));
     }
-    if (bias != f.resolve(module, "bias").has_value()) {
+    if (bias != f.has(module, "bias")) {
       detail::raise<format_error>("causal_lm::load", "'" + module + "' " + (bias ? "has no bias; the config says it has one"
                                                                                  : "has a bias the config does not declare"));
     }
     return l;
   }
 
-  void load_weights(const io::model_files& f) {
+  template <class Source>
+  void load_weights(const Source& f) {
     const index H = cfg_.hidden_size, I = cfg_.intermediate_size, hd = cfg_.head_dim;
     const index qd = cfg_.heads * hd, kvd = cfg_.kv_heads * hd;
     const std::string root = gpt2() ? "transformer" : "model";
-    embed_ = read_matrix(f, root + (gpt2() ? ".wte" : ".embed_tokens"), "weight", cfg_.vocab_size, H);
-    if (gpt2()) positions_ = read_matrix(f, "transformer.wpe", "weight", cfg_.max_positions, H);
+    embed_ = f.template read_matrix<T>(root + (gpt2() ? ".wte" : ".embed_tokens"), "weight", cfg_.vocab_size, H);
+    if (gpt2()) positions_ = f.template read_matrix<T>("transformer.wpe", "weight", cfg_.max_positions, H);
     for (index l = 0; l < cfg_.layers; ++l) {
       block b;
       const std::string p = root + (gpt2() ? ".h." : ".layers.") + std::to_string(l) + ".";
@@ -470,10 +498,10 @@ class causal_lm {
         add("attn.c_proj", H, H, true);
         add("mlp.c_fc", I, H, true);
         add("mlp.c_proj", H, I, true);
-        b.norm1_w = read_vector(f, p + "ln_1", "weight", H);
-        b.norm1_b = read_vector(f, p + "ln_1", "bias", H);
-        b.norm2_w = read_vector(f, p + "ln_2", "weight", H);
-        b.norm2_b = read_vector(f, p + "ln_2", "bias", H);
+        b.norm1_w = f.template read_vector<T>(p + "ln_1", "weight", H);
+        b.norm1_b = f.template read_vector<T>(p + "ln_1", "bias", H);
+        b.norm2_w = f.template read_vector<T>(p + "ln_2", "weight", H);
+        b.norm2_b = f.template read_vector<T>(p + "ln_2", "bias", H);
       } else {
         add("self_attn.q_proj", qd, H, cfg_.qkv_bias);
         add("self_attn.k_proj", kvd, H, cfg_.qkv_bias);
@@ -482,18 +510,18 @@ class causal_lm {
         add("mlp.gate_proj", I, H, cfg_.mlp_bias);
         add("mlp.up_proj", I, H, cfg_.mlp_bias);
         add("mlp.down_proj", H, I, cfg_.mlp_bias);
-        b.norm1_w = read_vector(f, p + "input_layernorm", "weight", H);
-        b.norm2_w = read_vector(f, p + "post_attention_layernorm", "weight", H);
+        b.norm1_w = f.template read_vector<T>(p + "input_layernorm", "weight", H);
+        b.norm2_w = f.template read_vector<T>(p + "post_attention_layernorm", "weight", H);
         if (cfg_.qk_norm) {
-          b.q_norm_w = read_vector(f, p + "self_attn.q_norm", "weight", hd);
-          b.k_norm_w = read_vector(f, p + "self_attn.k_norm", "weight", hd);
+          b.q_norm_w = f.template read_vector<T>(p + "self_attn.q_norm", "weight", hd);
+          b.k_norm_w = f.template read_vector<T>(p + "self_attn.k_norm", "weight", hd);
         }
       }
       blocks_.push_back(std::move(b));
     }
-    final_w_ = read_vector(f, root + (gpt2() ? ".ln_f" : ".norm"), "weight", H);
-    if (gpt2()) final_b_ = read_vector(f, "transformer.ln_f", "bias", H);
-    if (!cfg_.tie_word_embeddings) lm_head_ = read_matrix(f, "lm_head", "weight", cfg_.vocab_size, H);
+    final_w_ = f.template read_vector<T>(root + (gpt2() ? ".ln_f" : ".norm"), "weight", H);
+    if (gpt2()) final_b_ = f.template read_vector<T>("transformer.ln_f", "bias", H);
+    if (!cfg_.tie_word_embeddings) lm_head_ = f.template read_matrix<T>("lm_head", "weight", cfg_.vocab_size, H);
     if (cfg_.rope.kind != rope_kind::none) rope_ = ops::rope_table<T>(cfg_.rope, hd, cfg_.max_positions);
   }
 

@@ -346,6 +346,9 @@ struct lm_config {
     r.only("quantization_config", nullptr, "pre-quantized checkpoints; use --quantize-base instead");
   }
 
+ public:
+  /// format_error for fields that contradict each other (heads and kv heads, an odd rotary
+  /// head_dim, a non-positive epsilon). load() and the GGUF reader call it.
   void validate() const {
     auto bad = [](const std::string& what) { detail::raise<format_error>("lm_config", what); };
     if (hidden_size % heads != 0 && is_gpt2()) bad("n_embd must be a multiple of n_head");
