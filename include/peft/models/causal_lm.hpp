@@ -328,15 +328,18 @@ class causal_lm {
     b.mask.assign(static_cast<std::size_t>(start), 0);
     b.mask.resize(static_cast<std::size_t>(start + n), 1);
     cache_ = &cache;
+    last_logits_only_ = true;
     try {
       run(b, false);
     } catch (...) {
       cache_ = nullptr;
+      last_logits_only_ = false;
       throw;
     }
     cache_ = nullptr;
+    last_logits_only_ = false;
     cache.len_ = start + n;
-    return std::vector<T>(logits_.row(packed_.rows - 1), logits_.row(packed_.rows - 1) + cfg_.vocab_size);
+    return std::vector<T>(logits_.row(0), logits_.row(0) + cfg_.vocab_size);
   }
 
  private:
@@ -448,6 +451,11 @@ class causal_lm {
   matrix<T> embed_;        // (vocab, hidden)
   matrix<T> positions_;    // GPT-2 (n_positions, hidden)
   matrix<T> lm_head_;      // (vocab, hidden); empty when tied
+  // A GGUF model under Base = gguf_weight keeps its embeddings and head in the file: rows of
+  // the embeddings are decoded as tokens need them, the head is a frozen base (embed_ and
+  // lm_head_ stay empty).
+  std::optional<Base> embed_base_, head_base_;
+  bool last_logits_only_ = false;  // decode(): the head product for the last token alone
   std::vector<T> final_w_, final_b_;
   ops::rope_table<T> rope_;
 
@@ -484,7 +492,11 @@ class causal_lm {
     const index H = cfg_.hidden_size, I = cfg_.intermediate_size, hd = cfg_.head_dim;
     const index qd = cfg_.heads * hd, kvd = cfg_.kv_heads * hd;
     const std::string root = gpt2() ? "transformer" : "model";
-    embed_ = f.template read_matrix<T>(root + (gpt2() ? ".wte" : ".embed_tokens"), "weight", cfg_.vocab_size, H);
+    if constexpr (std::is_same_v<Source, gguf_weights> && std::is_same_v<Base, gguf_weight>) {
+      embed_base_.emplace(f.template base<Base>(root + (gpt2() ? ".wte" : ".embed_tokens"), cfg_.vocab_size, H));
+    } else {
+      embed_ = f.template read_matrix<T>(root + (gpt2() ? ".wte" : ".embed_tokens"), "weight", cfg_.vocab_size, H);
+    }
     if (gpt2()) positions_ = f.template read_matrix<T>("transformer.wpe", "weight", cfg_.max_positions, H);
     for (index l = 0; l < cfg_.layers; ++l) {
       block b;
@@ -521,7 +533,11 @@ class causal_lm {
     }
     final_w_ = f.template read_vector<T>(root + (gpt2() ? ".ln_f" : ".norm"), "weight", H);
     if (gpt2()) final_b_ = f.template read_vector<T>("transformer.ln_f", "bias", H);
-    if (!cfg_.tie_word_embeddings) lm_head_ = f.template read_matrix<T>("lm_head", "weight", cfg_.vocab_size, H);
+    if constexpr (std::is_same_v<Source, gguf_weights> && std::is_same_v<Base, gguf_weight>) {
+      head_base_.emplace(cfg_.tie_word_embeddings ? *embed_base_ : f.template base<Base>("lm_head", cfg_.vocab_size, H));
+    } else if (!cfg_.tie_word_embeddings) {
+      lm_head_ = f.template read_matrix<T>("lm_head", "weight", cfg_.vocab_size, H);
+    }
     if (cfg_.rope.kind != rope_kind::none) rope_ = ops::rope_table<T>(cfg_.rope, hd, cfg_.max_positions);
   }
 
@@ -573,8 +589,12 @@ class causal_lm {
     const index R = packed_.rows;
     matrix<T> x(R, H);
     for (index r = 0; r < R; ++r) {
-      const T* e = embed_.row(static_cast<index>(packed_.ids[static_cast<std::size_t>(r)]));
-      std::copy(e, e + H, x.row(r));
+      const auto id = static_cast<index>(packed_.ids[static_cast<std::size_t>(r)]);
+      if (embed_base_) {
+        embed_base_->dequantize_row(id, x.row(r));
+      } else {
+        std::copy(embed_.row(id), embed_.row(id) + H, x.row(r));
+      }
       if (gpt2()) {
         const T* pe = positions_.row(packed_.pos[static_cast<std::size_t>(r)]);
         for (index i = 0; i < H; ++i) x(r, i) += pe[i];
@@ -590,8 +610,16 @@ class causal_lm {
     final_in_ = std::move(x);
     final_n_ = matrix<T>(R, H);
     norm(final_in_, final_w_, final_b_, final_n_, final_st_);
-    logits_ = matrix<T>(R, cfg_.vocab_size);
-    kernels::gemm_nt<T, T>(1.0, final_n_.view(), head_weight().view(), 0.0, logits_.view());
+    // decode() needs the last token's logits only (a 512-token prompt would otherwise cost 512
+    // head products).
+    const index first = last_logits_only_ ? R - 1 : 0;
+    const matrix_view<const T> h = matrix_view<const T>(final_n_.view()).block(first, 0, R - first, H);
+    logits_ = matrix<T>(R - first, cfg_.vocab_size);
+    if (head_base_) {
+      head_base_->matmul(h, logits_.view());
+    } else {
+      kernels::gemm_nt<T, T>(1.0, h, head_weight().view(), 0.0, logits_.view());
+    }
   }
 
   void norm(const matrix<T>& x, const std::vector<T>& w, const std::vector<T>& bias, matrix<T>& y,
@@ -829,7 +857,11 @@ class causal_lm {
   void backward(const matrix<T>& dlogits) {
     const index R = packed_.rows, H = cfg_.hidden_size;
     matrix<T> dn(R, H);
-    kernels::gemm_nn<T, T>(1.0, dlogits.view(), head_weight().view(), 0.0, dn.view());
+    if (head_base_) {
+      head_base_->matmul_t(matrix_view<const T>(dlogits.view()), dn.view());
+    } else {
+      kernels::gemm_nn<T, T>(1.0, dlogits.view(), head_weight().view(), 0.0, dn.view());
+    }
     if (full_) {  // d lm_head (or the tied embedding) += dlogits^T h
       matrix_view<T> g(grad_of(head_weight().data()), cfg_.vocab_size, H);
       kernels::gemm_tn<T>(1.0, dlogits.view(), final_n_.view(), 1.0, g);
