@@ -126,6 +126,29 @@ TEST_CASE("GGUF models give the logits of their dequantized weights, in place", 
   }
 }
 
+TEST_CASE("8-bit activations follow llama.cpp's arithmetic", "[gguf][models]") {
+  // Line 1 (10 tokens) is a skinny batch: the quantized products round x to Q8_K / Q8_0 blocks.
+  const auto line = lines().at(1);
+  for (const char* file : {"q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m"}) {
+    DYNAMIC_SECTION(file) {
+      const fs::path path = data / "llama" / (std::string(file) + ".gguf");
+      load_options o;
+      o.int8_activations = true;
+      peft_model<float, peft::gguf_weight> fast(causal_lm<float, peft::gguf_weight>::load(path, o));
+      peft_model<float, peft::gguf_weight> exact(causal_lm<float, peft::gguf_weight>::load(path));
+      const auto got = logits_of(fast, line);
+      const auto ref = reference("llama", "dequant." + std::string(file) + ".1");
+      const double err = relative_error(got, ref);
+      CHECK(err > 1e-6);   // the option is in effect
+      CHECK(err < 5e-2);   // and close to the exact product
+      CHECK(relative_error(logits_of(exact, line), ref) < 1e-4);
+      const auto a = compare_distributions(got, reference("llama", "llama_cpp." + std::string(file) + ".1"));
+      CHECK(a.top1 >= 0.9);
+      CHECK(a.kl < 1e-3);
+    }
+  }
+}
+
 TEST_CASE("the GGUF config equals config.json's", "[gguf][models]") {
   for (const auto& c : cases) {
     const auto g = gguf_config(peft::io::gguf_file::open(data / c.name / "q4_k_m.gguf"));

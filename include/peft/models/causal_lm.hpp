@@ -127,6 +127,9 @@ struct load_options {
   /// Every weight of the model trainable too (needs Base = dense<T>): parameters() then lists
   /// them under their names in model.safetensors, after the adapters' tensors.
   bool full_finetuning = false;
+  /// Base = gguf_weight only: llama.cpp's 8-bit activations in the quantized products of skinny
+  /// batches (generation), gguf_weight::set_int8_activations. Off: exact f32 activations.
+  bool int8_activations = false;
 };
 
 template <compute_scalar T, base_weight Base = dense<T>>
@@ -155,6 +158,14 @@ class causal_lm {
       m.cfg_ = lm_config::load(path);
       const auto files = io::model_files::open(path);
       m.load_weights(hf_weights{files, m.cfg_.is_gpt2()});
+    }
+    if (opt.int8_activations) {
+      if constexpr (std::is_same_v<Base, gguf_weight>) {
+        for (auto& [name, l] : m.modules()) l->base().set_int8_activations(true);
+        if (m.head_base_) m.head_base_->set_int8_activations(true);
+      } else {
+        detail::raise<unsupported_error>("causal_lm::load", "8-bit activations need a GGUF model (Base = gguf_weight)");
+      }
     }
     if (opt.full_finetuning) {
       if constexpr (std::is_same_v<Base, dense<T>>) {

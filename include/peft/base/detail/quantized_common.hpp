@@ -9,6 +9,11 @@
 //   template <class T> void decode_rows(j0, n, T* out, ld) const; rows as T, ld apart
 //   template <class T> void dequantize_row(index i, T* out) const;
 //   void quantize_row(index i, const float* row);                 (row-local formats)
+// and optionally, for llama.cpp's arithmetic (8-bit activations, kernels/quantized_int8.hpp):
+//   bool int8_activations() const;  whether the skinny f32 products use them now
+//   std::size_t activation_row_bytes() const;                     bytes of one quantized x row
+//   void quantize_activations(const float* x, index ldx, index m, std::byte* out) const;
+//   void dot_rows_int8(isa, j0, n, const std::byte* xq, index m, float* y, index ldy) const;
 // The format's block layout, code tables and quantization rule live in base/formats/; its dot
 // and decode kernels in kernels/quantized.hpp.
 //
@@ -304,6 +309,16 @@ class quantized_linear {
       xp = padded.data();
       ldx = kp;
     }
+    // With 8-bit activations every row of x is quantized once, before the threads start.
+    std::vector<std::byte> xq;
+    std::size_t xq_row = 0;
+    if constexpr (requires(const Format& f) { f.int8_activations(); }) {
+      if (self().int8_activations()) {
+        xq_row = self().activation_row_bytes();
+        xq.resize(xq_row * static_cast<std::size_t>(m));
+        self().quantize_activations(xp, ldx, m, xq.data());
+      }
+    }
     constexpr index tile = 16;
     const double work = 2.0 * static_cast<double>(m) * static_cast<double>(out_) * static_cast<double>(in_);
     kernels::parallel_ranges(out_, tile, work, [&](index j_first, index j_last) {
@@ -312,8 +327,14 @@ class quantized_linear {
         const index n = std::min(tile, j_last - j0);
         for (index r0 = 0; r0 < m; r0 += kernels::max_dot_rows) {
           const index mr = std::min(kernels::max_dot_rows, m - r0);
-          self().dot_rows(which, j0, n, xp + r0 * ldx, ldx, mr, y.data() + r0 * y.stride() + j0,
-                          y.stride(), scratch);
+          float* yt = y.data() + r0 * y.stride() + j0;
+          if constexpr (requires(const Format& f) { f.int8_activations(); }) {
+            if (xq_row != 0) {
+              self().dot_rows_int8(which, j0, n, xq.data() + static_cast<std::size_t>(r0) * xq_row, mr, yt, y.stride());
+              continue;
+            }
+          }
+          self().dot_rows(which, j0, n, xp + r0 * ldx, ldx, mr, yt, y.stride(), scratch);
         }
         const matrix_view<float> t = y.block(0, j0, m, n);
         add_bias(t, j0);
