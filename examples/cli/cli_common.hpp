@@ -59,5 +59,7 @@ class arg_reader {
 int lm_logits(const std::vector<std::string>& args);
 int lm_generate(const std::vector<std::string>& args);
 int lm_finetune(const std::vector<std::string>& args);
+int export_adapter(const std::vector<std::string>& args);
+int import_adapter(const std::vector<std::string>& args);
 
 }  // namespace peft_cli

@@ -36,7 +36,7 @@ using peft::index;
 /// Options every LM command shares.
 struct model_args {
   std::optional<std::string> model, adapter, tokens, quantize;
-  bool f64 = false;
+  bool f64 = false, int8 = false;
   int threads = 0;
 
   /// Consumes the current flag if it is one of these; false otherwise.
@@ -59,6 +59,8 @@ struct model_args {
       f64 = p == "f64";
     } else if (a == "--threads") {
       threads = static_cast<int>(r.integer(1));
+    } else if (a == "--int8-activations") {
+      int8 = true;
     } else {
       return false;
     }
@@ -68,6 +70,9 @@ struct model_args {
     if (!model) throw usage_error(std::string(command) + " needs --model");
     if (!tokens) throw usage_error(std::string(command) + " needs --tokens");
     if (f64 && quantize) throw usage_error("--precision f64 runs dense bases only; drop --quantize-base");
+    if (int8 && (f64 || quantize || !peft::models::is_gguf_path(*model))) {
+      throw usage_error("--int8-activations needs a .gguf model in f32, without --quantize-base");
+    }
   }
   void apply_threads() const {
 #ifdef _OPENMP
@@ -80,6 +85,8 @@ struct model_args {
 template <class F>
 int with_model_type(const model_args& m, F&& f) {
   if (m.f64) return f.template operator()<double, peft::dense<double>>();
+  // A llama.cpp model file: its tensors are the bases, in place.
+  if (!m.quantize && peft::models::is_gguf_path(*m.model)) return f.template operator()<float, peft::gguf_weight>();
   if (!m.quantize) return f.template operator()<float, peft::dense<float>>();
   int rc = 2;
   peft::visit_quantized_format(*m.quantize, [&](auto format) {
@@ -93,6 +100,7 @@ template <class T, class Base>
 peft::models::peft_model<T, Base> open_model(const model_args& m, bool checkpointing = false) {
   peft::models::load_options lo;
   lo.activation_checkpointing = checkpointing;
+  lo.int8_activations = m.int8;
   peft::models::peft_model<T, Base> pm(peft::models::causal_lm<T, Base>::load(*m.model, lo), *m.model);
   if (m.adapter) pm.load_adapter(*m.adapter);
   return pm;
@@ -201,7 +209,7 @@ int lm_generate(const std::vector<std::string>& args) {
   model_args m;
   peft::models::sampling_options s;
   arg_reader r(args);
-  bool have_max = false;
+  bool have_max = false, timings = false;
   while (r.next()) {
     if (m.read(r)) continue;
     const std::string& a = r.flag();
@@ -218,6 +226,8 @@ int lm_generate(const std::vector<std::string>& args) {
       if (!(s.top_p > 0 && s.top_p <= 1)) throw usage_error("--top-p must be in (0, 1]");
     } else if (a == "--seed") {
       s.seed = static_cast<std::uint64_t>(r.integer(0));
+    } else if (a == "--timings") {
+      timings = true;
     } else if (a == "--ignore-eos") {
       s.stop_at_eos = false;
     } else {
@@ -235,7 +245,15 @@ int lm_generate(const std::vector<std::string>& args) {
     for (std::size_t i = 0; i < rows.size(); ++i) {
       auto opt = s;
       opt.seed = s.seed + i;  // each prompt its own stream
-      const auto ids = peft::models::generate(pm.model(), rows[i], opt);
+      peft::models::generation_timing timing;
+      const auto ids = peft::models::generate(pm.model(), rows[i], opt, &timing);
+      if (timings) {
+        std::fprintf(stderr, "peft: prompt %td tokens in %.3f s (%.1f tokens/s), %td decoding steps in %.3f s (%.2f tokens/s)\n",
+                     static_cast<std::ptrdiff_t>(timing.prompt_tokens), timing.prompt_seconds,
+                     static_cast<double>(timing.prompt_tokens) / timing.prompt_seconds,
+                     static_cast<std::ptrdiff_t>(timing.new_tokens), timing.decode_seconds,
+                     timing.new_tokens ? static_cast<double>(timing.new_tokens) / timing.decode_seconds : 0.0);
+      }
       for (std::size_t k = 0; k < ids.size(); ++k) {
         if (k) text.push_back(' ');
         text.append(std::to_string(ids[k]));
@@ -334,6 +352,9 @@ int lm_finetune(const std::vector<std::string>& args) {
   if (m.adapter && have_method) throw usage_error("give --adapter or --method, not both");
   if (full && (m.adapter || have_method)) throw usage_error("--full trains every weight; drop --adapter and --method");
   if (full && m.quantize) throw usage_error("--full needs dense weights; drop --quantize-base");
+  if (full && m.model && peft::models::is_gguf_path(*m.model)) {
+    throw usage_error("--full needs a model directory (it saves one); a .gguf model trains adapters");
+  }
   if (!m.adapter && !have_method && !resume && !full) {
     throw usage_error("finetune needs --adapter INIT_DIR, --method NAME or --full");
   }
@@ -377,6 +398,7 @@ int lm_finetune(const std::vector<std::string>& args) {
     peft::models::load_options lo;
     lo.activation_checkpointing = checkpointing;
     lo.full_finetuning = full;
+    lo.int8_activations = m.int8;
     peft::models::peft_model<T, Base> pm(peft::models::causal_lm<T, Base>::load(*opened.model, lo), *m.model);
     if (opened.adapter) pm.load_adapter(*opened.adapter);
     auto& lm = pm.model();

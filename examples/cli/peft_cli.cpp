@@ -2,7 +2,7 @@
 //
 //   peft inspect ADAPTER_DIR
 //   peft merge --base BASE.safetensors --adapter ADAPTER_DIR --out OUT.safetensors
-//              [--dtype same|f32|bf16|f16] [--quantized-base int8|q4_0|nf4]
+//              [--dtype same|f32|bf16|f16] [--quantized-base int8|q4_0|nf4|q8_0|q4_k|q6_k]
 //   (--quantized-base: the adapter was trained over that frozen quantized base (QLoRA); the merged
 //   weights are re-quantized to it, and the tool says so on stderr)
 //   peft logits   --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --out OUT.safetensors
@@ -34,16 +34,20 @@ using peft_cli::usage_error;
 constexpr const char* usage =
     "usage: peft inspect ADAPTER_DIR\n"
     "       peft merge --base BASE.safetensors --adapter ADAPTER_DIR --out OUT.safetensors "
-    "[--dtype same|f32|bf16|f16] [--quantized-base int8|q4_0|nf4]\n"
+    "[--dtype same|f32|bf16|f16] [--quantized-base int8|q4_0|nf4|q8_0|q4_k|q6_k]\n"
     "       peft logits --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --out OUT.safetensors\n"
-    "                   [--quantize-base int8|q4_0|nf4] [--precision f32|f64] [--threads T]\n"
+    "                   [--quantize-base int8|q4_0|nf4|q8_0|q4_k|q6_k] [--precision f32|f64] [--threads T]\n"
+    "                   [--int8-activations]   (a .gguf model: llama.cpp's 8-bit activations, faster)\n"
     "       peft generate --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --max-new-tokens N\n"
-    "                   [--temperature T] [--top-k K] [--top-p P] [--seed S] [--ignore-eos]\n"
+    "                   [--temperature T] [--top-k K] [--top-p P] [--seed S] [--ignore-eos] [--timings]\n"
     "       peft finetune --model MODEL_DIR (--adapter INIT_DIR | --method NAME --rank R --alpha A\n"
     "                   --targets LIST|all-linear [--rslora] [--lora-bias] | --full) --tokens FILE --steps N\n"
     "                   --batch B --lr LR [--weight-decay WD] [--grad-accum K] [--threads T]\n"
-    "                   [--quantize-base int8|q4_0|nf4] [--checkpointing] [--log LOG.csv] [--seed S]\n"
+    "                   [--quantize-base int8|q4_0|nf4|q8_0|q4_k|q6_k] [--checkpointing] [--log LOG.csv] [--seed S]\n"
     "                   [--save-every K] [--resume] [--precision f32|f64] --out ADAPTER_DIR\n"
+    "       peft export --gguf ADAPTER_DIR --model MODEL(.gguf|DIR) --out ADAPTER.gguf\n"
+    "       peft import --gguf ADAPTER.gguf --out ADAPTER_DIR [--model MODEL(.gguf|DIR)]\n"
+    "   (MODEL_DIR may also be a llama.cpp model file, MODEL.gguf: its tensors are the frozen bases)\n"
     "   (mpirun -np N peft finetune ... trains data-parallel where peft was built with MPI)\n"
     "   (methods: lora, dora, vera, loha, lokr, adalora, ia3, shira; token FILE: one sequence of\n"
     "    ids per line, separated by spaces)\n";
@@ -172,7 +176,7 @@ int merge(const std::vector<std::string>& args) {
 int main(int argc, char** argv) {
   const std::vector<std::string> all(argv + 1, argv + argc);
   try {
-    if (all.empty()) throw usage_error("missing command: inspect, merge, logits, generate or finetune");
+    if (all.empty()) throw usage_error("missing command: inspect, merge, logits, generate, finetune, export or import");
     if (all[0] == "-h" || all[0] == "--help") {
       std::fputs(usage, stdout);
       return 0;
@@ -183,6 +187,8 @@ int main(int argc, char** argv) {
     if (all[0] == "logits") return peft_cli::lm_logits(rest);
     if (all[0] == "generate") return peft_cli::lm_generate(rest);
     if (all[0] == "finetune") return peft_cli::lm_finetune(rest);
+    if (all[0] == "export") return peft_cli::export_adapter(rest);
+    if (all[0] == "import") return peft_cli::import_adapter(rest);
     throw usage_error("unknown command '" + all[0] + "'");
   } catch (const usage_error& e) {
     std::cerr << "peft: " << one_line(e.what()) << " (peft --help for usage)\n";

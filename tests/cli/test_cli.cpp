@@ -13,6 +13,7 @@
 
 #include "peft/base/int8_rowwise.hpp"
 #include "peft/base/q4_0.hpp"
+#include "peft/io/gguf.hpp"
 #include "peft/io/safetensors.hpp"
 #include "support/test_support.hpp"
 
@@ -193,6 +194,24 @@ TEST_CASE("peft exits 2 with one line on stderr and leaves no output on bad inpu
 namespace {
 const fs::path lm = data / "lm";
 std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
+
+/// Each (arguments, expected text) case exits 2 with one line on stderr holding the text, and
+/// none of `outputs` exists afterwards (removed between cases, so one failure does not cascade).
+void expect_usage_errors(const std::vector<std::pair<std::string, std::string>>& cases, const fs::path& dir,
+                         const std::vector<fs::path>& outputs) {
+  for (const auto& [args, what] : cases) {
+    INFO(args);
+    const auto r = run_cli(args, dir);
+    INFO(r.err);
+    CHECK(r.status == 2);
+    CHECK(lines(r.err) == 1);
+    CHECK(r.err.find(what) != std::string::npos);
+    for (const auto& o : outputs) {
+      CHECK(!fs::exists(o));
+      fs::remove_all(o);
+    }
+  }
+}
 
 std::vector<double> csv_losses(const fs::path& p) {
   std::ifstream in(p);
@@ -391,16 +410,109 @@ TEST_CASE("peft logits|generate|finetune exit 2 with one line on bad input", "[c
       {"finetune --model " + q(model) + tokens + " --steps 2 --batch 1 --lr 1e-3 --resume --out " + q(s.dir / "f"),
        "trainer_state.json"},
   };
-  for (const auto& [args, what] : cases) {
-    INFO(args);
-    const auto r = run_cli(args, s.dir);
-    INFO(r.err);
-    CHECK(r.status == 2);
-    CHECK(lines(r.err) == 1);
-    CHECK(r.err.find(what) != std::string::npos);
-    CHECK(!fs::exists(s.dir / "o.st"));
-    CHECK(!fs::exists(s.dir / "f"));
+  expect_usage_errors(cases, s.dir, {s.dir / "o.st", s.dir / "f"});
+}
+
+/// A copy of GGUF file `src` at `dst` with one tensor or key changed by `edit(writer, name,
+/// info, bytes)` (return false to keep the tensor as it is).
+template <class Edit>
+void rewrite_gguf(const fs::path& src, const fs::path& dst, const std::string& key, peft::io::gguf_value value, Edit edit) {
+  const auto f = peft::io::gguf_file::open(src);
+  peft::io::gguf_writer w;
+  for (const auto& [k, v] : f.metadata()) w.set(k, k == key ? value : v);
+  if (!key.empty() && f.find(key) == nullptr) w.set(key, value);
+  for (const auto& t : f.tensors()) {
+    if (!edit(w, t)) w.add_tensor(t.name, t.type, t.ne, f.bytes(t));
   }
+  w.write(dst);
+}
+
+TEST_CASE("peft logits over a llama.cpp Q4_K_M file gives its dequantized weights' logits", "[cli][gguf]") {
+  scratch_dir s("gguf_logits");
+  const fs::path g = data / "gguf";
+  const auto out = s.dir / "logits.safetensors";
+  const auto r = run_cli("logits --model " + q(g / "llama" / "q4_k_m.gguf") + " --adapter " + q(g / "llama" / "peft_lora") +
+                             " --tokens " + q(g / "tokens.txt") + " --out " + q(out),
+                         s.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  const auto have = peft::io::safetensors_file::open(out).read<float>("logits");
+  const auto ref = peft::io::safetensors_file::open(g / "llama" / "reference.safetensors");
+  // Row-padded batch (2, 24, 320): line 1 has 10 tokens.
+  for (int line = 0; line < 2; ++line) {
+    const auto want = ref.read_matrix<float>("dequant_lora.q4_k_m." + std::to_string(line));
+    double diff = 0, scale = 0;
+    for (peft::index t = 0; t < want.rows(); ++t) {
+      for (peft::index v = 0; v < want.cols(); ++v) {
+        diff = std::max(diff, std::abs(static_cast<double>(have[static_cast<std::size_t>((line * 24 + t) * 320 + v)]) - want(t, v)));
+        scale = std::max(scale, std::abs(static_cast<double>(want(t, v))));
+      }
+    }
+    CHECK(scale > 0.5);
+    CHECK(diff < 1e-4 * scale);
+  }
+}
+
+TEST_CASE("peft export --gguf and import --gguf round-trip an rsLoRA adapter with patterns", "[cli][gguf]") {
+  scratch_dir s("gguf_export");
+  const fs::path g = data / "gguf" / "llama";
+  auto r = run_cli("export --gguf " + q(g / "peft_lora_patterns") + " --model " + q(g / "q4_k_m.gguf") + " --out " +
+                       q(s.dir / "a.gguf"),
+                   s.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  r = run_cli("import --gguf " + q(s.dir / "a.gguf") + " --out " + q(s.dir / "back"), s.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  r = run_cli("logits --model " + q(g / "hf") + " --adapter " + q(s.dir / "back") + " --tokens " +
+                  q(g.parent_path() / "tokens.txt") + " --out " + q(s.dir / "l.safetensors"),
+              s.dir);
+  REQUIRE(r.status == 0);
+  const auto have = peft::io::safetensors_file::open(s.dir / "l.safetensors").read<float>("logits");
+  const auto want = peft::io::safetensors_file::open(g / "reference.safetensors").read_matrix<float>("hf_lora_patterns.0");
+  double diff = 0, scale = 0;
+  for (peft::index i = 0; i < want.size(); ++i) {  // line 0 is the first 24 x 320 values
+    diff = std::max(diff, std::abs(static_cast<double>(have[static_cast<std::size_t>(i)]) - want.data()[i]));
+    scale = std::max(scale, std::abs(static_cast<double>(want.data()[i])));
+  }
+  CHECK(scale > 0.5);
+  CHECK(diff < 1e-4 * scale);
+}
+
+TEST_CASE("peft exits 2 with one line on bad GGUF input and leaves no output", "[cli][gguf][errors]") {
+  scratch_dir s("gguf_errors");
+  const fs::path g = data / "gguf";
+  const fs::path good = g / "llama" / "q8_0.gguf";
+  {  // truncated
+    const std::string bytes = slurp(good);
+    std::ofstream(s.dir / "cut.gguf", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  }
+  rewrite_gguf(good, s.dir / "q5k.gguf", "", {}, [](peft::io::gguf_writer& w, const peft::io::gguf_tensor_info& t) {
+    if (t.name != "blk.1.ffn_down.weight") return false;
+    const std::vector<std::byte> zeros(static_cast<std::size_t>(t.ne[0] / 256 * 176 * t.ne[1]));
+    w.add_tensor(t.name, peft::io::ggml_type::q5_k, t.ne, zeros);
+    return true;
+  });
+  rewrite_gguf(good, s.dir / "falcon.gguf", "general.architecture", peft::io::gguf_value::string("falcon"),
+               [](peft::io::gguf_writer&, const peft::io::gguf_tensor_info&) { return false; });
+  rewrite_gguf(good, s.dir / "experts.gguf", "llama.expert_count", peft::io::gguf_value::u32(8),
+               [](peft::io::gguf_writer&, const peft::io::gguf_tensor_info&) { return false; });
+  const std::string tokens = " --tokens " + q(g / "tokens.txt");
+  const std::string o = " --out " + q(s.dir / "o.st");
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"logits --model " + q(s.dir / "cut.gguf") + tokens + o, "truncated"},
+      {"logits --model " + q(s.dir / "q5k.gguf") + tokens + o, "'blk.1.ffn_down.weight' has type Q5_K"},
+      {"logits --model " + q(s.dir / "falcon.gguf") + tokens + o, "'falcon'"},
+      {"logits --model " + q(s.dir / "experts.gguf") + tokens + o, "llama.expert_count"},
+      {"export --gguf " + q(data / "lm" / "llama" / "adapters" / "lora") + " --model " + q(good) + o, "the model's is"},
+      {"export --gguf " + q(data / "lm" / "llama" / "adapters" / "dora") + " --model " + q(data / "lm" / "llama") + o,
+       "a dora adapter"},
+      {"export --gguf " + q(g / "llama" / "peft_lora") + o, "needs --model"},
+      {"import --gguf " + q(s.dir / "cut.gguf") + o, "truncated"},
+      {"import --gguf " + q(g / "llama" / "lora_by_llama_cpp.gguf") + o, "--model"},
+      {"import --gguf " + q(good) + o, "not an adapter"},
+  };
+  expect_usage_errors(cases, s.dir, {s.dir / "o.st"});
 }
 
 }  // namespace test_cli

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
@@ -76,9 +77,19 @@ long long pick_token(const std::vector<T>& logits, const sampling_options& s, rn
   return static_cast<long long>(order[static_cast<std::size_t>(keep - 1)]);
 }
 
-/// The tokens `lm` generates after `prompt` (not including it).
+/// Where generate() spent its time: the prompt's one forward pass, then one step per new token.
+struct generation_timing {
+  index prompt_tokens = 0;
+  double prompt_seconds = 0;
+  index new_tokens = 0;         // decoded after the first (each a forward pass of one token)
+  double decode_seconds = 0;
+};
+
+/// The tokens `lm` generates after `prompt` (not including it); `timing`, when given, receives
+/// the wall-clock time of the prompt and of the decoding steps.
 template <class LM>
-std::vector<long long> generate(LM& lm, const std::vector<long long>& prompt, const sampling_options& s) {
+std::vector<long long> generate(LM& lm, const std::vector<long long>& prompt, const sampling_options& s,
+                                generation_timing* timing = nullptr) {
   constexpr const char* where = "generate";
   if (prompt.empty()) detail::raise<error>(where, "the prompt is empty");
   if (s.max_new_tokens < 0) detail::raise<error>(where, "max_new_tokens must not be negative");
@@ -92,13 +103,26 @@ std::vector<long long> generate(LM& lm, const std::vector<long long>& prompt, co
   if (s.max_new_tokens == 0) return out;
   auto cache = lm.new_cache(total);
   rng gen(s.seed);
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
   auto logits = lm.decode(cache, prompt);
+  const auto t1 = clock::now();
+  index steps = 0;
   const auto& eos = lm.config().eos_token_ids;
   for (index t = 0; t < s.max_new_tokens; ++t) {
     const long long next = pick_token(logits, s, gen);
     out.push_back(next);
     if (s.stop_at_eos && std::find(eos.begin(), eos.end(), next) != eos.end()) break;
-    if (t + 1 < s.max_new_tokens) logits = lm.decode(cache, {next});
+    if (t + 1 < s.max_new_tokens) {
+      logits = lm.decode(cache, {next});
+      ++steps;
+    }
+  }
+  if (timing != nullptr) {
+    timing->prompt_tokens = static_cast<index>(prompt.size());
+    timing->prompt_seconds = std::chrono::duration<double>(t1 - t0).count();
+    timing->new_tokens = steps;
+    timing->decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();
   }
   return out;
 }

@@ -82,7 +82,7 @@ void export_gguf_lora(const io::basic_peft_checkpoint<Adapter>& ck, const lm_con
       if constexpr (is_additive_adapter<A>) term = serve::low_rank_of(a);
     });
     if (!term) {
-      detail::raise<unsupported_error>(where, "module '" + m.path + "': a " + ck.config.peft_type +
+      detail::raise<unsupported_error>(where, "module '" + m.path + "': a " + std::string(m.adapter.active_method()) +
                                                   " adapter has no exact low-rank form for llama.cpp; use `peft merge` instead");
     }
     if (term->bias != nullptr) {
