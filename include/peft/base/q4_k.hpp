@@ -30,7 +30,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "peft/base/detail/quantized_common.hpp"
+#include "peft/base/detail/block_quantized.hpp"
 #include "peft/base/formats/q4_k.hpp"
 #include "peft/core/base_weight.hpp"
 #include "peft/core/error.hpp"
@@ -39,104 +39,30 @@
 
 namespace peft {
 
-class q4_k : public detail::quantized_linear<q4_k> {
-  using base = detail::quantized_linear<q4_k>;
+class q4_k : public detail::block_quantized<q4_k, formats::block_q4_k, formats::q4_k_block_size> {
+  using base = detail::block_quantized<q4_k, formats::block_q4_k, formats::q4_k_block_size>;
   friend base;
+  friend detail::quantized_linear<q4_k>;
 
  public:
   static constexpr std::string_view name = "q4_k";
-  using block_type = formats::block_q4_k;
-  static constexpr index block_size = formats::q4_k_block_size;
 
   q4_k() = default;
-
-  /// Quantizes a weight (out, in) and an optional bias of `out` values (nullptr: none).
-  /// Throws shape_error for an empty weight, format_error for non-finite values and for a
-  /// super-block scale beyond fp16's range (|w| above about 4e6).
-  template <class U>
-  static q4_k quantize(matrix_view<const U> weight, const U* bias = nullptr) {
-    detail::check_quantizable(detail::quantized_where(name, "quantize"), weight, bias);
-    q4_k w(weight.rows(), weight.cols(), bias_from(bias, weight.rows()));
-    std::vector<float> row(static_cast<std::size_t>(w.padded_in()), 0.0f);
-    for (index i = 0; i < weight.rows(); ++i) {
-      row_to_f32(weight, i, row.data());
-      w.quantize_row(i, row.data());
-    }
-    return w;
-  }
-
-  /// Blocks per row: ceil(in / 256).
-  index blocks_per_row() const noexcept { return (in_ + block_size - 1) / block_size; }
-
-  /// Bytes of the quantized weight: out * ceil(in / 256) blocks of 144 bytes (bias excluded).
-  std::size_t storage_bytes() const noexcept { return blocks_.size() * sizeof(block_type); }
-
-  /// The blocks, row-major: row i's blocks are [i * blocks_per_row(), (i + 1) * blocks_per_row()).
-  const std::vector<block_type>& blocks() const noexcept { return blocks_; }
-
-  /// out[0..in) = W0[i, :] (computed in double, rounded to T once).
-  template <compute_scalar T>
-  void dequantize_row(index i, T* out) const {
-    check_row("dequantize_row", i);
-    const index nb = blocks_per_row();
-    T w[block_size];
-    for (index b = 0; b < nb; ++b) {
-      formats::decode_q4_k_block(blocks_[static_cast<std::size_t>(i * nb + b)], w);
-      const index n = std::min(block_size, in_ - b * block_size);
-      std::copy(w, w + n, out + b * block_size);
-    }
-  }
+  // quantize() throws format_error for a super-block scale beyond fp16's range (|w| above about 4e6).
 
  private:
-  q4_k(index out, index in, std::vector<float> bias)
-      : base(out, in, std::move(bias)),
-        blocks_(static_cast<std::size_t>(out * ((in + block_size - 1) / block_size))) {}
+  using base::base;
 
-  index padded_in() const noexcept { return blocks_per_row() * block_size; }
-  bool has_dot() const noexcept { return true; }
-
-  void dot_rows(kernels::isa which, index j0, index n, const float* x, index ldx, index m,
-                float* y, index ldy, std::vector<float>& /*scratch*/) const {
-    const index nb = blocks_per_row();
-    kernels::q4_k_dot(which, blocks_.data() + j0 * nb, nb, n, x, ldx, m, y, ldy);
-  }
-
+  static bool quantize_block(const float* x, block_type& out) noexcept { return formats::quantize_q4_k_block(x, out); }
   template <class T>
-  void decode_rows(index j0, index n, T* out, index ld) const {
-    const index nb = blocks_per_row();
-    for (index j = 0; j < n; ++j) {
-      const block_type* b = blocks_.data() + (j0 + j) * nb;
-      if constexpr (std::is_same_v<T, float>) {
-        kernels::decode_q4_k_row(b, nb, out + j * ld);
-      } else {
-        for (index k = 0; k < nb; ++k) formats::decode_q4_k_block(b[k], out + j * ld + k * block_size);
-      }
-    }
+  static void decode_block(const block_type& b, T* out) noexcept {
+    formats::decode_q4_k_block(b, out);
   }
-
-  /// ggml's quantize_row_q4_K_ref on row[0..in) (zeros beyond).
-  void quantize_row(index i, const float* row) {
-    const index nb = blocks_per_row();
-    for (index b = 0; b < nb; ++b) {
-      float x[block_size];  // 1 KiB
-      for (index k = 0; k < block_size; ++k) {
-        const index c = b * block_size + k;
-        x[k] = c < in_ ? row[c] : 0.0f;
-      }
-      if (!formats::quantize_q4_k_block(x, blocks_[static_cast<std::size_t>(i * nb + b)])) {
-        float amax = 0.0f;
-        for (float v : x) amax = std::max(amax, std::abs(v));
-        std::string msg = "row ";
-        msg += std::to_string(i);
-        msg += " has a block scale beyond fp16's range (|w| up to ";
-        msg += std::to_string(amax);
-        msg += ')';
-        detail::raise<format_error>(detail::quantized_where(name, "quantize"), msg);
-      }
-    }
+  static void dot(kernels::isa which, const block_type* b, index nb, index n, const float* x, index ldx, index m,
+                  float* y, index ldy) {
+    kernels::q4_k_dot(which, b, nb, n, x, ldx, m, y, ldy);
   }
-
-  std::vector<block_type> blocks_;  // (out, ceil(in / 256))
+  static void decode_row(const block_type* b, index nb, float* out) noexcept { kernels::decode_q4_k_row(b, nb, out); }
 };
 
 static_assert(mutable_base_weight<q4_k>);
