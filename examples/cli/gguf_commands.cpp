@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include <peft/io/detail/file_io.hpp>
 #include <peft/io/gguf.hpp>
 #include <peft/io/peft_checkpoint.hpp>
 #include <peft/models/causal_lm.hpp>
@@ -72,25 +73,11 @@ int import_adapter(const std::vector<std::string>& args) {
   std::optional<peft::models::lm_config> cfg;
   if (g.model) cfg = model_config(*g.model);
   auto ck = peft::models::import_gguf_lora(peft::io::gguf_file::open(*g.gguf), cfg ? &*cfg : nullptr);
-  namespace fs = std::filesystem;
-  fs::path out = fs::path(*g.out).lexically_normal();
-  if (!out.has_filename()) out = out.parent_path();  // "dir/"
-  if (fs::exists(out) && !fs::is_directory(out)) throw peft::io_error("[import] '" + *g.out + "' exists and is not a directory");
-  if (fs::exists(out)) {
-    peft::io::save_peft_checkpoint(out, ck);  // each file replaced atomically
-  } else {
-    // A new directory appears whole: written beside its name, then renamed.
-    const fs::path tmp = out.parent_path() / ("." + out.filename().string() + ".tmp-import");
-    fs::remove_all(tmp);
-    try {
-      peft::io::save_peft_checkpoint(tmp, ck);
-      fs::rename(tmp, out);
-    } catch (...) {
-      std::error_code ec;
-      fs::remove_all(tmp, ec);
-      throw;
-    }
-  }
+  // The directory appears, or is replaced, whole (files it held that the adapter does not write
+  // are kept): written beside its name, then swapped in with one rename.
+  peft::io::detail::atomic_directory out("import", *g.out);
+  peft::io::save_peft_checkpoint(out.path(), ck);
+  out.commit();
   std::printf("imported %zu LoRA modules of %s into %s\n", ck.modules.size(), g.gguf->c_str(), g.out->c_str());
   return 0;
 }

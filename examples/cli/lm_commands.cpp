@@ -1,5 +1,7 @@
 // `peft logits | generate | finetune`: language models from a HuggingFace model directory.
 // See docs/models.md for the contracts; every failure is a one-line message and exit status 2.
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -18,8 +20,10 @@
 #endif
 
 #include <peft/base/quantized_formats.hpp>
+#include <peft/io/detail/file_io.hpp>
 #include <peft/io/safetensors.hpp>
 #include <peft/models/generate.hpp>
+#include <peft/models/memory.hpp>
 #include <peft/models/peft_model.hpp>
 #include <peft/models/token_file.hpp>
 #include <peft/train/optimizer.hpp>
@@ -275,18 +279,115 @@ struct trainer_state {
 };
 
 void write_file_atomically(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream o(tmp, std::ios::binary | std::ios::trunc);
-    o << text;
-    o.flush();
-    if (!o) throw peft::io_error("[finetune] cannot write " + tmp.string());
+  peft::io::detail::atomic_output out("finetune", path);
+  out.write(text.data(), text.size());
+  out.commit();
+}
+
+/// The log rows of steps before `start` from an earlier run's log: complete lines only (a killed
+/// run may have left half a line), in order, stopping at the first that does not parse.
+std::vector<std::string> log_rows_before(const fs::path& path, long long start) {
+  std::ifstream in(path, std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<std::string> kept;
+  std::size_t p = text.find('\n');  // after the header
+  long long expect = 0;
+  while (p != std::string::npos) {
+    const std::size_t q = text.find('\n', p + 1);
+    if (q == std::string::npos) break;  // no newline: incomplete
+    const std::string line = text.substr(p + 1, q - p - 1);
+    p = q;
+    std::size_t used = 0;
+    long long step = -1;
+    try {
+      step = std::stoll(line, &used);
+    } catch (const std::exception&) {
+      break;
+    }
+    if (used == 0 || line[used] != ',' || step != expect || step >= start) break;
+    kept.push_back(line);
+    ++expect;
   }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    throw peft::io_error("[finetune] cannot write " + path.string());
+  return kept;
+}
+
+/// "2G", "512M", "64k", "1000" (bytes) as bytes; usage_error otherwise.
+std::size_t parse_bytes(const std::string& flag, const std::string& v) {
+  std::size_t used = 0;
+  double x = -1;
+  try {
+    x = std::stod(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  std::string unit = v.substr(used);
+  double mult = 1;
+  if (unit == "k" || unit == "K" || unit == "KiB") mult = 1024.0;
+  else if (unit == "M" || unit == "MiB") mult = 1024.0 * 1024;
+  else if (unit == "G" || unit == "GiB") mult = 1024.0 * 1024 * 1024;
+  else if (!unit.empty()) used = 0;
+  if (used == 0 || !(x >= 0) || x * mult > 1e19) throw usage_error(flag + " must be a size such as 512M or 8G, not '" + v + "'");
+  return static_cast<std::size_t>(x * mult);
+}
+
+/// Bytes per element of base Base's linear weights, from a 1 x 256 example (dense: the scalar).
+template <class T, class Base>
+double base_bytes_per_weight() {
+  if constexpr (std::is_same_v<Base, peft::dense<T>>) {
+    return sizeof(T);
+  } else if constexpr (requires { Base::quantize(std::declval<peft::matrix_view<const float>>()); }) {
+    std::vector<float> ones(256, 1.0f);
+    return static_cast<double>(Base::quantize(peft::matrix_view<const float>(ones.data(), 1, 256)).storage_bytes()) / 256.0;
+  } else {
+    return 0.0;  // a GGUF file: counted whole, as embedding_bytes
+  }
+}
+
+template <class T>
+bool all_finite(const peft::matrix_view<T>& v) {
+  for (index i = 0; i < v.rows(); ++i) {
+    for (index j = 0; j < v.cols(); ++j) {
+      if (!std::isfinite(v(i, j))) return false;
+    }
+  }
+  return true;
+}
+
+/// Refuses, before any weight is read, a run whose estimated memory exceeds what the machine (or
+/// --memory-budget) has: an out-of-memory kill an hour in helps nobody.
+template <class T, class Base>
+void check_memory(const model_args& m, const peft::models::adapter_options& ao, bool full, bool checkpointing,
+                  long long micro_batch, int ranks, const std::vector<std::vector<long long>>& rows,
+                  std::optional<std::size_t> budget) {
+  const bool gguf = peft::models::is_gguf_path(*m.model);
+  const auto cfg = gguf ? peft::models::gguf_config(peft::io::gguf_file::open(*m.model)) : peft::models::lm_config::load(*m.model);
+  peft::models::training_shape s;
+  s.batch = std::max<long long>(1, (micro_batch + ranks - 1) / ranks);
+  for (const auto& r : rows) s.seq_len = std::max<index>(s.seq_len, static_cast<index>(r.size()));
+  s.checkpointing = checkpointing;
+  s.full = full;
+  s.scalar_bytes = sizeof(T);
+  s.weight_bytes = base_bytes_per_weight<T, Base>();
+  if (gguf) s.embedding_bytes = static_cast<std::size_t>(fs::file_size(*m.model));
+  if (m.adapter) {
+    std::error_code ec;
+    const auto bytes = fs::file_size(fs::path(*m.adapter) / "adapter_model.safetensors", ec);
+    s.trainable = ec ? 0 : static_cast<std::size_t>(bytes) / 2;  // at least two bytes a value
+    s.adapter_rank = 64;
+  } else if (!full) {
+    const auto targets = ao.targets.empty() ? peft::models::default_targets(cfg) : ao.targets;
+    s.trainable = peft::models::lora_parameter_count(cfg, ao.rank, targets);
+    s.adapter_rank = ao.rank;
+  }
+  const auto need = peft::models::estimate_training_memory(cfg, s);
+  const auto have = budget ? budget : peft::models::available_memory();
+  if (have && need.total() > *have) {
+    using peft::models::memory_text;
+    throw peft::error("[finetune] training needs about " + memory_text(need.total()) + " (weights " + memory_text(need.weights) +
+                      ", optimizer " + memory_text(need.optimizer) + ", activations " + memory_text(need.activations) +
+                      ", logits " + memory_text(need.logits) + ") but " + memory_text(*have) +
+                      (budget ? " is the --memory-budget" : " is available") +
+                      "; try --checkpointing, a smaller --batch (or --grad-accum), a shorter sequence or --quantize-base");
   }
 }
 
@@ -299,7 +400,8 @@ int lm_finetune(const std::vector<std::string>& args) {
   std::optional<std::string> out, log_path;
   long long steps = -1, batch = -1, save_every = 0, accum = 1;
   double lr = -1, weight_decay = 0.0;
-  bool resume = false, checkpointing = false, full = false;
+  bool resume = false, checkpointing = false, full = false, skip_nonfinite = false;
+  std::optional<std::size_t> memory_budget;
   std::optional<std::string> targets_text;
   arg_reader r(args);
   while (r.next()) {
@@ -342,6 +444,11 @@ int lm_finetune(const std::vector<std::string>& args) {
       checkpointing = true;
     } else if (a == "--full") {
       full = true;
+    } else if (a == "--skip-nonfinite") {
+      skip_nonfinite = true;
+    } else if (a == "--memory-budget") {
+      const std::string v = r.value();
+      memory_budget = parse_bytes("--memory-budget", v);
     } else {
       r.unknown();
     }
@@ -395,6 +502,7 @@ int lm_finetune(const std::vector<std::string>& args) {
       opened.adapter.reset();
       if (resume) opened.model = dir.string();
     }
+    check_memory<T, Base>(opened, ao, full, checkpointing, (batch + accum - 1) / accum, dp.size, rows, memory_budget);
     peft::models::load_options lo;
     lo.activation_checkpointing = checkpointing;
     lo.full_finetuning = full;
@@ -429,33 +537,36 @@ int lm_finetune(const std::vector<std::string>& args) {
     std::ofstream log;
     if (log_path && dp.root()) {
       // On resume the rows up to the checkpoint are kept; later ones (lost work) are dropped.
-      std::vector<std::string> kept;
+      // The log is rewritten atomically, then appended to (a killed run leaves at most half a
+      // line, which the next --resume drops).
+      std::string head = "step,loss,lr,tokens,seconds\n";
       if (resume) {
-        std::ifstream in(*log_path);
-        std::string line;
-        std::getline(in, line);
-        while (std::getline(in, line)) {
-          if (std::stoll(line.substr(0, line.find(','))) < start) kept.push_back(line);
-        }
+        for (const auto& k : log_rows_before(*log_path, start)) head += k + "\n";
       }
-      log.open(*log_path, std::ios::trunc);
+      write_file_atomically(*log_path, head);
+      log.open(*log_path, std::ios::app | std::ios::binary);
       if (!log) throw peft::io_error("[finetune] cannot write " + *log_path);
-      log << "step,loss,lr,tokens,seconds\n";
-      for (const auto& k : kept) log << k << "\n";
-      log.flush();
     }
+    // A checkpoint (adapter or model, optimizer state, trainer state) replaces the previous one
+    // as a whole: written into a temporary directory, fsynced, swapped in with one rename.
+    long long last_saved = resume ? start : -1;
     auto save = [&](long long step) {
-      fs::create_directories(dir);
+      peft::io::detail::atomic_directory ck("finetune", dir);
       if (full) {
-        if constexpr (std::is_same_v<Base, peft::dense<T>>) lm.save_pretrained(dir, *m.model);
+        if constexpr (std::is_same_v<Base, peft::dense<T>>) lm.save_pretrained(ck.path(), *opened.model);
       } else {
-        pm.save_pretrained(dir);
+        pm.save_pretrained(ck.path());
       }
-      optimizer.save_state(dir / "optimizer.safetensors");
+      optimizer.save_state(ck.path() / "optimizer.safetensors");
       nlohmann::json st{{"step", step}, {"batch", batch}, {"lines", rows.size()}, {"format", "peft-cpp finetune 1"}};
-      write_file_atomically(dir / trainer_state::file, st.dump(2) + "\n");
+      write_file_atomically(ck.path() / trainer_state::file, st.dump(2) + "\n");
+      ck.commit();
+      last_saved = step;
     };
     const auto n = static_cast<long long>(rows.size());
+    long long skipped = 0;
+    const bool tty = ::isatty(2) != 0;
+    double next_report = 0;
     const auto t0 = std::chrono::steady_clock::now();
     double tokens_seen = 0;  // since the run began (a resumed run counts the steps before it)
     for (long long s = 0; s < start; ++s) {
@@ -489,9 +600,33 @@ int lm_finetune(const std::vector<std::string>& args) {
 #else
       (void)local_tokens;
 #endif
-      if (!std::isfinite(loss)) throw peft::error("[finetune] the loss at step " + std::to_string(s) + " is not finite");
+      // A loss or gradient that is not finite stops the run (the last checkpoint stays as it
+      // was), or with --skip-nonfinite leaves the weights and optimizer as they were.
+      std::string bad;
+      if (!std::isfinite(loss)) {
+        bad = "the loss is " + std::string(std::isnan(loss) ? "NaN" : "infinite");
+      } else {
+        for (const auto& p : params) {
+          if (!all_finite(p.grad)) {
+            bad = "the gradient of " + p.name + " is not finite";
+            break;
+          }
+        }
+      }
+      if (!bad.empty() && !skip_nonfinite) {
+        if (tty && dp.root()) std::fputc('\n', stderr);  // the error on a line of its own
+        throw peft::error("[finetune] step " + std::to_string(s) + ": " + bad + "; stopped (" +
+                          (last_saved >= 0 ? "the checkpoint of step " + std::to_string(last_saved) + " in " + dir.string() + " is kept"
+                                           : std::string("nothing was saved")) +
+                          "; --skip-nonfinite skips such steps, a lower --lr may avoid them)");
+      }
       const double step_lr = optimizer.lr("default");
-      optimizer.step();
+      if (bad.empty()) {
+        optimizer.step();
+      } else {
+        ++skipped;
+        if (dp.root()) std::fprintf(stderr, "%speft: step %lld skipped: %s\n", tty ? "\n" : "", s, bad.c_str());
+      }
       for (const auto& l : lines) tokens_seen += static_cast<double>(l.size());
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (log.is_open()) {
@@ -501,13 +636,25 @@ int lm_finetune(const std::vector<std::string>& args) {
         log.flush();
       }
       const double done = static_cast<double>(s - start + 1);
-      if (dp.root()) std::fprintf(stderr, "\rpeft: step %lld/%lld  loss %.4f  lr %.3g  %.0f tok/s  left %s   ", s + 1, steps, loss,
-                   step_lr, (tokens_seen - tokens_before) / std::max(secs, 1e-9),
-                   clock_text(secs / done * static_cast<double>(steps - s - 1)).c_str());
-      if (save_every > 0 && (s + 1) % save_every == 0 && s + 1 < steps && dp.root()) save(s + 1);
+      // On a terminal one line rewritten in place; into a file or pipe a line every few seconds.
+      if (dp.root() && (tty || s + 1 == steps || secs >= next_report)) {
+        std::fprintf(stderr, "%speft: step %lld/%lld  loss %.4f  lr %.3g  %.0f tok/s  left %s%s", tty ? "\r" : "", s + 1,
+                     steps, loss, step_lr, (tokens_seen - tokens_before) / std::max(secs, 1e-9),
+                     clock_text(secs / done * static_cast<double>(steps - s - 1)).c_str(), tty ? "   " : "\n");
+        next_report = secs + 5.0;
+      }
+      if (save_every > 0 && (s + 1) % save_every == 0 && s + 1 < steps && dp.root()) {
+        try {
+          save(s + 1);
+        } catch (...) {
+          if (tty) std::fputc('\n', stderr);
+          throw;
+        }
+      }
     }
     if (!dp.root()) return 0;
-    std::fprintf(stderr, "\n");
+    if (tty) std::fprintf(stderr, "\n");
+    if (skipped) std::fprintf(stderr, "peft: %lld of %lld steps skipped (not finite)\n", skipped, steps - start);
     save(std::max(steps, start));
     std::fprintf(stderr, "peft: %zu trainable parameters; %s saved in %s\n", trainable, full ? "model" : "adapter",
                  dir.string().c_str());
