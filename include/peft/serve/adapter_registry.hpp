@@ -179,8 +179,9 @@ class adapter_registry {
   double scale(const std::string& name) const { return get(*current(), "adapter_registry::scale", name).scale; }
   bool contains(const std::string& name) const { return current()->adapters.count(name) != 0; }
   std::vector<std::string> names() const {
+    const auto s = current();  // held: a range-for does not keep current()'s temporary alive (C++20)
     std::vector<std::string> n;
-    for (const auto& [name, e] : current()->adapters) n.push_back(name);
+    for (const auto& [name, e] : s->adapters) n.push_back(name);
     return n;
   }
   /// The method of adapter `name` ("lora", "dora", ...).
@@ -188,7 +189,8 @@ class adapter_registry {
   /// Whether adapter `name` takes the grouped low-rank path on every module (else some groups
   /// are applied one by one).
   bool low_rank(const std::string& name) const {
-    for (const auto& [w, m] : get(*current(), "adapter_registry::low_rank", name).data->modules) {
+    const auto s = current();
+    for (const auto& [w, m] : get(*s, "adapter_registry::low_rank", name).data->modules) {
       if (!low_rank_of(m.adapter)) return false;
     }
     return true;
@@ -197,7 +199,8 @@ class adapter_registry {
   memory_usage memory() const {
     memory_usage u;
     for (const auto& [name, b] : bases_) u.base_bytes += detail::base_bytes(b);
-    for (const auto& [name, e] : current()->adapters) {
+    const auto s = current();
+    for (const auto& [name, e] : s->adapters) {
       u.adapters.emplace_back(name, e.data->bytes);
       u.adapter_bytes += e.data->bytes;
     }
