@@ -108,6 +108,21 @@ TEST_CASE("with_rows turns a batch size into a compile-time one", "[kernels][dis
   }
 }
 
+TEST_CASE("the ISAs this build compiles: NEON on AArch64, AVX2 and AVX-512 on x86", "[kernels][dispatch]") {
+  // Printed, so that a log says which kernels ran (tests/aarch64 runs this under qemu-user).
+  WARN("kernels: active ISA " << kernels::isa_name(kernels::active_isa()));
+#if PEFT_ARM_NEON
+  CHECK(kernels::isa_supported(isa::neon));
+  CHECK_FALSE(kernels::isa_supported(isa::avx2));
+  CHECK_FALSE(kernels::isa_supported(isa::avx512));
+#else
+  CHECK_FALSE(kernels::isa_supported(isa::neon));
+#endif
+#if !PEFT_X86_DISPATCH
+  CHECK_FALSE(kernels::isa_supported(isa::avx2));
+#endif
+}
+
 TEST_CASE("the ISA list: names, order, ancestry and the PEFT_ISA cap", "[kernels][dispatch]") {
   static_assert(kernels::all_isas[0] == isa::reference && kernels::isa_count == 5);
   std::vector<std::string> names;
