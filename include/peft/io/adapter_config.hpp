@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -28,10 +29,28 @@
 
 #include "peft/core/error.hpp"
 #include "peft/core/matrix_view.hpp"
+#include "peft/io/detail/json_depth.hpp"
 
 namespace peft::io {
 
 using ordered_json = nlohmann::ordered_json;
+
+namespace detail {
+
+/// The std::regex (ECMAScript) of a pattern from adapter_config.json. With libstdc++ it is
+/// matched by the breadth-first executor (regex_constants::__polynomial): time polynomial in the
+/// module path whatever the pattern, where the default backtracking one takes exponential time on
+/// patterns such as "(.*)*(.*)*z" (a config that would hang its reader); back-references, which
+/// that executor cannot run, are then refused as invalid. std::regex_error on a bad pattern.
+inline std::regex module_regex(const std::string& pattern) {
+#if defined(__GLIBCXX__)
+  return std::regex(pattern, std::regex::ECMAScript | std::regex_constants::__polynomial);
+#else
+  return std::regex(pattern, std::regex::ECMAScript);
+#endif
+}
+
+}  // namespace detail
 
 /// How `target_modules` names the adapted modules.
 enum class target_kind : std::uint8_t { none, list, regex, all_linear };
@@ -64,6 +83,10 @@ struct adapter_config {
     return c;
   }
 
+  /// The deepest nesting of arrays and objects parse() accepts (PEFT writes 3 levels; the
+  /// safetensors header's limit): copying and saving the document recurse once per level.
+  static constexpr std::size_t max_json_depth = 128;
+
   /// Parses the text of an adapter_config.json; `source` names it in errors.
   static adapter_config parse(const std::string& text, const std::string& source = "adapter_config.json") {
     constexpr const char* where = "adapter_config::parse";
@@ -74,6 +97,9 @@ struct adapter_config {
       peft::detail::raise<format_error>(where, source + " is not valid JSON: " + e.what());
     }
     if (!j.is_object()) peft::detail::raise<format_error>(where, source + " is not a JSON object");
+    if (detail::json_nests_deeper(j, max_json_depth)) {
+      peft::detail::raise<format_error>(where, source + " nests arrays and objects more than 128 deep");
+    }
     adapter_config c;
     c.raw = j;
     auto field = [&](const char* name) -> const ordered_json* {
@@ -345,7 +371,7 @@ struct adapter_config {
   }
   static std::regex compile(const std::string& pattern, const char* where, const std::string& what) {
     try {
-      return std::regex(pattern, std::regex::ECMAScript);
+      return detail::module_regex(pattern);
     } catch (const std::regex_error& e) {
       peft::detail::raise<format_error>(where, what + " '" + pattern + "' is not a valid regex: " + e.what());
     }

@@ -4,6 +4,8 @@
 //   auto ck = peft::io::load_peft_checkpoint<float>("path/to/adapter");   // any_adapter<float>
 //   for (auto& m : ck.modules) { m.path; m.weight_name; m.adapter.forward(base, x, y, cache); }
 //   peft::io::save_peft_checkpoint("out/adapter", ck);                      // PEFT loads it
+//   auto mem = peft::io::load_peft_checkpoint<float>(peft::io::adapter_config::parse(json_text),
+//                                                    peft::io::safetensors_file::parse(bytes));
 //
 // Keys on disk are "base_model.model.<module path>.<parameter>" (PEFT drops the adapter name on
 // save); tensors shared by all modules are "base_model.<name>" (VeRA's projections). A module's
@@ -158,7 +160,14 @@ stored_tensor<T> convert_tensor(const safetensors_file& f, const tensor_info& t)
     cols = static_cast<index>(t.shape[0]);
   } else if (!t.shape.empty()) {
     rows = static_cast<index>(t.shape[0]);
-    for (std::size_t i = 1; i < t.shape.size(); ++i) cols *= static_cast<index>(t.shape[i]);
+    for (std::size_t i = 1; i < t.shape.size(); ++i) {
+      // The file's element count did not overflow, but with rows == 0 the row length still can.
+      if (__builtin_mul_overflow(cols, static_cast<index>(t.shape[i]), &cols)) {
+        peft::detail::raise<format_error>("load_peft_checkpoint", "tensor '" + t.name + "' is " +
+                                                                    peft::detail::shape_text(t.shape) +
+                                                                    ": its row length overflows");
+      }
+    }
   }
   s.data = std::make_shared<matrix<T>>(rows, cols, f.read<T>(t.name));
   return s;
@@ -223,7 +232,10 @@ void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& fi
     }
     ck.modules.push_back({module, module + ".weight", Adapter(std::move(a))});
   }
-  if (ck.modules.empty()) peft::detail::raise<format_error>(where, file.path().string() + " holds no adapted module");
+  if (ck.modules.empty()) {
+    const std::string name = file.path().empty() ? std::string("adapter_model.safetensors") : file.path().string();
+    peft::detail::raise<format_error>(where, name + " holds no adapted module");
+  }
 }
 
 inline void write_text_atomically(const std::filesystem::path& path, const std::string& text) {
@@ -250,21 +262,19 @@ inline void write_text_atomically(const std::filesystem::path& path, const std::
 
 }  // namespace detail
 
-/// Loads a PEFT checkpoint directory (adapter_config.json + adapter_model.safetensors) into
-/// adapters of type Adapter (default: any_adapter<T>, every method peft-cpp knows). Throws
-/// io_error (missing files), format_error (keys, shapes, a config inconsistent with the tensors),
-/// unsupported_error (a method or variant that no alternative of Adapter handles).
-template <class Adapter>
-basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& dir, const base_shape_fn& base_shape = {}) {
+namespace detail {
+
+/// What both load_checkpoint_as overloads do: the first alternative of Adapter whose codec
+/// handles `config` reads the tensors of the file `weights()` returns (asked for only then).
+template <class Adapter, class Weights>
+basic_peft_checkpoint<Adapter> load_checkpoint(adapter_config config, Weights&& weights, const base_shape_fn& base_shape) {
   constexpr const char* where = "load_peft_checkpoint";
-  namespace fs = std::filesystem;
   basic_peft_checkpoint<Adapter> ck;
-  ck.config = adapter_config::load(dir);
-  const fs::path weights = dir / "adapter_model.safetensors";
+  ck.config = std::move(config);
   bool loaded = false;
   std::string supported;
-  using methods = typename detail::alternatives<Adapter>::type;
-  static_assert(detail::all_have_codecs(methods{}),
+  using methods = typename alternatives<Adapter>::type;
+  static_assert(all_have_codecs(methods{}),
                 "a method of the adapter type has no checkpoint codec: write io/peft/<method>.hpp (see "
                 "docs/adding_a_method.md) and include it in io/peft/codecs.hpp");
   auto try_one = [&]<class A>(A*) {
@@ -273,15 +283,8 @@ basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& d
       if (!supported.empty()) supported += ", ";
       supported += A::method;
       if (loaded || !codec::handles(ck.config)) return;
-      if (!fs::exists(weights)) {
-        if (fs::exists(dir / "adapter_model.bin")) {
-          peft::detail::raise<unsupported_error>(where, (dir / "adapter_model.bin").string() +
-                                                            " is a pickle checkpoint; save it with safe_serialization=True");
-        }
-        peft::detail::raise<io_error>(where, "no adapter_model.safetensors in " + dir.string());
-      }
-      const auto file = safetensors_file::open(weights);
-      detail::load_modules<A>(ck, file, base_shape);
+      const auto& file = weights();
+      load_modules<A>(ck, file, base_shape);
       loaded = true;
     }
   };
@@ -294,10 +297,49 @@ basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& d
   return ck;
 }
 
+}  // namespace detail
+
+/// Loads a PEFT checkpoint directory (adapter_config.json + adapter_model.safetensors) into
+/// adapters of type Adapter (default: any_adapter<T>, every method peft-cpp knows). Throws
+/// io_error (missing files), format_error (keys, shapes, a config inconsistent with the tensors),
+/// unsupported_error (a method or variant that no alternative of Adapter handles).
+template <class Adapter>
+basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& dir, const base_shape_fn& base_shape = {}) {
+  constexpr const char* where = "load_peft_checkpoint";
+  namespace fs = std::filesystem;
+  const fs::path weights = dir / "adapter_model.safetensors";
+  return detail::load_checkpoint<Adapter>(adapter_config::load(dir), [&] {
+    if (!fs::exists(weights)) {
+      if (fs::exists(dir / "adapter_model.bin")) {
+        peft::detail::raise<unsupported_error>(where, (dir / "adapter_model.bin").string() +
+                                                          " is a pickle checkpoint; save it with safe_serialization=True");
+      }
+      peft::detail::raise<io_error>(where, "no adapter_model.safetensors in " + dir.string());
+    }
+    return safetensors_file::open(weights);
+  }, base_shape);
+}
+
+/// The same from memory: a checkpoint whose adapter_config.json and adapter_model.safetensors
+/// were read elsewhere (adapter_config::parse, safetensors_file::parse), e.g. from an archive or
+/// a network stream. Throws as the directory overload does, io_error aside.
+template <class Adapter>
+basic_peft_checkpoint<Adapter> load_checkpoint_as(adapter_config config, const safetensors_file& weights,
+                                                  const base_shape_fn& base_shape = {}) {
+  return detail::load_checkpoint<Adapter>(std::move(config), [&]() -> const safetensors_file& { return weights; },
+                                          base_shape);
+}
+
 /// load_checkpoint_as<any_adapter<T>>: every method peft-cpp loads.
 template <compute_scalar T>
 peft_checkpoint<T> load_peft_checkpoint(const std::filesystem::path& dir, const base_shape_fn& base_shape = {}) {
   return load_checkpoint_as<any_adapter<T>>(dir, base_shape);
+}
+/// load_checkpoint_as<any_adapter<T>> from memory.
+template <compute_scalar T>
+peft_checkpoint<T> load_peft_checkpoint(adapter_config config, const safetensors_file& weights,
+                                        const base_shape_fn& base_shape = {}) {
+  return load_checkpoint_as<any_adapter<T>>(std::move(config), weights, base_shape);
 }
 
 /// Writes `dir`/adapter_model.safetensors (tensors stored as `stored_as`) and

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string>
@@ -20,6 +21,7 @@
 
 #include "peft/core/error.hpp"
 #include "peft/core/matrix_view.hpp"
+#include "peft/io/detail/json_depth.hpp"
 
 namespace peft::models {
 
@@ -61,6 +63,10 @@ struct lm_config {
 
   bool is_gpt2() const noexcept { return arch == architecture::gpt2; }
 
+  /// The most layers a config may declare: far above any real model (a few hundred), low enough
+  /// that per-layer tables stay small whatever a malformed file says. format_error above it.
+  static constexpr index max_layers = index{1} << 16;
+
   static lm_config load(const std::filesystem::path& path) {
     const auto file = std::filesystem::is_directory(path) ? path / "config.json" : path;
     std::ifstream in(file);
@@ -77,6 +83,10 @@ struct lm_config {
   static lm_config from_json(const nlohmann::json& j) {
     constexpr const char* where = "lm_config";
     if (!j.is_object()) detail::raise<format_error>(where, "config.json is not a JSON object");
+    // Copying and dumping a value recurse once per level: refuse a malformed depth first.
+    if (io::detail::json_nests_deeper(j, 128)) {
+      detail::raise<format_error>(where, "config.json nests arrays and objects more than 128 deep");
+    }
     reader r{j, {}};
     lm_config c;
     c.model_type = r.string("model_type");
@@ -200,10 +210,11 @@ struct lm_config {
     if (scaling.is_null()) return;
     if (!scaling.is_object()) r.bad("rope_scaling", "must be an object");
     std::string type = "default";
-    if (scaling.contains("rope_type")) {
-      type = scaling.at("rope_type").get<std::string>();
-    } else if (scaling.contains("type")) {
-      type = scaling.at("type").get<std::string>();
+    for (const char* k : {"rope_type", "type"}) {
+      if (!scaling.contains(k)) continue;
+      if (!scaling.at(k).is_string()) r.bad(std::string("rope_scaling.") + k, "must be a string");
+      type = scaling.at(k).get<std::string>();
+      break;
     }
     auto num = [&](const char* k, double fallback) {
       if (!scaling.contains(k) || scaling.at(k).is_null()) return fallback;
@@ -250,6 +261,7 @@ struct lm_config {
     c.hidden_size = r.integer("hidden_size");
     c.intermediate_size = r.integer("intermediate_size");
     c.layers = r.integer("num_hidden_layers");
+    if (c.layers > max_layers) r.bad("num_hidden_layers", "must be at most 65536");
     c.heads = r.integer("num_attention_heads");
     c.kv_heads = r.integer_or("num_key_value_heads", c.heads);
     c.head_dim = r.integer_or("head_dim", c.hidden_size / c.heads);
@@ -328,10 +340,17 @@ struct lm_config {
     c.vocab_size = r.integer("vocab_size");
     c.hidden_size = r.integer("n_embd");
     c.layers = r.integer("n_layer");
+    if (c.layers > max_layers) r.bad("n_layer", "must be at most 65536");
     c.heads = r.integer("n_head");
     c.kv_heads = c.heads;
     c.head_dim = c.hidden_size / c.heads;
-    c.intermediate_size = r.integer_or("n_inner", 4 * c.hidden_size);
+    if (r.has("n_inner")) {
+      c.intermediate_size = r.integer("n_inner");
+    } else if (c.hidden_size > std::numeric_limits<index>::max() / 4) {
+      r.bad("n_embd", "is too large for n_inner = 4 n_embd");
+    } else {
+      c.intermediate_size = 4 * c.hidden_size;
+    }
     c.max_positions = r.integer("n_positions");
     c.norm_eps = r.number_or("layer_norm_epsilon", 1e-5);
     c.act = read_activation(r, "activation_function", "gelu_new");
@@ -353,6 +372,7 @@ struct lm_config {
     auto bad = [](const std::string& what) { detail::raise<format_error>("lm_config", what); };
     if (hidden_size % heads != 0 && is_gpt2()) bad("n_embd must be a multiple of n_head");
     if (heads % kv_heads != 0) bad("num_attention_heads must be a multiple of num_key_value_heads");
+    if (head_dim < 1) bad("head_dim must be positive (hidden_size is smaller than num_attention_heads)");
     if (rope.kind != rope_kind::none && head_dim % 2 != 0) bad("head_dim must be even for rotary embeddings");
     if (!(norm_eps > 0) || !std::isfinite(norm_eps)) bad("the norm epsilon must be positive");
   }

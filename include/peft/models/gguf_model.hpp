@@ -144,6 +144,9 @@ inline lm_config gguf_config(const io::gguf_file& f) {
   };
   c.hidden_size = need("embedding_length");
   c.layers = need("block_count");
+  if (c.layers > lm_config::max_layers) {
+    detail::raise<format_error>(where, f.source_name() + ": '" + a + ".block_count' must be at most 65536");
+  }
   c.intermediate_size = need("feed_forward_length");
   c.heads = need("attention.head_count");
   c.kv_heads = optional_int("attention.head_count_kv", c.heads);

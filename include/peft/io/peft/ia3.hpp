@@ -23,7 +23,7 @@ inline bool ia3_feedforward(const ordered_json& rule, const std::string& module)
   if (rule.is_null()) return false;
   if (rule.is_string()) {
     try {
-      return std::regex_match(module, std::regex(rule.get<std::string>(), std::regex::ECMAScript));
+      return std::regex_match(module, detail::module_regex(rule.get<std::string>()));
     } catch (const std::regex_error& e) {
       peft::detail::raise<format_error>(where, "feedforward_modules '" + rule.get<std::string>() + "' is not a valid regex: " + e.what());
     }
