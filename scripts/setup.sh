@@ -2,9 +2,10 @@
 # peft-cpp set-up: installs the Debian packages that are missing, configures, builds, and runs.
 #
 #   scripts/setup.sh example   the main example (LoRA adaptation on the UCI digits)
-#   scripts/setup.sh test      the whole test suite (unit, packaging, fuzzer when clang++ is
-#                              installed, MPI tests when MPI is installed), then again under
-#                              AddressSanitizer + UBSan, and the hot-swap test under ThreadSanitizer
+#   scripts/setup.sh test      the whole test suite (unit, packaging, CLI faults, the fuzzers, MPI
+#                              tests, aarch64 tests under qemu), then unit and CLI again under
+#                              AddressSanitizer + UBSan, and the serving tests (hot swap, soak)
+#                              under ThreadSanitizer
 #   scripts/setup.sh bench     peft_bench (Release)
 #
 # Environment: BUILD_DIR (default build), JOBS (default nproc), PEFT_SKIP_SANITIZE=1 skips the
@@ -18,8 +19,11 @@ build="${BUILD_DIR:-build}"
 packages=(cmake g++ make libeigen3-dev libxtensor-dev libxsimd-dev nlohmann-json3-dev catch2 libbenchmark-dev)
 # The benchmarks also compare against OpenBLAS and plot with gnuplot (benchmarks/plot.sh).
 [[ "$what" == bench ]] && packages+=(libopenblas-openmp-dev gnuplot-nox)
-# The data-parallel tests (tests/dist) run where MPI is installed: install it for the test suite.
-[[ "$what" == test ]] && packages+=(libopenmpi-dev openmpi-bin)
+# The test suite also runs: the data-parallel tests (tests/dist) over MPI, the libFuzzer targets
+# (tests/fuzz: clang with its runtime libraries), and the kernel and adapter tests built for
+# aarch64 with Debian's cross compiler and run under qemu-user (tests/aarch64).
+[[ "$what" == test ]] && packages+=(libopenmpi-dev openmpi-bin clang libclang-rt-14-dev
+                                    g++-aarch64-linux-gnu qemu-user)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -52,8 +56,9 @@ case "$what" in
       configure "$build-asan" -DCMAKE_BUILD_TYPE=Debug -DPEFT_SANITIZE=address,undefined \
         -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=ON
       cmake --build "$build-asan" -j "$jobs" --target peft_tests peft_cli
-      ctest --test-dir "$build-asan" --output-on-failure -j "$jobs" -R '^(unit|cli)'
-      echo "== the hot-swap test under ThreadSanitizer (OpenMP off: libgomp is not instrumented)"
+      # (the registry's soak test, part of unit, for 20 s here)
+      PEFT_SOAK_SECONDS=20 ctest --test-dir "$build-asan" --output-on-failure -j "$jobs" -R '^(unit|cli)'
+      echo "== the serving tests (hot swap, soak) under ThreadSanitizer (OpenMP off: libgomp is not instrumented)"
       configure "$build-tsan" -DCMAKE_BUILD_TYPE=Debug -DPEFT_SANITIZE=thread -DPEFT_USE_OPENMP=OFF \
         -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=OFF
       cmake --build "$build-tsan" -j "$jobs" --target peft_thread_tests
