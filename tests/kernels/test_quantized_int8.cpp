@@ -299,7 +299,7 @@ TEST_CASE("integer dot kernels stay close to the exact f32-activation product", 
   check_close_to_exact<q4_0_case>();
 }
 
-TEST_CASE("integer dot tables: AVX-512 runs AVX2's kernels, NEON the portable ones", "[kernels][quantized][int8]") {
+TEST_CASE("integer dot tables: AVX-512 runs AVX2's kernels, NEON its own on AArch64", "[kernels][quantized][int8]") {
 #if PEFT_X86_DISPATCH
   static_assert(kernels::detail::q4_k_q8_k_dot_table.provider(isa::avx512) == isa::avx2);
   static_assert(kernels::detail::q6_k_q8_k_dot_table.provider(isa::avx512) == isa::avx2);
@@ -308,7 +308,11 @@ TEST_CASE("integer dot tables: AVX-512 runs AVX2's kernels, NEON the portable on
   static_assert(kernels::detail::q4_k_q8_k_dot_table.provider(isa::avx512) == isa::portable);
   static_assert(kernels::detail::q6_k_q8_k_dot_table.provider(isa::avx2) == isa::portable);
 #endif
+#if PEFT_ARM_NEON
+  static_assert(kernels::detail::q8_0_q8_0_dot_table.provider(isa::neon) == isa::neon);  // vdotq_s32
+#else
   static_assert(kernels::detail::q8_0_q8_0_dot_table.provider(isa::neon) == isa::portable);
+#endif
   static_assert(kernels::detail::q4_0_q8_0_dot_table.provider(isa::portable) == isa::portable);
   CHECK(kernels::detail::q4_k_q8_k_dot_table[isa::avx512] == kernels::detail::q4_k_q8_k_dot_table[isa::avx2]);
   // Empty batches write nothing.

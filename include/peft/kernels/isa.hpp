@@ -4,8 +4,9 @@
 // Every kernel exists as a scalar reference (the truth the tests compare against) and a portable
 // xsimd version (whatever the build's -march gives: SSE2 by default); x86 adds AVX2+FMA and
 // AVX-512 versions compiled with function-level targets, so one binary built without -march
-// still runs the AVX-512 code on a machine that has it; Arm has a NEON slot. Each ISA is a tag
-// type; tags inherit as xsimd's arch tags do (avx512 : avx2 : portable : reference,
+// still runs the AVX-512 code on a machine that has it; on AArch64 the NEON tier (NEON with the
+// dot-product instructions, function-level target too) has the integer dot kernels. Each ISA is
+// a tag type; tags inherit as xsimd's arch tags do (avx512 : avx2 : portable : reference,
 // neon : portable), so a kernel an ISA does not provide falls back to its parent's, both in
 // overload resolution and in the dispatch tables (kernels/dispatch.hpp) built from isa_tags.
 //
@@ -57,6 +58,19 @@
 
 #if defined(__aarch64__) && defined(__ARM_NEON)
 #define PEFT_ARM_NEON 1
+// The NEON tier's region: AArch64 NEON plus the dot-product instructions (FEAT_DotProd), chosen
+// at run time like the x86 tiers.
+#if defined(__clang__)
+#define PEFT_BEGIN_TARGET_NEON_DOTPROD \
+  _Pragma("clang attribute push(__attribute__((target(\"dotprod\"))), apply_to = function)")
+#define PEFT_END_TARGET _Pragma("clang attribute pop")
+#else
+#define PEFT_BEGIN_TARGET_NEON_DOTPROD _Pragma("GCC push_options") _Pragma("GCC target(\"arch=armv8.2-a+dotprod\")")
+#define PEFT_END_TARGET _Pragma("GCC pop_options")
+#endif
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
 #else
 #define PEFT_ARM_NEON 0
 #endif
@@ -121,12 +135,21 @@ struct tag : avx2::tag {
 };
 }  // namespace avx512
 
-/// Arm NEON (AArch64, where it is always present).
+/// Arm NEON with the dot-product instructions (AArch64 with FEAT_DotProd, read from the
+/// kernel's hardware capabilities on Linux; elsewhere not chosen: the portable tier, which is
+/// NEON through xsimd on AArch64, runs instead).
 namespace neon {
 struct tag : portable::tag {
   static constexpr isa value = isa::neon;
   static constexpr std::string_view name = "neon";
-  static bool supported() noexcept { return PEFT_ARM_NEON != 0; }
+  static bool supported() noexcept {
+#if PEFT_ARM_NEON && defined(__linux__)
+    constexpr unsigned long hwcap_asimddp = 1ul << 20;  // HWCAP_ASIMDDP of <asm/hwcap.h>
+    return (::getauxval(AT_HWCAP) & hwcap_asimddp) != 0;
+#else
+    return false;
+#endif
+  }
 };
 }  // namespace neon
 

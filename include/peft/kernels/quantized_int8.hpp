@@ -19,8 +19,8 @@
 // ldx blocks apart (ldx >= nb), each nb blocks of a row of x padded with zeros to whole blocks.
 // Each operation is an overload set over the ISA tags with one dispatch table (as in
 // kernels/quantized.hpp): the reference (kernels/reference/quantized_int8.hpp, exact integer sums
-// combined in double), a portable one (plain scalar integer code) and an AVX2 one
-// (_mm256_maddubs_epi16); AVX-512 runs AVX2's, NEON the portable one.
+// combined in double), a portable one (plain scalar integer code), an AVX2 one
+// (_mm256_maddubs_epi16; AVX-512 runs it) and a NEON one (vdotq_s32, AArch64 with DotProd).
 #pragma once
 
 #include <utility>
@@ -36,6 +36,7 @@
 #include "peft/kernels/isa.hpp"
 #include "peft/kernels/portable/quantized_int8.hpp"
 #include "peft/kernels/reference/quantized_int8.hpp"
+#include "peft/kernels/arm/neon/quantized_int8.hpp"
 #include "peft/kernels/x86/avx2/quantized_int8.hpp"
 
 namespace peft::kernels {
