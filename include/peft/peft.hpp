@@ -74,6 +74,7 @@
 #include "peft/io/peft/vera.hpp"
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/io/safetensors.hpp"
+#include "peft/kernels/arm/neon/quantized_int8.hpp"
 #include "peft/kernels/decode.hpp"
 #include "peft/kernels/dispatch.hpp"
 #include "peft/kernels/epilogue.hpp"

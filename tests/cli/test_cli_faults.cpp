@@ -206,9 +206,12 @@ TEST_CASE("peft finetune killed at random moments: the checkpoint is always whol
   long long last_step = -1;
   for (int attempt = 0; attempt < 40 && kills < 12; ++attempt) {
     const bool resume = fs::exists(out / "trainer_state.json");
-    if (resume && checkpoint_step(out) >= steps) break;
+    const long long done = resume ? checkpoint_step(out) : 0;
+    if (done >= steps) break;
     const pid_t pid = spawn_cli(train_args(out, steps, resume, log), s.dir / "o.txt", s.dir / "e.txt");
-    std::uniform_real_distribution<double> when(0.0, seconds * 0.4);
+    // A moment within the time the steps left take (so that most runs die before finishing).
+    const double left = seconds * static_cast<double>(steps - done) / static_cast<double>(steps);
+    std::uniform_real_distribution<double> when(0.0, 0.8 * left);
     std::this_thread::sleep_for(std::chrono::duration<double>(when(g)));
     ::kill(pid, SIGKILL);
     const auto r = finish(pid, s.dir / "o.txt", s.dir / "e.txt");
