@@ -15,6 +15,7 @@
 #include "peft/base/q4_0.hpp"
 #include "peft/io/gguf.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/file_support.hpp"
 #include "support/test_support.hpp"
 
 namespace test_cli {
@@ -30,10 +31,8 @@ struct run_result {
   std::string out, err;
 };
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
+using peft_test::lines;
+using peft_test::slurp;
 
 run_result run_cli(const std::string& args, const fs::path& scratch) {
   const auto out = scratch / "stdout.txt", err = scratch / "stderr.txt";
@@ -46,19 +45,9 @@ run_result run_cli(const std::string& args, const fs::path& scratch) {
   return r;
 }
 
-struct scratch_dir {
-  fs::path dir;
-  explicit scratch_dir(const std::string& n) : dir(fs::temp_directory_path() / ("peft_cli_" + n)) {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
+struct scratch_dir : peft_test::scratch_dir {
+  explicit scratch_dir(const std::string& n) : peft_test::scratch_dir("peft_cli_" + n) {}
 };
-
-int lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
 
 }  // namespace
 

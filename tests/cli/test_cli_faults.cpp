@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "peft/io/safetensors.hpp"
+#include "support/file_support.hpp"
 
 namespace test_cli_faults {
 
@@ -35,12 +36,8 @@ namespace fs = std::filesystem;
 const fs::path data = fs::path(PEFT_TEST_DATA_DIR);
 const fs::path mistral = data / "lm" / "mistral";
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
-
-int lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
+using peft_test::lines;
+using peft_test::slurp;
 
 /// The last line of a program's stderr (progress lines come before it).
 std::string last_line(const std::string& s) {
@@ -58,16 +55,8 @@ void check_failed_cleanly(const std::string& err, int status) {
   CHECK(err.back() == '\n');
 }
 
-struct scratch_dir {
-  fs::path dir;
-  explicit scratch_dir(const std::string& n) : dir(fs::temp_directory_path() / ("peft_faults_" + n)) {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
+struct scratch_dir : peft_test::scratch_dir {
+  explicit scratch_dir(const std::string& n) : peft_test::scratch_dir("peft_faults_" + n) {}
 };
 
 /// Starts `peft args...` with stdout and stderr to files; `file_size_limit` sets RLIMIT_FSIZE in

@@ -8,29 +8,19 @@
 #include <string>
 
 #include "peft/io/detail/file_io.hpp"
+#include "support/file_support.hpp"
 
 namespace test_file_io {
 
 namespace {
 namespace fs = std::filesystem;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
+using peft_test::slurp;
 
 void put(const fs::path& p, const std::string& text) { std::ofstream(p, std::ios::binary) << text; }
 
-struct scratch {
-  fs::path dir = fs::temp_directory_path() / ("peft_file_io_" + std::to_string(::getpid()));
-  scratch() {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~scratch() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
+struct scratch : peft_test::scratch_dir {
+  scratch() : peft_test::scratch_dir("peft_file_io_" + std::to_string(::getpid())) {}
 };
 
 int entries(const fs::path& dir) {

@@ -79,11 +79,10 @@ inline std::size_t lora_parameter_count(const lm_config& c, index rank, const st
   std::size_t n = 0;
   const bool all = targets.size() == 1 && (targets[0] == "all-linear" || targets[0] == "ALL-LINEAR");
   for (const auto& [name, shape] : block_projections(c)) {
+    const auto dot = name.rfind('.');
+    const std::string last = dot == std::string::npos ? name : name.substr(dot + 1);
     bool chosen = all;
-    for (const auto& t : targets) {
-      const std::string last = name.substr(name.rfind('.') == std::string::npos ? 0 : name.rfind('.') + 1);
-      chosen = chosen || t == name || t == last;
-    }
+    for (const auto& t : targets) chosen = chosen || t == name || t == last;
     if (chosen) n += static_cast<std::size_t>(rank * (shape.first + shape.second));
   }
   return n * static_cast<std::size_t>(c.layers);
