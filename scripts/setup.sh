@@ -16,7 +16,8 @@ what="${1:-test}"
 jobs="${JOBS:-$(nproc)}"
 build="${BUILD_DIR:-build}"
 
-packages=(cmake g++ make libeigen3-dev libxtensor-dev libxsimd-dev nlohmann-json3-dev catch2 libbenchmark-dev)
+packages=(cmake g++ make libeigen3-dev libxtensor-dev libxsimd-dev nlohmann-json3-dev catch2 libbenchmark-dev
+          libpcre2-dev libutf8proc-dev)
 # The benchmarks also compare against OpenBLAS and plot with gnuplot (benchmarks/plot.sh).
 [[ "$what" == bench ]] && packages+=(libopenblas-openmp-dev gnuplot-nox)
 # The test suite also runs: the data-parallel tests (tests/dist) over MPI, the libFuzzer targets
