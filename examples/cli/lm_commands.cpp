@@ -25,6 +25,7 @@
 #include <peft/models/generate.hpp>
 #include <peft/models/memory.hpp>
 #include <peft/models/peft_model.hpp>
+#include <peft/models/text_data.hpp>
 #include <peft/models/token_file.hpp>
 #include <peft/train/optimizer.hpp>
 
@@ -40,6 +41,8 @@ using peft::index;
 /// Options every LM command shares.
 struct model_args {
   std::optional<std::string> model, adapter, tokens, quantize;
+  std::optional<std::string> text, jsonl, tokenizer;  // text data and the tokenizer that reads it
+  index seq_len = 0;                                   // 0: min(512, the model's positions)
   bool f64 = false, int8 = false;
   int threads = 0;
 
@@ -52,6 +55,14 @@ struct model_args {
       adapter = r.value();
     } else if (a == "--tokens") {
       tokens = r.value();
+    } else if (a == "--text") {
+      text = r.value();
+    } else if (a == "--jsonl") {
+      jsonl = r.value();
+    } else if (a == "--tokenizer") {
+      tokenizer = r.value();
+    } else if (a == "--seq-len") {
+      seq_len = static_cast<index>(r.integer(2));
     } else if (a == "--quantize-base") {
       quantize = r.value();
       if (!peft::quantized_format_index(*quantize)) {
@@ -70,9 +81,17 @@ struct model_args {
     }
     return true;
   }
-  void require(const char* command) const {
+  /// text_inputs: the command also reads --text and --jsonl; needs_input: one of them is required.
+  void require(const char* command, bool text_inputs = false, bool needs_input = true) const {
     if (!model) throw usage_error(std::string(command) + " needs --model");
-    if (!tokens) throw usage_error(std::string(command) + " needs --tokens");
+    const int given = (tokens ? 1 : 0) + (text ? 1 : 0) + (jsonl ? 1 : 0);
+    if (!text_inputs && (text || jsonl)) throw usage_error(std::string(command) + " reads --tokens, not --text or --jsonl");
+    if (given > 1) throw usage_error("give one of --tokens, --text and --jsonl");
+    if (given == 0 && needs_input) {
+      throw usage_error(std::string(command) + (text_inputs ? " needs --tokens, --text or --jsonl" : " needs --tokens"));
+    }
+    if (tokenizer && tokens) throw usage_error("--tokenizer reads text; a --tokens file is ids already");
+    if (seq_len && tokens) throw usage_error("--seq-len applies to --text and --jsonl; a --tokens file's lines are its rows");
     if (f64 && quantize) throw usage_error("--precision f64 runs dense bases only; drop --quantize-base");
     if (int8 && (f64 || quantize || !peft::models::is_gguf_path(*model))) {
       throw usage_error("--int8-activations needs a .gguf model in f32, without --quantize-base");
@@ -118,6 +137,51 @@ void check_lengths(const std::vector<std::vector<long long>>& rows, index max_po
                         "; the model has " + std::to_string(max_positions) + " positions");
     }
   }
+}
+
+/// The model's configuration (directory or .gguf) without its weights.
+peft::models::lm_config model_config(const std::string& model) {
+  return peft::models::is_gguf_path(model) ? peft::models::gguf_config(peft::io::gguf_file::open(model))
+                                           : peft::models::lm_config::load(model);
+}
+
+/// The tokenizer: --tokenizer, else the model directory's tokenizer.json.
+peft::models::tokenizer open_tokenizer(const model_args& m) {
+  if (m.tokenizer) return peft::models::tokenizer::load(*m.tokenizer);
+  if (peft::models::is_gguf_path(*m.model)) {
+    throw usage_error("a .gguf model needs --tokenizer TOKENIZER.json to read text (the GGUF vocabulary is not read)");
+  }
+  const fs::path file = fs::path(*m.model) / "tokenizer.json";
+  if (!fs::exists(file)) throw peft::io_error("[tokenizer] " + file.string() + " does not exist; give --tokenizer FILE");
+  return peft::models::tokenizer::load(file);
+}
+
+/// Training or validation rows from `file` in the form the flags chose (--tokens, --text, --jsonl).
+peft::models::text_data read_rows(const model_args& m, const std::string& file, const peft::models::lm_config& cfg,
+                                  const std::optional<peft::models::tokenizer>& tok) {
+  peft::models::text_data d;
+  if (m.tokens) {
+    for (auto& r : peft::models::read_token_file(file)) d.rows.push_back({std::move(r), 0});
+    d.examples = d.rows.size();
+    return d;
+  }
+  peft::models::text_data_options o;
+  o.seq_len = m.seq_len ? m.seq_len : std::min<index>(512, cfg.max_positions);
+  if (o.seq_len > cfg.max_positions) {
+    throw usage_error("--seq-len " + std::to_string(o.seq_len) + " exceeds the model's " + std::to_string(cfg.max_positions) + " positions");
+  }
+  if (!cfg.eos_token_ids.empty()) o.eos = cfg.eos_token_ids.front();
+  o.format = m.jsonl ? peft::models::text_format::jsonl : peft::models::text_format::text;
+  d = peft::models::read_text_data(file, *tok, o);
+  for (const auto& r : d.rows) {
+    for (const long long id : r.ids) {
+      if (id >= cfg.vocab_size) {
+        throw peft::error("[tokenizer] token id " + std::to_string(id) + " of " + file + " is outside the model's vocabulary of " +
+                          std::to_string(cfg.vocab_size) + ": the tokenizer is not this model's");
+      }
+    }
+  }
+  return d;
 }
 
 /// Whether mpirun (Open MPI, MPICH, PMIx launchers) started this process.
@@ -212,6 +276,7 @@ int lm_logits(const std::vector<std::string>& args) {
 int lm_generate(const std::vector<std::string>& args) {
   model_args m;
   peft::models::sampling_options s;
+  std::optional<std::string> prompt;
   arg_reader r(args);
   bool have_max = false, timings = false;
   while (r.next()) {
@@ -234,14 +299,31 @@ int lm_generate(const std::vector<std::string>& args) {
       timings = true;
     } else if (a == "--ignore-eos") {
       s.stop_at_eos = false;
+    } else if (a == "--prompt") {
+      prompt = r.value();
     } else {
       r.unknown();
     }
   }
-  m.require("generate");
+  m.require("generate", false, !prompt);
+  if (prompt && m.tokens) throw usage_error("give --prompt or --tokens, not both");
+  if (!prompt && m.tokenizer) throw usage_error("--tokenizer is for --prompt");
   if (!have_max) throw usage_error("generate needs --max-new-tokens");
   m.apply_threads();
-  const auto rows = peft::models::read_token_file(*m.tokens);
+  // --prompt: text in, text out (the tokenizer's BOS added; the continuation printed as text).
+  std::optional<peft::models::tokenizer> tok;
+  std::vector<std::vector<long long>> rows;
+  if (prompt) {
+    tok = open_tokenizer(m);
+    rows.push_back(tok->encode(*prompt, true));
+    if (rows.back().empty()) throw usage_error("--prompt encodes to no token; give some text");
+    const auto cfg = model_config(*m.model);
+    for (const long long id : rows.back()) {
+      if (id >= cfg.vocab_size) throw peft::error("[tokenizer] the prompt has token id " + std::to_string(id) + ", outside the model's vocabulary: the tokenizer is not this model's");
+    }
+  } else {
+    rows = peft::models::read_token_file(*m.tokens);
+  }
   return with_model_type(m, [&]<class T, class Base>() {
     auto pm = open_model<T, Base>(m);
     check_lengths(rows, pm.model().config().max_positions, s.max_new_tokens);
@@ -257,6 +339,16 @@ int lm_generate(const std::vector<std::string>& args) {
                      static_cast<double>(timing.prompt_tokens) / timing.prompt_seconds,
                      static_cast<std::ptrdiff_t>(timing.new_tokens), timing.decode_seconds,
                      timing.new_tokens ? static_cast<double>(timing.new_tokens) / timing.decode_seconds : 0.0);
+      }
+      if (tok) {
+        // The continuation is the decoded whole less the decoded prompt (decoding the new ids
+        // alone would drop a SentencePiece-style leading space).
+        std::vector<long long> all = rows[i];
+        all.insert(all.end(), ids.begin(), ids.end());
+        const std::string whole = tok->decode(all, true), head = tok->decode(rows[i], true);
+        text += whole.compare(0, head.size(), head) == 0 ? whole.substr(head.size()) : tok->decode(ids, true);
+        text.push_back('\n');
+        continue;
       }
       for (std::size_t k = 0; k < ids.size(); ++k) {
         if (k) text.push_back(' ');
@@ -398,7 +490,8 @@ int lm_finetune(const std::vector<std::string>& args) {
   peft::models::adapter_options ao;
   bool have_method = false;
   std::optional<std::string> out, log_path;
-  long long steps = -1, batch = -1, save_every = 0, accum = 1;
+  long long steps = -1, batch = -1, save_every = 0, accum = 1, val_every = 0;
+  std::optional<std::string> val_path;
   double lr = -1, weight_decay = 0.0;
   bool resume = false, checkpointing = false, full = false, skip_nonfinite = false;
   std::optional<std::size_t> memory_budget;
@@ -446,6 +539,10 @@ int lm_finetune(const std::vector<std::string>& args) {
       full = true;
     } else if (a == "--skip-nonfinite") {
       skip_nonfinite = true;
+    } else if (a == "--val") {
+      val_path = r.value();
+    } else if (a == "--val-every") {
+      val_every = r.integer(1);
     } else if (a == "--memory-budget") {
       const std::string v = r.value();
       memory_budget = parse_bytes("--memory-budget", v);
@@ -453,8 +550,9 @@ int lm_finetune(const std::vector<std::string>& args) {
       r.unknown();
     }
   }
-  m.require("finetune");
+  m.require("finetune", true);
   if (!out) throw usage_error("finetune needs --out");
+  if (val_every && !val_path) throw usage_error("--val-every needs --val FILE");
   if (steps < 0 || batch < 0 || lr < 0) throw usage_error("finetune needs --steps, --batch and --lr");
   if (m.adapter && have_method) throw usage_error("give --adapter or --method, not both");
   if (full && (m.adapter || have_method)) throw usage_error("--full trains every weight; drop --adapter and --method");
@@ -480,7 +578,25 @@ int lm_finetune(const std::vector<std::string>& args) {
   m.apply_threads();
   data_parallel dp;
   if (dp.size > 1 && batch < dp.size) throw usage_error("--batch must be at least the number of MPI ranks");
-  const auto rows = peft::models::read_token_file(*m.tokens);
+  // The data: token ids, or text tokenized with the model's tokenizer (rows with prompt lengths:
+  // a prompt/completion JSONL's loss counts the completion only).
+  const auto cfg0 = model_config(*m.model);
+  std::optional<peft::models::tokenizer> tok;
+  if (!m.tokens) tok = open_tokenizer(m);
+  const auto data = read_rows(m, m.tokens ? *m.tokens : m.text ? *m.text : *m.jsonl, cfg0, tok);
+  const auto rows = data.id_rows();
+  std::vector<std::size_t> prompts;
+  for (const auto& r : data.rows) prompts.push_back(r.prompt_tokens);
+  std::optional<peft::models::text_data> val;
+  if (val_path) val = read_rows(m, *val_path, cfg0, tok);
+  if (val_path && !val_every) val_every = std::max<long long>(1, steps / 10);
+  if (!m.tokens && dp.root()) {
+    std::fprintf(stderr, "peft: %zu rows, %zu tokens from %zu %s", data.rows.size(), data.tokens(), data.examples,
+                 m.text ? "document" : "examples");
+    if (data.truncated) std::fprintf(stderr, ", %zu cut to the sequence length", data.truncated);
+    if (data.dropped) std::fprintf(stderr, ", %zu dropped (no completion token left)", data.dropped);
+    std::fputc('\n', stderr);
+  }
   const fs::path dir = *out;
   auto train = [&]<class T, class Base>() {
     model_args opened = m;
@@ -539,7 +655,7 @@ int lm_finetune(const std::vector<std::string>& args) {
       // On resume the rows up to the checkpoint are kept; later ones (lost work) are dropped.
       // The log is rewritten atomically, then appended to (a killed run leaves at most half a
       // line, which the next --resume drops).
-      std::string head = "step,loss,lr,tokens,seconds\n";
+      std::string head = val ? "step,loss,lr,tokens,seconds,val_loss,val_ppl\n" : "step,loss,lr,tokens,seconds\n";
       if (resume) {
         for (const auto& k : log_rows_before(*log_path, start)) head += k + "\n";
       }
@@ -564,6 +680,26 @@ int lm_finetune(const std::vector<std::string>& args) {
       last_saved = step;
     };
     const auto n = static_cast<long long>(rows.size());
+    // Validation: the token-weighted mean loss over the whole --val file, in batches of --batch.
+    const auto val_rows = val ? val->id_rows() : std::vector<std::vector<long long>>{};
+    auto validate = [&]() {
+      double sum = 0, count = 0;
+      for (std::size_t f = 0; f < val_rows.size(); f += static_cast<std::size_t>(batch)) {
+        const std::size_t e = std::min(val_rows.size(), f + static_cast<std::size_t>(batch));
+        const std::vector<std::vector<long long>> part(val_rows.begin() + static_cast<std::ptrdiff_t>(f), val_rows.begin() + static_cast<std::ptrdiff_t>(e));
+        std::vector<std::size_t> pp;
+        for (std::size_t k = f; k < e; ++k) pp.push_back(val->rows[k].prompt_tokens);
+        const auto b = peft::models::token_batch::from_rows(part);
+        const auto labels = peft::models::training_labels(b, pp);
+        const auto k = static_cast<double>(lm.predicted_tokens(b, labels));
+        if (k == 0) continue;
+        sum += lm.loss(b, labels) * k;
+        count += k;
+      }
+      return count > 0 ? sum / count : std::nan("");
+    };
+    if (val) check_lengths(val_rows, lm.config().max_positions);
+    double last_val = std::nan("");
     long long skipped = 0;
     const bool tty = ::isatty(2) != 0;
     double next_report = 0;
@@ -575,10 +711,15 @@ int lm_finetune(const std::vector<std::string>& args) {
     const double tokens_before = tokens_seen;
     for (long long s = start; s < steps; ++s) {
       std::vector<std::vector<long long>> lines;
-      for (long long i = 0; i < batch; ++i) lines.push_back(rows[static_cast<std::size_t>((s * batch + i) % n)]);
+      std::vector<std::size_t> line_prompts;
+      for (long long i = 0; i < batch; ++i) {
+        const auto k = static_cast<std::size_t>((s * batch + i) % n);
+        lines.push_back(rows[k]);
+        line_prompts.push_back(prompts[k]);
+      }
       // Micro-batches share one normaliser: the loss and gradient equal the whole batch's.
       const auto whole = peft::models::token_batch::from_rows(lines);
-      const double predicted = static_cast<double>(lm.predicted_tokens(whole, whole.causal_labels()));
+      const double predicted = static_cast<double>(lm.predicted_tokens(whole, peft::models::training_labels(whole, line_prompts)));
       lm.zero_grad();
       double loss = 0;
       // This rank's share of the batch (all of it in one process), in --grad-accum micro-batches.
@@ -588,8 +729,9 @@ int lm_finetune(const std::vector<std::string>& args) {
         const long long a0 = r0 + k * (r1 - r0) / accum, a1 = r0 + (k + 1) * (r1 - r0) / accum;
         if (a1 <= a0) continue;
         const std::vector<std::vector<long long>> part(lines.begin() + a0, lines.begin() + a1);
+        const std::vector<std::size_t> part_prompts(line_prompts.begin() + a0, line_prompts.begin() + a1);
         const auto b = peft::models::token_batch::from_rows(part);
-        const auto labels = b.causal_labels();
+        const auto labels = peft::models::training_labels(b, part_prompts);
         const index n_pred = lm.predicted_tokens(b, labels);
         if (n_pred == 0) continue;
         local_tokens += n_pred;
@@ -628,18 +770,29 @@ int lm_finetune(const std::vector<std::string>& args) {
         if (dp.root()) std::fprintf(stderr, "%speft: step %lld skipped: %s\n", tty ? "\n" : "", s, bad.c_str());
       }
       for (const auto& l : lines) tokens_seen += static_cast<double>(l.size());
+      const bool validated = val && ((s + 1) % val_every == 0 || s + 1 == steps);
+      if (validated) last_val = validate();
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (log.is_open()) {
-        char row[160];
-        std::snprintf(row, sizeof row, "%lld,%.9g,%.6g,%.0f,%.3f\n", s, loss, step_lr, tokens_seen, secs);
+        char row[200];
+        std::snprintf(row, sizeof row, "%lld,%.9g,%.6g,%.0f,%.3f", s, loss, step_lr, tokens_seen, secs);
         log << row;
+        if (validated) {
+          std::snprintf(row, sizeof row, ",%.9g,%.9g", last_val, std::exp(last_val));
+          log << row;
+        } else if (val) {
+          log << ",,";
+        }
+        log << '\n';
         log.flush();
       }
       const double done = static_cast<double>(s - start + 1);
       // On a terminal one line rewritten in place; into a file or pipe a line every few seconds.
-      if (dp.root() && (tty || s + 1 == steps || secs >= next_report)) {
-        std::fprintf(stderr, "%speft: step %lld/%lld  loss %.4f  lr %.3g  %.0f tok/s  left %s%s", tty ? "\r" : "", s + 1,
-                     steps, loss, step_lr, (tokens_seen - tokens_before) / std::max(secs, 1e-9),
+      if (dp.root() && (tty || s + 1 == steps || secs >= next_report || validated)) {
+        char vt[64] = "";
+        if (val && !std::isnan(last_val)) std::snprintf(vt, sizeof vt, "  val %.4f (ppl %.2f)", last_val, std::exp(last_val));
+        std::fprintf(stderr, "%speft: step %lld/%lld  loss %.4f%s  lr %.3g  %.0f tok/s  left %s%s", tty ? "\r" : "", s + 1,
+                     steps, loss, vt, step_lr, (tokens_seen - tokens_before) / std::max(secs, 1e-9),
                      clock_text(secs / done * static_cast<double>(steps - s - 1)).c_str(), tty ? "   " : "\n");
         next_report = secs + 5.0;
       }

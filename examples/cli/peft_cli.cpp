@@ -6,10 +6,11 @@
 //   (--quantized-base: the adapter was trained over that frozen quantized base (QLoRA); the merged
 //   weights are re-quantized to it, and the tool says so on stderr)
 //   peft logits   --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --out OUT.safetensors
-//   peft generate --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --max-new-tokens N
+//   peft generate --model MODEL_DIR [--adapter ADAPTER_DIR] (--tokens FILE | --prompt TEXT) --max-new-tokens N
 //                 [--temperature T --top-k K --top-p P --seed S --ignore-eos]
 //   peft finetune --model MODEL_DIR (--adapter INIT_DIR | --method NAME --rank R --alpha A
-//                 --targets LIST|all-linear) --tokens FILE --steps N --batch B --lr LR --out DIR ...
+//                 --targets LIST|all-linear) (--tokens FILE | --text FILE | --jsonl FILE) [--val FILE]
+//                 --steps N --batch B --lr LR --out DIR ...
 //   (lm_commands.cpp; docs/models.md has every flag)
 //
 // Exit status 0 on success; 2 on bad input, with one line on stderr and no output file left.
@@ -38,10 +39,11 @@ constexpr const char* usage =
     "       peft logits --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --out OUT.safetensors\n"
     "                   [--quantize-base int8|q4_0|nf4|q8_0|q4_k|q6_k] [--precision f32|f64] [--threads T]\n"
     "                   [--int8-activations]   (a .gguf model: llama.cpp's 8-bit activations, faster)\n"
-    "       peft generate --model MODEL_DIR [--adapter ADAPTER_DIR] --tokens FILE --max-new-tokens N\n"
+    "       peft generate --model MODEL_DIR [--adapter ADAPTER_DIR] (--tokens FILE | --prompt TEXT) --max-new-tokens N\n"
     "                   [--temperature T] [--top-k K] [--top-p P] [--seed S] [--ignore-eos] [--timings]\n"
     "       peft finetune --model MODEL_DIR (--adapter INIT_DIR | --method NAME --rank R --alpha A\n"
-    "                   --targets LIST|all-linear [--rslora] [--lora-bias] | --full) --tokens FILE --steps N\n"
+    "                   --targets LIST|all-linear [--rslora] [--lora-bias] | --full)\n"
+    "                   (--tokens FILE | --text FILE | --jsonl FILE [--seq-len L]) [--val FILE [--val-every K]] --steps N\n"
     "                   --batch B --lr LR [--weight-decay WD] [--grad-accum K] [--threads T]\n"
     "                   [--quantize-base int8|q4_0|nf4|q8_0|q4_k|q6_k] [--checkpointing] [--log LOG.csv] [--seed S]\n"
     "                   [--save-every K] [--resume] [--skip-nonfinite] [--memory-budget SIZE]\n"
@@ -51,7 +53,8 @@ constexpr const char* usage =
     "   (MODEL_DIR may also be a llama.cpp model file, MODEL.gguf: its tensors are the frozen bases)\n"
     "   (mpirun -np N peft finetune ... trains data-parallel where peft was built with MPI)\n"
     "   (methods: lora, dora, vera, loha, lokr, adalora, ia3, shira; token FILE: one sequence of\n"
-    "    ids per line, separated by spaces)\n";
+    "    ids per line, separated by spaces; --text, --jsonl ({\"text\"} or {\"prompt\", \"completion\"}\n"
+    "    lines) and --prompt read the model directory's tokenizer.json, or --tokenizer FILE)\n";
 
 std::string one_line(std::string s) {
   for (char& c : s) {

@@ -15,6 +15,7 @@
 #include "peft/base/q4_0.hpp"
 #include "peft/io/gguf.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/cli_support.hpp"
 #include "support/file_support.hpp"
 #include "support/test_support.hpp"
 
@@ -26,24 +27,10 @@ namespace fs = std::filesystem;
 const fs::path data = fs::path(PEFT_TEST_DATA_DIR);
 const fs::path llama = data / "models" / "llama_lora";
 
-struct run_result {
-  int status = -1;
-  std::string out, err;
-};
-
 using peft_test::lines;
+using peft_test::run_cli;
+using peft_test::run_result;
 using peft_test::slurp;
-
-run_result run_cli(const std::string& args, const fs::path& scratch) {
-  const auto out = scratch / "stdout.txt", err = scratch / "stderr.txt";
-  const std::string cmd = std::string("'") + PEFT_CLI_PATH + "' " + args + " >'" + out.string() + "' 2>'" + err.string() + "'";
-  const int raw = std::system(cmd.c_str());
-  run_result r;
-  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
-}
 
 struct scratch_dir : peft_test::scratch_dir {
   explicit scratch_dir(const std::string& n) : peft_test::scratch_dir("peft_cli_" + n) {}
