@@ -190,6 +190,7 @@ class tokenizer {
   std::vector<pre_step> pre_;
   std::vector<decoder_step> decoders_;
   std::vector<added_token> added_;
+  std::array<std::vector<std::size_t>, 256> added_by_first_byte_;  // indices into added_, longest first
   std::unordered_map<std::string, long long> added_by_content_;
   std::vector<long long> template_before_, template_after_;
   std::array<long long, 256> byte_tokens_{};  // <0xXX> ids, -1 where absent
@@ -371,6 +372,8 @@ class tokenizer {
     }
     // Longest first: at one position the longest added token matches (leftmost-longest).
     std::stable_sort(added_.begin(), added_.end(), [](const added_token& x, const added_token& y) { return x.content.size() > y.content.size(); });
+    for (auto& v : added_by_first_byte_) v.clear();
+    for (std::size_t k = 0; k < added_.size(); ++k) added_by_first_byte_[static_cast<unsigned char>(added_[k].content[0])].push_back(k);
   }
 
   void parse_normalizer(const nlohmann::json& n) {
@@ -599,7 +602,8 @@ class tokenizer {
     std::size_t i = 0;
     while (i < text.size()) {
       const added_token* hit = nullptr;
-      for (const auto& t : added_) {
+      for (const std::size_t k : added_by_first_byte_[static_cast<unsigned char>(text[i])]) {
+        const added_token& t = added_[k];
         if (t.normalized != normalized) continue;
         if (text.compare(i, t.content.size(), t.content) != 0) continue;
         if (t.single_word) {
