@@ -69,6 +69,7 @@ Base load_base(const model_files& model, const std::string& module, bool fan_in_
                                                  peft::detail::shape_text(info.shape) + ")");
   }
   matrix<U> w = model.file_of(*name).template read_matrix<U>(*name);
+  model.file_of(*name).release(*name);  // the file's pages need not stay resident
   if (fan_in_fan_out) {
     matrix<U> t(w.cols(), w.rows());
     for (index i = 0; i < w.rows(); ++i) {

@@ -220,6 +220,15 @@ class safetensors_file {
     return matrix<T>(rows, cols, read<T>(name));
   }
 
+  /// After `name` has been read (converted or quantized): its bytes leave this process's
+  /// resident memory (a mapped file only; the next read maps them in again). Model loaders call
+  /// it per tensor, so peak memory is the converted weights, not also the whole file.
+  void release(std::string_view name) const {
+    if (!map_) return;
+    const tensor_info& t = info(name);
+    map_->release(data_ + t.begin, t.nbytes());
+  }
+
   /// The "__metadata__" entry (empty when absent).
   const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
 

@@ -96,12 +96,16 @@ struct hf_weights {
   template <class T>
   matrix<T> read_matrix(const std::string& module, const std::string& suffix, index rows, index cols) const {
     const std::string name = checked(module, suffix, {rows, cols}, std::to_string(rows) + "x" + std::to_string(cols) + " floating");
-    return f.file_of(name).template read_matrix<T>(name);
+    auto m = f.file_of(name).template read_matrix<T>(name);
+    f.file_of(name).release(name);  // the converted copy is what stays in memory
+    return m;
   }
   template <class T>
   std::vector<T> read_vector(const std::string& module, const std::string& suffix, index n) const {
     const std::string name = checked(module, suffix, {n}, std::to_string(n) + " floating values");
-    return f.file_of(name).template read<T>(name);
+    auto v = f.file_of(name).template read<T>(name);
+    f.file_of(name).release(name);
+    return v;
   }
   template <base_weight Base>
   Base base(const std::string& module, index /*out*/, index /*in*/) const {

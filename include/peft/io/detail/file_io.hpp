@@ -135,6 +135,18 @@ class mapped_bytes {
   const std::byte* data() const noexcept { return data_; }
   std::size_t size() const noexcept { return size_; }
 
+  /// Drops the whole pages inside [p, p + n) from this process's resident memory
+  /// (madvise MADV_DONTNEED): the mapping stays valid and a later read faults them in from the
+  /// file again (the file is mapped read-only, so nothing is lost). Loaders call it after
+  /// converting a tensor, so that reading a model does not hold the whole file resident.
+  void release(const std::byte* p, std::size_t n) const noexcept {
+    if (data_ == nullptr || p < data_ || n == 0 || p + n > data_ + size_) return;
+    const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const auto b = (reinterpret_cast<std::uintptr_t>(p) + page - 1) / page * page;
+    const auto e = (reinterpret_cast<std::uintptr_t>(p) + n) / page * page;
+    if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+  }
+
  private:
   mapped_bytes() = default;
   const std::byte* data_ = nullptr;
