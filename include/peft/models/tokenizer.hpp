@@ -76,6 +76,7 @@ class tokenizer {
       peft::detail::raise<format_error>("tokenizer::encode", "the text is not valid UTF-8 (byte " + std::to_string(bad) + ")");
     }
     std::vector<long long> ids;
+    word_cache cache;  // per call: repeated words of a long text are merged once
     if (add_special_tokens) append_template(ids, true);
     // Added tokens matched in the raw text first; the rest normalised, then split on the added
     // tokens that match normalised text; the rest pre-tokenized and run through the model.
@@ -90,7 +91,7 @@ class tokenizer {
           ids.push_back(sub.added);
           continue;
         }
-        for (const auto& p : pre_tokenize(sub.text, sub.at_start)) bpe(p, ids);
+        for (const auto& p : pre_tokenize(sub.text, sub.at_start)) cached_bpe(p, ids, cache);
       }
     }
     if (add_special_tokens) append_template(ids, false);
@@ -805,6 +806,20 @@ class tokenizer {
       pieces = std::move(next);
     }
     return pieces;
+  }
+
+  using word_cache = std::unordered_map<std::string, std::vector<long long>>;
+
+  /// bpe() through `cache` for pieces of up to 64 bytes (words; a long piece is rarely repeated).
+  void cached_bpe(const piece& p, std::vector<long long>& ids, word_cache& cache) const {
+    if (p.text.size() > 64) return bpe(p, ids);
+    if (auto it = cache.find(p.text); it != cache.end()) {
+      ids.insert(ids.end(), it->second.begin(), it->second.end());
+      return;
+    }
+    const std::size_t first = ids.size();
+    bpe(p, ids);
+    if (cache.size() < (1u << 16)) cache.emplace(p.text, std::vector<long long>(ids.begin() + static_cast<std::ptrdiff_t>(first), ids.end()));
   }
 
   /// BPE on one pre-tokenized piece: characters (or their bytes' <0xXX> tokens, or unk) merged by
