@@ -17,9 +17,9 @@ jobs="${JOBS:-$(nproc)}"
 build="${BUILD_DIR:-build}"
 
 packages=(cmake g++ make libeigen3-dev libxtensor-dev libxsimd-dev nlohmann-json3-dev catch2 libbenchmark-dev
-          libpcre2-dev libutf8proc-dev)
+          libpcre2-dev libutf8proc-dev libopenblas-openmp-dev)
 # The benchmarks also compare against OpenBLAS and plot with gnuplot (benchmarks/plot.sh).
-[[ "$what" == bench ]] && packages+=(libopenblas-openmp-dev gnuplot-nox)
+[[ "$what" == bench ]] && packages+=(gnuplot-nox)
 # The test suite also runs: the data-parallel tests (tests/dist) over MPI, the libFuzzer targets
 # (tests/fuzz: clang with its runtime libraries), and the kernel and adapter tests built for
 # aarch64 with Debian's cross compiler and run under qemu-user (tests/aarch64).
