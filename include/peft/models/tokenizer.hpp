@@ -575,13 +575,14 @@ class tokenizer {
     ids.insert(ids.end(), t.begin(), t.end());
   }
 
+  /// Whether the character at s[i] is Unicode White_Space (Rust's char::is_whitespace); its
+  /// length in bytes goes to *len.
   static bool is_space_at(std::string_view s, std::size_t i, std::size_t* len) {
     const std::size_t n = detail::utf8_length(static_cast<unsigned char>(s[i]));
     *len = n;
-    return utf8proc_category(static_cast<utf8proc_int32_t>(detail::decode_utf8(s.data() + i, n))) == UTF8PROC_CATEGORY_ZS ||
-           (n == 1 && (s[i] == '\t' || s[i] == '\n' || s[i] == '\r' || s[i] == '\v' || s[i] == '\f')) ||
-           detail::decode_utf8(s.data() + i, n) == 0x85 || detail::decode_utf8(s.data() + i, n) == 0x2028 ||
-           detail::decode_utf8(s.data() + i, n) == 0x2029;
+    const std::uint32_t cp = detail::decode_utf8(s.data() + i, n);
+    return (cp >= 0x09 && cp <= 0x0D) || cp == 0x85 || cp == 0x2028 || cp == 0x2029 ||
+           utf8proc_category(static_cast<utf8proc_int32_t>(cp)) == UTF8PROC_CATEGORY_ZS;
   }
   static bool is_word_char(std::uint32_t cp) {
     const auto c = utf8proc_category(static_cast<utf8proc_int32_t>(cp));
