@@ -8,6 +8,8 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,7 +19,9 @@
 #include "peft/models/generate.hpp"
 #include "peft/models/peft_model.hpp"
 #include "peft/models/token_file.hpp"
+#include "peft/train/dynamic_rank_trainer.hpp"
 #include "peft/train/optimizer.hpp"
+#include "peft/train/sora_trainer.hpp"
 #include "support/test_support.hpp"
 
 namespace test_causal_lm {
@@ -316,7 +320,7 @@ TEST_CASE("fresh adapters from options: targets, all-linear, patterns; merge_and
           "[models]") {
   const fs::path dir = lm_data / "llama";
   const auto b = batch_of(dir);
-  for (const char* method : {"lora", "dora", "vera", "loha", "lokr", "adalora", "ia3", "shira"}) {
+  for (const char* method : {"lora", "dora", "vera", "loha", "lokr", "adalora", "ia3", "shira", "dynamic_rank", "sora"}) {
     INFO("method " << method);
     peft_model<double> pm(causal_lm<double>::load(dir));
     adapter_options o;
@@ -357,6 +361,104 @@ TEST_CASE("fresh adapters from options: targets, all-linear, patterns; merge_and
   adapter_options compacter = plain;
   compacter.method = "compacter";
   CHECK_THROWS_AS(pm.add_adapter("y", compacter), peft::unsupported_error);
+}
+
+TEST_CASE("dynamic_rank and sora train with their trainers and compact to a LoRA checkpoint with the same logits",
+          "[models]") {
+  const fs::path dir = lm_data / "llama";
+  const fs::path scratch = fs::temp_directory_path() / "peft_test_lm_compact";
+  fs::remove_all(scratch);
+  const auto b = batch_of(dir);
+  const auto labels = b.causal_labels();
+  const auto tokens = static_cast<double>(causal_lm<double>::predicted_tokens(b, labels));
+  for (const char* method : {"dynamic_rank", "sora"}) {
+    INFO("method " << method);
+    const bool dyn = std::string(method) == "dynamic_rank";
+    peft_model<double> pm(causal_lm<double>::load(dir));
+    adapter_options o;
+    o.method = method;
+    o.rank = 2;
+    o.alpha = 4;
+    o.targets = {"all-linear"};
+    o.seed = 5;
+    pm.add_adapter("default", o);
+    auto& lm = pm.model();
+    const index steps = 12;
+    std::optional<peft::train::dynamic_rank_trainer<double>> dr;
+    std::optional<peft::train::sora_trainer<double>> so;
+    std::vector<peft::parameter<double>> params;
+    for (auto& p : lm.parameters()) {
+      // SoRA's proximal rule steps the gates itself; AdamW steps A and B.
+      if (p.trainable && (dyn || !p.name.ends_with("lora_gate"))) params.push_back(p);
+    }
+    if (dyn) {
+      const auto layers = pm.adapters_of<peft::dynamic_rank<double>>();
+      CHECK(layers.size() == 14);  // 2 layers x 7 projections
+      CHECK(layers.front()->rank() == 3);  // ceil(1.5 r)
+      dr.emplace(layers, peft::train::dynamic_rank_schedule_options{.total_steps = steps, .interval = 2, .target_rank = 1.0});
+    } else {
+      // Gates spread over (0.05, 1): the threshold (lr xi = 0.05 a step) closes the small ones.
+      peft::rng gen(11);
+      for (auto& p : lm.parameters()) {
+        if (!p.name.ends_with("lora_gate")) continue;
+        for (index j = 0; j < p.value.cols(); ++j) p.value(0, j) = 0.05 + 0.95 * gen.uniform();
+      }
+      so.emplace(pm.adapters_of<peft::sora<double>>(), peft::train::sora_training_options{.xi0 = 2.5});
+      CHECK_THROWS_AS(pm.adapters_of<peft::dynamic_rank<double>>(), peft::error);
+    }
+    peft::train::adamw<double> opt(params, {.lr = 2e-2});
+    double first = 0, last = 0;
+    for (index s = 1; s <= steps; ++s) {
+      lm.zero_grad();
+      last = lm.loss_and_backward(b, labels, tokens);
+      if (s == 1) first = last;
+      if (dr) dr->add_regularizer(s);
+      opt.step();
+      if (dr) dr->after_step(s);
+      if (so) so->after_step(2e-2);
+    }
+    CHECK(last < first);
+    index active = 0, total = 0;
+    if (dr) {
+      for (auto r : dr->ranks()) active += r;
+      CHECK(active == 14);  // the final budget: ceil(target_rank x layers)
+    } else {
+      for (auto* l : pm.adapters_of<peft::sora<double>>()) total += l->rank();
+      active = so->total_rank();
+      CHECK(active < total);  // the threshold closed some gates
+      CHECK(active > 0);
+    }
+    // Close every gate of the first module: compaction drops it.
+    const std::string first_module = lm.modules().front().first;
+    for (auto& p : lm.parameters()) {
+      if (p.name.rfind(first_module + ".", 0) == 0 && (p.name.ends_with("lora_gate") || p.name.ends_with("lora_scaler"))) {
+        for (index j = 0; j < p.value.cols(); ++j) p.value(0, j) = 0.0;
+      }
+    }
+    std::size_t empty = 0;
+    for (auto& [n, l] : lm.modules()) {
+      const auto& a = l->adapter("default");
+      if (const auto* d = a.get_if<peft::dynamic_rank<double>>()) empty += d->active_rank() == 0;
+      if (const auto* g = a.get_if<peft::sora<double>>()) empty += g->active_rank() == 0;
+    }
+    CHECK(empty >= 1);
+    const auto before = lm.forward(b);
+    CHECK(pm.compact_adapter() == empty);
+    CHECK(pm.compact_adapter() == 0);  // nothing gated is left
+    CHECK_FALSE(lm.modules().front().second->contains("default"));
+    const auto after = lm.forward(b);
+    CHECK(peft_test::max_abs(peft_test::add(before, after, -1.0)) < 1e-12 * peft_test::max_abs(before));
+    pm.save_pretrained(scratch / method, "default", peft::dtype::f64);
+    std::ifstream in(scratch / method / "adapter_config.json");
+    const auto cfg = nlohmann::json::parse(in);
+    CHECK(cfg["peft_type"] == "LORA");
+    CHECK(cfg["target_modules"].size() == 14 - empty);
+    CHECK(cfg["rank_pattern"].size() >= 1);
+    auto again = peft_model<double>::from_pretrained(causal_lm<double>::load(dir), scratch / method);
+    const auto reloaded = again.model().forward(b);
+    CHECK(peft_test::max_abs(peft_test::add(before, reloaded, -1.0)) < 1e-12 * peft_test::max_abs(before));
+  }
+  fs::remove_all(scratch);
 }
 
 TEST_CASE("several adapters on one model: set_adapter and per-request adapters", "[models]") {

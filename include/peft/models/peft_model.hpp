@@ -9,8 +9,10 @@
 // Module names follow transformers; a checkpoint's modules are matched to the model's by their
 // path exactly, else by the one model module whose path ends with the checkpoint's (or the other
 // way round, for checkpoints saved from a bare base model). Methods created from options: lora
-// (rsLoRA, lora_bias, rank/alpha patterns), dora, vera, loha, lokr, adalora, ia3, shira; every
-// method the library loads can be attached from a checkpoint.
+// (rsLoRA, lora_bias, rank/alpha patterns), dora, vera, loha, lokr, adalora, ia3, shira, and the
+// two trained-rank methods dynamic_rank and sora (trained with train/dynamic_rank_trainer.hpp or
+// train/sora_trainer.hpp over adapters_of<...>(name), then compact_adapter(name) makes them the
+// plain LoRA PEFT loads); every method the library loads can be attached from a checkpoint.
 #pragma once
 
 #include <algorithm>
@@ -29,8 +31,10 @@ namespace peft::models {
 
 /// What add_adapter creates (PEFT's LoraConfig and friends, the fields that matter here).
 struct adapter_options {
-  std::string method = "lora";          // lora, dora, vera, loha, lokr, adalora, ia3, shira
-  index rank = 8;                       // r
+  std::string method = "lora";          // lora, dora, vera, loha, lokr, adalora, ia3, shira,
+                                        // dynamic_rank, sora
+  index rank = 8;                       // r (dynamic_rank: the target average rank, a layer
+                                        // starts with ceil(1.5 r); sora: r_max)
   double alpha = 8.0;                   // lora_alpha (alpha for LoHa/LoKr)
   bool use_rslora = false;
   bool bias = false;                    // lora_bias
@@ -145,6 +149,78 @@ class peft_model {
     }
     configs_[name] = cfg;
     stored_[name] = dtype::f32;
+  }
+
+  /// Adapter `name` of every module that has it, as method A (e.g. dynamic_rank<T>), in module
+  /// order: what the trainers of train/ take. peft::error when a module's adapter is another method.
+  template <class A>
+  std::vector<A*> adapters_of(const std::string& name = "default") {
+    adapter_config(name);
+    std::vector<A*> out;
+    for (auto& [n, l] : model_.modules()) {
+      if (!l->contains(name)) continue;
+      auto* a = l->adapter(name).template get_if<A>();
+      if (a == nullptr) {
+        detail::raise<error>("peft_model::adapters_of", "adapter '" + name + "' of module '" + n + "' is " +
+                                                           std::string(l->adapter(name).active_method()));
+      }
+      out.push_back(a);
+    }
+    return out;
+  }
+
+  /// Replaces every dynamic_rank / sora adapter of `name` by the plain LoRA with identical
+  /// outputs (their compact(): the components whose gate is non-zero); a module whose gates are
+  /// all zero loses the adapter (its term was exactly zero). Then save_pretrained writes a PEFT
+  /// LoRA checkpoint (per-module ranks and scales as rank_pattern / alpha_pattern; target_modules
+  /// lists the kept modules when some were dropped). Returns the number of modules dropped.
+  /// peft::error when every module would be dropped, or for an adapter not merged out of the way.
+  std::size_t compact_adapter(const std::string& name = "default") {
+    constexpr const char* where = "peft_model::compact_adapter";
+    adapter_config(name);
+    auto mods = model_.modules();
+    std::vector<std::pair<typename model_type::linear*, std::optional<lora<T>>>> plan;
+    std::vector<std::string> kept;
+    for (auto& [n, l] : mods) {
+      if (!l->contains(name)) continue;
+      if (l->merged(name)) detail::raise<error>(where, "adapter '" + name + "' is merged into '" + n + "'; unmerge it first");
+      auto& a = l->adapter(name);
+      std::optional<lora<T>> c;
+      if (const auto* d = a.template get_if<dynamic_rank<T>>()) {
+        c = d->compact();
+      } else if (const auto* g = a.template get_if<sora<T>>()) {
+        c = g->compact();
+      } else {
+        continue;  // already a plain adapter
+      }
+      if (c) kept.push_back(n);
+      plan.emplace_back(l, std::move(c));
+    }
+    if (plan.empty()) return 0;
+    std::size_t remaining = 0;
+    for (auto& [n, l] : mods) remaining += l->contains(name) ? 1 : 0;
+    std::size_t dropped = 0;
+    for (auto& [l, c] : plan) dropped += c ? 0 : 1;
+    if (dropped == remaining) detail::raise<error>(where, "every component of adapter '" + name + "' is zero; nothing to keep");
+    const bool enabled = plan.front().first->enabled(name);
+    for (auto& [l, c] : plan) {
+      l->remove_adapter(name);
+      if (c) {
+        l->add_adapter(name, adapter_type(std::move(*c)));
+        l->set_enabled(name, enabled);
+      }
+    }
+    auto& cfg = configs_[name];
+    if (dropped > 0) {
+      std::vector<std::string> targets;
+      for (auto& [n, l] : mods) {
+        if (l->contains(name)) targets.push_back(n);
+      }
+      cfg.targets_kind = io::target_kind::list;
+      cfg.target_modules = targets;
+      cfg.raw["target_modules"] = targets;
+    }
+    return dropped;
   }
 
   /// Removes adapter `name` from every module.
@@ -315,11 +391,12 @@ class peft_model {
 
   io::adapter_config config_for(const adapter_options& opt) const {
     constexpr const char* where = "peft_model::add_adapter";
-    static const std::vector<std::string> methods = {"lora", "dora", "vera", "loha", "lokr", "adalora", "ia3", "shira"};
+    static const std::vector<std::string> methods = {"lora", "dora",  "vera",         "loha", "lokr",
+                                                     "adalora", "ia3", "shira", "dynamic_rank", "sora"};
     if (std::find(methods.begin(), methods.end(), opt.method) == methods.end()) {
       detail::raise<unsupported_error>(where, "method '" + opt.method +
                                                   "' cannot be created from options (lora, dora, vera, loha, lokr, "
-                                                  "adalora, ia3, shira); attach it from a checkpoint");
+                                                  "adalora, ia3, shira, dynamic_rank, sora); attach it from a checkpoint");
     }
     if (opt.rank < 1) detail::raise<error>(where, "rank must be positive");
     io::adapter_config c;
@@ -393,6 +470,8 @@ class peft_model {
     if (m == "ia3") return ia3<T>(in, out, ia3_options{.feedforward = listed(opt.feedforward_modules, module), .seed = seed});
     if (m == "shira") return shira<T>(in, out, shira_options{.rank = r, .seed = seed});
     if (m == "vera") return vera<T>(*vera_p, in, out);
+    if (m == "dynamic_rank") return dynamic_rank<T>(in, out, dynamic_rank_options{.rank = r, .alpha = alpha, .seed = seed});
+    if (m == "sora") return sora<T>(in, out, sora_options{.rank = r, .alpha = alpha, .seed = seed});
     detail::raise<unsupported_error>(where, "method '" + m + "' cannot be created from options");
   }
 };
