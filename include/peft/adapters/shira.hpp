@@ -27,6 +27,7 @@
 #include "peft/core/adapter.hpp"
 #include "peft/core/adapter_checks.hpp"
 #include "peft/core/additive_adapter.hpp"
+#include "peft/kernels/parallel.hpp"
 #include "peft/kernels/sparse_rows_epilogue.hpp"
 #include "peft/core/dtype.hpp"
 #include "peft/core/error.hpp"
@@ -366,33 +367,44 @@ class shira : public additive_adapter<shira<T>, T> {
     sparse_backward(x, g, dx);
   }
 
-  /// y[:, r_k] += s v_k x[:, c_k].
+  /// y[:, r_k] += s v_k x[:, c_k]; rows of x over threads (kernels/parallel.hpp).
   void add_sparse(matrix_view<const T> x, matrix_view<T> y) const {
     const std::int32_t* rows = idx_.row(0);
     const std::int32_t* cols = idx_.row(1);
     const T* v = values_.data();
-    for (index b = 0; b < x.rows(); ++b) {
-      const T* xb = x.row(b);
-      T* yb = y.row(b);
-      for (index k = 0; k < entries(); ++k) yb[rows[k]] += scale_ * v[k] * xb[cols[k]];
-    }
+    const index k_n = entries();
+    kernels::parallel_ranges(x.rows(), 1, 2.0 * static_cast<double>(x.rows() * k_n), [&](index b0, index b1) {
+      for (index b = b0; b < b1; ++b) {
+        const T* xb = x.row(b);
+        T* yb = y.row(b);
+        for (index k = 0; k < k_n; ++k) yb[rows[k]] += scale_ * v[k] * xb[cols[k]];
+      }
+    });
   }
 
-  /// dv_k += s sum_b g[b, r_k] x[b, c_k];  dx[:, c_k] += s v_k g[:, r_k].
+  /// dv_k += s sum_b g[b, r_k] x[b, c_k] (entries over threads, rows in order: the same sums
+  /// whatever the thread count);  dx[:, c_k] += s v_k g[:, r_k] (rows over threads).
   void sparse_backward(matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx) {
     const std::int32_t* rows = idx_.row(0);
     const std::int32_t* cols = idx_.row(1);
     const T* v = values_.data();
     T* gv = grad_.data();
-    for (index b = 0; b < x.rows(); ++b) {
-      const T* xb = x.row(b);
-      const T* gb = g.row(b);
-      T* dxb = dx.row(b);
-      for (index k = 0; k < entries(); ++k) {
-        gv[k] += scale_ * gb[rows[k]] * xb[cols[k]];
-        dxb[cols[k]] += scale_ * v[k] * gb[rows[k]];
+    const index k_n = entries();
+    const double work = 2.0 * static_cast<double>(x.rows() * k_n);
+    kernels::parallel_ranges(k_n, 64, work, [&](index k0, index k1) {
+      for (index b = 0; b < x.rows(); ++b) {
+        const T* xb = x.row(b);
+        const T* gb = g.row(b);
+        for (index k = k0; k < k1; ++k) gv[k] += scale_ * gb[rows[k]] * xb[cols[k]];
       }
-    }
+    });
+    kernels::parallel_ranges(x.rows(), 1, work, [&](index b0, index b1) {
+      for (index b = b0; b < b1; ++b) {
+        const T* gb = g.row(b);
+        T* dxb = dx.row(b);
+        for (index k = 0; k < k_n; ++k) dxb[cols[k]] += scale_ * v[k] * gb[rows[k]];
+      }
+    });
   }
 
   index in_ = 0;
