@@ -3,8 +3,10 @@
 //
 //   fortunes [--out DIR] [--seeds N] [--pretrain-steps N] [--adapt-steps N] [--methods a,b,...]
 //            [--fortunes DIR] [--threads T] [--lr LR] [--reuse-base]
+//   fortunes --report [--out DIR] [--methods a,b,...]
 //   (--lr: one learning rate for every method, instead of each method's own; --reuse-base: keep
-//    DIR/base from an earlier run instead of pretraining again)
+//    DIR/base from an earlier run instead of pretraining again; --report: the report again from
+//    DIR/results.json, nothing trained)
 //
 // 1. Reads the fortunes of Debian's `fortunes` (English) and `fortunes-it` (Italian) packages from
 //    /usr/share/games/fortunes (scripts/setup.sh installs them); every tenth fortune of each
@@ -85,6 +87,7 @@ struct settings {
   int threads = 0;
   double lr = 0;  // > 0: every method's learning rate (for sweeps)
   bool reuse_base = false;
+  bool report_only = false;
   std::vector<std::string> methods = {"lora",       "rslora",     "dora",  "dynamic_rank", "sora", "vera", "shira",
                                       "qlora_nf4", "qlora_q4_0", "full"};
 };
@@ -96,6 +99,7 @@ struct method_setup {
   double lr;
   std::string quantized;  // nf4, q4_0 or empty
   bool rslora = false;
+  bool frozen_embeddings = false;  // full fine-tuning without the embedding (an ablation)
 };
 
 method_setup setup_of(const std::string& name) {
@@ -109,8 +113,10 @@ method_setup setup_of(const std::string& name) {
   if (name == "qlora_nf4") return {"lora", 1e-2, "nf4"};
   if (name == "qlora_q4_0") return {"lora", 1e-2, "q4_0"};
   if (name == "full") return {"full", 3e-3, ""};
+  if (name == "full_frozen_embeddings") return {"full", 3e-3, "", false, true};
   throw std::invalid_argument("unknown method '" + name +
-                              "' (lora, rslora, dora, dynamic_rank, sora, vera, shira, qlora_nf4, qlora_q4_0, full)");
+                              "' (lora, rslora, dora, dynamic_rank, sora, vera, shira, qlora_nf4, qlora_q4_0, full, "
+                              "full_frozen_embeddings)");
 }
 
 // ---- data ---------------------------------------------------------------------------------------
@@ -369,11 +375,16 @@ json adapt(const settings& s, const datasets& d, const peft::models::tokenizer& 
   std::vector<peft::parameter<float>> params;
   for (auto& p : lm.parameters()) {
     // SoRA's gates are stepped by its trainer (the proximal rule), not by AdamW.
-    if (p.trainable && !p.integer && !(m.method == "sora" && p.name.ends_with("lora_gate"))) params.push_back(p);
+    if (p.trainable && !p.integer && !(m.method == "sora" && p.name.ends_with("lora_gate")) &&
+        !(m.frozen_embeddings && p.name.find("embed_tokens") != std::string::npos)) {
+      params.push_back(p);
+    }
   }
   std::size_t trainable = 0;
   for (const auto& p : lm.parameters()) {
-    if (p.trainable && !p.integer) trainable += static_cast<std::size_t>(p.value.size());
+    if (p.trainable && !p.integer && !(m.frozen_embeddings && p.name.find("embed_tokens") != std::string::npos)) {
+      trainable += static_cast<std::size_t>(p.value.size());
+    }
   }
   std::optional<peft::train::dynamic_rank_trainer<float>> dyn;
   std::optional<peft::train::sora_trainer<float>> so;
@@ -541,6 +552,50 @@ void run_child(const std::vector<std::string>& args) {
   }
 }
 
+/// DIR/results.md, results.json, loss.svg and samples.txt from the pretraining and the runs.
+void report(const settings& s, const json& pre, const json& runs, clock_type::time_point t_all) {
+  std::ostringstream md;
+  md << "| method | trainable parameters | Italian val. perplexity | training time (s) | peak memory (MiB) | "
+        "of which model + training (MiB) |\n"
+     << "|---|---:|---:|---:|---:|---:|\n";
+  md << "| pretrained model, not adapted | - | " << fmt("%.2f", std::exp(pre["it_val_loss"].get<double>())) << " | - | - | - |\n";
+  std::vector<std::pair<std::string, std::vector<double>>> curves;
+  std::ostringstream samples;
+  samples << "prompt: \"" << prompt_it << "\"\n\npretrained (English only):\n" << pre["sample_it"].get<std::string>() << "\n\n";
+  std::vector<std::string> methods;  // in the order they ran
+  for (const auto& r : runs) {
+    if (std::find(methods.begin(), methods.end(), r["method"].get<std::string>()) == methods.end()) methods.push_back(r["method"]);
+  }
+  for (const auto& m : methods) {
+    std::vector<double> ppl, secs, mem, above, curve;
+    std::string trainable, extra;
+    for (const auto& r : runs) {
+      if (r["method"] != m) continue;
+      ppl.push_back(std::exp(r["val_loss"].get<double>()));
+      secs.push_back(r["seconds"]);
+      mem.push_back(r["peak_mib"]);
+      above.push_back(r["peak_mib"].get<double>() - r["rss_before_model_mib"].get<double>());
+      trainable = std::to_string(r["trainable"].get<std::size_t>());
+      if (r.contains("trainable_after")) trainable += " (saved " + std::to_string(r["trainable_after"].get<std::size_t>()) + ")";
+      const auto l = r["losses"].get<std::vector<double>>();
+      if (curve.empty()) curve.assign(l.size(), 0.0);
+      for (std::size_t i = 0; i < l.size(); ++i) curve[i] += l[i];
+      if (r.contains("mean_rank")) extra = fmt(" (mean rank %.1f)", r["mean_rank"].get<double>());
+      if (r["seed"] == 0) samples << m << ":\n" << r["sample"].get<std::string>() << "\n\n";
+    }
+    for (auto& c : curve) c /= static_cast<double>(ppl.size());
+    const auto p = stats_of(ppl), t = stats_of(secs), q = stats_of(mem), a = stats_of(above);
+    md << "| " << m << extra << " | " << trainable << " | " << fmt("%.2f ± %.2f", p.mean, p.sd) << " | "
+       << fmt("%.1f ± %.1f", t.mean, t.sd) << " | " << fmt("%.0f", q.mean) << " | " << fmt("%.1f", a.mean) << " |\n";
+    curves.emplace_back(m, curve);
+  }
+  write_svg(s.out / "loss.svg", "Adapting to Italian fortunes: training loss (mean of " + std::to_string(s.seeds) + " seeds)", curves);
+  std::ofstream(s.out / "samples.txt") << samples.str();
+  std::ofstream(s.out / "results.md") << md.str();
+  std::printf("\n%s\nsamples: %s, curves: %s; %.0f s\n", md.str().c_str(), (s.out / "samples.txt").c_str(),
+              (s.out / "loss.svg").c_str(), seconds_since(t_all));
+}
+
 int drive(const settings& s, const std::vector<std::string>& passthrough) {
   const auto t_all = clock_type::now();
   const auto tok = peft::models::tokenizer::load(s.tokenizer);
@@ -579,45 +634,10 @@ int drive(const settings& s, const std::vector<std::string>& passthrough) {
     }
   }
 
-  // The table, the curves, the samples.
-  std::ostringstream md;
-  md << "| method | trainable parameters | Italian val. perplexity | training time (s) | peak memory (MiB) | "
-        "of which model + training (MiB) |\n"
-     << "|---|---:|---:|---:|---:|---:|\n";
-  md << "| pretrained model, not adapted | - | " << fmt("%.2f", std::exp(pre["it_val_loss"].get<double>())) << " | - | - | - |\n";
-  std::vector<std::pair<std::string, std::vector<double>>> curves;
-  std::ostringstream samples;
-  samples << "prompt: \"" << prompt_it << "\"\n\npretrained (English only):\n" << pre["sample_it"].get<std::string>() << "\n\n";
-  for (const auto& m : s.methods) {
-    std::vector<double> ppl, secs, mem, above, curve;
-    std::size_t trainable = 0;
-    std::string extra;
-    for (const auto& r : runs) {
-      if (r["method"] != m) continue;
-      ppl.push_back(std::exp(r["val_loss"].get<double>()));
-      secs.push_back(r["seconds"]);
-      mem.push_back(r["peak_mib"]);
-      above.push_back(r["peak_mib"].get<double>() - r["rss_before_model_mib"].get<double>());
-      trainable = r["trainable"];
-      const auto l = r["losses"].get<std::vector<double>>();
-      if (curve.empty()) curve.assign(l.size(), 0.0);
-      for (std::size_t i = 0; i < l.size(); ++i) curve[i] += l[i] / s.seeds;
-      if (r.contains("mean_rank")) extra = fmt(" (mean rank %.1f)", r["mean_rank"].get<double>());
-      if (r["seed"] == 0) samples << m << ":\n" << r["sample"].get<std::string>() << "\n\n";
-    }
-    const auto p = stats_of(ppl), t = stats_of(secs), q = stats_of(mem), a = stats_of(above);
-    md << "| " << m << extra << " | " << trainable << " | " << fmt("%.2f ± %.2f", p.mean, p.sd) << " | "
-       << fmt("%.1f ± %.1f", t.mean, t.sd) << " | " << fmt("%.0f", q.mean) << " | " << fmt("%.1f", a.mean) << " |\n";
-    curves.emplace_back(m, curve);
-  }
-  write_svg(s.out / "loss.svg", "Adapting to Italian fortunes: training loss (mean of " + std::to_string(s.seeds) + " seeds)", curves);
-  std::ofstream(s.out / "samples.txt") << samples.str();
-  std::ofstream(s.out / "results.md") << md.str();
   json all{{"pretrain", pre}, {"runs", runs}, {"seeds", s.seeds}, {"adapt_steps", s.adapt_steps}, {"adapt_batch", s.adapt_batch},
            {"seq_len", seq_len}};
   std::ofstream(s.out / "results.json") << all.dump(1) << "\n";
-  std::printf("\n%s\nsamples: %s, curves: %s; whole run %.0f s\n", md.str().c_str(), (s.out / "samples.txt").c_str(),
-              (s.out / "loss.svg").c_str(), seconds_since(t_all));
+  report(s, pre, runs, t_all);
   return 0;
 }
 
@@ -676,10 +696,13 @@ int main(int argc, char** argv) {
       } else if (a == "--reuse-base") {
         s.reuse_base = true;
         continue;
+      } else if (a == "--report") {
+        s.report_only = true;
+        continue;
       } else {
         throw std::invalid_argument("unknown argument '" + a +
                                     "' (usage: fortunes [--out DIR] [--seeds N] [--pretrain-steps N] [--adapt-steps N] "
-                                    "[--methods a,b] [--fortunes DIR] [--threads T] [--lr LR] [--reuse-base])");
+                                    "[--methods a,b] [--fortunes DIR] [--threads T] [--lr LR] [--reuse-base] | --report [--out DIR])");
       }
       passthrough.push_back(a);
       passthrough.push_back(args[i]);
@@ -697,6 +720,14 @@ int main(int argc, char** argv) {
       // the parent's memory and Linux carries that high-water mark across exec.
       r["peak_mib"] = status_mib("VmHWM");
       std::ofstream(s.out / "runs" / (child->first + "-seed" + std::to_string(child->second) + ".json")) << r.dump(1) << "\n";
+      return 0;
+    }
+    if (s.report_only) {
+      std::ifstream in(s.out / "results.json");
+      if (!in) throw std::runtime_error("--report: no " + (s.out / "results.json").string());
+      const json all = json::parse(in);
+      s.seeds = all["seeds"];
+      report(s, all["pretrain"], all["runs"], clock_type::now());
       return 0;
     }
     return drive(s, passthrough);

@@ -29,7 +29,7 @@ def main():
     failed = 0
     for r in results["runs"]:
         path = out / r["dir"]
-        if r["method"] == "full":
+        if r["method"].startswith("full"):
             model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
         else:
             base = AutoModelForCausalLM.from_pretrained(out / "base", torch_dtype=torch.float32)
