@@ -27,7 +27,9 @@
 #include <peft/models/peft_model.hpp>
 #include <peft/models/text_data.hpp>
 #include <peft/models/token_file.hpp>
+#include <peft/train/dynamic_rank_trainer.hpp>
 #include <peft/train/optimizer.hpp>
+#include <peft/train/sora_trainer.hpp>
 
 #include "cli_common.hpp"
 
@@ -493,6 +495,7 @@ int lm_finetune(const std::vector<std::string>& args) {
   long long steps = -1, batch = -1, save_every = 0, accum = 1, val_every = 0;
   std::optional<std::string> val_path;
   double lr = -1, weight_decay = 0.0;
+  std::optional<double> sora_xi;
   bool resume = false, checkpointing = false, full = false, skip_nonfinite = false;
   std::optional<std::size_t> memory_budget;
   std::optional<std::string> targets_text;
@@ -509,6 +512,8 @@ int lm_finetune(const std::vector<std::string>& args) {
       ao.alpha = r.number();
     } else if (a == "--targets") {
       targets_text = r.value();
+    } else if (a == "--sora-xi") {
+      sora_xi = r.number();
     } else if (a == "--rslora") {
       ao.use_rslora = true;
     } else if (a == "--lora-bias") {
@@ -564,6 +569,14 @@ int lm_finetune(const std::vector<std::string>& args) {
     throw usage_error("finetune needs --adapter INIT_DIR, --method NAME or --full");
   }
   if (accum > batch) throw usage_error("--grad-accum cannot exceed --batch");
+  // Dynamic-rank LoRA and SoRA train their ranks: the trainer's state (importance, masks, the
+  // schedule) lives in this run only, and the adapter is saved once, compacted to a plain LoRA.
+  const bool trained_rank = have_method && (ao.method == "dynamic_rank" || ao.method == "sora");
+  if (trained_rank && (resume || save_every > 0)) {
+    throw usage_error("--method " + ao.method + " cannot --resume or --save-every (its rank schedule is not checkpointed); train in one run");
+  }
+  if (sora_xi && !(have_method && ao.method == "sora")) throw usage_error("--sora-xi applies to --method sora");
+  if (sora_xi && !(*sora_xi >= 0)) throw usage_error("--sora-xi must be >= 0");
   if (targets_text) {
     ao.targets.clear();
     std::string t = *targets_text;
@@ -578,6 +591,7 @@ int lm_finetune(const std::vector<std::string>& args) {
   m.apply_threads();
   data_parallel dp;
   if (dp.size > 1 && batch < dp.size) throw usage_error("--batch must be at least the number of MPI ranks");
+  if (dp.size > 1 && trained_rank) throw usage_error("--method " + ao.method + " trains in one process (not over MPI)");
   // The data: token ids, or text tokenized with the model's tokenizer (rows with prompt lengths:
   // a prompt/completion JSONL's loss counts the completion only).
   const auto cfg0 = model_config(*m.model);
@@ -629,12 +643,26 @@ int lm_finetune(const std::vector<std::string>& args) {
     check_lengths(rows, lm.config().max_positions);
     if (!opened.adapter && !full) pm.add_adapter("default", ao);
     std::vector<peft::parameter<T>> params;
+    std::size_t trainable = 0;
     for (auto& p : lm.parameters()) {
-      if (p.trainable && !p.integer) params.push_back(p);
+      if (!p.trainable || p.integer) continue;
+      trainable += static_cast<std::size_t>(p.value.size());
+      // SoRA's gates take the trainer's proximal step, not AdamW's.
+      if (!(trained_rank && ao.method == "sora" && p.name.ends_with("lora_gate"))) params.push_back(p);
     }
     if (params.empty()) throw peft::error("[finetune] the adapter has no trainable parameter");
-    std::size_t trainable = 0;
-    for (const auto& p : params) trainable += static_cast<std::size_t>(p.value.size());
+    std::optional<peft::train::dynamic_rank_trainer<T>> dyn;
+    std::optional<peft::train::sora_trainer<T>> sora;
+    if (trained_rank && ao.method == "dynamic_rank") {
+      peft::train::dynamic_rank_schedule_options o;
+      o.total_steps = steps;
+      o.target_rank = static_cast<double>(ao.rank);
+      dyn.emplace(pm.template adapters_of<peft::dynamic_rank<T>>(), o);
+    } else if (trained_rank) {
+      peft::train::sora_training_options o;
+      if (sora_xi) o.xi0 = *sora_xi;
+      sora.emplace(pm.template adapters_of<peft::sora<T>>(), o);
+    }
     peft::train::adamw_options opt;
     opt.lr = lr;
     opt.weight_decay = weight_decay;
@@ -764,7 +792,10 @@ int lm_finetune(const std::vector<std::string>& args) {
       }
       const double step_lr = optimizer.lr("default");
       if (bad.empty()) {
+        if (dyn) dyn->add_regularizer(s + 1);
         optimizer.step();
+        if (dyn) dyn->after_step(s + 1);
+        if (sora) sora->after_step(step_lr);
       } else {
         ++skipped;
         if (dp.root()) std::fprintf(stderr, "%speft: step %lld skipped: %s\n", tty ? "\n" : "", s, bad.c_str());
@@ -808,6 +839,14 @@ int lm_finetune(const std::vector<std::string>& args) {
     if (!dp.root()) return 0;
     if (tty) std::fprintf(stderr, "\n");
     if (skipped) std::fprintf(stderr, "peft: %lld of %lld steps skipped (not finite)\n", skipped, steps - start);
+    if (dyn || sora) {
+      const auto ranks = dyn ? dyn->ranks() : sora->ranks();
+      index total = 0;
+      for (const auto k : ranks) total += k;
+      const std::size_t dropped = pm.compact_adapter();
+      std::fprintf(stderr, "peft: %s: mean rank %.2f over %zu modules (%zu with none left); saved as a LoRA\n",
+                   ao.method.c_str(), static_cast<double>(total) / static_cast<double>(ranks.size()), ranks.size(), dropped);
+    }
     save(std::max(steps, start));
     std::fprintf(stderr, "peft: %zu trainable parameters; %s saved in %s\n", trainable, full ? "model" : "adapter",
                  dir.string().c_str());

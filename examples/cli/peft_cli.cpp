@@ -42,7 +42,7 @@ constexpr const char* usage =
     "       peft generate --model MODEL_DIR [--adapter ADAPTER_DIR] (--tokens FILE | --prompt TEXT) --max-new-tokens N\n"
     "                   [--temperature T] [--top-k K] [--top-p P] [--seed S] [--ignore-eos] [--timings]\n"
     "       peft finetune --model MODEL_DIR (--adapter INIT_DIR | --method NAME --rank R --alpha A\n"
-    "                   --targets LIST|all-linear [--rslora] [--lora-bias] | --full)\n"
+    "                   --targets LIST|all-linear [--rslora] [--lora-bias] [--sora-xi XI] | --full)\n"
     "                   (--tokens FILE | --text FILE | --jsonl FILE [--seq-len L]) [--val FILE [--val-every K]] --steps N\n"
     "                   --batch B --lr LR [--weight-decay WD] [--grad-accum K] [--threads T]\n"
     "                   [--quantize-base int8|q4_0|nf4|q8_0|q4_k|q6_k] [--checkpointing] [--log LOG.csv] [--seed S]\n"
@@ -52,7 +52,8 @@ constexpr const char* usage =
     "       peft import --gguf ADAPTER.gguf --out ADAPTER_DIR [--model MODEL(.gguf|DIR)]\n"
     "   (MODEL_DIR may also be a llama.cpp model file, MODEL.gguf: its tensors are the frozen bases)\n"
     "   (mpirun -np N peft finetune ... trains data-parallel where peft was built with MPI)\n"
-    "   (methods: lora, dora, vera, loha, lokr, adalora, ia3, shira; token FILE: one sequence of\n"
+    "   (methods: lora, dora, vera, loha, lokr, adalora, ia3, shira, dynamic_rank, sora — the last two\n"
+    "    train their ranks (--rank: the mean rank, resp. the largest) and are saved as a LoRA; token FILE: one sequence of\n"
     "    ids per line, separated by spaces; --text, --jsonl ({\"text\"} or {\"prompt\", \"completion\"}\n"
     "    lines) and --prompt read the model directory's tokenizer.json, or --tokenizer FILE)\n";
 

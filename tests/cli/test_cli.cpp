@@ -15,6 +15,12 @@
 #include "peft/base/q4_0.hpp"
 #include "peft/io/gguf.hpp"
 #include "peft/io/safetensors.hpp"
+#include "peft/models/peft_model.hpp"
+#include "peft/models/text_data.hpp"
+#include "peft/models/token_file.hpp"
+#include "peft/train/dynamic_rank_trainer.hpp"
+#include "peft/train/optimizer.hpp"
+#include "peft/train/sora_trainer.hpp"
 #include "support/cli_support.hpp"
 #include "support/file_support.hpp"
 #include "support/test_support.hpp"
@@ -326,6 +332,94 @@ TEST_CASE("peft finetune --full trains every weight as torch does and saves a mo
                          s.dir);
   INFO(l.err);
   CHECK(l.status == 0);
+}
+
+TEST_CASE("peft finetune --method dynamic_rank|sora trains the ranks as the library does and saves the compacted LoRA",
+          "[cli][models]") {
+  scratch_dir s("finetune_trained_rank");
+  const fs::path model = lm / "llama";
+  const auto rows = peft::models::read_token_file(model / "tokens.txt");
+  const auto all = peft::models::token_batch::from_rows(rows);
+  using peft::index;
+  const index steps = 8, batch = 2;
+  for (const std::string method : {"dynamic_rank", "sora"}) {
+    INFO("method " << method);
+    const bool dyn = method == "dynamic_rank";
+    const auto out = s.dir / method;
+    const auto r = run_cli("finetune --model " + q(model) + " --method " + method +
+                               " --rank 2 --alpha 4 --targets all-linear --tokens " + q(model / "tokens.txt") +
+                               " --steps 8 --batch 2 --lr 2e-2 --seed 3 --precision f64 --log " + q(s.dir / "log.csv") +
+                               " --out " + q(out) + (dyn ? "" : " --sora-xi 4"),
+                           s.dir);
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    CHECK(r.err.find("saved as a LoRA") != std::string::npos);
+    // The same training in this process: peft_model, AdamW, the method's trainer, compaction.
+    peft::models::peft_model<double> pm(peft::models::causal_lm<double>::load(model), model.string());
+    peft::models::adapter_options o;
+    o.method = method;
+    o.rank = 2;
+    o.alpha = 4;
+    o.targets = {"all-linear"};
+    o.seed = 3;
+    pm.add_adapter("default", o);
+    auto& m = pm.model();
+    std::vector<peft::parameter<double>> params;
+    for (auto& p : m.parameters()) {
+      if (p.trainable && (dyn || !p.name.ends_with("lora_gate"))) params.push_back(p);
+    }
+    std::optional<peft::train::dynamic_rank_trainer<double>> dr;
+    std::optional<peft::train::sora_trainer<double>> so;
+    if (dyn) {
+      dr.emplace(pm.adapters_of<peft::dynamic_rank<double>>(),
+                 peft::train::dynamic_rank_schedule_options{.total_steps = steps, .target_rank = 2});
+    } else {
+      so.emplace(pm.adapters_of<peft::sora<double>>(), peft::train::sora_training_options{.xi0 = 4});
+    }
+    peft::train::adamw<double> opt(params, {.lr = 2e-2, .weight_decay = 0.0});  // the tool's default decay
+    const auto logged = csv_losses(s.dir / "log.csv");
+    REQUIRE(logged.size() == 8);
+    for (index step = 0; step < steps; ++step) {
+      std::vector<std::vector<long long>> lines;
+      for (index i = 0; i < batch; ++i) lines.push_back(rows[static_cast<std::size_t>((step * batch + i) % 3)]);
+      const auto b = peft::models::token_batch::from_rows(lines);
+      const std::vector<std::size_t> prompts(lines.size(), 0);
+      const auto labels = peft::models::training_labels(b, prompts);
+      m.zero_grad();
+      const double loss = m.loss_and_backward(b, labels, static_cast<double>(m.predicted_tokens(b, labels)));
+      CHECK(loss == Approx(logged[static_cast<std::size_t>(step)]).epsilon(1e-8));  // the log has 9 digits
+      if (dr) dr->add_regularizer(step + 1);
+      opt.step();
+      if (dr) dr->after_step(step + 1);
+      if (so) so->after_step(2e-2);
+    }
+    index kept = 0;
+    for (auto k : dr ? dr->ranks() : so->ranks()) kept += k;
+    CHECK(kept == (dyn ? 28 : kept));
+    if (!dyn) CHECK(kept < 28);  // the threshold closed gates
+    pm.compact_adapter();
+    const auto want = m.forward(all);
+    const auto base = peft::models::causal_lm<double>::load(model).forward(all);
+    const auto got = peft::models::peft_model<double>::from_pretrained(peft::models::causal_lm<double>::load(model), out)
+                         .model()
+                         .forward(all);
+    CHECK(peft_test::max_abs(peft_test::add(want, base, -1.0)) > 1e-3 * peft_test::max_abs(base));  // it trained
+    // The saved LoRA (f32 tensors) gives the in-process model's logits.
+    CHECK(peft_test::max_abs(peft_test::add(got, want, -1.0)) < 1e-6 * peft_test::max_abs(want));
+    const auto cfg = nlohmann::json::parse(slurp(out / "adapter_config.json"));
+    CHECK(cfg["peft_type"] == "LORA");
+    CHECK(cfg["rank_pattern"].size() > 0);
+  }
+  const auto bad = run_cli("finetune --model " + q(model) + " --method sora --rank 2 --alpha 4 --tokens " +
+                               q(model / "tokens.txt") + " --steps 4 --batch 2 --lr 1e-2 --save-every 2 --out " + q(s.dir / "x"),
+                           s.dir);
+  CHECK(bad.status == 2);
+  CHECK(bad.err.find("--save-every") != std::string::npos);
+  const auto bad_xi = run_cli("finetune --model " + q(model) + " --method lora --rank 2 --alpha 4 --tokens " +
+                                  q(model / "tokens.txt") + " --steps 4 --batch 2 --lr 1e-2 --sora-xi 1 --out " + q(s.dir / "y"),
+                              s.dir);
+  CHECK(bad_xi.status == 2);
+  CHECK(bad_xi.err.find("--sora-xi applies to --method sora") != std::string::npos);
 }
 
 #ifdef PEFT_MPIEXEC
