@@ -23,6 +23,7 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -283,6 +284,7 @@ basic_peft_checkpoint<Adapter> load_checkpoint(adapter_config config, Weights&& 
       if (!supported.empty()) supported += ", ";
       supported += A::method;
       if (loaded || !codec::handles(ck.config)) return;
+      check_config_fields(ck.config, std::span<const std::string_view>(codec::config_fields), A::method);
       const auto& file = weights();
       load_modules<A>(ck, file, base_shape);
       loaded = true;

@@ -400,6 +400,16 @@ class peft_model {
     }
     if (opt.rank < 1) detail::raise<error>(where, "rank must be positive");
     io::adapter_config c;
+    // The method's PEFT config class decides which fields the document carries (a VeRA config
+    // has no lora_alpha); dynamic_rank and sora are saved as the LoRA they compact to.
+    const std::string& m = opt.method;
+    c.peft_type = m == "vera"      ? "VERA"
+                  : m == "loha"    ? "LOHA"
+                  : m == "lokr"    ? "LOKR"
+                  : m == "adalora" ? "ADALORA"
+                  : m == "ia3"     ? "IA3"
+                  : m == "shira"   ? "SHIRA"
+                                   : "LORA";
     const auto targets = opt.targets.empty() ? default_targets(model_.config()) : opt.targets;
     if (targets.size() == 1 && (targets[0] == "all-linear" || targets[0] == "ALL-LINEAR")) {
       c.targets_kind = io::target_kind::all_linear;
@@ -426,11 +436,8 @@ class peft_model {
     c.raw = c.to_json();
     c.raw["task_type"] = "CAUSAL_LM";
     if (!model_path_.empty()) c.raw["base_model_name_or_path"] = model_path_;
-    if (opt.method == "ia3") {
-      c.peft_type = "IA3";
-      c.raw["peft_type"] = "IA3";
-      c.raw["feedforward_modules"] = opt.feedforward_modules;
-    }
+    if (opt.method == "ia3") c.raw["feedforward_modules"] = opt.feedforward_modules;
+    if (c.fan_in_fan_out) c.raw["fan_in_fan_out"] = true;  // GPT-2's Conv1D, for every method's config
     return c;
   }
 

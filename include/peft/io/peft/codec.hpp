@@ -4,6 +4,7 @@
 //   template <compute_scalar T>
 //   struct peft_codec<my_method<T>> : codec_defaults {      // io/peft/my_method.hpp
 //     static bool handles(const adapter_config& c) { return c.peft_type == "MY_METHOD"; }
+//     static constexpr std::string_view config_fields[] = {"r", "my_alpha"};  // what it honours
 //     static std::vector<std::string_view> module_tensors() { return {"my_a", "my_b"}; }
 //     static my_method<T> from_checkpoint(const adapter_config&, const checkpoint_tensors<T>& m,
 //                                         const checkpoint_tensors<T>& shared);
@@ -22,6 +23,7 @@
 #include "peft/core/error.hpp"
 #include "peft/io/adapter_config.hpp"
 #include "peft/io/checkpoint_tensors.hpp"
+#include "peft/io/peft/config_fields.hpp"
 
 namespace peft::io {
 

@@ -16,6 +16,8 @@ namespace peft::io {
 template <compute_scalar T>
 struct peft_codec<dora<T>> : codec_defaults {
   static bool handles(const adapter_config& c) { return c.peft_type == "LORA" && c.use_dora; }
+  /// The adapter_config.json fields it honours (io/peft/config_fields.hpp has the rule).
+  static constexpr std::span<const std::string_view> config_fields{lora_config_fields};
   /// lora_B.bias is listed only to refuse it with a clear message.
   static std::vector<std::string_view> module_tensors() {
     return {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector"};

@@ -39,6 +39,8 @@ inline bool ia3_feedforward(const ordered_json& rule, const std::string& module)
 template <compute_scalar T>
 struct peft_codec<ia3<T>> : codec_defaults {
   static bool handles(const adapter_config& c) { return c.peft_type == "IA3"; }
+  /// The adapter_config.json fields it honours (io/peft/config_fields.hpp has the rule).
+  static constexpr std::string_view config_fields[] = {"feedforward_modules", "fan_in_fan_out"};
   static std::vector<std::string_view> module_tensors() { return {"ia3_l"}; }
 
   /// Whether `c` makes `module` a feedforward module (PEFT's rule, see ia3_feedforward).

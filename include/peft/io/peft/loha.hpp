@@ -18,6 +18,8 @@ namespace peft::io {
 template <compute_scalar T>
 struct peft_codec<loha<T>> : codec_defaults {
   static bool handles(const adapter_config& c) { return c.peft_type == "LOHA"; }
+  /// The adapter_config.json fields it honours (io/peft/config_fields.hpp has the rule).
+  static constexpr std::string_view config_fields[] = {"r", "alpha", "rank_pattern", "alpha_pattern"};
   static std::vector<std::string_view> module_tensors() {
     return {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"};
   }

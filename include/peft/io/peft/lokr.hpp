@@ -20,6 +20,9 @@ namespace peft::io {
 template <compute_scalar T>
 struct peft_codec<lokr<T>> : codec_defaults {
   static bool handles(const adapter_config& c) { return c.peft_type == "LOKR"; }
+  /// The adapter_config.json fields it honours (io/peft/config_fields.hpp has the rule).
+  static constexpr std::string_view config_fields[] = {"r",           "alpha",          "rank_pattern",
+                                                       "alpha_pattern", "decompose_both", "decompose_factor"};
   static std::vector<std::string_view> module_tensors() {
     return {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"};
   }

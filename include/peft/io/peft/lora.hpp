@@ -18,6 +18,8 @@ namespace peft::io {
 template <compute_scalar T>
 struct peft_codec<lora<T>> : codec_defaults {
   static bool handles(const adapter_config& c) { return c.peft_type == "LORA" && !c.use_dora; }
+  /// The adapter_config.json fields it honours (io/peft/config_fields.hpp has the rule).
+  static constexpr std::span<const std::string_view> config_fields{lora_config_fields};
   static std::vector<std::string_view> module_tensors() { return {"lora_A.weight", "lora_B.weight", "lora_B.bias"}; }
 
   /// The adapter of one module: rank from lora_A, checked against r / rank_pattern; scale from

@@ -18,6 +18,9 @@ namespace peft::io {
 template <compute_scalar T>
 struct peft_codec<randlora<T>> : codec_defaults {
   static bool handles(const adapter_config& c) { return c.peft_type == "RANDLORA"; }
+  /// The adapter_config.json fields it honours (io/peft/config_fields.hpp has the rule).
+  static constexpr std::string_view config_fields[] = {"r",      "projection_prng_key", "save_projection", "sparse",
+                                                       "very_sparse", "fan_in_fan_out", "randlora_alpha"};
   /// Per-module names: the trainable vectors and PEFT's per-module copies of the bases.
   static std::vector<std::string_view> module_tensors() {
     return {"randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"};

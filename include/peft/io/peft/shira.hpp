@@ -18,6 +18,8 @@ template <compute_scalar T>
 struct peft_codec<shira<T>> : codec_defaults {
   /// PEFT's "SHIRA".
   static bool handles(const adapter_config& c) { return c.peft_type == "SHIRA"; }
+  /// The adapter_config.json fields it honours (io/peft/config_fields.hpp has the rule).
+  static constexpr std::string_view config_fields[] = {"r", "mask_type", "random_seed", "fan_in_fan_out"};
   static std::vector<std::string_view> module_tensors() { return {"shira_weight", "shira_indices"}; }
   /// shira_indices is stored as an integer tensor (I32; I64 and floats are accepted too).
   static bool integer_tensor(std::string_view name) { return name == "shira_indices"; }

@@ -16,6 +16,8 @@ namespace peft::io {
 template <compute_scalar T>
 struct peft_codec<vera<T>> : codec_defaults {
   static bool handles(const adapter_config& c) { return c.peft_type == "VERA"; }
+  /// The adapter_config.json fields it honours (io/peft/config_fields.hpp has the rule).
+  static constexpr std::string_view config_fields[] = {"r", "projection_prng_key", "save_projection", "fan_in_fan_out"};
   static std::vector<std::string_view> module_tensors() { return {"vera_lambda_b", "vera_lambda_d"}; }
   static std::vector<std::string_view> shared_tensors() { return {"vera_A", "vera_B"}; }
 
