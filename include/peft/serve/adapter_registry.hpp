@@ -14,6 +14,7 @@
 // nothing changed. Details and lock order: docs/serving.md.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
@@ -93,10 +94,12 @@ class adapter_registry {
   /// checkpoints name them). The set of bases is fixed for the registry's lifetime.
   explicit adapter_registry(std::map<std::string, Base> bases) : bases_(std::move(bases)) {
     if (bases_.empty()) peft::detail::raise<error>("adapter_registry::adapter_registry", "no base weight given");
+    count_base_bytes();
   }
   /// Over one frozen layer named `weight_name`.
   adapter_registry(std::string weight_name, Base base) {
     bases_.emplace(std::move(weight_name), std::move(base));
+    count_base_bytes();
   }
   adapter_registry(const adapter_registry&) = delete;
   adapter_registry& operator=(const adapter_registry&) = delete;
@@ -198,7 +201,9 @@ class adapter_registry {
 
   memory_usage memory() const {
     memory_usage u;
-    for (const auto& [name, b] : bases_) u.base_bytes += detail::base_bytes(b);
+    // Counted when the bases change (fusing may give one a bias): reading the bases here would
+    // race with fuse() in another thread.
+    u.base_bytes = base_bytes_.load(std::memory_order_acquire);
     const auto s = current();
     for (const auto& [name, e] : s->adapters) {
       u.adapters.emplace_back(name, e.data->bytes);
@@ -502,11 +507,20 @@ class adapter_registry {
       }
     } catch (...) {
       for (const auto& w : done) apply_module(w, f.data->modules.at(w), f.scale, -1);
+      count_base_bytes();
       throw;
     }
+    count_base_bytes();
   }
   void take_out(const fused_state& f) {
     for (const auto& [w, md] : f.data->modules) apply_module(w, md, f.scale, -1);
+    count_base_bytes();
+  }
+  /// base_bytes_ from the bases (under the exclusive base lock, or before any other thread runs).
+  void count_base_bytes() {
+    std::size_t n = 0;
+    for (const auto& [name, b] : bases_) n += detail::base_bytes(b);
+    base_bytes_.store(n, std::memory_order_release);
   }
 
   void apply_module(const std::string& w, const module_data& md, double scale, int sign) {
@@ -539,6 +553,7 @@ class adapter_registry {
   }
 
   std::map<std::string, Base> bases_;
+  std::atomic<std::size_t> base_bytes_{0};  // what memory() reports for the bases
   mutable std::shared_mutex base_mutex_;  // batches: shared; fuse/unfuse: exclusive
   mutable std::mutex gate_;               // taken by fuse/unfuse before base_mutex_, by batches briefly
   mutable std::mutex state_mutex_;        // guards the state_ pointer only
