@@ -3,7 +3,7 @@
 //
 //   fortunes [--out DIR] [--seeds N] [--pretrain-steps N] [--adapt-steps N] [--methods a,b,...]
 //            [--fortunes DIR] [--threads T] [--lr LR] [--reuse-base]
-//   fortunes --report [--out DIR] [--methods a,b,...]
+//   fortunes --report [--out DIR]
 //   (--lr: one learning rate for every method, instead of each method's own; --reuse-base: keep
 //    DIR/base from an earlier run instead of pretraining again; --report: the report again from
 //    DIR/results.json, nothing trained)
