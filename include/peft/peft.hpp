@@ -61,6 +61,7 @@
 #include "peft/io/peft/codec.hpp"
 #include "peft/io/peft/codecs.hpp"
 #include "peft/io/peft/compacter.hpp"
+#include "peft/io/peft/config_fields.hpp"
 #include "peft/io/peft/dora.hpp"
 #include "peft/io/peft/dynamic_rank.hpp"
 #include "peft/io/peft/ia3.hpp"
