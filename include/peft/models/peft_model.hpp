@@ -180,7 +180,6 @@ class peft_model {
     adapter_config(name);
     auto mods = model_.modules();
     std::vector<std::pair<typename model_type::linear*, std::optional<lora<T>>>> plan;
-    std::vector<std::string> kept;
     for (auto& [n, l] : mods) {
       if (!l->contains(name)) continue;
       if (l->merged(name)) detail::raise<error>(where, "adapter '" + name + "' is merged into '" + n + "'; unmerge it first");
@@ -193,7 +192,6 @@ class peft_model {
       } else {
         continue;  // already a plain adapter
       }
-      if (c) kept.push_back(n);
       plan.emplace_back(l, std::move(c));
     }
     if (plan.empty()) return 0;

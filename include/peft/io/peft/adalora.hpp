@@ -21,11 +21,10 @@ struct peft_codec<adalora<T>> : codec_defaults {
   static bool handles(const adapter_config& c) { return c.peft_type == "ADALORA"; }
   /// The adapter_config.json fields it honours (io/peft/config_fields.hpp has the rule).
   /// LoraConfig's fields and AdaLoRA's schedule (training only: the saved ranks are in the tensors).
-  static constexpr std::string_view config_fields[] = {"r",         "lora_alpha",   "use_rslora",    "use_dora",
-                                                       "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
-                                                       "target_r",  "init_r",       "tinit",         "tfinal",
-                                                       "deltaT",    "beta1",        "beta2",         "orth_reg_weight",
-                                                       "total_step"};
+  static constexpr std::string_view schedule_fields[] = {"target_r", "init_r", "tinit",          "tfinal",
+                                                         "deltaT",   "beta1",  "beta2",          "orth_reg_weight",
+                                                         "total_step"};
+  static constexpr auto config_fields = join_config_fields(lora_config_fields, schedule_fields);
   /// `ranknum` is accepted and ignored (old PEFT versions saved it; PEFT 0.21 ignores it too:
   /// the key does not name a parameter of its model). Embedding tensors are rejected.
   static std::vector<std::string_view> module_tensors() {

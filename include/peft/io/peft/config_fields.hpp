@@ -22,6 +22,8 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <cstddef>
 #include <span>
 #include <string>
 #include <string_view>
@@ -48,6 +50,16 @@ inline constexpr std::string_view training_only_config_fields[] = {
 /// What the LoRA-family codecs (lora, dora, adalora) honour: LoraConfig's numbers.
 inline constexpr std::string_view lora_config_fields[] = {"r",           "lora_alpha",   "use_rslora",   "use_dora",
                                                           "lora_bias",   "fan_in_fan_out", "rank_pattern", "alpha_pattern"};
+
+/// Two lists of honoured fields as one (a codec that extends another's fields).
+template <std::size_t N, std::size_t M>
+constexpr std::array<std::string_view, N + M> join_config_fields(const std::string_view (&a)[N],
+                                                                   const std::string_view (&b)[M]) {
+  std::array<std::string_view, N + M> out{};
+  for (std::size_t i = 0; i < N; ++i) out[i] = a[i];
+  for (std::size_t i = 0; i < M; ++i) out[N + i] = b[i];
+  return out;
+}
 
 namespace detail {
 
