@@ -136,4 +136,26 @@ TEMPLATE_TEST_CASE("PEFT golden: the BF16-saved adapter loads as the F32 one rou
   check_offline_merge("lora", "adapter_bf16", 1e-2);
 }
 
+TEST_CASE("PEFT golden: a BF16 adapter is re-saved as BF16, bit for bit", "[golden][lora][bf16]") {
+  const auto src = golden_dir("lora") / "adapter_bf16";
+  auto ck = peft::io::load_checkpoint_as<peft::lora<float>>(src);
+  const auto dir = peft_test::scratch_dir("peft_golden_bf16_resave");
+  peft::io::save_peft_checkpoint(dir, ck);
+  const auto in = peft::io::safetensors_file::open(src / "adapter_model.safetensors");
+  const auto out = peft::io::safetensors_file::open(dir / "adapter_model.safetensors");
+  REQUIRE(out.tensors().size() == in.tensors().size());
+  for (const auto& t : in.tensors()) {
+    INFO(t.name);
+    REQUIRE(t.type == peft::dtype::bf16);
+    CHECK(out.info(t.name).type == peft::dtype::bf16);
+    const auto a = in.bytes(t.name), b = out.bytes(t.name);
+    CHECK(std::equal(a.begin(), a.end(), b.begin(), b.end()));
+  }
+  // An explicit dtype still wins.
+  peft::io::save_peft_checkpoint(dir, ck, peft::dtype::f32);
+  CHECK(peft::io::safetensors_file::open(dir / "adapter_model.safetensors").info("base_model.model.up.lora_A.weight").type ==
+        peft::dtype::f32);
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace test_peft_golden

@@ -344,16 +344,18 @@ peft_checkpoint<T> load_peft_checkpoint(adapter_config config, const safetensors
   return load_checkpoint_as<any_adapter<T>>(std::move(config), weights, base_shape);
 }
 
-/// Writes `dir`/adapter_model.safetensors (tensors stored as `stored_as`) and
+/// Writes `dir`/adapter_model.safetensors (tensors stored as `stored_as`, by default the dtype the
+/// checkpoint was read with: a BF16 adapter is re-saved as BF16) and
 /// `dir`/adapter_config.json, each atomically (temporary file, then rename). The config is made
 /// to describe the modules (each adapter's `describe_in`: LoRA adds exact rank_pattern /
 /// alpha_pattern entries where r / lora_alpha do not give its rank and scale), and target_modules
 /// is extended to every saved module. Shared tensors are written once, as "base_model.<name>".
 template <class Adapter>
 void save_peft_checkpoint(const std::filesystem::path& dir, basic_peft_checkpoint<Adapter>& ck,
-                          dtype stored_as = dtype::f32) {
+                          std::optional<dtype> stored = std::nullopt) {
   constexpr const char* where = "save_peft_checkpoint";
   using T = typename Adapter::scalar;
+  const dtype stored_as = stored.value_or(ck.stored_dtype);
   if (!is_floating(stored_as)) peft::detail::raise<unsupported_error>(where, "adapter tensors must be stored as a floating dtype");
   if (ck.modules.empty()) peft::detail::raise<error>(where, "the checkpoint has no module");
   adapter_config cfg = ck.config;
