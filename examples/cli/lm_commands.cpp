@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -28,6 +29,7 @@
 #include <peft/models/text_data.hpp>
 #include <peft/models/token_file.hpp>
 #include <peft/train/dynamic_rank_trainer.hpp>
+#include <peft/train/loraplus.hpp>
 #include <peft/train/optimizer.hpp>
 #include <peft/train/sora_trainer.hpp>
 
@@ -495,7 +497,7 @@ int lm_finetune(const std::vector<std::string>& args) {
   long long steps = -1, batch = -1, save_every = 0, accum = 1, val_every = 0;
   std::optional<std::string> val_path;
   double lr = -1, weight_decay = 0.0;
-  std::optional<double> sora_xi;
+  std::optional<double> sora_xi, loraplus_ratio;
   bool resume = false, checkpointing = false, full = false, skip_nonfinite = false;
   std::optional<std::size_t> memory_budget;
   std::optional<std::string> targets_text;
@@ -528,6 +530,8 @@ int lm_finetune(const std::vector<std::string>& args) {
       lr = r.number();
     } else if (a == "--weight-decay") {
       weight_decay = r.number();
+    } else if (a == "--loraplus-ratio") {
+      loraplus_ratio = r.number();
     } else if (a == "--log") {
       log_path = r.value();
     } else if (a == "--seed") {
@@ -577,6 +581,10 @@ int lm_finetune(const std::vector<std::string>& args) {
   }
   if (sora_xi && !(have_method && ao.method == "sora")) throw usage_error("--sora-xi applies to --method sora");
   if (sora_xi && !(*sora_xi >= 0)) throw usage_error("--sora-xi must be >= 0");
+  if (loraplus_ratio && !(*loraplus_ratio > 0 && std::isfinite(*loraplus_ratio))) {
+    throw usage_error("--loraplus-ratio must be a finite number > 0");
+  }
+  if (loraplus_ratio && full) throw usage_error("--loraplus-ratio applies to adapters, not --full");
   if (targets_text) {
     ao.targets.clear();
     std::string t = *targets_text;
@@ -666,7 +674,10 @@ int lm_finetune(const std::vector<std::string>& args) {
     peft::train::adamw_options opt;
     opt.lr = lr;
     opt.weight_decay = weight_decay;
-    peft::train::adamw<T> optimizer(params, opt);
+    // LoRA+: B's tensors (and 1-D ones) at --loraplus-ratio times the lr (train/loraplus.hpp).
+    peft::train::adamw<T> optimizer(params, opt,
+                                    loraplus_ratio ? peft::train::loraplus_groups<T>(opt, {.lr_ratio = *loraplus_ratio})
+                                                   : std::vector<peft::train::param_group<T, peft::train::adamw_options>>{});
     if (resume) optimizer.load_state(dir / "optimizer.safetensors");
 #ifdef PEFT_CLI_MPI
     // Every rank starts from rank 0's adapter and sums its tokens' gradients; the all-reduce

@@ -44,7 +44,7 @@ constexpr const char* usage =
     "       peft finetune --model MODEL_DIR (--adapter INIT_DIR | --method NAME --rank R --alpha A\n"
     "                   --targets LIST|all-linear [--rslora] [--lora-bias] [--sora-xi XI] | --full)\n"
     "                   (--tokens FILE | --text FILE | --jsonl FILE [--seq-len L]) [--val FILE [--val-every K]] --steps N\n"
-    "                   --batch B --lr LR [--weight-decay WD] [--grad-accum K] [--threads T]\n"
+    "                   --batch B --lr LR [--weight-decay WD] [--loraplus-ratio R] [--grad-accum K] [--threads T]\n"
     "                   [--quantize-base int8|q4_0|nf4|q8_0|q4_k|q6_k] [--checkpointing] [--log LOG.csv] [--seed S]\n"
     "                   [--save-every K] [--resume] [--skip-nonfinite] [--memory-budget SIZE]\n"
     "                   [--precision f32|f64] --out ADAPTER_DIR\n"

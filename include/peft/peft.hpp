@@ -107,6 +107,7 @@
 #include "peft/serve/mixed_forward.hpp"
 #include "peft/train/clip.hpp"
 #include "peft/train/dynamic_rank_trainer.hpp"
+#include "peft/train/loraplus.hpp"
 #include "peft/train/optimizer.hpp"
 #include "peft/train/schedule.hpp"
 #include "peft/train/shira_masks.hpp"

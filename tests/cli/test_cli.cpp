@@ -19,6 +19,7 @@
 #include "peft/models/text_data.hpp"
 #include "peft/models/token_file.hpp"
 #include "peft/train/dynamic_rank_trainer.hpp"
+#include "peft/train/loraplus.hpp"
 #include "peft/train/optimizer.hpp"
 #include "peft/train/sora_trainer.hpp"
 #include "support/cli_support.hpp"
@@ -420,6 +421,62 @@ TEST_CASE("peft finetune --method dynamic_rank|sora trains the ranks as the libr
                               s.dir);
   CHECK(bad_xi.status == 2);
   CHECK(bad_xi.err.find("--sora-xi applies to --method sora") != std::string::npos);
+}
+
+TEST_CASE("peft finetune --loraplus-ratio steps B at R times the lr, as loraplus_groups does", "[cli][models][loraplus]") {
+  scratch_dir s("finetune_loraplus");
+  const fs::path model = lm / "llama";
+  const auto rows = peft::models::read_token_file(model / "tokens.txt");
+  const auto all = peft::models::token_batch::from_rows(rows);
+  using peft::index;
+  const auto out = s.dir / "dora";
+  const auto r = run_cli("finetune --model " + q(model) + " --method dora --rank 2 --alpha 4 --targets all-linear --tokens " +
+                             q(model / "tokens.txt") + " --steps 5 --batch 2 --lr 5e-3 --weight-decay 0.01 " +
+                             "--loraplus-ratio 8 --seed 4 --precision f64 --log " + q(s.dir / "log.csv") + " --out " + q(out),
+                         s.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  peft::models::peft_model<double> pm(peft::models::causal_lm<double>::load(model), model.string());
+  peft::models::adapter_options o;
+  o.method = "dora";
+  o.rank = 2;
+  o.alpha = 4;
+  o.targets = {"all-linear"};
+  o.seed = 4;
+  pm.add_adapter("default", o);
+  auto& m = pm.model();
+  std::vector<peft::parameter<double>> params;
+  for (auto& p : m.parameters()) {
+    if (p.trainable) params.push_back(p);
+  }
+  const peft::train::adamw_options ao{.lr = 5e-3, .weight_decay = 0.01};
+  peft::train::adamw<double> opt(params, ao, peft::train::loraplus_groups<double>(ao, {.lr_ratio = 8}));
+  const auto logged = csv_losses(s.dir / "log.csv");
+  REQUIRE(logged.size() == 5);
+  for (index step = 0; step < 5; ++step) {
+    std::vector<std::vector<long long>> lines;
+    for (index i = 0; i < 2; ++i) lines.push_back(rows[static_cast<std::size_t>((step * 2 + i) % 3)]);
+    const auto b = peft::models::token_batch::from_rows(lines);
+    const auto labels = peft::models::training_labels(b, std::vector<std::size_t>(lines.size(), 0));
+    m.zero_grad();
+    const double loss = m.loss_and_backward(b, labels, static_cast<double>(m.predicted_tokens(b, labels)));
+    CHECK(loss == Approx(logged[static_cast<std::size_t>(step)]).epsilon(1e-8));
+    opt.step();
+  }
+  (void)m.parameters();  // DoRA's cached norms follow the last step (train/optimizer.hpp)
+  const auto want = m.forward(all);
+  const auto got = peft::models::peft_model<double>::from_pretrained(peft::models::causal_lm<double>::load(model), out)
+                       .model()
+                       .forward(all);
+  CHECK(peft_test::max_abs(peft_test::add(got, want, -1.0)) < 1e-6 * peft_test::max_abs(want));
+  CHECK(opt.groups()[3].name == "loraplus_B");
+  CHECK(opt.groups()[3].options.lr == Approx(4e-2));
+  const auto bad = run_cli("finetune --model " + q(model) + " --method lora --rank 2 --alpha 4 --tokens " +
+                               q(model / "tokens.txt") + " --steps 2 --batch 2 --lr 1e-2 --loraplus-ratio 0 --out " +
+                               q(s.dir / "x"),
+                           s.dir);
+  CHECK(bad.status == 2);
+  CHECK(bad.err.find("--loraplus-ratio") != std::string::npos);
 }
 
 #ifdef PEFT_MPIEXEC

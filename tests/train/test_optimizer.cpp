@@ -23,6 +23,7 @@
 #include "peft/core/parameter.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/train/clip.hpp"
+#include "peft/train/loraplus.hpp"
 #include "peft/train/optimizer.hpp"
 #include "peft/train/schedule.hpp"
 #include "support/golden_support.hpp"
@@ -102,17 +103,24 @@ std::string peft_name(const std::string& ours) {
   return full;
 }
 
+/// Three AdamW steps (lr=1e-2 betas=(0.9,0.999) eps=1e-8 weight_decay=0.01, as every trace's
+/// case.json or script says) against the trace `file` of case `name`; LoRA+'s groups with
+/// `loraplus` (trace_loraplus.safetensors: scripts/make_loraplus_trace.py, PEFT's
+/// create_loraplus_optimizer with loraplus_lr_ratio 16).
 template <class A>
-void check_trace(const std::string& name) {
-  INFO("case " << name);
+void check_trace(const std::string& name, const std::string& file = "trace.safetensors", bool loraplus = false) {
+  INFO("case " << name << ", " << file);
   peft_test::golden_case<A> c(name);
-  const auto trace = peft::io::safetensors_file::open(peft_test::golden_dir(name) / "trace.safetensors");
+  const auto trace = peft::io::safetensors_file::open(peft_test::golden_dir(name) / file);
   const auto x = trace.read_matrix<double>("x");
   const auto target = trace.read_matrix<double>("target");
   REQUIRE(peft_test::nontrivial(x));
   REQUIRE(peft_test::nontrivial(target));
   // case.json: torch.optim.AdamW lr=1e-2 betas=(0.9,0.999) eps=1e-8 weight_decay=0.01.
-  train::adamw<double> opt(model_parameters(c), {.lr = 1e-2, .betas = {0.9, 0.999}, .eps = 1e-8, .weight_decay = 0.01});
+  const train::adamw_options o{.lr = 1e-2, .betas = {0.9, 0.999}, .eps = 1e-8, .weight_decay = 0.01};
+  train::adamw<double> opt(model_parameters(c), o,
+                           loraplus ? train::loraplus_groups<double>(o, {.lr_ratio = 16.0})
+                                    : std::vector<train::param_group<double, train::adamw_options>>{});
   REQUIRE(opt.size() == model_parameters(c).size());
   for (int k = 0; k < 3; ++k) {
     INFO("step " << k);
@@ -263,6 +271,37 @@ std::filesystem::path scratch(const std::string& stem) {
 TEST_CASE("adamw equals torch.optim.AdamW on the PEFT training traces", "[optimizer][golden]") {
   SECTION("lora") { check_trace<peft::lora<double>>("lora"); }
   SECTION("dora") { check_trace<peft::dora<double>>("dora"); }
+  // LoRA+: B (and the 1-D magnitude) at 16x the lr; lora_B's bias also without weight decay.
+  SECTION("lora+ with lora_B's bias") { check_trace<peft::lora<double>>("lora_bias", "trace_loraplus.safetensors", true); }
+  SECTION("lora+ dora") { check_trace<peft::dora<double>>("dora", "trace_loraplus.safetensors", true); }
+}
+
+TEST_CASE("loraplus_groups: PEFT's grouping, and its errors", "[optimizer][loraplus]") {
+  peft_test::golden_case<peft::lora<double>> c("lora_bias");
+  const train::adamw_options o{.lr = 1e-3, .weight_decay = 0.05};
+  const auto groups = train::loraplus_groups<double>(o, {.lr_ratio = 4.0, .embedding_lr = 1e-5});
+  REQUIRE(groups.size() == 3);
+  std::size_t a = 0, b = 0, b_bias = 0;
+  for (const auto& p : model_parameters(c)) {
+    if (groups[1].select(p)) {
+      ++b_bias;
+      CHECK(p.name.ends_with("lora_B.bias"));
+    } else if (groups[2].select(p)) {
+      ++b;
+      CHECK(p.name.ends_with("lora_B.weight"));
+    } else {
+      ++a;
+      CHECK(!groups[0].select(p));
+    }
+  }
+  CHECK((a == 2 && b == 2 && b_bias == 2));
+  CHECK(groups[0].options.lr == 1e-5);
+  CHECK((groups[1].options.lr == 4e-3 && groups[1].options.weight_decay == 0.0));
+  CHECK((groups[2].options.lr == 4e-3 && groups[2].options.weight_decay == 0.05));
+  CHECK_THROWS_WITH((train::loraplus_groups<double>(o, {.lr_ratio = 0.0})),
+                    Catch::Contains("loraplus_groups") && Catch::Contains("lr_ratio"));
+  CHECK_THROWS_WITH((train::loraplus_groups<double>(o, {.lr_ratio = 2.0, .embedding_lr = -1.0})),
+                    Catch::Contains("embedding_lr"));
 }
 
 TEST_CASE("adamw and sgd equal torch's values on a small tensor", "[optimizer]") {
