@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "peft/io/peft_checkpoint.hpp"
 #include "support/file_support.hpp"
@@ -112,6 +113,98 @@ TEST_CASE("default values, bookkeeping and initialisations that leave the base a
   }
   j["init_lora_weights"] = false;
   CHECK(load_with("lora", j).empty());
+}
+
+TEST_CASE("module selection: target_modules, exclude_modules, layers_to_transform and layers_pattern as PEFT decides",
+          "[io][config]") {
+  // Expected: PEFT 0.21's check_target_module_exists on these keys (1 selected, 0 not, x excluded).
+  const std::vector<std::string> keys = {"model.layers.0.self_attn.q_proj", "model.layers.3.self_attn.q_proj",
+                                         "model.layers.12.mlp.down_proj",   "transformer.h.2.attn.c_attn",
+                                         "h.2.attn.c_attn",                 "model.layers.1.mlp.experts.0.up_proj",
+                                         "model.decoder.blocks.4.fc1",      "q_proj"};
+  const char* names = R"(["q_proj", "down_proj", "c_attn", "up_proj", "fc1"])";
+  struct rule {
+    std::string config;
+    std::string want;
+  };
+  const rule rules[] = {
+      {std::string(R"({"target_modules": )") + names + R"(, "layers_to_transform": [0, 1, 2]})", "10010101"},
+      {std::string(R"({"target_modules": )") + names + R"(, "layers_to_transform": 3})", "01000001"},
+      {std::string(R"({"target_modules": )") + names + R"(, "layers_to_transform": [1, 4], "layers_pattern": "blocks"})",
+       "00000011"},
+      {std::string(R"({"target_modules": )") + names +
+           R"(, "layers_to_transform": [1, 2, 12], "layers_pattern": ["h", "layers"]})",
+       "00111101"},
+      {R"({"target_modules": ["model.layers.3.self_attn.q_proj", "down_proj"], "layers_to_transform": [0]})", "01000000"},
+      {R"js({"target_modules": ".*\\.(q_proj|c_attn)"})js", "11011000"},
+      {std::string(R"({"target_modules": )") + names + R"(, "exclude_modules": ["self_attn.q_proj", "c_attn"]})", "xx1xx111"},
+      {std::string(R"({"target_modules": )") + names + R"js(, "exclude_modules": ".*\\.(0|12)\\..*"})js", "x1x11x11"},
+      {std::string(R"({"target_modules": )") + names + R"(, "exclude_modules": ["q_proj"], "layers_to_transform": [0, 3]})",
+       "xx00000x"},
+  };
+  for (const auto& r : rules) {
+    INFO(r.config);
+    auto j = ordered_json::parse(r.config);
+    j["peft_type"] = "LORA";
+    const auto c = adapter_config::parse(j.dump());
+    std::string got;
+    for (const auto& k : keys) {
+      const auto why = c.unselected_by(k);
+      got += why.empty() ? '1' : why == "exclude_modules" ? 'x' : '0';
+    }
+    CHECK(got == r.want);
+  }
+  CHECK(adapter_config::parse(R"({"peft_type": "LORA", "target_modules": ["q_proj"], "layers_to_transform": [1]})")
+            .unselected_by("model.layers.0.self_attn.q_proj") == "layers_to_transform");
+  CHECK_THROWS_AS(adapter_config::parse(R"({"peft_type": "LORA", "layers_to_transform": "0"})"), peft::format_error);
+}
+
+TEST_CASE("a checkpoint's modules the config leaves out are refused on load; saving makes the config select them",
+          "[io][config]") {
+  const auto file = peft::io::safetensors_file::open(adapters / "lora" / "adapter_model.safetensors");
+  auto message = [&](const ordered_json& j) -> std::string {
+    try {
+      (void)peft::io::load_peft_checkpoint<double>(adapter_config::parse(j.dump()), file);
+      return "";
+    } catch (const peft::format_error& e) {
+      return e.what();
+    }
+  };
+  auto j = config_of("lora");  // modules model.layers.{0,1}.self_attn.{q,v}_proj
+  j["layers_to_transform"] = ordered_json::parse("[0]");
+  const auto m1 = message(j);
+  CHECK(m1.find("model.layers.1.self_attn") != std::string::npos);
+  CHECK(m1.find("layers_to_transform") != std::string::npos);
+  j["layers_to_transform"] = nullptr;
+  j["exclude_modules"] = ordered_json::parse(R"(["layers.0.self_attn.v_proj"])");
+  CHECK(message(j).find("exclude_modules") != std::string::npos);
+  j["exclude_modules"] = nullptr;
+  j["target_modules"] = ordered_json::parse(R"(["q_proj"])");
+  CHECK(message(j).find("target_modules") != std::string::npos);
+  j["target_modules"] = ordered_json::parse(R"(["q_proj", "v_proj"])");
+  j["layers_to_transform"] = ordered_json::parse("[0, 1]");
+  j["layers_pattern"] = "layers";
+  REQUIRE(message(j).empty());
+
+  // Saved after the config changed under it: the saved config selects every saved module.
+  auto ck = peft::io::load_peft_checkpoint<double>(adapter_config::parse(j.dump()), file);
+  ck.config = adapter_config::parse(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                        "exclude_modules": ["layers.1.self_attn.q_proj"], "layers_to_transform": [0, 1]})");
+  const auto dir = peft_test::scratch_dir("peft_config_fields_save");
+  peft::io::save_peft_checkpoint(dir.dir, ck);
+  const auto saved = adapter_config::load(dir.dir);
+  CHECK(saved.raw["exclude_modules"].is_null());
+  CHECK(saved.raw["layers_to_transform"].is_null());
+  CHECK(saved.target_modules.size() == 4);
+  for (const auto& m : ck.modules) CHECK(saved.selects(m.path));
+  const auto back = peft::io::load_peft_checkpoint<double>(dir.dir);
+  CHECK(back.modules.size() == 4);
+  // A config that already selects every module is written back as it was.
+  ck.config = adapter_config::parse(j.dump());
+  peft::io::save_peft_checkpoint(dir.dir, ck);
+  const auto kept = adapter_config::load(dir.dir);
+  CHECK(kept.raw["layers_to_transform"] == ordered_json::parse("[0, 1]"));
+  CHECK(kept.raw["layers_pattern"] == "layers");
 }
 
 }  // namespace test_config_fields

@@ -3,6 +3,7 @@
 //   auto cfg = peft::io::adapter_config::load(dir);        // dir/adapter_config.json
 //   cfg.rank_for("model.layers.0.self_attn.q_proj");       // r, or its rank_pattern override
 //   cfg.targets("model.layers.0.mlp.up_proj");             // target_modules rule (list/regex)
+//   cfg.selects("model.layers.0.mlp.up_proj");             // + exclude_modules, layers_to_transform
 //
 // The fields peft-cpp interprets are parsed into members; the whole document is kept (key
 // order included) so that saving writes back every field PEFT wrote, with ours updated.
@@ -14,6 +15,7 @@
 // practice (alternation, character classes, `.*`); lookbehind is not available.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <filesystem>
@@ -69,6 +71,10 @@ struct adapter_config {
   target_kind targets_kind = target_kind::none;
   std::vector<std::string> target_modules;              // list entries, or the one regex
   std::vector<std::string> modules_to_save;
+  std::vector<std::string> exclude_modules;             // list entries, or the one regex
+  bool exclude_is_regex = false;
+  std::vector<long long> layers_to_transform;           // empty: every layer
+  std::vector<std::string> layers_pattern;              // empty: PEFT's default rule
   ordered_json raw = ordered_json::object();           // the document as read (or built)
 
   /// A LoRA config with PEFT's default fields, for adapters made in C++.
@@ -176,6 +182,46 @@ struct adapter_config {
         c.modules_to_save.push_back(e.get<std::string>());
       }
     }
+    if (const auto* v = field("exclude_modules")) {
+      if (v->is_string()) {
+        c.exclude_is_regex = true;
+        c.exclude_modules = {v->get<std::string>()};
+        compile(c.exclude_modules.front(), where, source + ": exclude_modules");
+      } else if (v->is_array()) {
+        for (const auto& e : *v) {
+          if (!e.is_string()) peft::detail::raise<format_error>(where, source + ": exclude_modules entries must be strings");
+          c.exclude_modules.push_back(e.get<std::string>());
+        }
+      } else {
+        peft::detail::raise<format_error>(where, source + ": 'exclude_modules' must be a string or a list");
+      }
+    }
+    if (const auto* v = field("layers_to_transform")) {
+      auto layer = [&](const ordered_json& e) {
+        if (!e.is_number_integer()) {
+          peft::detail::raise<format_error>(where, source + ": 'layers_to_transform' must be an integer or a list of integers");
+        }
+        c.layers_to_transform.push_back(e.get<long long>());
+      };
+      if (v->is_array()) {
+        for (const auto& e : *v) layer(e);
+      } else {
+        layer(*v);
+      }
+    }
+    if (const auto* v = field("layers_pattern")) {
+      if (v->is_string()) {
+        if (!v->get<std::string>().empty()) c.layers_pattern = {v->get<std::string>()};
+      } else if (v->is_array()) {
+        for (const auto& e : *v) {
+          if (!e.is_string()) peft::detail::raise<format_error>(where, source + ": layers_pattern entries must be strings");
+          c.layers_pattern.push_back(e.get<std::string>());
+        }
+      } else {
+        peft::detail::raise<format_error>(where, source + ": 'layers_pattern' must be a string or a list");
+      }
+      for (const auto& k : c.layers_pattern) compile(k, where, source + ": layers_pattern");
+    }
     for (const auto& [k, val] : c.rank_pattern) compile(k, where, source + ": rank_pattern key");
     for (const auto& [k, val] : c.alpha_pattern) compile(k, where, source + ": alpha_pattern key");
     return c;
@@ -270,6 +316,102 @@ struct adapter_config {
         return false;
     }
     return false;
+  }
+  /// PEFT's whole module-selection rule (check_target_module_exists): "" when the config selects
+  /// the module path, else the field that leaves it out: "exclude_modules" (a list entry equal to
+  /// the path or its last dotted components, or a regex matching the whole path),
+  /// "modules_to_save" (such a module is never adapted), "target_modules" (also when it is
+  /// absent), or "layers_to_transform" (matched through target_modules' last components — an
+  /// entry equal to the whole path or a regex bypasses it, as in PEFT — and the module's layer
+  /// index, its first `<pattern>.<digits>.` for a layers_pattern entry, without layers_pattern the
+  /// first numbered path component after the second, is not listed or not found).
+  std::string_view unselected_by(const std::string& module) const {
+    auto tail_is = [&](const std::string& k) {
+      return module == k || (module.size() > k.size() && module.ends_with(k) && module[module.size() - k.size() - 1] == '.');
+    };
+    if (exclude_is_regex) {
+      if (std::regex_match(module, compile(exclude_modules.front(), "adapter_config::unselected_by", "exclude_modules"))) {
+        return "exclude_modules";
+      }
+    } else {
+      for (const auto& k : exclude_modules) {
+        if (tail_is(k)) return "exclude_modules";
+      }
+    }
+    if (saves_module(module)) return "modules_to_save";
+    switch (targets_kind) {
+      case target_kind::none: return "target_modules";
+      case target_kind::regex: return targets(module) ? "" : "target_modules";
+      case target_kind::list:
+        if (std::find(target_modules.begin(), target_modules.end(), module) != target_modules.end()) return "";
+        if (!targets(module)) return "target_modules";
+        break;
+      case target_kind::all_linear: break;  // PEFT expands it into names: the layer rule applies
+    }
+    if (layers_to_transform.empty()) return "";
+    const auto idx = layer_index(module);
+    if (!idx || std::find(layers_to_transform.begin(), layers_to_transform.end(), *idx) == layers_to_transform.end()) {
+      return "layers_to_transform";
+    }
+    return "";
+  }
+  /// unselected_by(module) is "".
+  bool selects(const std::string& module) const { return unselected_by(module).empty(); }
+  /// The layer index PEFT reads from a module path for layers_to_transform (see unselected_by).
+  std::optional<long long> layer_index(const std::string& module) const {
+    // Dotted components and where each starts.
+    std::vector<std::size_t> start{0};
+    for (std::size_t i = 0; i < module.size(); ++i) {
+      if (module[i] == '.') start.push_back(i + 1);
+    }
+    auto component = [&](std::size_t j) {
+      const std::size_t end = j + 1 < start.size() ? start[j + 1] - 1 : module.size();
+      return std::string_view(module).substr(start[j], end - start[j]);
+    };
+    auto digits = [](std::string_view c) {
+      return !c.empty() && std::all_of(c.begin(), c.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+    };
+    auto number = [&](std::size_t j) -> std::optional<long long> {
+      const auto c = component(j);
+      if (c.size() > 18) return std::nullopt;
+      return std::stoll(std::string(c));
+    };
+    if (layers_pattern.empty()) {
+      // PEFT: re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+      for (std::size_t j = 2; j + 1 < start.size(); ++j) {
+        if (digits(component(j))) return number(j);
+      }
+      return std::nullopt;
+    }
+    // PEFT: re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key), patterns in order; the
+    // earliest start wins (exact for literal patterns, the ones used in practice).
+    for (const auto& p : layers_pattern) {
+      const auto re = compile(p, "adapter_config::layer_index", "layers_pattern");
+      for (std::size_t i = 0; i < start.size(); ++i) {
+        for (std::size_t j = i + 1; j + 1 < start.size(); ++j) {
+          if (digits(component(j)) &&
+              std::regex_match(module.begin() + static_cast<std::ptrdiff_t>(start[i]),
+                               module.begin() + static_cast<std::ptrdiff_t>(start[j] - 1), re)) {
+            return number(j);
+          }
+        }
+      }
+    }
+    return std::nullopt;
+  }
+  /// Makes the config select exactly `modules` (full paths in target_modules, no exclusion, no
+  /// layer rule): what saving does when exclude_modules or layers_to_transform would leave out a
+  /// saved module, so that PEFT loads every tensor saved.
+  void select_exactly(const std::vector<std::string>& modules) {
+    targets_kind = target_kind::list;
+    target_modules = modules;
+    exclude_modules.clear();
+    exclude_is_regex = false;
+    layers_to_transform.clear();
+    layers_pattern.clear();
+    for (const char* k : {"exclude_modules", "layers_to_transform", "layers_pattern"}) {
+      if (raw.contains(k)) raw[k] = nullptr;
+    }
   }
   /// Whether the module path lies inside a modules_to_save module (PEFT's rule).
   bool saves_module(const std::string& module) const {

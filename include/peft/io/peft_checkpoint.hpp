@@ -224,6 +224,13 @@ void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& fi
     it->second.add(param, convert_tensor<T>(file, t));
   }
   for (auto& [module, tensors] : by_module) {
+    // PEFT adapts only the modules its config selects and drops other tensors with a warning:
+    // refused here rather than merged differently (no target_modules: nothing to check against).
+    if (const auto why = cfg.unselected_by(module);
+        !why.empty() && !(why == "target_modules" && cfg.targets_kind == target_kind::none)) {
+      peft::detail::raise<format_error>(where, "module '" + module + "' has adapter tensors but the config's " +
+                                                   std::string(why) + " leaves it out (PEFT would not load them)");
+    }
     std::optional<std::pair<index, index>> shape;
     if (base_shape) shape = base_shape(module);
     tensors.set_base_shape(shape);
@@ -349,7 +356,9 @@ peft_checkpoint<T> load_peft_checkpoint(adapter_config config, const safetensors
 /// `dir`/adapter_config.json, each atomically (temporary file, then rename). The config is made
 /// to describe the modules (each adapter's `describe_in`: LoRA adds exact rank_pattern /
 /// alpha_pattern entries where r / lora_alpha do not give its rank and scale), and target_modules
-/// is extended to every saved module. Shared tensors are written once, as "base_model.<name>".
+/// is extended to every saved module; if exclude_modules or layers_to_transform would still leave
+/// one out, target_modules becomes the exact list of saved modules and those fields null (PEFT
+/// then loads every tensor written). Shared tensors are written once, as "base_model.<name>".
 template <class Adapter>
 void save_peft_checkpoint(const std::filesystem::path& dir, basic_peft_checkpoint<Adapter>& ck,
                           std::optional<dtype> stored = std::nullopt) {
@@ -374,6 +383,13 @@ void save_peft_checkpoint(const std::filesystem::path& dir, basic_peft_checkpoin
         cfg.target_modules.push_back(m.path);
       }
     }
+  }
+  // exclude_modules or layers_to_transform may still leave out a saved module (an adapter added
+  // or moved after loading): then the config lists the saved modules exactly.
+  if (!std::all_of(ck.modules.begin(), ck.modules.end(), [&](const auto& m) { return cfg.selects(m.path); })) {
+    std::vector<std::string> paths;
+    for (const auto& m : ck.modules) paths.push_back(m.path);
+    cfg.select_exactly(paths);
   }
   safetensors_writer w;
   w.set_metadata({{"format", "pt"}});

@@ -127,7 +127,7 @@ class peft_model {
     auto mods = model_.modules();
     std::vector<std::pair<std::string, typename model_type::linear*>> chosen;
     for (auto& [n, l] : mods) {
-      if (cfg.targets(n)) chosen.emplace_back(n, l);
+      if (cfg.selects(n)) chosen.emplace_back(n, l);
     }
     if (chosen.empty()) detail::raise<error>(where, "target_modules " + cfg.targets_string() + " select no module of the model");
     std::optional<vera_projections<T>> vera_p;
