@@ -157,10 +157,50 @@ TEST_CASE("merge_model applies fan_in_fan_out deltas to (in, out) weights", "[me
   copy_adapter_with(s.dir / "adapter", [](auto& j) { j["fan_in_fan_out"] = true; });
   peft::io::merge_model(s.dir / "base.safetensors", s.dir / "adapter", s.dir / "out.safetensors", {});
   check_against_reference(s.dir / "out.safetensors", 1e-6, 0.0, peft::dtype::f32, true);
-  // Without the flag the same base is a shape error, found before anything is written.
-  CHECK_THROWS_AS(peft::io::merge_model(s.dir / "base.safetensors", llama / "adapter", s.dir / "bad.safetensors", {}),
-                  peft::format_error);
-  CHECK_FALSE(fs::exists(s.dir / "bad.safetensors"));
+  // Without the flag (and no config.json naming the architecture) the shapes still tell the
+  // non-square v_proj weights' layout, as PEFT would know it from the module type; a square
+  // weight (q_proj) can only follow the flag.
+  peft::io::merge_model(s.dir / "base.safetensors", llama / "adapter", s.dir / "noflag.safetensors", {});
+  const auto got = peft::io::safetensors_file::open(s.dir / "noflag.safetensors");
+  const auto want = peft::io::safetensors_file::open(s.dir / "out.safetensors");
+  for (const char* v : {"model.layers.0.self_attn.v_proj.weight", "model.layers.1.self_attn.v_proj.weight"}) {
+    INFO(v);
+    CHECK(peft_test::exactly_equal(got.read_matrix<double>(v), want.read_matrix<double>(v)));
+  }
+}
+
+TEST_CASE("merge_model decides fan_in_fan_out per module type as PEFT does (GPT-2's Conv1D)", "[merge][gpt2]") {
+  // PEFT sets fan_in_fan_out to true for every Conv1D module and to false for every nn.Linear,
+  // whatever the config says (and saves the flag of the last module it wrapped). Reference:
+  // PEFT's merge_and_unload of tests/data/lm/gpt2/adapters/lora (c_attn, c_proj, c_fc; 32x32
+  // attn.c_proj is square), in float64.
+  const fs::path gpt2 = fs::path(PEFT_TEST_DATA_DIR) / "lm" / "gpt2";
+  const auto reference = peft::io::safetensors_file::open(gpt2 / "adapters" / "lora.merged.safetensors");
+  const auto base = peft::io::safetensors_file::open(gpt2 / "model.safetensors");
+  scratch s("gpt2_fan_in_fan_out");
+  fs::create_directories(s.dir / "adapter");
+  fs::copy_file(gpt2 / "adapters" / "lora" / "adapter_model.safetensors", s.dir / "adapter" / "adapter_model.safetensors");
+  std::ifstream in(gpt2 / "adapters" / "lora" / "adapter_config.json");
+  auto j = nlohmann::ordered_json::parse(in);
+  REQUIRE(j["fan_in_fan_out"] == true);
+  j["fan_in_fan_out"] = false;  // as PEFT saves it when the last module it wrapped was an nn.Linear
+  std::ofstream(s.dir / "adapter" / "adapter_config.json") << j.dump(2);
+  for (const auto& adapter : {gpt2 / "adapters" / "lora", s.dir / "adapter"}) {
+    INFO(adapter);
+    const auto out = s.dir / "merged.safetensors";
+    peft::io::merge_model(gpt2, adapter, out, {});  // the directory: config.json says gpt2
+    const auto merged = peft::io::safetensors_file::open(out);
+    std::size_t checked = 0;
+    for (const auto& t : reference.tensors()) {
+      const std::string name = t.name.substr(std::string("merged.").size());
+      INFO(name);
+      const auto want = reference.read_matrix<double>(t.name);
+      CHECK(rel_error(merged.read_matrix<double>(name), want) < 1e-6);
+      CHECK(rel_error(base.read_matrix<double>(name), want) > 1e-4);  // the adapter changed it
+      ++checked;
+    }
+    CHECK(checked == 8);
+  }
 }
 
 TEST_CASE("merge_model accepts target_modules as a regex or all-linear", "[merge][llama]") {

@@ -60,6 +60,7 @@ struct merge_plan_entry {
   const adapted_module<Adapter>* module = nullptr;
   bool is_bias = false;
   const saved_tensor* replacement = nullptr;
+  bool fan_in_fan_out = false;  // the module's weight is stored (in, out)
 };
 
 /// The stored base weight as a dense (out, in) double matrix (transposed back for fan_in_fan_out).
@@ -132,14 +133,15 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
                                                       quantized_format_names() + ")");
   }
   const auto model = model_files::open(base);
-  const bool fan_in_fan_out = adapter_config::load(adapter_dir).fan_in_fan_out;
+  // fan_in_fan_out per module, as PEFT decides it (model_files.hpp: stored_in_out).
+  const bool config_flag = adapter_config::load(adapter_dir).fan_in_fan_out;
   const auto ck = load_checkpoint_as<Adapter>(adapter_dir, [&](const std::string& module)
                                                    -> std::optional<std::pair<index, index>> {
     const auto name = model.resolve(module, "weight");
     if (!name || model.info(*name).shape.size() != 2) return std::nullopt;
     const auto& s = model.info(*name).shape;
     const auto rows = static_cast<index>(s[0]), cols = static_cast<index>(s[1]);
-    return fan_in_fan_out ? std::pair{cols, rows} : std::pair{rows, cols};
+    return stored_in_out(model, module, std::nullopt, config_flag) ? std::pair{cols, rows} : std::pair{rows, cols};
   });
 
   // Plan and validate everything before writing a byte.
@@ -157,6 +159,7 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
     }
     const tensor_info& info = model.info(*name);
     const std::int64_t out_f = m.adapter.out_features(), in_f = m.adapter.in_features();
+    const bool fan_in_fan_out = stored_in_out(model, m.path, std::pair{in_f, out_f}, config_flag);
     const std::vector<std::int64_t> expect =
         fan_in_fan_out ? std::vector<std::int64_t>{in_f, out_f} : std::vector<std::int64_t>{out_f, in_f};
     if (info.shape != expect) {
@@ -169,7 +172,7 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
                                                         std::string(safetensors_name(info.type)) + ", not a floating dtype");
     }
     if (plan.count(*name)) peft::detail::raise<format_error>(where, "two modules adapt '" + *name + "'");
-    plan[*name] = {&m, false, nullptr};
+    plan[*name] = {&m, false, nullptr, fan_in_fan_out};
     report.merged.push_back(*name);
     const auto bias = model.resolve(m.path, "bias");
     if (m.adapter.touches_bias() && (bias || m.adapter.additive())) {
@@ -181,7 +184,7 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
         peft::detail::raise<format_error>(where, "base bias '" + *bias + "' is not a floating vector of " +
                                                      std::to_string(out_f));
       }
-      plan[*bias] = {&m, true, nullptr};
+      plan[*bias] = {&m, true, nullptr, fan_in_fan_out};
       report.merged.push_back(*bias);
     }
   }
@@ -225,6 +228,7 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
     const std::string weight_name = it->second.is_bias ? *model.resolve(m->path, "weight") : name;
     const auto bias_name = model.resolve(m->path, "bias");
     const bool is_bias = it->second.is_bias;
+    const bool fan_in_fan_out = it->second.fan_in_fan_out;
     w.add_lazy(name, out_type, info.shape,
                [&model, &report, &opt, name, weight_name, bias_name, is_bias, m, out_type,
                 fan_in_fan_out](std::span<std::byte> dst) {

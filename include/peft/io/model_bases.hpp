@@ -13,11 +13,13 @@
 // when the model has no such weight or it is not a floating matrix.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "peft/core/base_weight.hpp"
@@ -106,15 +108,20 @@ std::map<std::string, Base> load_bases(const model_files& model, const std::func
 }
 
 /// The bases of every module a loaded PEFT checkpoint adapts, by the checkpoint's weight names
-/// ("<module path>.weight"); the config's fan_in_fan_out decides the layout.
+/// ("<module path>.weight"); each module's layout as PEFT decides it (model_files.hpp:
+/// stored_in_out; the config's fan_in_fan_out is the last resort).
 template <base_weight Base, class Checkpoint>
   requires requires(const Checkpoint& ck) {
     ck.modules.front().path;
     ck.config.fan_in_fan_out;
+    ck.modules.front().adapter.in_features();
   }
 std::map<std::string, Base> load_bases(const model_files& model, const Checkpoint& ck) {
   std::map<std::string, Base> bases;
-  for (const auto& m : ck.modules) bases.emplace(m.weight_name, load_base<Base>(model, m.path, ck.config.fan_in_fan_out));
+  for (const auto& m : ck.modules) {
+    const std::pair<std::int64_t, std::int64_t> in_out{m.adapter.in_features(), m.adapter.out_features()};
+    bases.emplace(m.weight_name, load_base<Base>(model, m.path, stored_in_out(model, m.path, in_out, ck.config.fan_in_fan_out)));
+  }
   return bases;
 }
 

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -19,6 +20,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "peft/core/error.hpp"
@@ -42,6 +44,7 @@ class model_files {
       }
     }
     model_files m;
+    m.read_model_type(p.parent_path() / "config.json");
     if (p.filename().string().ends_with(".index.json")) {
       m.open_index(p);
     } else {
@@ -64,6 +67,10 @@ class model_files {
   const std::map<std::string, std::string>& metadata() const { return files_.front()->metadata(); }
   std::size_t file_count() const noexcept { return files_.size(); }
 
+  /// transformers' model_type from the config.json beside the weights ("gpt2", "llama", ...), or
+  /// "" when there is none (or it is unreadable: the weights alone are a valid base).
+  const std::string& model_type() const noexcept { return model_type_; }
+
   /// The base tensor for `module` + "." + `suffix` (see the header comment); nullopt if none,
   /// format_error if several candidates match.
   std::optional<std::string> resolve(const std::string& module, const std::string& suffix) const {
@@ -84,6 +91,17 @@ class model_files {
   }
 
  private:
+  void read_model_type(const std::filesystem::path& config) {
+    std::ifstream in(config, std::ios::binary);
+    if (!in) return;
+    try {
+      const auto j = nlohmann::json::parse(in);
+      if (j.is_object() && j.contains("model_type") && j["model_type"].is_string()) model_type_ = j["model_type"].get<std::string>();
+    } catch (const nlohmann::json::exception&) {
+      model_type_.clear();
+    }
+  }
+
   void add_file(const std::filesystem::path& p, const std::optional<std::vector<std::string>>& expected) {
     auto file = std::make_unique<safetensors_file>(safetensors_file::open(p));
     const std::size_t idx = files_.size();
@@ -137,6 +155,32 @@ class model_files {
   std::vector<std::unique_ptr<safetensors_file>> files_;
   std::vector<std::string> names_;
   std::map<std::string, std::size_t> where_;
+  std::string model_type_;
 };
+
+/// Whether `module`'s weight is stored (in, out), as transformers' Conv1D stores it, rather than
+/// (out, in) as nn.Linear. PEFT decides fan_in_fan_out per module type, whatever the config says
+/// (true for Conv1D, false for nn.Linear, with a warning), so the config's flag is the last
+/// resort: (1) a model whose config.json names an architecture built on Conv1D (gpt2, openai-gpt,
+/// imagegpt, decision_transformer): the modules named c_attn, q_attn, c_proj, c_fc are Conv1D,
+/// every other one nn.Linear; (2) given the layer's (in, out), a stored shape that fits one layout
+/// only; (3) `config_flag`.
+inline bool stored_in_out(const model_files& model, const std::string& module,
+                          std::optional<std::pair<std::int64_t, std::int64_t>> in_out, bool config_flag) {
+  const std::string& t = model.model_type();
+  if (t == "gpt2" || t == "openai-gpt" || t == "imagegpt" || t == "decision_transformer") {
+    const auto dot = module.rfind('.');
+    const std::string last = dot == std::string::npos ? module : module.substr(dot + 1);
+    return last == "c_attn" || last == "q_attn" || last == "c_proj" || last == "c_fc";
+  }
+  if (in_out && in_out->first != in_out->second) {
+    if (const auto name = model.resolve(module, "weight")) {
+      const auto& s = model.info(*name).shape;
+      if (s == std::vector<std::int64_t>{in_out->second, in_out->first}) return false;
+      if (s == std::vector<std::int64_t>{in_out->first, in_out->second}) return true;
+    }
+  }
+  return config_flag;
+}
 
 }  // namespace peft::io
