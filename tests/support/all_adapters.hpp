@@ -18,6 +18,7 @@
 #include "support/traits_randlora.hpp"
 #include "support/traits_shira.hpp"
 #include "support/traits_sora.hpp"
+#include "support/traits_vblora.hpp"
 #include "support/traits_vera.hpp"
 
 namespace peft_test {

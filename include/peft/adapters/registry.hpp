@@ -18,6 +18,7 @@
 #include "peft/adapters/randlora.hpp"
 #include "peft/adapters/shira.hpp"
 #include "peft/adapters/sora.hpp"
+#include "peft/adapters/vblora.hpp"
 #include "peft/adapters/vera.hpp"
 #include "peft/core/type_list.hpp"
 
@@ -25,6 +26,6 @@ namespace peft {
 
 template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
-                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>>;
+                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>>;
 
 }  // namespace peft

@@ -14,4 +14,5 @@
 #include "peft/io/peft/randlora.hpp"
 #include "peft/io/peft/shira.hpp"
 #include "peft/io/peft/sora.hpp"
+#include "peft/io/peft/vblora.hpp"
 #include "peft/io/peft/vera.hpp"
