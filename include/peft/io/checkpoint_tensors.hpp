@@ -71,6 +71,15 @@ class checkpoint_tensors {
     }
     return t.data;
   }
+  /// The object `key` every module of one load shares, made by `make()` on the first request:
+  /// what a method builds from a shared tensor and trains (VB-LoRA's vector bank, value and
+  /// gradient). The loader hands every module the same `shared` set, alive for the whole load.
+  template <class U, class Make>
+  std::shared_ptr<U> shared_object(const std::string& key, Make&& make) const {
+    auto& p = objects_[key];
+    if (!p) p = std::make_shared<U>(std::forward<Make>(make)());
+    return std::static_pointer_cast<U>(p);
+  }
   /// The dimensions of tensor `name`; format_error unless it has `rank` of them.
   const std::vector<std::int64_t>& shape(const std::string& name, std::size_t rank) const {
     const auto& t = get(name);
@@ -86,6 +95,7 @@ class checkpoint_tensors {
   std::string where() const { return module_.empty() ? std::string("the checkpoint") : "module '" + module_ + "'"; }
   std::string module_;
   std::map<std::string, stored_tensor<T>> tensors_;
+  mutable std::map<std::string, std::shared_ptr<void>> objects_;  // shared_object
   std::optional<std::pair<index, index>> base_shape_;
 };
 

@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -18,31 +17,6 @@
 #include "peft/io/peft/codec.hpp"
 
 namespace peft::io {
-
-namespace detail {
-
-/// The one bank of a loaded checkpoint: every module read from the same stored tensor (the
-/// loader hands each module the same shared tensor object) gets the same vblora_vector_bank, so
-/// the bank's gradient is accumulated across modules. Entries die with the bank or the tensor.
-template <compute_scalar T>
-std::shared_ptr<vblora_vector_bank<T>> vblora_bank_of(const std::shared_ptr<matrix<T>>& stored) {
-  struct entry {
-    std::weak_ptr<matrix<T>> stored;
-    std::weak_ptr<vblora_vector_bank<T>> bank;
-  };
-  static std::mutex mutex;
-  static std::vector<entry> known;
-  const std::lock_guard<std::mutex> lock(mutex);
-  std::erase_if(known, [](const entry& e) { return e.stored.expired() || e.bank.expired(); });
-  for (const auto& e : known) {
-    if (e.stored.lock() == stored) return e.bank.lock();
-  }
-  auto bank = std::make_shared<vblora_vector_bank<T>>(*stored);
-  known.push_back({stored, bank});
-  return bank;
-}
-
-}  // namespace detail
 
 template <compute_scalar T>
 struct peft_codec<vblora<T>> : codec_defaults {
@@ -59,7 +33,7 @@ struct peft_codec<vblora<T>> : codec_defaults {
   static std::vector<std::string_view> shared_tensors() { return {"vblora_vector_bank"}; }
   static bool integer_tensor(std::string_view name) { return name.ends_with("_topk_indices"); }
 
-  /// The adapter of one module, over the checkpoint's one bank (detail::vblora_bank_of). The form
+  /// The adapter of one module, over the checkpoint's one bank (shared by every module). The form
   /// (logits or top-k) is what save_only_topk_weights says; format_error for tensors of the other
   /// form, shapes that disagree with the bank or with r, topk, num_vectors, vector_length.
   static vblora<T> from_checkpoint(const adapter_config& c, const checkpoint_tensors<T>& m,
@@ -97,7 +71,9 @@ struct peft_codec<vblora<T>> : codec_defaults {
       peft::detail::raise<format_error>(where, mod + " has rank " + std::to_string(r) +
                                                    " but adapter_config.json gives r = " + std::to_string(c.r));
     }
-    auto bank = detail::vblora_bank_of(shared.shared("vblora_vector_bank"));
+    // One bank object for every module of this load: the bank's gradient sums over them.
+    auto bank = shared.template shared_object<vblora_vector_bank<T>>(
+        "vblora_vector_bank", [&] { return vblora_vector_bank<T>(*shared.shared("vblora_vector_bank")); });
     const index in = static_cast<index>(sa[1]) * len, out = static_cast<index>(sb[0]) * len;
     if (!topk_only) {
       if (topk < 1 || topk > nv) {
