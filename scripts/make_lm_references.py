@@ -523,6 +523,21 @@ FULL_CASES = ["llama3_tied", "qwen3", "gpt2"]  # full fine-tuning references (ev
 FULL_LR = 1e-3
 
 
+def make_multi(case="llama", adapters=("lora", "dora")):
+    """PEFT's layout for several adapters in one directory: <case>/adapters/multi holds the first
+    adapter as "default" and each other in a subfolder named after it (save_pretrained of a
+    PeftModel holding them all); references: the single adapters' own files."""
+    d = os.path.join(OUT, case)
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d), os.path.join(d, "adapters", adapters[0]))
+    for a in adapters[1:]:
+        pm.load_adapter(os.path.join(d, "adapters", a), adapter_name=a)
+    out = os.path.join(d, "adapters", "multi")
+    pm.save_pretrained(out)
+    for r, _, fs in os.walk(out):
+        if "README.md" in fs:
+            os.remove(os.path.join(r, "README.md"))
+
+
 def make_full(case):
     """<case>/full.reference.safetensors: gradients and 4 AdamW steps with every parameter of the float64 model
     trainable (no adapter). Keys are the parameters' keys in model.safetensors; tied lm_head is not a separate
@@ -657,6 +672,8 @@ Python {python}.
     <case>/adapters/<name>/                PEFT save_pretrained directory (adapter_config.json,
                                            adapter_model.safetensors; PEFT's README.md model card removed)
     <case>/adapters/<name>.reference.safetensors   references with that adapter active (unmerged)
+    llama/adapters/multi/                  PEFT's layout for several adapters: lora as "default" at the
+                                           top, dora in multi/dora/ (save_pretrained of one PeftModel)
     <case>/full.reference.safetensors      full fine-tuning references ({full_cases} only)
 
 Cases (all: vocab 96, hidden 32, 2 layers, 4 heads, max_position_embeddings 64):
@@ -819,6 +836,7 @@ def main():
         info[case] = (d, lines)
         for ai, aname in enumerate(ADAPTERS[case]):
             make_adapter(case, aname, d, lines, batch, labels, base_logits, seed=10000 + 1000 * ci + 100 * ai)
+    make_multi()
     for case in FULL_CASES:  # uses no random numbers; after everything else so nothing above can change
         make_full(case)
 

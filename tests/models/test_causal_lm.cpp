@@ -492,6 +492,45 @@ TEST_CASE("several adapters on one model: set_adapter and per-request adapters",
   CHECK_THROWS_AS(pm.forward_per_sequence(b, {"dora", "nope", "lora"}), peft::error);
 }
 
+TEST_CASE("several adapters in one directory: PEFT's subfolder layout, loaded and saved", "[models]") {
+  // adapters/multi: a PeftModel holding lora (as "default") and dora, saved by PEFT 0.21.
+  const fs::path dir = lm_data / "llama";
+  const auto b = batch_of(dir);
+  auto ref_of = [&](const std::string& a) {
+    return peft::io::safetensors_file::open(dir / "adapters" / (a + ".reference.safetensors")).read<double>("logits_f64");
+  };
+  peft_model<double> pm(causal_lm<double>::load(dir));
+  const auto names = pm.load_all_adapters(dir / "adapters" / "multi");
+  REQUIRE(names == std::vector<std::string>{"default", "dora"});
+  pm.set_adapter("default");
+  CHECK(logits_error(pm.model().forward(b), ref_of("lora")) < 1e-10);
+  pm.set_adapter("dora");
+  CHECK(logits_error(pm.model().forward(b), ref_of("dora")) < 1e-10);
+
+  // Saved back in the same layout; a second model loads it with the same outputs.
+  const fs::path out = fs::temp_directory_path() / "peft_lm_multi_adapters";
+  fs::remove_all(out);
+  pm.save_all_pretrained(out);
+  CHECK(fs::exists(out / "adapter_config.json"));
+  CHECK(fs::exists(out / "dora" / "adapter_model.safetensors"));
+  peft_model<double> again(causal_lm<double>::load(dir));
+  CHECK(again.load_all_adapters(out) == names);
+  again.set_adapter("dora");
+  CHECK(logits_error(again.model().forward(b), ref_of("dora")) < 1e-10);
+  again.set_adapter("default");
+  CHECK(logits_error(again.model().forward(b), ref_of("lora")) < 1e-10);
+
+  // A failing subfolder leaves nothing attached; an empty directory is an error.
+  std::ofstream(out / "dora" / "adapter_config.json") << "{}";
+  peft_model<double> third(causal_lm<double>::load(dir));
+  CHECK_THROWS(third.load_all_adapters(out));
+  CHECK(third.adapter_names().empty());
+  fs::remove_all(out);
+  fs::create_directories(out);
+  CHECK_THROWS_WITH(third.load_all_adapters(out), Catch::Contains("load_all_adapters") && Catch::Contains("no adapter_config.json"));
+  fs::remove_all(out);
+}
+
 TEST_CASE("QLoRA: adapters over quantized bases stay close to the dense model and train", "[models]") {
   const fs::path dir = lm_data / "llama";
   const auto b = batch_of(dir);

@@ -5,6 +5,7 @@
 //   peft::models::peft_model<float> pm2(causal_lm<float>::load("model_dir"));
 //   pm2.add_adapter("default", {.method = "lora", .rank = 16, .alpha = 32, .targets = {"all-linear"}});
 //   pm2.trainable_parameters();  pm2.save_pretrained("out_dir");  pm2.merge_and_unload();
+//   pm2.save_all_pretrained("dir");  pm3.load_all_adapters("dir");   // PEFT's subfolder layout
 //
 // Module names follow transformers; a checkpoint's modules are matched to the model's by their
 // path exactly, else by the one model module whose path ends with the checkpoint's (or the other
@@ -340,6 +341,52 @@ class peft_model {
     io::save_peft_checkpoint(dir, ck, stored_as.value_or(stored_.at(name)));
   }
 
+  /// PEFT's layout for several adapters in one directory (a PeftModel's save_pretrained):
+  /// adapter "default" in `dir` itself, every other adapter in `dir`/<name>, each written as
+  /// save_pretrained(dir, name) writes it. peft::error when there is no adapter or a name is not
+  /// a plain directory name (nothing is written then).
+  void save_all_pretrained(const std::filesystem::path& dir) {
+    constexpr const char* where = "peft_model::save_all_pretrained";
+    if (configs_.empty()) detail::raise<error>(where, "the model has no adapter");
+    for (const auto& [n, c] : configs_) {
+      if (n != "default" && !plain_dir_name(n)) {
+        detail::raise<error>(where, "adapter name '" + n + "' cannot be a directory name");
+      }
+    }
+    for (const auto& [n, c] : configs_) save_pretrained(n == "default" ? dir : dir / n, n);
+  }
+
+  /// Attaches every adapter of PEFT's several-adapter layout: `dir`'s own (when it holds an
+  /// adapter_config.json) as "default", and each subdirectory holding an adapter_config.json as
+  /// the adapter named after it, in name order. Returns the names attached. format_error when
+  /// `dir` holds no adapter; when one fails to load, the ones attached before are removed again.
+  std::vector<std::string> load_all_adapters(const std::filesystem::path& dir) {
+    constexpr const char* where = "peft_model::load_all_adapters";
+    namespace fs = std::filesystem;
+    std::vector<std::pair<std::string, fs::path>> found;
+    if (fs::exists(dir / "adapter_config.json")) found.emplace_back("default", dir);
+    std::vector<std::pair<std::string, fs::path>> subs;
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(dir, ec)) {
+      if (e.is_directory() && fs::exists(e.path() / "adapter_config.json")) subs.emplace_back(e.path().filename().string(), e.path());
+    }
+    if (ec) detail::raise<io_error>(where, "cannot list " + dir.string() + ": " + ec.message());
+    std::sort(subs.begin(), subs.end());
+    found.insert(found.end(), subs.begin(), subs.end());
+    if (found.empty()) detail::raise<format_error>(where, dir.string() + " holds no adapter_config.json, nor a subdirectory with one");
+    std::vector<std::string> names;
+    try {
+      for (const auto& [n, p] : found) {
+        load_adapter(p, n);
+        names.push_back(n);
+      }
+    } catch (...) {
+      for (const auto& n : names) delete_adapter(n);
+      throw;
+    }
+    return names;
+  }
+
   /// Merges every enabled adapter into its base and removes all adapters (merge_and_unload).
   void merge_and_unload()
     requires mutable_base_weight<Base>
@@ -359,6 +406,11 @@ class peft_model {
   std::string model_path_;
   std::map<std::string, io::adapter_config> configs_;
   std::map<std::string, dtype> stored_;
+
+  static bool plain_dir_name(const std::string& n) {
+    return !n.empty() && n != "." && n != ".." && n.find('/') == std::string::npos && n.find('\\') == std::string::npos &&
+           n.find('\0') == std::string::npos;
+  }
 
   void check_new(const char* where, const std::string& name) const {
     if (configs_.count(name)) detail::raise<error>(where, "an adapter named '" + name + "' exists");
