@@ -83,14 +83,13 @@ struct peft_codec<oft<T>> : codec_defaults {
       in = bs->second;
     }
     if (in != 0) {
-      const auto [r_peft, b_peft] = oft_blocks(in, static_cast<index>(r_cfg), static_cast<index>(b_cfg), where);
+      const index b_peft = oft_blocks(in, static_cast<index>(r_cfg), static_cast<index>(b_cfg), where).second;
       if (b_peft != b) {
         peft::detail::raise<format_error>(where, mod + ": blocks of " + std::to_string(b) + " (oft_R.weight " + detail::shape_text(s) +
                                                "), but r = " + std::to_string(r_cfg) + " and oft_block_size = " +
                                                std::to_string(b_cfg) + " give PEFT blocks of " + std::to_string(b_peft) +
                                                " for " + std::to_string(in) + " input features");
       }
-      (void)r_peft;
     }
     return oft<T>(m.copy("oft_R.weight"), b, form, in, out);
   }
@@ -131,14 +130,13 @@ struct peft_codec<oft<T>> : codec_defaults {
     if (in == 0) return;  // a block-shared adapter of unknown width: any multiple of b
     const auto r_cfg = static_cast<index>(c.integer("r", 0, where));
     const auto b_cfg = static_cast<index>(c.integer("oft_block_size", 0, where));
-    const auto [r_peft, b_peft] = oft_blocks(in, r_cfg, b_cfg, where);
+    const index b_peft = oft_blocks(in, r_cfg, b_cfg, where).second;
     if (b_peft != a.block_size()) {
       peft::detail::raise<unsupported_error>(where, "module '" + module + "' has blocks of " + std::to_string(a.block_size()) +
                                                   ", but the config's r = " + std::to_string(r_cfg) + ", oft_block_size = " +
                                                   std::to_string(b_cfg) + " give PEFT blocks of " + std::to_string(b_peft) +
                                                   " for its " + std::to_string(in) + " input features");
     }
-    (void)r_peft;
   }
 };
 
