@@ -136,7 +136,10 @@ struct adapter_config {
     } else {
       peft::detail::raise<format_error>(where, source + " has no 'peft_type'");
     }
-    if (const auto* v = field("r")) c.r = get_rank(*v, "'r'");
+    // OFT's r counts blocks and is 0 when oft_block_size gives them (PEFT's default).
+    if (const auto* v = field("r")) {
+      c.r = c.peft_type == "OFT" && v->is_number_integer() && v->get<long long>() == 0 ? 0 : get_rank(*v, "'r'");
+    }
     get_number("lora_alpha", c.lora_alpha);
     get_number("lora_dropout", c.lora_dropout);
     get_bool("use_rslora", c.use_rslora);
