@@ -83,10 +83,20 @@ struct golden_case {
   }
   /// The layer "up" or "down".
   layer_type& layer(const std::string& n) { return n == "up" ? up : down; }
-  /// A reference tensor in double (what the results are compared with).
-  peft::matrix<double> ref(const std::string& n) const { return reference.read_matrix<double>(n); }
+  /// A reference tensor in double (what the results are compared with); an n-D tensor (BOFT's
+  /// boft_R gradient (N, D, H, H)) as (d0 ... d(n-2), d(n-1)) rows, the layout of its parameter.
+  peft::matrix<double> ref(const std::string& n) const { return read_rows<double>(n); }
   /// A reference tensor in the compute type (what the layers are fed).
-  peft::matrix<T> ref_t(const std::string& n) const { return reference.read_matrix<T>(n); }
+  peft::matrix<T> ref_t(const std::string& n) const { return read_rows<T>(n); }
+  template <class U>
+  peft::matrix<U> read_rows(const std::string& n) const {
+    const auto& shape = reference.info(n).shape;
+    if (shape.size() <= 2) return reference.read_matrix<U>(n);
+    std::vector<U> values = reference.read<U>(n);
+    const auto cols = static_cast<peft::index>(shape.back());
+    const auto rows = static_cast<peft::index>(values.size()) / cols;
+    return peft::matrix<U>(rows, cols, std::move(values));
+  }
   /// How many gradients the reference holds for a layer.
   std::size_t reference_gradients(const std::string& n) const {
     std::size_t k = 0;
