@@ -14,6 +14,7 @@
 #include "peft/adapters/loha.hpp"
 #include "peft/adapters/lokr.hpp"
 #include "peft/adapters/lora.hpp"
+#include "peft/adapters/miss.hpp"
 #include "peft/adapters/phm_delta.hpp"
 #include "peft/adapters/randlora.hpp"
 #include "peft/adapters/shira.hpp"
@@ -25,6 +26,6 @@ namespace peft {
 
 template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
-                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>>;
+                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, miss<T>>;
 
 }  // namespace peft
