@@ -15,7 +15,7 @@
 #include "support/traits_loha.hpp"
 #include "support/traits_lokr.hpp"
 #include "support/traits_lora.hpp"
-#include "support/traits_oft.hpp"
+#include "support/traits_oft.hpp", "support/traits_miss.hpp"
 #include "support/traits_phm_delta.hpp"
 #include "support/traits_randlora.hpp"
 #include "support/traits_shira.hpp"

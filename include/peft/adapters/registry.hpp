@@ -15,7 +15,7 @@
 #include "peft/adapters/loha.hpp"
 #include "peft/adapters/lokr.hpp"
 #include "peft/adapters/lora.hpp"
-#include "peft/adapters/oft.hpp"
+#include "peft/adapters/oft.hpp", "peft/adapters/miss.hpp"
 #include "peft/adapters/phm_delta.hpp"
 #include "peft/adapters/randlora.hpp"
 #include "peft/adapters/shira.hpp"
@@ -28,6 +28,6 @@ namespace peft {
 
 template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
-                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>, hra<T>>;
+                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>, hra<T>, miss<T>>;
 
 }  // namespace peft

@@ -11,7 +11,7 @@
 #include "peft/io/peft/loha.hpp"
 #include "peft/io/peft/lokr.hpp"
 #include "peft/io/peft/lora.hpp"
-#include "peft/io/peft/oft.hpp"
+#include "peft/io/peft/oft.hpp", "peft/io/peft/miss.hpp"
 #include "peft/io/peft/phm_delta.hpp"
 #include "peft/io/peft/randlora.hpp"
 #include "peft/io/peft/shira.hpp"
