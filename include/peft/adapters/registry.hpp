@@ -7,6 +7,7 @@
 #pragma once
 
 #include "peft/adapters/adalora.hpp"
+#include "peft/adapters/c3a.hpp"
 #include "peft/adapters/compacter.hpp"
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/dynamic_rank.hpp"
@@ -28,6 +29,6 @@ namespace peft {
 
 template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
-                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>, hra<T>, miss<T>>;
+                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>, hra<T>, miss<T>, c3a<T>>;
 
 }  // namespace peft
