@@ -11,6 +11,7 @@
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/dynamic_rank.hpp"
 #include "peft/adapters/gralora.hpp"
+#include "peft/adapters/hira.hpp"
 #include "peft/adapters/ia3.hpp"
 #include "peft/adapters/loha.hpp"
 #include "peft/adapters/lokr.hpp"
@@ -26,6 +27,7 @@ namespace peft {
 
 template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
-                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, gralora<T>>;
+                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, gralora<T>,
+                                      hira<T>>;
 
 }  // namespace peft
