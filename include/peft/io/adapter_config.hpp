@@ -77,6 +77,9 @@ struct adapter_config {
   std::vector<std::string> layers_pattern;              // empty: PEFT's default rule
   ordered_json raw = ordered_json::object();           // the document as read (or built)
 
+  /// PEFT config classes without an `r` field (to_json writes r for every other one).
+  static constexpr std::string_view no_rank_types[] = {"IA3", "BOFT", "C3A", "FOURIERFT"};
+
   /// A LoRA config with PEFT's default fields, for adapters made in C++.
   static adapter_config lora(index r, double alpha, std::vector<std::string> targets,
                              bool use_rslora = false) {
@@ -460,11 +463,12 @@ struct adapter_config {
     // Which of LoRA's fields a method's PEFT config class takes: all of them for LORA and
     // ADALORA (AdaLoraConfig extends LoraConfig; its rank_pattern holds masks, kept in `raw`),
     // r and the rank/alpha patterns for the LyCORIS methods (LOHA, LOKR); r for every other
-    // config class that has one (all of peft-cpp's methods but IA3 and BOFT). Other method-specific fields, C3A). Other method-specific
-    // stay as read: adapters' describe_in edit `raw`., fields stay as read: adapters' describe_in edit `raw`.
+    // config class that has one (every method's but those of no_rank_types: IA3, BOFT, C3A,
+    // FOURIERFT). Other method-specific fields stay as read: adapters' describe_in edit `raw`.
     const bool lora_fields = peft_type == "LORA" || peft_type == "ADALORA";
     const bool pattern_fields = peft_type == "LORA" || peft_type == "LOHA" || peft_type == "LOKR";
-    if ((peft_type != "IA3" && peft_type != "BOFT") || j.contains("r")) j["r"] = r;, "C3A") || j.contains("r")) j["r"] = r;
+    const bool has_r = std::find(std::begin(no_rank_types), std::end(no_rank_types), peft_type) == std::end(no_rank_types);
+    if (has_r || j.contains("r")) j["r"] = r;
     if (peft_type == "LORA") {
       set_default("bias", "none");
       set_default("init_lora_weights", true);
