@@ -49,6 +49,7 @@
 #include "peft/core/matrix_view.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
+#include "peft/core/torch_generator.hpp"
 #include "peft/core/type_list.hpp"
 #include "peft/interop/eigen.hpp"
 #include "peft/io/adapter_config.hpp"
