@@ -10,6 +10,7 @@
 #include "support/traits_compacter.hpp"
 #include "support/traits_dora.hpp"
 #include "support/traits_dynamic_rank.hpp"
+#include "support/traits_fourierft.hpp"
 #include "support/traits_ia3.hpp"
 #include "support/traits_loha.hpp"
 #include "support/traits_lokr.hpp"

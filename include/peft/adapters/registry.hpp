@@ -10,6 +10,7 @@
 #include "peft/adapters/compacter.hpp"
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/dynamic_rank.hpp"
+#include "peft/adapters/fourierft.hpp"
 #include "peft/adapters/ia3.hpp"
 #include "peft/adapters/loha.hpp"
 #include "peft/adapters/lokr.hpp"
@@ -25,6 +26,7 @@ namespace peft {
 
 template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
-                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>>;
+                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>,
+                                      fourierft<T>>;
 
 }  // namespace peft

@@ -6,6 +6,7 @@
 #include "peft/io/peft/compacter.hpp"
 #include "peft/io/peft/dora.hpp"
 #include "peft/io/peft/dynamic_rank.hpp"
+#include "peft/io/peft/fourierft.hpp"
 #include "peft/io/peft/ia3.hpp"
 #include "peft/io/peft/loha.hpp"
 #include "peft/io/peft/lokr.hpp"
