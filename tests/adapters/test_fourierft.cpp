@@ -228,6 +228,8 @@ TEST_CASE("fourierft: shapes and an unbound adapter are refused by name", "[four
   // n larger than the weight (PEFT's check).
   CHECK_THROWS_WITH(peft::fourierft<double>(3, 2, {.n_frequency = 7}),
                     Catch::StartsWith("[fourierft::fourierft]") && Catch::Contains("n_frequency 7 exceeds"));
+  CHECK_THROWS_WITH(peft::fourierft<double>(3, 2, {.n_frequency = 0}),
+                    Catch::StartsWith("[fourierft::fourierft]") && Catch::Contains("positive integer, got 0"));
   CHECK_THROWS_WITH(peft::fourierft<double>(std::vector<double>{}, 1.0, 1),
                     Catch::StartsWith("[fourierft::fourierft]"));
   // Without the layer's shape the adapter cannot run; set_features binds it once.

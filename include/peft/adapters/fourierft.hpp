@@ -15,8 +15,9 @@
 // x Delta W^T = (x F_in) D F_out^T, F_in = [cos | sin](2 pi v_k j / in) (in, 2n), F_out likewise
 // (out, 2n), D = s [diag(c), -diag(c)], built from two trigonometric tables in blocks of
 // frequencies: forward and backward cost O(batch n (in + out)), memory O(batch n + block (in +
-// out)); delta_weight costs O(n in out). Checkpoints: io/peft/fourierft.hpp. Details:
-// docs/methods/fourierft.md.
+// out)); delta_weight costs O(n in out). backward reuses x F_in from the forward's cache when
+// given the same x buffer (else recomputes it); one cache per concurrent forward.
+// Checkpoints: io/peft/fourierft.hpp. Details: docs/methods/fourierft.md.
 #pragma once
 
 #include <algorithm>
@@ -60,17 +61,21 @@ class fourierft : public additive_adapter<fourierft<T>, T> {
  public:
   static constexpr std::string_view method = "fourierft";
 
-  /// The projections x F_in (batch, 2n) of the last forward, for backward.
+  /// The projections x F_in (batch, 2n) of the last forward, for backward, and the work space
+  /// of both passes (reused from call to call).
   struct cache_type {
-    matrix<T> z;               // (batch, 2n): [x cos | x sin]
+    matrix<T> z;                // (batch, 2n): [x cos | x sin]
     const T* x_data = nullptr;  // the x they were computed from
+    matrix<T> f_in, f_out;      // one block of the factors: (in, 2 block), (out, 2 block)
+    matrix<T> work, work2;      // (batch, 2 block)
   };
 
   fourierft() = default;
 
   /// A fresh adapter on an (out, in) layer with PEFT's locations and initialisation.
+  /// shape_error as the next constructor.
   fourierft(index in_features, index out_features, const fourierft_options& opt)
-      : fourierft(std::vector<T>(static_cast<std::size_t>(std::max<index>(opt.n_frequency, 0)), T{0}), opt.scaling,
+      : fourierft(std::vector<T>(static_cast<std::size_t>(positive_n(opt.n_frequency)), T{0}), opt.scaling,
                   opt.random_loc_seed, in_features, out_features) {
     if (!opt.init_weights) {
       rng gen(opt.seed ^ 0xf0c1e2f7f0c1e2f7ull);
@@ -172,6 +177,13 @@ class fourierft : public additive_adapter<fourierft<T>, T> {
   /// Frequencies per block of the factors F_in, F_out (2 block columns each).
   static constexpr index block = 128;
 
+  static index positive_n(index n) {
+    if (n < 1) {
+      detail::raise<shape_error>("fourierft::fourierft", "n_frequency must be a positive integer, got " + std::to_string(n));
+    }
+    return n;
+  }
+
   void bind(const char* where, index in, index out) {
     if (in < 1 || out < 1) {
       detail::raise<shape_error>(where, "the weight is " + detail::shape_string(out, in) + ", both sizes must be >= 1");
@@ -239,6 +251,13 @@ class fourierft : public additive_adapter<fourierft<T>, T> {
     }
   }
 
+  /// A (batch, 2 min(block, n)) work space kept in `m`.
+  static T* workspace(matrix<T>& m, index batch, index n) {
+    const index cols = 2 * std::min(block, n);
+    if (m.rows() != batch || m.cols() != cols) m = matrix<T>(batch, cols);
+    return m.data();
+  }
+
   // ---- additive_adapter hooks -----------------------------------------------------------------
 
   /// y += (x F_in) D F_out^T, block by block; keeps x F_in in the cache.
@@ -247,12 +266,14 @@ class fourierft : public additive_adapter<fourierft<T>, T> {
     if (cache.z.rows() != batch || cache.z.cols() != 2 * n) cache.z = matrix<T>(batch, 2 * n);
     auto yy = as_eigen(y);
     const auto xx = as_eigen(x);
-    matrix<T> f_in, f_out, zd(batch, 2 * std::min(block, n));
+    matrix<T>& f_in = cache.f_in;
+    matrix<T>& f_out = cache.f_out;
+    T* zd = workspace(cache.work, batch, n);
     for (index k0 = 0; k0 < n; k0 += block) {
       const index nb = std::min(block, n - k0);
       factor(cos_in_, sin_in_, cols_, k0, nb, f_in);
       factor(cos_out_, sin_out_, rows_, k0, nb, f_out);
-      matrix_view<T> zb(zd.data(), batch, 2 * nb);
+      matrix_view<T> zb(zd, batch, 2 * nb);
       auto z = as_eigen(zb);
       z.noalias() = xx * as_eigen(f_in.view());  // (batch, 2 nb)
       auto zc = as_eigen(cache.z.view());
@@ -273,15 +294,18 @@ class fourierft : public additive_adapter<fourierft<T>, T> {
     const auto xx = as_eigen(x);
     const auto gg = as_eigen(g);
     auto dxx = as_eigen(dx);
-    matrix<T> f_in, f_out, pd(batch, 2 * std::min(block, n)), zd(batch, 2 * std::min(block, n));
+    matrix<T>& f_in = cache.f_in;
+    matrix<T>& f_out = cache.f_out;
+    T* pd = workspace(cache.work, batch, n);
+    T* zd = workspace(cache.work2, batch, n);
     for (index k0 = 0; k0 < n; k0 += block) {
       const index nb = std::min(block, n - k0);
       factor(cos_in_, sin_in_, cols_, k0, nb, f_in);
       factor(cos_out_, sin_out_, rows_, k0, nb, f_out);
-      matrix_view<T> pb(pd.data(), batch, 2 * nb);
+      matrix_view<T> pb(pd, batch, 2 * nb);
       auto p = as_eigen(pb);
       p.noalias() = gg * as_eigen(f_out.view());  // (batch, 2 nb)
-      matrix_view<T> zb(zd.data(), batch, 2 * nb);
+      matrix_view<T> zb(zd, batch, 2 * nb);
       auto z = as_eigen(zb);
       if (cached) {
         const auto zc = as_eigen(matrix_view<const T>(cache.z.view()));
