@@ -219,20 +219,21 @@ class fourierft : public additive_adapter<fourierft<T>, T> {
     }
   }
 
-  /// f (m, 2 nb): f(j, t) = cos(2 pi f_k j / m), f(j, nb + t) = sin(...), k = k0 + t; the phase
-  /// index f_k j mod m advanced by additions.
+  /// f (m, 2 nb): f(j, t) = cos(2 pi f_k j / m), f(j, nb + t) = sin(...), k = k0 + t; filled row
+  /// by row, each phase index f_k j mod m advanced by one addition per row.
   static void factor(const std::vector<T>& c, const std::vector<T>& s, const std::vector<std::int64_t>& freq,
                      index k0, index nb, matrix<T>& f) {
-    const auto m = static_cast<index>(c.size());
+    const auto m = static_cast<std::int64_t>(c.size());
     if (f.rows() != m || f.cols() != 2 * nb) f = matrix<T>(m, 2 * nb);
-    for (index t = 0; t < nb; ++t) {
-      const std::int64_t step = freq[static_cast<std::size_t>(k0 + t)];
-      std::int64_t phase = 0;
-      for (index j = 0; j < m; ++j) {
-        f(j, t) = c[static_cast<std::size_t>(phase)];
-        f(j, nb + t) = s[static_cast<std::size_t>(phase)];
-        phase += step;
-        if (phase >= m) phase -= m;
+    std::int64_t phase[block] = {};
+    const std::int64_t* step = freq.data() + k0;
+    for (std::int64_t j = 0; j < m; ++j) {
+      T* row = f.row(j);
+      for (index t = 0; t < nb; ++t) {
+        row[t] = c[static_cast<std::size_t>(phase[t])];
+        row[nb + t] = s[static_cast<std::size_t>(phase[t])];
+        phase[t] += step[t];
+        if (phase[t] >= m) phase[t] -= m;
       }
     }
   }
