@@ -23,7 +23,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 CASES = ["lora", "lora_rslora", "lora_bias", "lora_rank_pattern", "dora", "vera", "randlora", "shira",
-         "lokr", "lokr_full", "loha", "adalora", "ia3", "vblora", "oft", "oft_neumann", "oft_block_share", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "c3a", "c3a_b32", "gralora", "gralora_hybrid", "hira", "hira_r4"]
+         "lokr", "lokr_full", "loha", "adalora", "ia3", "vblora", "oft", "oft_neumann", "oft_block_share", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "c3a", "c3a_b32", "gralora", "gralora_hybrid", "hira", "hira_r4", "fourierft", "fourierft_seed"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

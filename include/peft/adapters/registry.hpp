@@ -11,6 +11,7 @@
 #include "peft/adapters/compacter.hpp"
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/dynamic_rank.hpp"
+#include "peft/adapters/fourierft.hpp"
 #include "peft/adapters/hra.hpp", "peft/adapters/gralora.hpp" #include "peft/adapters/hira.hpp"
 #include "peft/adapters/ia3.hpp"
 #include "peft/adapters/loha.hpp"
@@ -29,6 +30,6 @@ namespace peft {
 
 template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
-                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>, hra<T>, miss<T>, c3a<T>, gralora<T>, hira<T>>;
+                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>, hra<T>, miss<T>, c3a<T>, gralora<T>, hira<T>, fourierft<T>>;
 
 }  // namespace peft

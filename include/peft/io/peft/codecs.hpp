@@ -7,6 +7,7 @@
 #include "peft/io/peft/compacter.hpp"
 #include "peft/io/peft/dora.hpp"
 #include "peft/io/peft/dynamic_rank.hpp"
+#include "peft/io/peft/fourierft.hpp"
 #include "peft/io/peft/gralora.hpp"
 #include "peft/io/peft/hira.hpp"
 #include "peft/io/peft/hra.hpp"
