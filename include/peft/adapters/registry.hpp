@@ -12,12 +12,15 @@
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/dynamic_rank.hpp"
 #include "peft/adapters/fourierft.hpp"
-#include "peft/adapters/hra.hpp", "peft/adapters/gralora.hpp" #include "peft/adapters/hira.hpp"
+#include "peft/adapters/gralora.hpp"
+#include "peft/adapters/hira.hpp"
+#include "peft/adapters/hra.hpp"
 #include "peft/adapters/ia3.hpp"
 #include "peft/adapters/loha.hpp"
 #include "peft/adapters/lokr.hpp"
 #include "peft/adapters/lora.hpp"
-#include "peft/adapters/oft.hpp", "peft/adapters/miss.hpp"
+#include "peft/adapters/miss.hpp"
+#include "peft/adapters/oft.hpp"
 #include "peft/adapters/phm_delta.hpp"
 #include "peft/adapters/randlora.hpp"
 #include "peft/adapters/shira.hpp"
@@ -30,6 +33,7 @@ namespace peft {
 
 template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
-                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>, hra<T>, miss<T>, c3a<T>, gralora<T>, hira<T>, fourierft<T>>;
+                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>,
+                                      hra<T>, miss<T>, c3a<T>, gralora<T>, hira<T>, fourierft<T>>;
 
 }  // namespace peft
