@@ -77,10 +77,10 @@ def main():
     model.save_pretrained(os.path.join(out, "adapter"))
 
     x32 = torch.randn(a.batch, d_in, generator=gen).float()
-    with torch.no_grad():
-        y32 = model(x32).double()
-
     m64 = copy.deepcopy(model).double()
+    with torch.no_grad():  # on a copy: some layers change their parameters in forward (OFT's coft)
+        y32 = copy.deepcopy(model)(x32).double()
+
     x = x32.double().clone().requires_grad_(True)
     grad_y = torch.randn(a.batch, d_out, generator=gen, dtype=torch.float64)
     ref = {}
