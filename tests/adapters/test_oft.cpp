@@ -469,6 +469,8 @@ TEST_CASE("oft: shape errors of the passes name the function", "[oft][errors]") 
   peft::matrix<double> dw(3, 7);
   CHECK(message_of([&] { a.delta_weight(w, dw.view()); }).rfind("[oft::delta_weight]", 0) == 0);
   CHECK_THROWS_AS(a.forward(wrong, x.view(), y.view(), c), peft::shape_error);
+  const peft::oft<double> unset;
+  CHECK(message_of([&] { unset.forward(w, x.view(), y.view(), c); }).rfind("[oft::forward]", 0) == 0);
 }
 
 TEST_CASE("oft codec: PEFT < 0.14 configs, unknown fields, bias and malformed tensors are refused by name",

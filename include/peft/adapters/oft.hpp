@@ -440,6 +440,7 @@ class oft {
 
   template <class Base>
   void check_base(const char* where, const Base& w) const {
+    if (w_.rows() == 0) detail::raise<error>(where, "the adapter has no oft_R (default-constructed)");
     const bool in_ok = in_ == 0 ? w.in_features() % b_ == 0 : w.in_features() == in_;
     const bool out_ok = out_ == 0 || w.out_features() == out_;
     if (!in_ok || !out_ok) {
