@@ -17,6 +17,7 @@
 #include "peft/adapters/miss.hpp"
 #include "peft/adapters/phm_delta.hpp"
 #include "peft/adapters/randlora.hpp"
+#include "peft/adapters/road.hpp"
 #include "peft/adapters/shira.hpp"
 #include "peft/adapters/sora.hpp"
 #include "peft/adapters/vera.hpp"
@@ -26,6 +27,6 @@ namespace peft {
 
 template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
-                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, miss<T>>;
+                                      ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, miss<T>, road<T>>;
 
 }  // namespace peft

@@ -315,11 +315,11 @@ struct adapter_config {
     // Which of LoRA's fields a method's PEFT config class takes: all of them for LORA and
     // ADALORA (AdaLoraConfig extends LoraConfig; its rank_pattern holds masks, kept in `raw`),
     // r and the rank/alpha patterns for the LyCORIS methods (LOHA, LOKR); r for every other
-    // config class that has one (all of peft-cpp's methods but IA3). Other method-specific fields
+    // config class that has one (all of peft-cpp's methods but IA3 and ROAD). Other method-specific fields
     // stay as read: adapters' describe_in edit `raw`.
     const bool lora_fields = peft_type == "LORA" || peft_type == "ADALORA";
     const bool pattern_fields = peft_type == "LORA" || peft_type == "LOHA" || peft_type == "LOKR";
-    if (peft_type != "IA3" || j.contains("r")) j["r"] = r;
+    if ((peft_type != "IA3" && peft_type != "ROAD") || j.contains("r")) j["r"] = r;
     if (peft_type == "LORA") {
       set_default("bias", "none");
       set_default("init_lora_weights", true);
