@@ -23,6 +23,7 @@
 #include "support/traits_oft.hpp"
 #include "support/traits_phm_delta.hpp"
 #include "support/traits_randlora.hpp"
+#include "support/traits_road.hpp"
 #include "support/traits_shira.hpp"
 #include "support/traits_sora.hpp"
 #include "support/traits_vblora.hpp"

@@ -19,6 +19,7 @@
 #include "peft/io/peft/oft.hpp"
 #include "peft/io/peft/phm_delta.hpp"
 #include "peft/io/peft/randlora.hpp"
+#include "peft/io/peft/road.hpp"
 #include "peft/io/peft/shira.hpp"
 #include "peft/io/peft/sora.hpp"
 #include "peft/io/peft/vblora.hpp"
