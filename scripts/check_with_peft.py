@@ -23,7 +23,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 CASES = ["lora", "lora_rslora", "lora_bias", "lora_rank_pattern", "dora", "vera", "randlora", "shira",
-         "lokr", "lokr_full", "loha", "adalora", "ia3", "c3a", "c3a_b32"]
+         "lokr", "lokr_full", "loha", "adalora", "ia3", "c3a", "c3a_b32",
+         "delora", "delora_lambda"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

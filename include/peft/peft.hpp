@@ -7,6 +7,7 @@
 
 #include "peft/adapters/adalora.hpp"
 #include "peft/adapters/c3a.hpp"
+#include "peft/adapters/delora.hpp"
 #include "peft/adapters/any_adapter.hpp"
 #include "peft/adapters/compacter.hpp"
 #include "peft/adapters/dora.hpp"
@@ -60,6 +61,7 @@
 #include "peft/io/model_files.hpp"
 #include "peft/io/peft/adalora.hpp"
 #include "peft/io/peft/c3a.hpp"
+#include "peft/io/peft/delora.hpp"
 #include "peft/io/peft/codec.hpp"
 #include "peft/io/peft/codecs.hpp"
 #include "peft/io/peft/compacter.hpp"

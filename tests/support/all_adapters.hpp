@@ -8,6 +8,7 @@
 #include "peft/adapters/registry.hpp"
 #include "support/traits_adalora.hpp"
 #include "support/traits_c3a.hpp"
+#include "support/traits_delora.hpp"
 #include "support/traits_compacter.hpp"
 #include "support/traits_dora.hpp"
 #include "support/traits_dynamic_rank.hpp"

@@ -8,6 +8,7 @@
 
 #include "peft/adapters/adalora.hpp"
 #include "peft/adapters/c3a.hpp"
+#include "peft/adapters/delora.hpp"
 #include "peft/adapters/compacter.hpp"
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/dynamic_rank.hpp"
@@ -27,6 +28,6 @@ namespace peft {
 template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
                                       ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>,
-                                      c3a<T>>;
+                                      c3a<T>, delora<T>>;
 
 }  // namespace peft
