@@ -9,6 +9,7 @@
 #include "support/traits_adalora.hpp"
 #include "support/traits_c3a.hpp"
 #include "support/traits_compacter.hpp"
+#include "support/traits_delora.hpp"
 #include "support/traits_dora.hpp"
 #include "support/traits_dynamic_rank.hpp"
 #include "support/traits_fourierft.hpp"

@@ -5,6 +5,7 @@
 #include "peft/io/peft/adalora.hpp"
 #include "peft/io/peft/c3a.hpp"
 #include "peft/io/peft/compacter.hpp"
+#include "peft/io/peft/delora.hpp"
 #include "peft/io/peft/dora.hpp"
 #include "peft/io/peft/dynamic_rank.hpp"
 #include "peft/io/peft/fourierft.hpp"
