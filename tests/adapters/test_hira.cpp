@@ -237,26 +237,31 @@ TEMPLATE_TEST_CASE("hira init: PEFT's default zeroes hira_B (a no-op); gaussian 
   peft_test::check_not_base(rnd, w, peft_test::random_matrix<T>(3, in, g), 1e-2);
 }
 
-TEST_CASE("hira checkpoints: rank_pattern and PEFT's default r; save and load keep every module", "[hira]") {
+TEST_CASE("hira checkpoints: r, PEFT's default r, rank_pattern as PEFT 0.21 uses it; save and load", "[hira]") {
   peft::rng g(2);
   peft::io::checkpoint_tensors<double> none;
   CHECK(peft::io::from_checkpoint<peft::hira<double>>(hira_config(3), hira_tensors<double>(7, 5, 3, g), none).rank() == 3);
+  // PEFT 0.21 builds every module with r (dispatch_default drops rank_pattern's rank): a module it
+  // saved has rank r even where rank_pattern says otherwise; the pattern's rank is accepted too.
   auto c = hira_config(3);
   c.rank_pattern = {{"layer", 2}};
+  CHECK(peft::io::from_checkpoint<peft::hira<double>>(c, hira_tensors<double>(7, 5, 3, g), none).rank() == 3);
   CHECK(peft::io::from_checkpoint<peft::hira<double>>(c, hira_tensors<double>(7, 5, 2, g), none).rank() == 2);
+  CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::hira<double>>(c, hira_tensors<double>(7, 5, 4, g), none),
+                    Catch::Contains("has rank 4 but adapter_config.json gives r = 3 (rank_pattern: 2)"));
   auto d = peft_test::config_of("HIRA");  // no "r": HiraConfig's default 32
   CHECK(peft::io::from_checkpoint<peft::hira<double>>(d, hira_tensors<double>(7, 5, 32, g), none).rank() == 32);
   CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::hira<double>>(d, hira_tensors<double>(7, 5, 8, g), none),
-                    Catch::Contains("has rank 8 but adapter_config.json gives 32"));
+                    Catch::Contains("has rank 8 but adapter_config.json gives r = 32"));
 
   peft::io::basic_peft_checkpoint<peft::hira<double>> ck;
   ck.config.targets_kind = peft::io::target_kind::none;
-  ck.modules.push_back({"m.a", "m.a.weight", peft::hira<double>(7, 5, {.rank = 2, .init = peft::hira_init::random, .seed = 1})});
-  ck.modules.push_back({"m.b", "m.b.weight", peft::hira<double>(4, 6, {.rank = 5, .init = peft::hira_init::random, .seed = 2})});
+  ck.modules.push_back({"m.a", "m.a.weight", peft::hira<double>(7, 5, {.rank = 3, .init = peft::hira_init::random, .seed = 1})});
+  ck.modules.push_back({"m.b", "m.b.weight", peft::hira<double>(4, 6, {.rank = 3, .init = peft::hira_init::random, .seed = 2})});
   auto back = peft_test::save_and_load(ck, "peft_hira_roundtrip");
   CHECK(back.config.peft_type == "HIRA");
-  CHECK(back.config.raw.at("r") == 2);
-  CHECK(back.config.raw.at("rank_pattern").at("m.b") == 5);
+  CHECK(back.config.raw.at("r") == 3);
+  CHECK(back.config.raw.at("rank_pattern").empty());
   REQUIRE(back.modules.size() == 2);
   for (auto& m : ck.modules) {
     auto& b = back.find(m.weight_name)->adapter;
@@ -264,6 +269,12 @@ TEST_CASE("hira checkpoints: rank_pattern and PEFT's default r; save and load ke
     CHECK(rel_error(b.A(), m.adapter.A()) < 1e-7);  // stored as f32
     CHECK(rel_error(b.B(), m.adapter.B()) < 1e-7);
   }
+  // Modules of different ranks: PEFT 0.21 could not load them.
+  ck.modules.push_back({"m.c", "m.c.weight", peft::hira<double>(4, 6, {.rank = 5, .seed = 3})});
+  const auto dir = peft_test::scratch_dir("peft_hira_ranks");
+  CHECK_THROWS_WITH(peft::io::save_peft_checkpoint(dir, ck),
+                    Catch::StartsWith("[hira::describe_in] module 'm.c' has rank 5 but the config says r = 3"));
+  std::filesystem::remove_all(dir);
 }
 
 TEMPLATE_TEST_CASE("hira rejects bad shapes, bad checkpoints and unsupported layers with clear errors", "[hira]",
@@ -290,7 +301,7 @@ TEMPLATE_TEST_CASE("hira rejects bad shapes, bad checkpoints and unsupported lay
   peft::io::checkpoint_tensors<T> none;
   REQUIRE_NOTHROW(peft::io::from_checkpoint<peft::hira<T>>(c, hira_tensors<T>(7, 5, 2, g), none));
   CHECK_THROWS_WITH(peft::io::from_checkpoint<peft::hira<T>>(hira_config(4), hira_tensors<T>(7, 5, 2, g), none),
-                    Catch::StartsWith("[hira::from_checkpoint]") && Catch::Contains("has rank 2 but adapter_config.json gives 4"));
+                    Catch::StartsWith("[hira::from_checkpoint]") && Catch::Contains("has rank 2 but adapter_config.json gives r = 4"));
   {
     auto m = hira_tensors<T>(7, 5, 2, g);
     m.add("hira_B", stored<T>({5, 3}, g));

@@ -2,6 +2,10 @@
 // hira_B (out, r) (no ".weight"); fields r (default 32), rank_pattern, fan_in_fan_out (the
 // loader's), hira_dropout (training only). Convolutions (hira_A with kernel dimensions) and
 // embeddings (hira_embedding_A / _B) are refused: peft-cpp adapts linear layers.
+// PEFT 0.21 builds every HiRA module with rank r: its dispatch_default reads config.r and drops
+// the rank rank_pattern gave (docs/methods/hira.md). So a saved module has rank r whatever
+// rank_pattern says; loading accepts r (or rank_pattern's rank, which a PEFT that fixes this
+// would write), and saving refuses modules whose ranks differ, which PEFT 0.21 cannot load.
 #pragma once
 
 #include <string>
@@ -24,8 +28,10 @@ struct peft_codec<hira<T>> : codec_defaults {
     return {"hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"};
   }
 
-  /// HiRA's rank for a module: rank_pattern first, then "r" (PEFT's default 32 when absent).
-  static index rank_for(const adapter_config& c, const std::string& module) {
+  /// The config's r (PEFT's default 32 when absent).
+  static index r_of(const adapter_config& c) { return c.field("r") != nullptr ? c.r : 32; }
+  /// rank_pattern's rank for a module, else r.
+  static index pattern_rank_for(const adapter_config& c, const std::string& module) {
     if (c.field("r") != nullptr) return c.rank_for(module);
     adapter_config d;
     d.r = 32;
@@ -33,7 +39,7 @@ struct peft_codec<hira<T>> : codec_defaults {
     return d.rank_for(module);
   }
 
-  /// The adapter of one module: rank from the tensors, checked against r / rank_pattern.
+  /// The adapter of one module: rank from the tensors, checked against r (or rank_pattern).
   static hira<T> from_checkpoint(const adapter_config& c, const checkpoint_tensors<T>& m,
                                  const checkpoint_tensors<T>& /*shared*/) {
     constexpr const char* where = "hira::from_checkpoint";
@@ -56,10 +62,11 @@ struct peft_codec<hira<T>> : codec_defaults {
                                                    detail::shape_text(sb) + " are not (r, in) and (out, r)");
     }
     const auto rank = static_cast<index>(sa[0]);
-    if (rank != rank_for(c, m.module())) {
+    const index r = r_of(c), pattern_r = pattern_rank_for(c, m.module());
+    if (rank != r && rank != pattern_r) {
       peft::detail::raise<format_error>(where, mod + " has rank " + std::to_string(rank) +
-                                                   " but adapter_config.json gives " +
-                                                   std::to_string(rank_for(c, m.module())));
+                                                   " but adapter_config.json gives r = " + std::to_string(r) +
+                                                   (pattern_r != r ? " (rank_pattern: " + std::to_string(pattern_r) + ")" : ""));
     }
     if (const auto& shape = m.base_shape(); shape && (shape->first != sb[0] || shape->second != sa[1])) {
       peft::detail::raise<format_error>(where, mod + ": hira_B " + detail::shape_text(sb) + " and hira_A " +
@@ -69,21 +76,26 @@ struct peft_codec<hira<T>> : codec_defaults {
     return hira<T>(m.copy("hira_A"), m.copy("hira_B"));
   }
 
-  /// Makes `c` describe this module: peft_type HIRA; an exact rank_pattern entry where r does not
-  /// give the module's rank (written to the document too: HiraConfig has rank_pattern but no
-  /// alpha); PEFT's defaults for hira_dropout and init_weights.
+  /// Makes `c` describe this module: peft_type HIRA, r; PEFT's defaults for rank_pattern,
+  /// hira_dropout and init_weights. unsupported_error for a module whose rank differs from r:
+  /// PEFT 0.21 gives every HiRA module rank r (rank_pattern is dropped), so it could not load it.
   static void describe_in(const hira<T>& a, adapter_config& c, const std::string& module) {
     if (!c.raw.is_object()) c.raw = ordered_json::object();
-    if (c.fresh()) c.r = a.rank();  // the first module of a config built in C++ sets r
-    c.peft_type = "HIRA";
-    if (c.field("r") == nullptr) c.raw["r"] = c.r;  // to_json keeps it up to date from c.r
-    if (c.rank_for(module) != a.rank()) {
-      c.rank_pattern.insert(c.rank_pattern.begin(), {module, a.rank()});
-      // to_json writes rank_pattern for LoRA's family only: the document is kept here, in the
-      // order rank_for reads it (PEFT takes the first matching key too).
-      ordered_json rp = ordered_json::object();
-      for (const auto& [k, v] : c.rank_pattern) rp[k] = v;
-      c.raw["rank_pattern"] = rp;
+    if (c.peft_type != "HIRA") {
+      c.peft_type = "HIRA";
+      c.r = a.rank();
+      c.rank_pattern.clear();
+      c.raw["r"] = a.rank();  // to_json keeps it up to date from c.r
+      c.raw["rank_pattern"] = ordered_json::object();
+    } else if (c.field("r") == nullptr) {
+      c.r = 32;  // HiraConfig's default, which an absent r meant when this config was read
+      c.raw["r"] = 32;
+    }
+    if (c.r != a.rank()) {
+      peft::detail::raise<unsupported_error>(
+          "hira::describe_in", "module '" + module + "' has rank " + std::to_string(a.rank()) + " but the config says r = " +
+                                   std::to_string(c.r) + "; PEFT 0.21 builds every HiRA module with rank r (it drops "
+                                   "rank_pattern), so it could not load modules of different ranks");
     }
     c.set_default("rank_pattern", ordered_json::object());
     c.set_default("hira_dropout", 0.0);
