@@ -23,7 +23,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 CASES = ["lora", "lora_rslora", "lora_bias", "lora_rank_pattern", "dora", "vera", "randlora", "shira",
-         "lokr", "lokr_full", "loha", "adalora", "ia3", "hra", "hra_gs"]
+         "lokr", "lokr_full", "loha", "adalora", "ia3", "hra", "hra_gs", "boft",
+         "boft_butterfly2"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "peft/adapters/adalora.hpp"
+#include "peft/adapters/boft.hpp"
 #include "peft/adapters/any_adapter.hpp"
 #include "peft/adapters/compacter.hpp"
 #include "peft/adapters/dora.hpp"
@@ -59,6 +60,7 @@
 #include "peft/io/model_bases.hpp"
 #include "peft/io/model_files.hpp"
 #include "peft/io/peft/adalora.hpp"
+#include "peft/io/peft/boft.hpp"
 #include "peft/io/peft/codec.hpp"
 #include "peft/io/peft/codecs.hpp"
 #include "peft/io/peft/compacter.hpp"

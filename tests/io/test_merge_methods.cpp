@@ -20,7 +20,8 @@ TEST_CASE("merge_model reproduces PEFT's merged weights for every PEFT method", 
   const fs::path data = fs::path(PEFT_TEST_DATA_DIR) / "peft";
   const std::string method = GENERATE(as<std::string>{}, "lora", "lora_rslora", "lora_bias", "lora_rank_pattern",
                                       "dora", "vera", "randlora", "shira", "lokr", "lokr_full", "loha", "adalora",
-                                      "ia3", "hra", "hra_gs");
+                                      "ia3", "hra", "hra_gs", "boft",
+                                      "boft_butterfly2");
   INFO("case " << method);
   const fs::path out = fs::temp_directory_path() / ("peft_merge_methods_" + method + ".safetensors");
   const auto report = peft::io::merge_model(data / method / "base_model.safetensors", data / method / "adapter", out, {});
@@ -44,7 +45,8 @@ TEST_CASE("every PEFT case loads with PEFT's trainable parameter count", "[golde
   const fs::path data = fs::path(PEFT_TEST_DATA_DIR) / "peft";
   const std::string method = GENERATE(as<std::string>{}, "lora", "lora_rslora", "lora_bias", "lora_rank_pattern",
                                       "dora", "vera", "randlora", "shira", "lokr", "lokr_full", "loha", "adalora",
-                                      "ia3", "hra", "hra_gs");
+                                      "ia3", "hra", "hra_gs", "boft",
+                                      "boft_butterfly2");
   INFO("case " << method);
   std::ifstream in(data / method / "case.json");
   const auto expected = nlohmann::json::parse(in).at("trainable_parameters").get<std::size_t>();

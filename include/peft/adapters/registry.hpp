@@ -7,6 +7,7 @@
 #pragma once
 
 #include "peft/adapters/adalora.hpp"
+#include "peft/adapters/boft.hpp"
 #include "peft/adapters/compacter.hpp"
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/dynamic_rank.hpp"
@@ -27,6 +28,6 @@ namespace peft {
 template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
                                       ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>,
-                                      hra<T>>;
+                                      hra<T>, boft<T>>;
 
 }  // namespace peft

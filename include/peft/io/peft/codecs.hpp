@@ -3,6 +3,7 @@
 #pragma once
 
 #include "peft/io/peft/adalora.hpp"
+#include "peft/io/peft/boft.hpp"
 #include "peft/io/peft/compacter.hpp"
 #include "peft/io/peft/dora.hpp"
 #include "peft/io/peft/dynamic_rank.hpp"
