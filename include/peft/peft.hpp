@@ -7,6 +7,7 @@
 
 #include "peft/adapters/adalora.hpp"
 #include "peft/adapters/any_adapter.hpp"
+#include "peft/adapters/boft.hpp"
 #include "peft/adapters/c3a.hpp"
 #include "peft/adapters/compacter.hpp"
 #include "peft/adapters/delora.hpp"
@@ -69,6 +70,7 @@
 #include "peft/io/model_bases.hpp"
 #include "peft/io/model_files.hpp"
 #include "peft/io/peft/adalora.hpp"
+#include "peft/io/peft/boft.hpp"
 #include "peft/io/peft/c3a.hpp"
 #include "peft/io/peft/codec.hpp"
 #include "peft/io/peft/codecs.hpp"
