@@ -272,7 +272,7 @@ TEMPLATE_TEST_CASE("c3a rejects bad shapes, bad checkpoints and configs with cle
 
 TEST_CASE("c3a checkpoints: config fields honoured or refused by name", "[c3a]") {
   namespace fs = std::filesystem;
-  const auto dir = peft_test::scratch_dir("peft_c3a_fields");
+  const auto dir = peft_test::scratch_path("peft_c3a_fields");
   auto load_with = [&](const char* key, nlohmann::ordered_json v) {
     fs::remove_all(dir);
     peft_test::rewrite_adapter("c3a", dir, [&](nlohmann::ordered_json& c) { c[key] = v; });

@@ -279,7 +279,7 @@ TEMPLATE_TEST_CASE("delora rejects bad shapes and bad checkpoints with clear err
 
 TEST_CASE("delora checkpoints: config fields honoured or refused by name", "[delora]") {
   namespace fs = std::filesystem;
-  const auto dir = peft_test::scratch_dir("peft_delora_fields");
+  const auto dir = peft_test::scratch_path("peft_delora_fields");
   auto load_with = [&](const char* key, nlohmann::ordered_json v) {
     fs::remove_all(dir);
     peft_test::rewrite_adapter("delora", dir, [&](nlohmann::ordered_json& c) { c[key] = v; });

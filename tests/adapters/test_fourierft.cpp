@@ -201,7 +201,7 @@ TEST_CASE("fourierft: n_frequency_pattern follows PEFT's re.match('.*\\.key$')",
 }
 
 TEST_CASE("fourierft: bad configs and checkpoints are refused by name", "[fourierft][io]") {
-  const fs::path dir = peft_test::scratch_dir("fourierft_bad");
+  const fs::path dir = peft_test::scratch_path("fourierft_bad");
   const auto load = [&](const std::function<void(nlohmann::ordered_json&)>& edit) {
     fs::remove_all(dir);
     rewrite_adapter("fourierft", dir, edit);

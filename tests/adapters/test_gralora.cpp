@@ -279,7 +279,7 @@ TEST_CASE("gralora checkpoints: save and load keep every module, with and withou
   }
   // GraloraConfig has one r, gralora_k, hybrid_r and alpha: modules that differ cannot be saved.
   ck.modules.push_back({"m.c", "m.c.weight", peft::gralora<double>(4, 4, {.rank = 4, .k = 4, .hybrid_rank = 3, .alpha = 6.0})});
-  const auto dir = peft_test::scratch_dir("peft_gralora_mixed");
+  const auto dir = peft_test::scratch_path("peft_gralora_mixed");
   CHECK_THROWS_WITH(peft::io::save_peft_checkpoint(dir, ck),
                     Catch::Contains("[gralora::describe_in]") && Catch::Contains("gralora_k = 4"));
   std::filesystem::remove_all(dir);
@@ -343,7 +343,7 @@ TEMPLATE_TEST_CASE("gralora rejects bad shapes, bad checkpoints and bad configs 
     CHECK_THROWS_AS(peft::io::from_checkpoint<peft::gralora<T>>(c2, gralora_tensors<T>(8, 6, 4, 2, 1, g), none), peft::format_error);
   }
   // bias != "none" and unknown fields are refused by the shared rule; a wrong method's checkpoint too.
-  const auto dir = peft_test::scratch_dir("peft_gralora_bias");
+  const auto dir = peft_test::scratch_path("peft_gralora_bias");
   std::filesystem::remove_all(dir);
   peft_test::rewrite_adapter("gralora", dir, [](nlohmann::ordered_json& j) { j["bias"] = "gralora_only"; });
   CHECK_THROWS_WITH(peft::io::load_checkpoint_as<peft::gralora<T>>(dir),

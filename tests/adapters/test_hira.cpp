@@ -271,7 +271,7 @@ TEST_CASE("hira checkpoints: r, PEFT's default r, rank_pattern as PEFT 0.21 uses
   }
   // Modules of different ranks: PEFT 0.21 could not load them.
   ck.modules.push_back({"m.c", "m.c.weight", peft::hira<double>(4, 6, {.rank = 5, .seed = 3})});
-  const auto dir = peft_test::scratch_dir("peft_hira_ranks");
+  const auto dir = peft_test::scratch_path("peft_hira_ranks");
   CHECK_THROWS_WITH(peft::io::save_peft_checkpoint(dir, ck),
                     Catch::StartsWith("[hira::describe_in] module 'm.c' has rank 5 but the config says r = 3"));
   std::filesystem::remove_all(dir);
@@ -324,7 +324,7 @@ TEMPLATE_TEST_CASE("hira rejects bad shapes, bad checkpoints and unsupported lay
   CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::hira<T>>(peft_test::golden_dir("lokr") / "adapter"),
                   peft::unsupported_error);
   // An unknown field with a value is refused by the shared rule, naming it.
-  const auto dir = peft_test::scratch_dir("peft_hira_unknown");
+  const auto dir = peft_test::scratch_path("peft_hira_unknown");
   std::filesystem::remove_all(dir);
   peft_test::rewrite_adapter("hira", dir, [](nlohmann::ordered_json& j) { j["hira_mystery"] = true; });
   CHECK_THROWS_WITH(peft::io::load_checkpoint_as<peft::hira<T>>(dir),

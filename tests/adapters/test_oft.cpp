@@ -220,7 +220,7 @@ TEST_CASE("oft: save_peft_checkpoint writes PEFT's tensors and fields and reload
     INFO("case " << name);
     const auto base = peft::io::safetensors_file::open(peft_test::golden_dir(name) / "base_model.safetensors");
     auto ck = peft_test::load_bound<peft::oft<double>>(peft_test::golden_dir(name) / "adapter", base);
-    const auto dir = peft_test::scratch_dir("peft_oft_roundtrip_" + name);
+    const auto dir = peft_test::scratch_path("peft_oft_roundtrip_" + name);
     fs::remove_all(dir);
     peft::io::save_peft_checkpoint(dir, ck);
     const auto saved = peft::io::safetensors_file::open(dir / "adapter_model.safetensors");
@@ -475,7 +475,7 @@ TEST_CASE("oft: shape errors of the passes name the function", "[oft][errors]") 
 
 TEST_CASE("oft codec: PEFT < 0.14 configs, unknown fields, bias and malformed tensors are refused by name",
           "[oft][errors][io]") {
-  const auto dir = peft_test::scratch_dir("peft_oft_malformed");
+  const auto dir = peft_test::scratch_path("peft_oft_malformed");
   using A = peft::oft<float>;
   auto load = [&] { peft::io::load_checkpoint_as<A>(dir); };
   auto keep = [](auto&) {};

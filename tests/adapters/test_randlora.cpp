@@ -206,7 +206,7 @@ TEST_CASE("randlora: save_peft_checkpoint writes the bases once and reloads to i
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
   const auto reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
   auto ck = peft_test::load_bound<peft::randlora<double>>(case_dir / "adapter", base);
-  const auto dir = peft_test::scratch_dir("peft_randlora_roundtrip");
+  const auto dir = peft_test::scratch_path("peft_randlora_roundtrip");
   peft_test::check_saved_once(ck, dir, "randlora",
                               {{"base_model.model.down.randlora_gamma", {}},
                                {"base_model.model.down.randlora_lambda", {}},
@@ -261,7 +261,7 @@ TEST_CASE("randlora: make_randlora_projections draws PEFT's distribution from pe
 }
 
 TEST_CASE("randlora: per-module copies of the bases must equal the shared ones", "[randlora][errors][io]") {
-  const auto dir = peft_test::scratch_dir("peft_randlora_copies");
+  const auto dir = peft_test::scratch_path("peft_randlora_copies");
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
   const auto original = peft::io::safetensors_file::open(case_dir / "adapter" / "adapter_model.safetensors");
   auto keep = [](auto&) {};
@@ -295,7 +295,7 @@ TEST_CASE("randlora: save_projection=false is rejected with a clear message", "[
 }
 
 TEST_CASE("randlora: malformed checkpoints are rejected", "[randlora][errors][io]") {
-  const auto dir = peft_test::scratch_dir("peft_randlora_malformed");
+  const auto dir = peft_test::scratch_path("peft_randlora_malformed");
   auto keep = [](auto&) {};
   SECTION("lambda with the wrong rank") {
     rewrite_adapter("randlora", dir, keep,

@@ -185,7 +185,7 @@ TEST_CASE("vblora: the bank is shared by the modules, counted and saved once", "
 }
 
 TEST_CASE("vblora: save round trips in both forms", "[vblora][io]") {
-  const auto dir = peft_test::scratch_dir("peft_vblora_roundtrip");
+  const auto dir = peft_test::scratch_path("peft_vblora_roundtrip");
   for (const std::string name : {"vblora", "vblora_topk_only"}) {
     INFO("case " << name);
     const bool topk = name == "vblora_topk_only";
@@ -245,7 +245,7 @@ TEST_CASE("vblora: save round trips in both forms", "[vblora][io]") {
 }
 
 TEST_CASE("vblora: malformed checkpoints and unsupported fields are rejected", "[vblora][errors][io]") {
-  const auto dir = peft_test::scratch_dir("peft_vblora_malformed");
+  const auto dir = peft_test::scratch_path("peft_vblora_malformed");
   auto keep = [](auto&) {};
   auto load = [&] { peft::io::load_checkpoint_as<peft::vblora<double>>(dir); };
   SECTION("num_vectors disagrees with the bank") {

@@ -98,7 +98,7 @@ TEST_CASE("vera: save_peft_checkpoint writes the projections once and reloads to
   const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
   const auto reference = peft::io::safetensors_file::open(case_dir / "reference.safetensors");
   auto ck = peft_test::load_bound<peft::vera<double>>(case_dir / "adapter", base);
-  const auto dir = peft_test::scratch_dir("peft_vera_roundtrip");
+  const auto dir = peft_test::scratch_path("peft_vera_roundtrip");
   peft_test::check_saved_once(ck, dir, "vera",
                               {{"base_model.model.down.vera_lambda_b", {}},
                                {"base_model.model.down.vera_lambda_d", {}},
@@ -194,7 +194,7 @@ TEST_CASE("vera: save_projection=false is rejected with a clear message", "[vera
 }
 
 TEST_CASE("vera: malformed checkpoints are rejected", "[vera][errors][io]") {
-  const auto dir = peft_test::scratch_dir("peft_vera_malformed");
+  const auto dir = peft_test::scratch_path("peft_vera_malformed");
   auto keep = [](auto&) {};
   SECTION("vera_lambda_d longer than r") {
     rewrite_adapter("vera", dir, keep, {{"base_model.model.up.vera_lambda_d", {{17}, std::vector<float>(17, 0.5f)}}});

@@ -139,7 +139,7 @@ TEMPLATE_TEST_CASE("PEFT golden: the BF16-saved adapter loads as the F32 one rou
 TEST_CASE("PEFT golden: a BF16 adapter is re-saved as BF16, bit for bit", "[golden][lora][bf16]") {
   const auto src = golden_dir("lora") / "adapter_bf16";
   auto ck = peft::io::load_checkpoint_as<peft::lora<float>>(src);
-  const auto dir = peft_test::scratch_dir("peft_golden_bf16_resave");
+  const auto dir = peft_test::scratch_path("peft_golden_bf16_resave");
   peft::io::save_peft_checkpoint(dir, ck);
   const auto in = peft::io::safetensors_file::open(src / "adapter_model.safetensors");
   const auto out = peft::io::safetensors_file::open(dir / "adapter_model.safetensors");

@@ -306,7 +306,7 @@ void check_golden(const std::string& name) {
 
 /// A temporary directory of this process: test binaries run concurrently (ctest -j, several
 /// builds), so fixed names would collide.
-inline std::filesystem::path scratch_dir(const std::string& stem) {
+inline std::filesystem::path scratch_path(const std::string& stem) {
   static const std::string tag = std::to_string(std::random_device{}());
   return std::filesystem::temp_directory_path() / (stem + "_" + tag);
 }
@@ -343,7 +343,7 @@ inline peft::io::adapter_config config_of(const std::string& peft_type, const st
 /// the directory is removed.
 template <class A>
 peft::io::basic_peft_checkpoint<A> save_and_load(peft::io::basic_peft_checkpoint<A>& ck, const std::string& stem) {
-  const auto dir = scratch_dir(stem);
+  const auto dir = scratch_path(stem);
   std::filesystem::remove_all(dir);
   peft::io::save_peft_checkpoint(dir, ck);
   auto back = peft::io::load_checkpoint_as<A>(dir);

@@ -124,7 +124,7 @@ void check_reloaded(const peft::io::basic_peft_checkpoint<A>& ck, const std::fil
 /// generator, which we do not reproduce) is refused by A's loader with a message that says so.
 template <class A>
 void check_projection_required(const std::string& name) {
-  const auto dir = scratch_dir("peft_" + name + "_no_projection");
+  const auto dir = scratch_path("peft_" + name + "_no_projection");
   rewrite_adapter(name, dir, [](auto& c) { c["save_projection"] = false; });
   const auto msg = message_of([&] { peft::io::load_checkpoint_as<A>(dir); });
   CHECK_THROWS_AS(peft::io::load_checkpoint_as<A>(dir), peft::unsupported_error);

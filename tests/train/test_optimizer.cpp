@@ -259,7 +259,7 @@ std::vector<std::vector<typename Opt::scalar>> run_small(const Options& o) {
 std::vector<double> from_hex(std::initializer_list<double> v) { return std::vector<double>(v); }
 
 std::filesystem::path scratch(const std::string& stem) {
-  auto d = peft_test::scratch_dir("peft_optimizer_test");
+  auto d = peft_test::scratch_path("peft_optimizer_test");
   std::filesystem::create_directories(d);
   return d / stem;
 }
