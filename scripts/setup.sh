@@ -28,7 +28,10 @@ packages=(cmake g++ make libeigen3-dev libxtensor-dev libxsimd-dev nlohmann-json
 # The test suite also runs: the data-parallel tests (tests/dist) over MPI, the libFuzzer targets
 # (tests/fuzz: clang with its runtime libraries), and the kernel and adapter tests built for
 # aarch64 with Debian's cross compiler and run under qemu-user (tests/aarch64).
-[[ "$what" == test ]] && packages+=(libopenmpi-dev openmpi-bin clang libclang-rt-14-dev
+# The sanitizer passes are compiled with clang++ (with its OpenMP runtime, libomp): at -O0 under
+# ASan + UBSan it compiles the tests about twice as fast as g++, and it keeps them warning-clean
+# on clang too.
+[[ "$what" == test ]] && packages+=(libopenmpi-dev openmpi-bin clang libclang-rt-14-dev libomp-dev
                                     g++-aarch64-linux-gnu qemu-user)
 missing=()
 for p in "${packages[@]}"; do
@@ -59,13 +62,13 @@ case "$what" in
     ctest --test-dir "$build" --output-on-failure -j "$jobs"
     if [[ "${PEFT_SKIP_SANITIZE:-0}" != 1 ]]; then
       echo "== again under AddressSanitizer + UndefinedBehaviorSanitizer"
-      configure "$build-asan" -DCMAKE_BUILD_TYPE=Debug -DPEFT_SANITIZE=address,undefined \
+      configure "$build-asan" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ -DPEFT_SANITIZE=address,undefined \
         -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=ON
       cmake --build "$build-asan" -j "$jobs" --target peft_tests peft_cli
       # (the registry's soak test, part of unit, for 20 s here)
       PEFT_SOAK_SECONDS=20 ctest --test-dir "$build-asan" --output-on-failure -j "$jobs" -R '^(unit|cli)'
-      echo "== the serving tests (hot swap, soak) under ThreadSanitizer (OpenMP off: libgomp is not instrumented)"
-      configure "$build-tsan" -DCMAKE_BUILD_TYPE=Debug -DPEFT_SANITIZE=thread -DPEFT_USE_OPENMP=OFF \
+      echo "== the serving tests (hot swap, soak) under ThreadSanitizer (OpenMP off: its runtime is not instrumented)"
+      configure "$build-tsan" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ -DPEFT_SANITIZE=thread -DPEFT_USE_OPENMP=OFF \
         -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=OFF
       cmake --build "$build-tsan" -j "$jobs" --target peft_thread_tests
       ctest --test-dir "$build-tsan" --output-on-failure -R '^thread'
