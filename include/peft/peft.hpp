@@ -7,6 +7,7 @@
 
 #include "peft/adapters/adalora.hpp"
 #include "peft/adapters/any_adapter.hpp"
+#include "peft/adapters/beft.hpp"
 #include "peft/adapters/boft.hpp"
 #include "peft/adapters/c3a.hpp"
 #include "peft/adapters/compacter.hpp"
@@ -70,6 +71,7 @@
 #include "peft/io/model_bases.hpp"
 #include "peft/io/model_files.hpp"
 #include "peft/io/peft/adalora.hpp"
+#include "peft/io/peft/beft.hpp"
 #include "peft/io/peft/boft.hpp"
 #include "peft/io/peft/c3a.hpp"
 #include "peft/io/peft/codec.hpp"

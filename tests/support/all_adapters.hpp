@@ -7,6 +7,7 @@
 
 #include "peft/adapters/registry.hpp"
 #include "support/traits_adalora.hpp"
+#include "support/traits_beft.hpp"
 #include "support/traits_boft.hpp"
 #include "support/traits_c3a.hpp"
 #include "support/traits_compacter.hpp"

@@ -7,6 +7,7 @@
 #pragma once
 
 #include "peft/adapters/adalora.hpp"
+#include "peft/adapters/beft.hpp"
 #include "peft/adapters/boft.hpp"
 #include "peft/adapters/c3a.hpp"
 #include "peft/adapters/compacter.hpp"
@@ -38,6 +39,6 @@ template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
                                       ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>,
                                       hra<T>, miss<T>, c3a<T>, gralora<T>, hira<T>, fourierft<T>, road<T>, delora<T>,
-                                      boft<T>>;
+                                      boft<T>, beft<T>>;
 
 }  // namespace peft

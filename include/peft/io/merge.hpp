@@ -177,7 +177,8 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
     const auto bias = model.resolve(m.path, "bias");
     if (m.adapter.touches_bias() && (bias || m.adapter.additive())) {
       if (!bias) {
-        peft::detail::raise<format_error>(where, "module '" + m.path + "' has lora_bias but the base has no '" +
+        peft::detail::raise<format_error>(where, "module '" + m.path + "': its " + std::string(m.adapter.active_method()) +
+                                                     " adapter adds to the bias (lora_bias, BEFT) but the base has no '" +
                                                      m.path + ".bias'");
       }
       if (model.info(*bias).shape != std::vector<std::int64_t>{out_f} || !is_floating(model.info(*bias).type)) {

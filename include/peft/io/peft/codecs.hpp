@@ -3,6 +3,7 @@
 #pragma once
 
 #include "peft/io/peft/adalora.hpp"
+#include "peft/io/peft/beft.hpp"
 #include "peft/io/peft/boft.hpp"
 #include "peft/io/peft/c3a.hpp"
 #include "peft/io/peft/compacter.hpp"
