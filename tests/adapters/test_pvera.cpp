@@ -218,7 +218,7 @@ TEST_CASE("pvera: sample_at_inference and unknown fields are refused by name", "
     CHECK(msg.rfind("[pvera::from_checkpoint]", 0) == 0);
     CHECK(msg.find("sample_at_inference") != std::string::npos);
   }
-  SECTION("a field PvERA's config does not have") {
+  SECTION("a field PVeRA's config does not have") {
     rewrite_adapter("pvera", dir, [](auto& c) { c["pvera_temperature"] = 2.0; });
     const auto msg = peft_test::message_of([&] { peft::io::load_checkpoint_as<peft::pvera<double>>(dir); });
     CHECK_THROWS_AS(peft::io::load_checkpoint_as<peft::pvera<double>>(dir), peft::unsupported_error);
