@@ -25,6 +25,7 @@
 #include "support/traits_miss.hpp"
 #include "support/traits_oft.hpp"
 #include "support/traits_phm_delta.hpp"
+#include "support/traits_pvera.hpp"
 #include "support/traits_randlora.hpp"
 #include "support/traits_road.hpp"
 #include "support/traits_shira.hpp"

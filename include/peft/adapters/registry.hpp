@@ -25,6 +25,7 @@
 #include "peft/adapters/miss.hpp"
 #include "peft/adapters/oft.hpp"
 #include "peft/adapters/phm_delta.hpp"
+#include "peft/adapters/pvera.hpp"
 #include "peft/adapters/randlora.hpp"
 #include "peft/adapters/road.hpp"
 #include "peft/adapters/shira.hpp"
@@ -39,6 +40,6 @@ template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
                                       ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>,
                                       hra<T>, miss<T>, c3a<T>, gralora<T>, hira<T>, fourierft<T>, road<T>, delora<T>,
-                                      boft<T>, beft<T>>;
+                                      boft<T>, beft<T>, pvera<T>>;
 
 }  // namespace peft

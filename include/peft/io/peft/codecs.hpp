@@ -21,6 +21,7 @@
 #include "peft/io/peft/miss.hpp"
 #include "peft/io/peft/oft.hpp"
 #include "peft/io/peft/phm_delta.hpp"
+#include "peft/io/peft/pvera.hpp"
 #include "peft/io/peft/randlora.hpp"
 #include "peft/io/peft/road.hpp"
 #include "peft/io/peft/shira.hpp"
