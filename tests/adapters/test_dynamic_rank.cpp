@@ -192,7 +192,8 @@ TEMPLATE_TEST_CASE("dynamic_rank: ||B diag(c) A||_F from Gram matrices == the ma
 TEMPLATE_TEST_CASE("dynamic_rank: the regulariser and its gradient", "[dynamic_rank][regularizer]", float, double) {
   using T = TestType;
   peft::rng g(5);
-  for (auto [in, out, r0] : std::vector<std::array<peft::index, 3>>{{9, 6, 3}, {1, 4, 2}, {5, 1, 2}}) {
+  for (const auto& shape : std::vector<std::array<peft::index, 3>>{{9, 6, 3}, {1, 4, 2}, {5, 1, 2}}) {
+    const peft::index in = shape[0], out = shape[1], r0 = shape[2];  // (clang 14 cannot capture bindings)
     INFO("in " << in << " out " << out << " r0 " << r0);
     auto a = random_adapter<double>(in, out, r0, g);
     auto af = random_adapter<T>(in, out, r0, g);
