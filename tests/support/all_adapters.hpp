@@ -30,6 +30,7 @@
 #include "support/traits_sora.hpp"
 #include "support/traits_vblora.hpp"
 #include "support/traits_vera.hpp"
+#include "support/traits_waveft.hpp"
 
 namespace peft_test {
 

@@ -26,3 +26,4 @@
 #include "peft/io/peft/sora.hpp"
 #include "peft/io/peft/vblora.hpp"
 #include "peft/io/peft/vera.hpp"
+#include "peft/io/peft/waveft.hpp"
