@@ -7,7 +7,7 @@ the repository root after a build:
     build/examples/resave_checkpoint tests/data/peft/lora/adapter /tmp/rt/lora ...
     python3 scripts/check_with_peft.py /tmp/rt lora dora vera ...
 
-or just `python3 scripts/check_with_peft.py` to resave and check all 13 cases with the binary
+or just `python3 scripts/check_with_peft.py` to resave and check every case of CASES with the binary
 in build/examples. Each case: the base model of tests/data/peft/<case>, PeftModel.from_pretrained
 on the re-saved adapter, its output on the golden x against the golden y (float64).
 """
@@ -26,7 +26,8 @@ CASES = ["lora", "lora_rslora", "lora_bias", "lora_rank_pattern", "dora", "vera"
          "lokr_full", "loha", "adalora", "ia3", "vblora", "oft", "oft_neumann", "oft_block_share", "hra",
          "hra_gs", "miss", "miss_bat", "miss_mini", "c3a", "c3a_b32", "gralora", "gralora_hybrid", "hira",
          "hira_r4", "fourierft", "fourierft_seed", "road_1", "road_2", "road_4",
-         "delora", "delora_lambda", "boft", "boft_butterfly2", "beft", "pvera", "pvera_r4", "unilora"]
+         "delora", "delora_lambda", "boft", "boft_butterfly2", "beft", "pvera", "pvera_r4", "unilora", "waveft",
+         "waveft_coif2", "waveft_direct"]
 # PEFT's own FourierFT layer builds its delta in float32 and fails in a float64 model: these
 # cases are checked in float32 against the float64 reference (tolerance 1e-5).
 FLOAT32_CASES = {"fourierft", "fourierft_seed"}

@@ -33,6 +33,7 @@
 #include "support/traits_unilora.hpp"
 #include "support/traits_vblora.hpp"
 #include "support/traits_vera.hpp"
+#include "support/traits_waveft.hpp"
 
 namespace peft_test {
 

@@ -29,3 +29,4 @@
 #include "peft/io/peft/unilora.hpp"
 #include "peft/io/peft/vblora.hpp"
 #include "peft/io/peft/vera.hpp"
+#include "peft/io/peft/waveft.hpp"

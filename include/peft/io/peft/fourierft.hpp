@@ -4,12 +4,12 @@
 // random_loc_seed once it knows the layer's shape (from the loader, or set_features).
 #pragma once
 
-#include <regex>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "peft/adapters/fourierft.hpp"
+#include "peft/io/detail/integer_pattern.hpp"
 #include "peft/io/peft/codec.hpp"
 
 namespace peft::io {
@@ -29,29 +29,8 @@ struct peft_codec<fourierft<T>> : codec_defaults {
   /// Python's re.match(".*\.k$", module) succeeds, else n_frequency (default 1000). As in PEFT, a
   /// key can only match after a dot, so a top-level module keeps n_frequency.
   static index n_frequency_for(const adapter_config& c, const std::string& module) {
-    constexpr const char* where = "fourierft::from_checkpoint";
-    const long long n = c.integer("n_frequency", 1000, where);
-    const auto* pattern = c.field("n_frequency_pattern");
-    if (pattern == nullptr) return static_cast<index>(n);
-    if (!pattern->is_object()) {
-      peft::detail::raise<format_error>(where, "adapter_config.json: 'n_frequency_pattern' must be an object");
-    }
-    for (const auto& [key, value] : pattern->items()) {
-      std::regex re;
-      try {
-        re = detail::module_regex("^(?:.*\\." + key + "$)");
-      } catch (const std::regex_error&) {
-        peft::detail::raise<format_error>(where, "adapter_config.json: n_frequency_pattern key '" + key +
-                                                     "' is not a valid regular expression");
-      }
-      if (!std::regex_search(module, re, std::regex_constants::match_continuous)) continue;
-      if (!value.is_number_integer()) {
-        peft::detail::raise<format_error>(where, "adapter_config.json: n_frequency_pattern['" + key +
-                                                     "'] must be an integer");
-      }
-      return static_cast<index>(value.template get<long long>());
-    }
-    return static_cast<index>(n);
+    return static_cast<index>(detail::integer_pattern_for(c, "n_frequency", 1000, "n_frequency_pattern", module,
+                                                          "fourierft::from_checkpoint"));
   }
 
   /// The adapter of one module: the spectrum copied, scaling and random_loc_seed from the config;

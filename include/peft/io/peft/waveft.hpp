@@ -1,0 +1,141 @@
+// peft/io/peft/waveft.hpp — WaveFT in PEFT checkpoints: peft_type "WAVEFT"; one tensor,
+// waveft_spectrum (n); fields n_frequency, n_frequency_pattern, scaling, wavelet_family,
+// use_idwt, random_loc_seed, fan_in_fan_out. PEFT does not store the coefficient locations: the
+// adapter draws them from random_loc_seed once it knows the layer's shape (from the loader, or
+// set_features). proportional_parameters = true is refused (the generic rule of
+// config_fields.hpp): it sizes each layer from every target layer of the model.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "peft/adapters/waveft.hpp"
+#include "peft/io/detail/integer_pattern.hpp"
+#include "peft/io/peft/codec.hpp"
+
+namespace peft::io {
+
+template <compute_scalar T>
+struct peft_codec<waveft<T>> : codec_defaults {
+  /// PEFT's "WAVEFT".
+  static bool handles(const adapter_config& c) { return c.peft_type == "WAVEFT"; }
+  /// The adapter_config.json fields it honours (io/peft/config_fields.hpp has the rule).
+  /// fan_in_fan_out only says how the base stores W0 (the base's business); the spectrum is
+  /// relative to the (out, in) weight either way, as in PEFT.
+  static constexpr std::string_view config_fields[] = {"n_frequency",     "n_frequency_pattern", "scaling",
+                                                       "wavelet_family",  "use_idwt",            "random_loc_seed",
+                                                       "fan_in_fan_out"};
+  static std::vector<std::string_view> module_tensors() { return {"waveft_spectrum"}; }
+
+  /// PEFT's n_frequency for a module: the first n_frequency_pattern key k (file order) for which
+  /// Python's re.match(".*\.k$", module) succeeds, else n_frequency (default 2592).
+  static index n_frequency_for(const adapter_config& c, const std::string& module) {
+    return static_cast<index>(detail::integer_pattern_for(c, "n_frequency", 2592, "n_frequency_pattern", module,
+                                                          "waveft::from_checkpoint"));
+  }
+
+  /// wavelet_family (default "db1"); format_error when it is not a string.
+  static std::string wavelet_family_of(const adapter_config& c, const char* where) {
+    const auto* v = c.field("wavelet_family");
+    if (v == nullptr) return "db1";
+    if (!v->is_string()) peft::detail::raise<format_error>(where, "adapter_config.json: 'wavelet_family' must be a string");
+    return v->template get<std::string>();
+  }
+
+  /// The adapter of one module: the spectrum copied, the config's scaling, wavelet, use_idwt and
+  /// random_loc_seed; the locations drawn now when the loader knows the base's shape, else at
+  /// set_features. format_error when the spectrum's length is not the module's n_frequency, for a
+  /// null random_loc_seed or a wavelet_family WaveFTConfig refuses; unsupported_error naming the
+  /// wavelet for one it accepts but PEFT has no filter for (with use_idwt).
+  static waveft<T> from_checkpoint(const adapter_config& c, const checkpoint_tensors<T>& m,
+                                   const checkpoint_tensors<T>& /*shared*/) {
+    constexpr const char* where = "waveft::from_checkpoint";
+    const std::string mod = "module '" + m.module() + "'";
+    const auto& shape = m.shape("waveft_spectrum", 1);
+    const index n = n_frequency_for(c, m.module());
+    if (shape[0] != n || n < 1) {
+      peft::detail::raise<format_error>(where, mod + ": waveft_spectrum has " + std::to_string(shape[0]) +
+                                                   " values, but adapter_config.json gives n_frequency = " +
+                                                   std::to_string(n) + " for it");
+    }
+    if (const auto it = c.raw.find("random_loc_seed"); it != c.raw.end() && it->is_null()) {
+      peft::detail::raise<format_error>(where, "adapter_config.json: 'random_loc_seed' is null: the coefficient "
+                                               "locations cannot be drawn (PEFT cannot build the layer either)");
+    }
+    const long long seed = c.integer("random_loc_seed", 777, where);
+    const double scaling = c.number("scaling", 25.0, where);
+    const bool use_idwt = c.boolean("use_idwt", true, where);
+    const std::string family = wavelet_family_of(c, where);
+    if (waveft<T>::reduction_of(family) < 0) {
+      peft::detail::raise<format_error>(where, "adapter_config.json: wavelet_family '" + family +
+                                                   "' is not one PEFT's WaveFTConfig accepts");
+    }
+    if (use_idwt && !waveft<T>::has_filter(family)) {
+      peft::detail::raise<unsupported_error>(where, waveft<T>::unsupported_reason(family));
+    }
+    index in = 0, out = 0;
+    if (const auto& base = m.base_shape()) {
+      out = base->first;
+      in = base->second;
+    }
+    try {
+      return waveft<T>(m.copy("waveft_spectrum").storage(), scaling, family, use_idwt, seed, in, out);
+    } catch (const shape_error& e) {
+      peft::detail::raise<format_error>(where, mod + ": " + e.what());
+    }
+  }
+
+  /// Makes `c` describe this module when saving: peft_type WAVEFT, n_frequency, scaling,
+  /// wavelet_family, use_idwt and random_loc_seed (from the first module written), PEFT's defaults
+  /// for its other fields. unsupported_error where one WaveFTConfig cannot describe the adapter:
+  /// a scaling, wavelet, use_idwt or seed differing between modules, or an n_frequency neither the
+  /// config's nor given by an existing n_frequency_pattern key.
+  static void describe_in(const waveft<T>& a, adapter_config& c, const std::string& module) {
+    constexpr const char* where = "waveft::describe_in";
+    if (!c.raw.is_object()) c.raw = ordered_json::object();
+    if (c.peft_type != "WAVEFT") {
+      c.peft_type = "WAVEFT";
+      c.raw.erase("r");
+      c.set_number("n_frequency", static_cast<double>(a.n_frequency()));
+      c.raw["scaling"] = a.scaling();
+      c.raw["wavelet_family"] = a.wavelet_family();
+      c.raw["use_idwt"] = a.use_idwt();
+      c.raw["random_loc_seed"] = a.random_loc_seed();
+    }
+    c.set_default("n_frequency_pattern", ordered_json::object());
+    c.set_default("fan_in_fan_out", false);
+    c.set_default("init_weights", true);
+    c.set_default("proportional_parameters", false);
+    c.set_default("bias", "none");
+    const auto refuse = [&](const std::string& what) {
+      peft::detail::raise<unsupported_error>(where, "module '" + module + "' " + what +
+                                                        "; PEFT's WaveFTConfig has one for every module");
+    };
+    if (c.number("scaling", 25.0, where) != a.scaling()) {
+      refuse("has scaling " + std::to_string(a.scaling()) + " but the config says " +
+             std::to_string(c.number("scaling", 25.0, where)));
+    }
+    if (wavelet_family_of(c, where) != a.wavelet_family()) {
+      refuse("has wavelet_family '" + a.wavelet_family() + "' but the config says '" + wavelet_family_of(c, where) +
+             "'");
+    }
+    if (c.boolean("use_idwt", true, where) != a.use_idwt()) {
+      refuse(std::string("has use_idwt ") + (a.use_idwt() ? "true" : "false") + " but the config says otherwise");
+    }
+    if (c.integer("random_loc_seed", 777, where) != a.random_loc_seed()) {
+      refuse("has random_loc_seed " + std::to_string(a.random_loc_seed()) + " but the config says " +
+             std::to_string(c.integer("random_loc_seed", 777, where)));
+    }
+    const index n = n_frequency_for(c, module);
+    if (n != a.n_frequency()) {
+      peft::detail::raise<unsupported_error>(
+          where, "module '" + module + "' has n_frequency " + std::to_string(a.n_frequency()) +
+                     " but the config gives it " + std::to_string(n) +
+                     "; add an n_frequency_pattern key for it to the config first (PEFT matches a key after a dot: "
+                     "\".*\\.key$\")");
+    }
+  }
+};
+
+}  // namespace peft::io
