@@ -163,7 +163,7 @@ TEST_CASE("tinylora: PEFT's construction is the rank-r truncated SVD of W0 with 
         flip += std::abs(fresh.A()(k, j) + stored.A()(k, j));
         norm += std::abs(stored.A()(k, j));
       }
-      CHECK(std::min(same, flip) / norm < 1e-5);
+      CHECK(std::min(same, flip) / norm < 1e-4);  // singular vectors: float32's accuracy over the gaps of S
     }
     peft::matrix<double> ba(fresh.out_features(), fresh.in_features()), ba_ref(ba.rows(), ba.cols());
     for (index i = 0; i < ba.rows(); ++i)
@@ -292,7 +292,7 @@ TEST_CASE("tinylora: refused configurations and malformed checkpoints", "[tinylo
           "expected (u, r, r)");
   rejects(keep, {{"base_model.model.up.tinylora_P", {{7, 2, 2}, std::vector<float>(28, 0.5f)}}}, {},
           "tinylora_P has 7 projections");
-  rejects(keep, {{"base_model.model.up.tinylora_B", {{32, 3}, std::vector<float>(96, 0.5f)}}}, {},
+  rejects(keep, {{"base_model.model.up.tinylora_B", {{96, 3}, std::vector<float>(288, 0.5f)}}}, {},
           "are not (r, in) and (out, r)");
   rejects(keep, {{"base_model.tinylora_v.0", {{2, 4}, std::vector<float>(8, 0.1f)}}}, {}, "expected 1 dimensions");
   // The training-only fields pass.
