@@ -30,6 +30,7 @@
 #include "peft/adapters/road.hpp"
 #include "peft/adapters/shira.hpp"
 #include "peft/adapters/sora.hpp"
+#include "peft/adapters/tinylora.hpp"
 #include "peft/adapters/unilora.hpp"
 #include "peft/adapters/vblora.hpp"
 #include "peft/adapters/vera.hpp"
@@ -42,6 +43,7 @@ template <compute_scalar T>
 using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, shira<T>, lokr<T>, loha<T>, adalora<T>,
                                       ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>,
                                       hra<T>, miss<T>, c3a<T>, gralora<T>, hira<T>, fourierft<T>, road<T>, delora<T>,
-                                      boft<T>, beft<T>, pvera<T>, unilora<T>, waveft<T>>;
+                                      boft<T>, beft<T>, pvera<T>, unilora<T>, waveft<T>,
+                                      tinylora<T>>;
 
 }  // namespace peft

@@ -26,6 +26,7 @@
 #include "peft/io/peft/road.hpp"
 #include "peft/io/peft/shira.hpp"
 #include "peft/io/peft/sora.hpp"
+#include "peft/io/peft/tinylora.hpp"
 #include "peft/io/peft/unilora.hpp"
 #include "peft/io/peft/vblora.hpp"
 #include "peft/io/peft/vera.hpp"
