@@ -5,7 +5,9 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "peft/io/peft/vera.hpp"
 #include "peft/layer/adapted_linear.hpp"
@@ -112,6 +114,37 @@ TEST_CASE("vera: save_peft_checkpoint writes the projections once and reloads to
   CHECK(cfg.raw["d_initial"] == 0.1);
   CHECK(cfg.raw["projection_prng_key"] == 1234);  // kept from the loaded config
   peft_test::check_reloaded(ck, dir, base, reference);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("vera: saving refuses modules whose shared projections differ; equal copies save once",
+          "[vera][shared][io]") {
+  const auto base = peft::io::safetensors_file::open(case_dir / "base_model.safetensors");
+  auto ck = peft_test::load_bound<peft::vera<double>>(case_dir / "adapter", base);
+  auto& down = ck.find("down.weight")->adapter;
+  auto copy_of = [](const peft::matrix<double>& m) { return std::make_shared<peft::matrix<double>>(m); };
+  auto rebuilt = [&](std::shared_ptr<peft::matrix<double>> a) {
+    const auto ld = down.lambda_d(), lb = down.lambda_b();
+    return peft::vera<double>(std::move(a), down.shared_B(), down.in_features(), down.out_features(),
+                              std::vector<double>(ld.data(), ld.data() + ld.size()),
+                              std::vector<double>(lb.data(), lb.data() + lb.size()));
+  };
+  const auto dir = peft_test::scratch_path("peft_vera_shared_differ");
+  // An equal copy (another object, the same values) is the same tensor: saved once.
+  down = rebuilt(copy_of(*down.shared_A()));
+  REQUIRE(down.shared_A().get() != ck.find("up.weight")->adapter.shared_A().get());
+  fs::remove_all(dir);
+  peft::io::save_peft_checkpoint(dir, ck);
+  CHECK(peft::io::safetensors_file::open(dir / "adapter_model.safetensors").tensors().size() == 6);
+  // Different values under the one name: refused, nothing silently dropped.
+  auto changed = copy_of(*down.shared_A());
+  (*changed)(0, 0) += 0.5;
+  down = rebuilt(changed);
+  fs::remove_all(dir);
+  CHECK_THROWS_WITH(peft::io::save_peft_checkpoint(dir, ck),
+                    Catch::Contains("[save_peft_checkpoint]") && Catch::Contains("'up'") && Catch::Contains("'down'") &&
+                        Catch::Contains("different 'base_model.vera_A'"));
+  CHECK_FALSE(fs::exists(dir / "adapter_model.safetensors"));
   fs::remove_all(dir);
 }
 

@@ -358,7 +358,8 @@ peft_checkpoint<T> load_peft_checkpoint(adapter_config config, const safetensors
 /// alpha_pattern entries where r / lora_alpha do not give its rank and scale), and target_modules
 /// is extended to every saved module; if exclude_modules or layers_to_transform would still leave
 /// one out, target_modules becomes the exact list of saved modules and those fields null (PEFT
-/// then loads every tensor written). Shared tensors are written once, as "base_model.<name>".
+/// then loads every tensor written). Shared tensors are written once, as "base_model.<name>";
+/// error when two modules hold different values under one shared name (the format has one).
 template <class Adapter>
 void save_peft_checkpoint(const std::filesystem::path& dir, basic_peft_checkpoint<Adapter>& ck,
                           std::optional<dtype> stored = std::nullopt) {
@@ -393,20 +394,34 @@ void save_peft_checkpoint(const std::filesystem::path& dir, basic_peft_checkpoin
   }
   safetensors_writer w;
   w.set_metadata({{"format", "pt"}});
-  std::vector<std::string> shared_written;
+  // A shared tensor is written once; every module must hold the same values under its name
+  // (one object, as loading makes, or equal copies): the format has room for one.
+  struct written_shared {
+    std::string key, module;
+    std::vector<T> values;
+  };
+  std::vector<written_shared> shared_written;
   for (auto& m : ck.modules) {
     for (const auto& p : m.adapter.parameters()) {
-      std::string key;
-      if (p.shared) {
-        key = std::string(peft_shared_prefix) + p.name;
-        if (std::find(shared_written.begin(), shared_written.end(), key) != shared_written.end()) continue;
-        shared_written.push_back(key);
-      } else {
-        key = std::string(peft_key_prefix) + m.path + "." + p.name;
-      }
       std::vector<T> values(static_cast<std::size_t>(p.value.size()));
       for (index i = 0; i < p.value.rows(); ++i) {
         std::copy(p.value.row(i), p.value.row(i) + p.value.cols(), values.begin() + i * p.value.cols());
+      }
+      std::string key;
+      if (p.shared) {
+        key = std::string(peft_shared_prefix) + p.name;
+        const auto same = std::find_if(shared_written.begin(), shared_written.end(),
+                                       [&](const written_shared& s) { return s.key == key; });
+        if (same != shared_written.end()) {
+          if (same->values != values) {
+            peft::detail::raise<error>(where, "modules '" + same->module + "' and '" + m.path + "' hold different '" +
+                                                  key + "' tensors; the checkpoint has one (share one object)");
+          }
+          continue;
+        }
+        shared_written.push_back({key, m.path, values});
+      } else {
+        key = std::string(peft_key_prefix) + m.path + "." + p.name;
       }
       w.add(key, p.shape, std::span<const T>(values), p.integer ? dtype::i32 : stored_as);
     }
