@@ -260,6 +260,7 @@ TEST_CASE("glora golden checkpoints: the parameterisations read from the config 
     CHECK(up->adapter.kind(slot::d) == e.de);
     CHECK(up->adapter.kind(slot::e) == e.de);
     CHECK(up->adapter.rank() == e.rank);
+    CHECK(up->adapter.touches_bias() == (e.c != glora_path::none || e.de != glora_path::none));
     CHECK(up->adapter.in_features() == 64);
     CHECK(up->adapter.out_features() == 96);
 

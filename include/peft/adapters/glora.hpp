@@ -223,6 +223,11 @@ class glora {
     });
   }
 
+  /// Whether merging changes a base bias: C, D or E is not none.
+  bool touches_bias() const noexcept {
+    return kind(slot::c) != glora_path::none || kind(slot::d) != glora_path::none || kind(slot::e) != glora_path::none;
+  }
+
   /// db = b0 * D + E + W0 C (out); false (db untouched) for a base without a bias.
   template <base_weight Base>
   bool delta_bias(const Base& w, T* db) const {
