@@ -27,7 +27,8 @@ CASES = ["lora", "lora_rslora", "lora_bias", "lora_rank_pattern", "dora", "vera"
          "hra_gs", "miss", "miss_bat", "miss_mini", "c3a", "c3a_b32", "gralora", "gralora_hybrid", "hira",
          "hira_r4", "fourierft", "fourierft_seed", "road_1", "road_2", "road_4",
          "delora", "delora_lambda", "boft", "boft_butterfly2", "beft", "pvera", "pvera_r4", "unilora", "waveft",
-         "waveft_coif2", "waveft_direct", "tinylora", "tinylora_r4"]
+         "waveft_coif2", "waveft_direct", "tinylora", "tinylora_r4", "glora",
+         "glora_vector", "glora_none"]
 # PEFT's own FourierFT layer builds its delta in float32 and fails in a float64 model: these
 # cases are checked in float32 against the float64 reference (tolerance 1e-5).
 FLOAT32_CASES = {"fourierft", "fourierft_seed"}

@@ -11,6 +11,7 @@
 #include "peft/io/peft/dora.hpp"
 #include "peft/io/peft/dynamic_rank.hpp"
 #include "peft/io/peft/fourierft.hpp"
+#include "peft/io/peft/glora.hpp"
 #include "peft/io/peft/gralora.hpp"
 #include "peft/io/peft/hira.hpp"
 #include "peft/io/peft/hra.hpp"
