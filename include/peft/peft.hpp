@@ -53,6 +53,7 @@
 #include "peft/base/q4_k.hpp"
 #include "peft/base/q6_k.hpp"
 #include "peft/base/q8_0.hpp"
+#include "peft/base/any_quantized.hpp"
 #include "peft/base/quantized_formats.hpp"
 #include "peft/core/adapter.hpp"
 #include "peft/core/adapter_checks.hpp"
