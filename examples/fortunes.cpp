@@ -26,8 +26,7 @@
 // examples/fortunes_check.py DIR loads every saved run with transformers + PEFT and checks that it
 // gives the loss this program computed (on DIR/check_tokens.txt). docs/fortunes.md explains the
 // settings and shows a run.
-#include <peft/base/nf4.hpp>
-#include <peft/base/q4_0.hpp>
+#include <peft/base/any_quantized.hpp>
 #include <peft/models/generate.hpp>
 #include <peft/models/peft_model.hpp>
 #include <peft/models/tokenizer.hpp>
@@ -455,9 +454,10 @@ json adapt(const settings& s, const datasets& d, const peft::models::tokenizer& 
 
 json adapt_any(const settings& s, const datasets& d, const peft::models::tokenizer& tok, const std::string& name, int seed) {
   const auto q = setup_of(name).quantized;
-  if (q == "nf4") return adapt<peft::nf4>(s, d, tok, name, seed);
-  if (q == "q4_0") return adapt<peft::q4_0>(s, d, tok, name, seed);
-  return adapt<peft::dense<float>>(s, d, tok, name, seed);
+  if (q.empty()) return adapt<peft::dense<float>>(s, d, tok, name, seed);
+  // nf4 and q4_0 through one run-time base: the model stack is compiled once for both.
+  const peft::any_quantized::format_scope format(q);
+  return adapt<peft::any_quantized>(s, d, tok, name, seed);
 }
 
 // ---- the report ---------------------------------------------------------------------------------

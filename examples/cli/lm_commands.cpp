@@ -20,6 +20,7 @@
 #include <peft/dist/mpi.hpp>
 #endif
 
+#include <peft/base/any_quantized.hpp>
 #include <peft/base/quantized_formats.hpp>
 #include <peft/io/detail/file_io.hpp>
 #include <peft/io/safetensors.hpp>
@@ -115,12 +116,9 @@ int with_model_type(const model_args& m, F&& f) {
   // A llama.cpp model file: its tensors are the bases, in place.
   if (!m.quantize && peft::models::is_gguf_path(*m.model)) return f.template operator()<float, peft::gguf_weight>();
   if (!m.quantize) return f.template operator()<float, peft::dense<float>>();
-  int rc = 2;
-  peft::visit_quantized_format(*m.quantize, [&](auto format) {
-    using Q = typename decltype(format)::type;
-    rc = f.template operator()<float, Q>();
-  });
-  return rc;
+  // Every format through one run-time base: the language-model stack is compiled once for them.
+  const peft::any_quantized::format_scope format(*m.quantize);
+  return f.template operator()<float, peft::any_quantized>();
 }
 
 template <class T, class Base>

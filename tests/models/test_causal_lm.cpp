@@ -13,8 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "peft/base/int8_rowwise.hpp"
-#include "peft/base/nf4.hpp"
+#include "peft/base/any_quantized.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/models/generate.hpp"
 #include "peft/models/peft_model.hpp"
@@ -535,14 +534,22 @@ TEST_CASE("QLoRA: adapters over quantized bases stay close to the dense model an
   const fs::path dir = lm_data / "llama";
   const auto b = batch_of(dir);
   auto dense = peft_model<float>::from_pretrained(causal_lm<float>::load(dir), dir / "adapters" / "lora");
-  peft::models::peft_model<float, peft::int8_rowwise> i8(causal_lm<float, peft::int8_rowwise>::load(dir));
+  // Both formats through the run-time base (base/any_quantized.hpp), as the peft tool runs them.
+  using quantized_lm = causal_lm<float, peft::any_quantized>;
+  auto load_as = [&](const char* format) {
+    const peft::any_quantized::format_scope scope(format);
+    return peft::models::peft_model<float, peft::any_quantized>(quantized_lm::load(dir));
+  };
+  auto i8 = load_as("int8");
+  for (auto& [name, l] : i8.model().modules()) CHECK(l->base().format_name() == "int8");
   i8.load_adapter(dir / "adapters" / "lora");
   const auto ld = dense.model().forward(b);
   const auto l8 = i8.model().forward(b);
   const double rel = peft_test::max_abs(peft_test::add(ld, l8, -1.0)) / peft_test::max_abs(ld);
   CHECK(rel > 1e-5);  // int8 really quantised the weights ...
   CHECK(rel < 0.02);  // ... and the model computes the same function, to int8's precision
-  peft::models::peft_model<float, peft::nf4> q(causal_lm<float, peft::nf4>::load(dir));
+  auto q = load_as("nf4");
+  for (auto& [name, l] : q.model().modules()) CHECK(l->base().format_name() == "nf4");
   q.load_adapter(dir / "adapters" / "lora");
   q.model().zero_grad();
   const double l0 = q.model().loss_and_backward(b, b.causal_labels());
