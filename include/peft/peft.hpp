@@ -23,6 +23,7 @@
 #include "peft/adapters/loha.hpp"
 #include "peft/adapters/lokr.hpp"
 #include "peft/adapters/lora.hpp"
+#include "peft/adapters/lora_decomposition.hpp"
 #include "peft/adapters/miss.hpp"
 #include "peft/adapters/oft.hpp"
 #include "peft/adapters/phm_delta.hpp"

@@ -106,7 +106,7 @@ TEST_CASE("default values, bookkeeping and initialisations that leave the base a
   j["loftq_config"] = ordered_json::parse(R"({"loftq_bits": 4})");  // used only with init "loftq"
   j["layers_to_transform"] = ordered_json::parse("[0, 1]");         // which modules: the tensors say
   j["peft_version"] = "0.99.0";
-  for (const char* init : {"gaussian", "eva", "orthogonal"}) {
+  for (const char* init : {"gaussian", "eva", "orthogonal", "mica"}) {
     INFO(init);
     j["init_lora_weights"] = init;
     CHECK(load_with("lora", j).empty());

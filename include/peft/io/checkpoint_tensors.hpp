@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -20,6 +21,10 @@
 #include "peft/core/matrix.hpp"
 
 namespace peft::io {
+
+/// Optional access to the base model for the loader: module path -> its weight W0 (out_features,
+/// in_features) in double (dequantized, transposed back for fan_in_fan_out), or nullopt.
+using base_weight_fn = std::function<std::optional<matrix<double>>(const std::string& module)>;
 
 /// One stored tensor, converted to T.
 template <compute_scalar T>
@@ -45,6 +50,13 @@ class checkpoint_tensors {
   /// (merge_model does): for methods whose tensors do not determine the layer's shape (SHiRA).
   const std::optional<std::pair<index, index>>& base_shape() const noexcept { return base_shape_; }
   void set_base_shape(std::optional<std::pair<index, index>> s) { base_shape_ = s; }
+  /// The base weight W0 (out, in) in double when the caller of the loader gave the base model
+  /// (base_weight_fn): for initialisations PEFT re-runs on load (PiSSA, OLoRA). nullopt otherwise.
+  std::optional<matrix<double>> base_weight() const {
+    if (base_weight_ == nullptr || !*base_weight_) return std::nullopt;
+    return (*base_weight_)(module_);
+  }
+  void set_base_weight(const base_weight_fn* f) noexcept { base_weight_ = f; }
   bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
   const std::map<std::string, stored_tensor<T>>& all() const noexcept { return tensors_; }
   void add(const std::string& name, stored_tensor<T> t) { tensors_[name] = std::move(t); }
@@ -97,6 +109,7 @@ class checkpoint_tensors {
   std::map<std::string, stored_tensor<T>> tensors_;
   mutable std::map<std::string, std::shared_ptr<void>> objects_;  // shared_object
   std::optional<std::pair<index, index>> base_shape_;
+  const base_weight_fn* base_weight_ = nullptr;  // the loader's, alive while codecs read
 };
 
 }  // namespace peft::io

@@ -175,7 +175,8 @@ stored_tensor<T> convert_tensor(const safetensors_file& f, const tensor_info& t)
 }
 
 template <class A, class Adapter>
-void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& file, const base_shape_fn& base_shape) {
+void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& file, const base_shape_fn& base_shape,
+                  const base_weight_fn& base_weight) {
   using T = typename A::scalar;
   using codec = peft_codec<A>;
   constexpr const char* where = "load_peft_checkpoint";
@@ -234,6 +235,7 @@ void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& fi
     std::optional<std::pair<index, index>> shape;
     if (base_shape) shape = base_shape(module);
     tensors.set_base_shape(shape);
+    tensors.set_base_weight(&base_weight);
     A a = codec::from_checkpoint(cfg, tensors, shared);
     if constexpr (requires { a.set_features(index{}, index{}); }) {
       if (shape) a.set_features(shape->second, shape->first);
@@ -275,7 +277,8 @@ namespace detail {
 /// What both load_checkpoint_as overloads do: the first alternative of Adapter whose codec
 /// handles `config` reads the tensors of the file `weights()` returns (asked for only then).
 template <class Adapter, class Weights>
-basic_peft_checkpoint<Adapter> load_checkpoint(adapter_config config, Weights&& weights, const base_shape_fn& base_shape) {
+basic_peft_checkpoint<Adapter> load_checkpoint(adapter_config config, Weights&& weights, const base_shape_fn& base_shape,
+                                               const base_weight_fn& base_weight) {
   constexpr const char* where = "load_peft_checkpoint";
   basic_peft_checkpoint<Adapter> ck;
   ck.config = std::move(config);
@@ -293,7 +296,10 @@ basic_peft_checkpoint<Adapter> load_checkpoint(adapter_config config, Weights&& 
       if (loaded || !codec::handles(ck.config)) return;
       check_config_fields(ck.config, std::span<const std::string_view>(codec::config_fields), A::method);
       const auto& file = weights();
-      load_modules<A>(ck, file, base_shape);
+      load_modules<A>(ck, file, base_shape, base_weight);
+      // A codec may rewrite the config to describe what it built (LoRA: an adapter converted
+      // from PiSSA/OLoRA has twice the rank).
+      if constexpr (requires(adapter_config& c) { codec::after_load(c); }) codec::after_load(ck.config);
       loaded = true;
     }
   };
@@ -311,9 +317,14 @@ basic_peft_checkpoint<Adapter> load_checkpoint(adapter_config config, Weights&& 
 /// Loads a PEFT checkpoint directory (adapter_config.json + adapter_model.safetensors) into
 /// adapters of type Adapter (default: any_adapter<T>, every method peft-cpp knows). Throws
 /// io_error (missing files), format_error (keys, shapes, a config inconsistent with the tensors),
-/// unsupported_error (a method or variant that no alternative of Adapter handles).
+/// unsupported_error (a method or variant that no alternative of Adapter handles). `base_weight`
+/// gives the base model's weights to initialisations PEFT re-runs on load: a LoRA saved with
+/// init_lora_weights "pissa" or "olora" is relative to a residual base and is loaded, given the
+/// base, as PEFT's conversion of it (rank 2r, relative to W0 itself, config rewritten to match);
+/// without it such a checkpoint is refused.
 template <class Adapter>
-basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& dir, const base_shape_fn& base_shape = {}) {
+basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& dir, const base_shape_fn& base_shape = {},
+                                                  const base_weight_fn& base_weight = {}) {
   constexpr const char* where = "load_peft_checkpoint";
   namespace fs = std::filesystem;
   const fs::path weights = dir / "adapter_model.safetensors";
@@ -326,7 +337,7 @@ basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& d
       peft::detail::raise<io_error>(where, "no adapter_model.safetensors in " + dir.string());
     }
     return safetensors_file::open(weights);
-  }, base_shape);
+  }, base_shape, base_weight);
 }
 
 /// The same from memory: a checkpoint whose adapter_config.json and adapter_model.safetensors
@@ -334,21 +345,23 @@ basic_peft_checkpoint<Adapter> load_checkpoint_as(const std::filesystem::path& d
 /// a network stream. Throws as the directory overload does, io_error aside.
 template <class Adapter>
 basic_peft_checkpoint<Adapter> load_checkpoint_as(adapter_config config, const safetensors_file& weights,
-                                                  const base_shape_fn& base_shape = {}) {
+                                                  const base_shape_fn& base_shape = {},
+                                                  const base_weight_fn& base_weight = {}) {
   return detail::load_checkpoint<Adapter>(std::move(config), [&]() -> const safetensors_file& { return weights; },
-                                          base_shape);
+                                          base_shape, base_weight);
 }
 
 /// load_checkpoint_as<any_adapter<T>>: every method peft-cpp loads.
 template <compute_scalar T>
-peft_checkpoint<T> load_peft_checkpoint(const std::filesystem::path& dir, const base_shape_fn& base_shape = {}) {
-  return load_checkpoint_as<any_adapter<T>>(dir, base_shape);
+peft_checkpoint<T> load_peft_checkpoint(const std::filesystem::path& dir, const base_shape_fn& base_shape = {},
+                                        const base_weight_fn& base_weight = {}) {
+  return load_checkpoint_as<any_adapter<T>>(dir, base_shape, base_weight);
 }
 /// load_checkpoint_as<any_adapter<T>> from memory.
 template <compute_scalar T>
 peft_checkpoint<T> load_peft_checkpoint(adapter_config config, const safetensors_file& weights,
-                                        const base_shape_fn& base_shape = {}) {
-  return load_checkpoint_as<any_adapter<T>>(std::move(config), weights, base_shape);
+                                        const base_shape_fn& base_shape = {}, const base_weight_fn& base_weight = {}) {
+  return load_checkpoint_as<any_adapter<T>>(std::move(config), weights, base_shape, base_weight);
 }
 
 /// Writes `dir`/adapter_model.safetensors (tensors stored as `stored_as`, by default the dtype the

@@ -14,6 +14,8 @@
 // two trained-rank methods dynamic_rank and sora (trained with train/dynamic_rank_trainer.hpp or
 // train/sora_trainer.hpp over adapters_of<...>(name), then compact_adapter(name) makes them the
 // plain LoRA PEFT loads); every method the library loads can be attached from a checkpoint.
+// LoRA may start from PiSSA/OLoRA (adapter_options::init; save_pretrained_converted writes
+// PEFT's conversion; docs/methods/lora.md).
 #pragma once
 
 #include <algorithm>
@@ -24,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "peft/adapters/lora_decomposition.hpp"
 #include "peft/io/peft/codecs.hpp"
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/models/causal_lm.hpp"
@@ -43,6 +46,10 @@ struct adapter_options {
   std::vector<std::pair<std::string, index>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
   std::vector<std::string> feedforward_modules;  // IA3
+  /// lora only: PEFT's init_lora_weights "pissa" or "olora" (adapters/lora_decomposition.hpp):
+  /// A, B start as factors of W0 and the base becomes the residual W0 - s B0 A0 (dense bases);
+  /// empty: the default (kaiming-uniform A, zero B).
+  std::string init;
   std::uint64_t seed = 0;
 };
 
@@ -91,7 +98,19 @@ class peft_model {
       if (auto* l = find_module(mods, path, nullptr)) return std::pair<index, index>{l->out_features(), l->in_features()};
       return std::nullopt;
     };
-    auto ck = io::load_peft_checkpoint<T>(dir, shape);
+    // PiSSA/OLoRA checkpoints saved unconverted: PEFT re-runs the decomposition on the base.
+    io::base_weight_fn weights = [&](const std::string& path) -> std::optional<matrix<double>> {
+      auto* l = find_module(mods, path, nullptr);
+      if (l == nullptr) return std::nullopt;
+      for (const auto& a : l->adapter_names()) {
+        if (l->merged(a)) {
+          detail::raise<error>(where, "module '" + path + "' has adapter '" + a + "' merged into its base; the "
+                                      "decomposition this adapter's initialisation re-runs needs the unmerged base");
+        }
+      }
+      return base_matrix(*l);
+    };
+    auto ck = io::load_peft_checkpoint<T>(dir, shape, weights);
     if (!ck.saved_tensors.empty()) {
       detail::raise<unsupported_error>(where, "the adapter replaces whole modules (modules_to_save: '" +
                                                   ck.saved_tensors.front().name + "'), which models/ does not run");
@@ -131,6 +150,10 @@ class peft_model {
       if (cfg.selects(n)) chosen.emplace_back(n, l);
     }
     if (chosen.empty()) detail::raise<error>(where, "target_modules " + cfg.targets_string() + " select no module of the model");
+    if (!opt.init.empty()) {
+      add_decomposed(where, name, opt, std::move(cfg), chosen);
+      return;
+    }
     std::optional<vera_projections<T>> vera_p;
     if (opt.method == "vera") {
       std::vector<std::pair<index, index>> shapes;
@@ -223,11 +246,22 @@ class peft_model {
   }
 
   /// Removes adapter `name` from every module.
+  /// Removes adapter `name` from every module. An adapter initialised with PiSSA/OLoRA here
+  /// gives its modules' bases back what the initialisation took out of them (s B0 A0).
   void delete_adapter(const std::string& name) {
     adapter_config(name);
+    auto initial = initial_.find(name);
     for (auto& [n, l] : model_.modules()) {
-      if (l->contains(name)) l->remove_adapter(name);
+      if (!l->contains(name)) continue;
+      l->remove_adapter(name);
+      if (initial == initial_.end()) continue;
+      if constexpr (mutable_base_weight<Base>) {
+        const auto& [f, s] = initial->second.at(n);
+        const matrix<double> d = initial_delta(f, s);
+        l->base().add_to_weight(matrix_view<const double>(d.view()), 1.0);
+      }
     }
+    if (initial != initial_.end()) initial_.erase(initial);
     configs_.erase(name);
     stored_.erase(name);
   }
@@ -341,6 +375,32 @@ class peft_model {
     io::save_peft_checkpoint(dir, ck, stored_as.value_or(stored_.at(name)));
   }
 
+  /// save_pretrained with PEFT's path_initial_model_for_weight_conversion: adapter `name`,
+  /// initialised with PiSSA/OLoRA (add_adapter's init, or loaded), written as the plain LoRA of
+  /// rank 2r relative to the original base (lora_decomposition.hpp: A' = [A; A0], B' = [B, -B0];
+  /// config r and lora_alpha doubled, init_lora_weights true). An adapter loaded from an
+  /// unconverted checkpoint is held converted already and saves the same with save_pretrained.
+  /// peft::error for an adapter this model did not initialise with a decomposition.
+  void save_pretrained_converted(const std::filesystem::path& dir, const std::string& name = "default",
+                                 std::optional<dtype> stored_as = std::nullopt) {
+    constexpr const char* where = "peft_model::save_pretrained_converted";
+    adapter_config(name);
+    const auto initial = initial_.find(name);
+    if (initial == initial_.end()) {
+      detail::raise<error>(where, "adapter '" + name + "' was not initialised with pissa or olora by add_adapter");
+    }
+    io::peft_checkpoint<T> ck;
+    ck.config = adapter_config(name);
+    io::peft_codec<lora<T>>::after_load(ck.config);
+    for (auto& [n, l] : model_.modules()) {
+      if (!l->contains(name)) continue;
+      const auto* a = l->adapter(name).template get_if<lora<T>>();
+      if (a == nullptr) detail::raise<error>(where, "adapter '" + name + "' of module '" + n + "' is not a LoRA");
+      ck.add(n, adapter_type(with_initial_factors(*a, initial->second.at(n).first)));
+    }
+    io::save_peft_checkpoint(dir, ck, stored_as.value_or(stored_.at(name)));
+  }
+
   /// PEFT's layout for several adapters in one directory (a PeftModel's save_pretrained):
   /// adapter "default" in `dir` itself, every other adapter in `dir`/<name>, each written as
   /// save_pretrained(dir, name) writes it. peft::error when there is no adapter or a name is not
@@ -399,6 +459,7 @@ class peft_model {
     }
     configs_.clear();
     stored_.clear();
+    initial_.clear();  // the bases now hold the whole merged weights
   }
 
  private:
@@ -406,6 +467,74 @@ class peft_model {
   std::string model_path_;
   std::map<std::string, io::adapter_config> configs_;
   std::map<std::string, dtype> stored_;
+  /// Adapters add_adapter initialised with PiSSA/OLoRA: per module, A0, B0 and the scale s.
+  std::map<std::string, std::map<std::string, std::pair<lora_factors<T>, double>>> initial_;
+
+  /// W0 of a layer's base, dequantized, in double.
+  static matrix<double> base_matrix(const typename model_type::linear& l) {
+    matrix<double> w(l.out_features(), l.in_features());
+    for (index i = 0; i < w.rows(); ++i) l.base().dequantize_row(i, w.row(i));
+    return w;
+  }
+
+  /// add_adapter for lora with init "pissa" / "olora": factors for every chosen module first (so
+  /// a failure changes nothing), then each base becomes its residual and the adapter starts at
+  /// the factors.
+  template <class Chosen>
+  void add_decomposed(const char* where, const std::string& name, const adapter_options& opt, io::adapter_config cfg,
+                      Chosen& chosen) {
+    if (opt.method != "lora") {
+      detail::raise<unsupported_error>(where, "init '" + opt.init + "' applies to method lora only (got " + opt.method + ")");
+    }
+    if (opt.init != "pissa" && opt.init != "olora") {
+      detail::raise<unsupported_error>(where, "init '" + opt.init + "' is not one of pissa, olora");
+    }
+    if constexpr (!dense_storage_base<Base>) {
+      detail::raise<unsupported_error>(where, "init '" + opt.init + "' rewrites the base weights into their residual; "
+                                              "initialise over a dense base (then quantize the residual, as PEFT advises)");
+    } else {
+      if (opt.bias) detail::raise<unsupported_error>(where, "init '" + opt.init + "' with lora_bias is not supported");
+      if (opt.init == "olora" && cfg.fan_in_fan_out) {
+        detail::raise<unsupported_error>(where, "PEFT's olora factors the stored (in, out) weight of GPT-2's Conv1D "
+                                                "modules, whose factors do not fit the adapter");
+      }
+      const auto kind = opt.init == "pissa" ? lora_decomposition::pissa : lora_decomposition::olora;
+      std::map<std::string, std::pair<lora_factors<T>, double>> factors;
+      for (auto& [n, l] : chosen) {
+        for (const auto& a : l->adapter_names()) {
+          if (l->merged(a)) detail::raise<error>(where, "module '" + n + "' has adapter '" + a + "' merged into its base");
+        }
+        const index r = cfg.rank_for(n);
+        const double s = lora_scale(cfg.alpha_for(n), r, cfg.use_rslora);
+        factors.emplace(n, std::pair{decompose_base<T>(kind, l->base(), r, s), s});
+      }
+      std::vector<typename model_type::linear*> done;
+      try {
+        for (auto& [n, l] : chosen) {
+          const auto& [f, s] = factors.at(n);
+          l->add_adapter(name, adapter_type(lora<T>(f.a, f.b, static_cast<T>(s))));
+          const matrix<double> d = initial_delta(f, s);
+          l->base().add_to_weight(matrix_view<const double>(d.view()), -1.0);
+          done.push_back(l);
+        }
+      } catch (...) {
+        for (auto* l : done) {
+          l->remove_adapter(name);
+          for (auto& [n, c] : chosen) {
+            if (c != l) continue;
+            const auto& [f, s] = factors.at(n);
+            const matrix<double> d = initial_delta(f, s);
+            l->base().add_to_weight(matrix_view<const double>(d.view()), 1.0);
+          }
+        }
+        throw;
+      }
+      cfg.raw["init_lora_weights"] = opt.init;
+      configs_[name] = std::move(cfg);
+      stored_[name] = dtype::f32;
+      initial_[name] = std::move(factors);
+    }
+  }
 
   static bool plain_dir_name(const std::string& n) {
     return !n.empty() && n != "." && n != ".." && n.find('/') == std::string::npos && n.find('\\') == std::string::npos &&

@@ -18,7 +18,9 @@
 // arrow/kasa configs, ensure_weight_tying), bias other than "none" (base biases trained and
 // saved), and init_lora_weights whose initialisation rewrites the base weights (pissa*, olora,
 // corda, loftq, lora_ga: PEFT's from_pretrained re-runs it, so the saved adapter is relative to a
-// residual base); any other field with a non-default value (a newer PEFT's, a typo) likewise.
+// residual base) unless the codec lists init_lora_weights itself (LoRA's recomputes "pissa" and
+// "olora" from the base model and refuses the rest with these reasons); any other field with a
+// non-default value (a newer PEFT's, a typo) likewise.
 #pragma once
 
 #include <algorithm>
@@ -79,10 +81,22 @@ inline std::string refused_config_field(const std::string& name, const ordered_j
     if (v.is_boolean()) return {};
     if (v.is_string()) {
       const auto s = v.get<std::string>();
-      if (s == "gaussian" || s == "eva" || s == "orthogonal") return {};  // A's initialisation only
-      if (s.starts_with("pissa") || s == "olora" || s == "corda" || s == "loftq" || s == "lora_ga") {
+      // Initial values only (MiCA also freezes B while training); the saved tensors are the adapter.
+      if (s == "gaussian" || s == "eva" || s == "orthogonal" || s == "mica") return {};
+      if (s.starts_with("pissa_niter_")) {
+        return "PiSSA with a randomized SVD (torch.svd_lowrank, drawn from the process's global generator, which the "
+               "checkpoint does not record) rewrites the base weights and PEFT's from_pretrained re-runs it, so the "
+               "adapter is relative to a residual base no one can reproduce; convert it to a plain LoRA when saving "
+               "(path_initial_model_for_weight_conversion)";
+      }
+      if (s == "pissa" || s == "olora") {
         return "this initialisation rewrites the base weights and PEFT's from_pretrained re-runs it, so the adapter "
-               "is relative to a residual base; convert it to a plain LoRA when saving "
+               "is relative to a residual base; peft-cpp recomputes it for plain LoRA given the base model (not for "
+               "this method); or convert it to a plain LoRA when saving (path_initial_model_for_weight_conversion)";
+      }
+      if (s == "corda" || s == "loftq" || s == "lora_ga") {
+        return "this initialisation rewrites the base weights (from data or quantization) and PEFT's from_pretrained "
+               "re-runs it, so the adapter is relative to a residual base; convert it to a plain LoRA when saving "
                "(path_initial_model_for_weight_conversion)";
       }
     }
@@ -116,8 +130,9 @@ inline void check_config_fields(const adapter_config& c, std::span<const std::st
     return std::find(list.begin(), list.end(), k) != list.end();
   };
   for (const auto& [k, v] : c.raw.items()) {
-    if (k != "bias" && k != "init_lora_weights" &&
-        (listed(honoured, k) || listed(common_config_fields, k) || listed(training_only_config_fields, k))) {
+    // bias is judged by value; init_lora_weights too unless the codec judges it itself.
+    const bool by_value = k == "bias" || (k == "init_lora_weights" && !listed(honoured, k));
+    if (!by_value && (listed(honoured, k) || listed(common_config_fields, k) || listed(training_only_config_fields, k))) {
       continue;
     }
     const std::string why = detail::refused_config_field(k, v);

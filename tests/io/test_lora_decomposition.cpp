@@ -1,0 +1,317 @@
+// PiSSA and OLoRA (LoRA initialisations that decompose the base weight) against HuggingFace PEFT:
+// tests/data/peft/decomposed, made by scripts/make_decomposition_golden.py on the tiny Llama of
+// tests/data/models/llama_lora/base. PEFT computes its decompositions in float32, peft-cpp in
+// double: merged and residual weights agree to float32's precision (bounds 2e-5 relative).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "peft/adapters/lora_decomposition.hpp"
+#include "peft/io/merge.hpp"
+#include "peft/io/safetensors.hpp"
+#include "peft/models/peft_model.hpp"
+#include "support/test_support.hpp"
+
+namespace test_lora_decomposition {
+
+namespace {
+
+namespace fs = std::filesystem;
+using ix = peft::index;
+using peft::models::causal_lm;
+using peft::models::peft_model;
+using peft::models::token_batch;
+
+const fs::path data = fs::path(PEFT_TEST_DATA_DIR) / "peft" / "decomposed";
+const fs::path base_dir = fs::path(PEFT_TEST_DATA_DIR) / "models" / "llama_lora" / "base";
+const char* const cases[] = {"pissa", "olora", "pissa_rslora"};
+
+struct scratch {
+  fs::path dir;
+  explicit scratch(const std::string& name) : dir(fs::temp_directory_path() / ("peft_decomposed_" + name)) {
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+  }
+  ~scratch() {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+};
+
+/// max |a - b| / max |b| over two matrices of one shape.
+double relative_gap(const peft::matrix<double>& a, const peft::matrix<double>& b) {
+  REQUIRE(a.rows() == b.rows());
+  REQUIRE(a.cols() == b.cols());
+  double gap = 0.0, scale = 0.0;
+  for (ix i = 0; i < a.rows(); ++i) {
+    for (ix j = 0; j < a.cols(); ++j) {
+      gap = std::max(gap, std::abs(a(i, j) - b(i, j)));
+      scale = std::max(scale, std::abs(b(i, j)));
+    }
+  }
+  return gap / scale;
+}
+
+double max_abs_difference(const peft::matrix<double>& a, const peft::matrix<double>& b) {
+  double gap = 0.0;
+  for (ix i = 0; i < a.rows(); ++i) {
+    for (ix j = 0; j < a.cols(); ++j) gap = std::max(gap, std::abs(a(i, j) - b(i, j)));
+  }
+  return gap;
+}
+
+/// Every tensor of `want` against the same tensor of `got` (a safetensors file each).
+void check_tensors(const fs::path& got_file, const fs::path& want_file, double tol) {
+  const auto got = peft::io::safetensors_file::open(got_file);
+  const auto want = peft::io::safetensors_file::open(want_file);
+  const auto base = peft::io::safetensors_file::open(base_dir / "model.safetensors");
+  REQUIRE(!want.tensors().empty());
+  for (const auto& t : want.tensors()) {
+    INFO("tensor " << t.name);
+    REQUIRE(got.contains(t.name));
+    const auto w = want.read_matrix<double>(t.name);
+    CHECK(max_abs_difference(w, base.read_matrix<double>(t.name)) > 1e-4);  // the reference moved the weight
+    CHECK(relative_gap(got.read_matrix<double>(t.name), w) < tol);
+  }
+}
+
+/// The adapter's configured rank, alpha and patterns as read from a directory.
+peft::io::adapter_config config_of(const fs::path& dir) { return peft::io::adapter_config::load(dir); }
+
+void copy_adapter(const fs::path& from, const fs::path& to) {
+  fs::create_directories(to);
+  fs::copy_file(from / "adapter_config.json", to / "adapter_config.json");
+  fs::copy_file(from / "adapter_model.safetensors", to / "adapter_model.safetensors");
+}
+
+void set_config_field(const fs::path& dir, const std::string& key, const nlohmann::ordered_json& value) {
+  auto c = config_of(dir);
+  c.raw[key] = value;
+  std::ofstream(dir / "adapter_config.json", std::ios::trunc) << c.raw.dump(2);
+}
+
+token_batch sample_batch() {
+  return token_batch::from_rows({{1, 17, 33, 4, 90, 127, 5, 64}, {3, 3, 100, 2, 41, 8}});
+}
+
+/// The adapted modules' base weights of a model, by weight name.
+template <class PM>
+std::map<std::string, peft::matrix<double>> base_weights(PM& pm) {
+  std::map<std::string, peft::matrix<double>> out;
+  for (auto& [n, l] : pm.model().modules()) {
+    peft::matrix<double> w(l->out_features(), l->in_features());
+    for (ix i = 0; i < w.rows(); ++i) l->base().dequantize_row(i, w.row(i));
+    out.emplace(n + ".weight", std::move(w));
+  }
+  return out;
+}
+
+peft::models::adapter_options options_of(const std::string& name) {
+  const auto c = config_of(data / name / "unconverted");
+  peft::models::adapter_options o;
+  o.method = "lora";
+  o.rank = c.r;
+  o.alpha = c.lora_alpha;
+  o.use_rslora = c.use_rslora;
+  o.targets = c.target_modules;
+  o.rank_pattern = c.rank_pattern;
+  o.init = c.raw["init_lora_weights"].get<std::string>();
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("unconverted PiSSA/OLoRA checkpoints merge to PEFT's merge_and_unload", "[io][lora][decomposition]") {
+  for (const char* name : cases) {
+    INFO("case " << name);
+    scratch s(name);
+    const auto report = peft::io::merge_model(base_dir, data / name / "unconverted", s.dir / "merged.safetensors", {});
+    CHECK(!report.merged.empty());
+    check_tensors(s.dir / "merged.safetensors", data / name / "merged.safetensors", 2e-5);
+    // PEFT's own conversion of the same adapter merges to the same weights through plain LoRA.
+    peft::io::merge_model(base_dir, data / name / "converted", s.dir / "converted.safetensors", {});
+    check_tensors(s.dir / "converted.safetensors", data / name / "merged.safetensors", 2e-5);
+  }
+}
+
+TEST_CASE("an unconverted PiSSA/OLoRA checkpoint loads as PEFT's converted one", "[io][lora][decomposition]") {
+  for (const char* name : cases) {
+    INFO("case " << name);
+    const auto model = peft::io::model_files::open(base_dir);
+    const peft::io::base_weight_fn weights = [&](const std::string& module) -> std::optional<peft::matrix<double>> {
+      const auto w = model.resolve(module, "weight");
+      if (!w) return std::nullopt;
+      return model.file_of(*w).read_matrix<double>(*w);
+    };
+    auto ck = peft::io::load_peft_checkpoint<double>(data / name / "unconverted", {}, weights);
+    const auto want = peft::io::load_peft_checkpoint<double>(data / name / "converted");
+    // The config says what PEFT's conversion writes.
+    CHECK(ck.config.r == want.config.r);
+    CHECK(ck.config.lora_alpha == Approx(want.config.lora_alpha).epsilon(1e-12));
+    CHECK(ck.config.rank_pattern == want.config.rank_pattern);
+    CHECK(ck.config.raw["init_lora_weights"] == true);
+    REQUIRE(ck.modules.size() == want.modules.size());
+    for (std::size_t k = 0; k < ck.modules.size(); ++k) {
+      const auto& m = ck.modules[k];
+      INFO("module " << m.path);
+      REQUIRE(m.path == want.modules[k].path);
+      REQUIRE(m.adapter.get_if<peft::lora<double>>() != nullptr);
+      CHECK(m.adapter.get_if<peft::lora<double>>()->rank() == want.modules[k].adapter.get_if<peft::lora<double>>()->rank());
+      const auto w0 = weights(m.path);
+      REQUIRE(w0);
+      const peft::dense<double> base(*w0);
+      peft::matrix<double> got(m.adapter.out_features(), m.adapter.in_features());
+      peft::matrix<double> ref(got.rows(), got.cols());
+      m.adapter.delta_weight(base, got.view());
+      want.modules[k].adapter.delta_weight(base, ref.view());
+      REQUIRE(peft_test::nontrivial(ref.view()));
+      CHECK(relative_gap(got, ref) < 2e-4);  // a difference of two float32 products of norm ~|W0|
+    }
+    // Re-saved, it is the converted adapter: loading it needs no base and gives the same deltas.
+    scratch s(std::string(name) + "_resave");
+    peft::io::save_peft_checkpoint(s.dir, ck);
+    const auto again = peft::io::load_peft_checkpoint<double>(s.dir);
+    REQUIRE(again.modules.size() == ck.modules.size());
+    CHECK(again.modules.front().adapter.get_if<peft::lora<double>>()->rank() ==
+          ck.modules.front().adapter.get_if<peft::lora<double>>()->rank());
+  }
+}
+
+TEST_CASE("PiSSA/OLoRA initialised in C++ leave PEFT's residual base and the model's outputs", "[models][lora][decomposition]") {
+  for (const char* name : cases) {
+    INFO("case " << name);
+    peft_model<double> plain(causal_lm<double>::load(base_dir));
+    const auto b = sample_batch();
+    const auto before = plain.model().forward(b);
+    const auto original = base_weights(plain);
+
+    peft_model<double> pm(causal_lm<double>::load(base_dir));
+    pm.add_adapter("default", options_of(name));
+    // The residual base is PEFT's.
+    const auto residual = peft::io::safetensors_file::open(data / name / "residual.safetensors");
+    const auto bases = base_weights(pm);
+    for (const auto& t : residual.tensors()) {
+      INFO("tensor " << t.name);
+      REQUIRE(bases.count(t.name) == 1);
+      const auto want = residual.read_matrix<double>(t.name);
+      CHECK(max_abs_difference(want, original.at(t.name)) > 1e-3);
+      CHECK(relative_gap(bases.at(t.name), want) < 2e-5);
+    }
+    // Residual + adapter = the model it started from.
+    CHECK(relative_gap(pm.model().forward(b), before) < 1e-10);
+    CHECK(pm.adapter_config().raw["init_lora_weights"] == std::string(name).substr(0, 5));
+
+    // "Train": move every A and B.
+    peft::rng gen(5);
+    for (auto& [key, p] : pm.named_parameters()) {
+      for (ix i = 0; i < p.value.rows(); ++i) {
+        for (ix j = 0; j < p.value.cols(); ++j) p.value(i, j) += 0.05 * gen.normal(0.0, 1.0) * std::abs(p.value(i, j));
+      }
+    }
+    const auto trained = pm.model().forward(b);
+    CHECK(relative_gap(trained, before) > 1e-4);
+
+    // Saved unconverted (PEFT's default): a fresh model over the original base gives the same logits.
+    scratch s(std::string(name) + "_cpp");
+    pm.save_pretrained(s.dir / "unconverted", "default", peft::dtype::f64);  // f64: exact comparisons below
+    CHECK(config_of(s.dir / "unconverted").raw["init_lora_weights"] == std::string(name).substr(0, 5));
+    auto reloaded = peft_model<double>::from_pretrained(causal_lm<double>::load(base_dir), s.dir / "unconverted");
+    CHECK(relative_gap(reloaded.model().forward(b), trained) < 1e-9);
+    // Saved converted: a plain LoRA of twice the rank over the original base, same logits.
+    pm.save_pretrained_converted(s.dir / "converted", "default", peft::dtype::f64);
+    const auto conv = config_of(s.dir / "converted");
+    CHECK(conv.r == 2 * config_of(data / name / "unconverted").r);
+    CHECK(conv.raw["init_lora_weights"] == true);
+    auto converted = peft_model<double>::from_pretrained(causal_lm<double>::load(base_dir), s.dir / "converted");
+    CHECK(relative_gap(converted.model().forward(b), trained) < 1e-9);
+    // The offline merge of either equals merge_and_unload of the trained model.
+    peft::io::merge_model(base_dir, s.dir / "converted", s.dir / "merged_c.safetensors", {.out_dtype = peft::dtype::f64});
+    peft::io::merge_model(base_dir, s.dir / "unconverted", s.dir / "merged_u.safetensors", {.out_dtype = peft::dtype::f64});
+    // Deleting the adapter gives the bases back.
+    peft_model<double> again(causal_lm<double>::load(base_dir));
+    again.add_adapter("default", options_of(name));
+    again.delete_adapter("default");
+    for (const auto& [n, w] : base_weights(again)) CHECK(relative_gap(w, original.at(n)) < 1e-12);
+    pm.merge_and_unload();
+    const auto merged = base_weights(pm);
+    const auto mc = peft::io::safetensors_file::open(s.dir / "merged_c.safetensors");
+    const auto mu = peft::io::safetensors_file::open(s.dir / "merged_u.safetensors");
+    for (const auto& t : residual.tensors()) {
+      INFO("merged tensor " << t.name);
+      CHECK(relative_gap(mc.read_matrix<double>(t.name), merged.at(t.name)) < 1e-10);
+      CHECK(relative_gap(mu.read_matrix<double>(t.name), merged.at(t.name)) < 1e-10);
+    }
+  }
+}
+
+TEST_CASE("PiSSA initialised in float leaves the model's outputs", "[models][lora][decomposition]") {
+  peft_model<float> pm(causal_lm<float>::load(base_dir));
+  const auto b = sample_batch();
+  const auto before = pm.model().forward(b);
+  pm.add_adapter("default", options_of("pissa"));
+  const auto after = pm.model().forward(b);
+  double gap = 0.0, scale = 0.0;
+  for (ix i = 0; i < after.rows(); ++i) {
+    for (ix j = 0; j < after.cols(); ++j) {
+      gap = std::max(gap, static_cast<double>(std::abs(after(i, j) - before(i, j))));
+      scale = std::max(scale, static_cast<double>(std::abs(before(i, j))));
+    }
+  }
+  CHECK(scale > 0.0);
+  CHECK(gap / scale < 1e-5);
+}
+
+TEST_CASE("decompositions that cannot be reproduced are refused by name", "[io][lora][decomposition]") {
+  scratch s("refused");
+  const fs::path src = data / "pissa" / "unconverted";
+  auto expect_refusal = [&](const fs::path& dir, const std::string& needle) {
+    try {
+      peft::io::merge_model(base_dir, dir, s.dir / "out.safetensors", {});
+      FAIL("merge_model accepted " << dir);
+    } catch (const peft::unsupported_error& e) {
+      INFO(e.what());
+      CHECK(std::string(e.what()).find(needle) != std::string::npos);
+      CHECK(std::string(e.what()).find("init_lora_weights") != std::string::npos);
+    }
+    CHECK(!fs::exists(s.dir / "out.safetensors"));
+  };
+  for (const std::string init : {"pissa_niter_4", "corda", "loftq", "lora_ga", "svd"}) {
+    const fs::path dir = s.dir / init;
+    copy_adapter(src, dir);
+    set_config_field(dir, "init_lora_weights", init);
+    expect_refusal(dir, init == "pissa_niter_4" ? "randomized" : init == "svd" ? "does not know" : "residual");
+  }
+  // DoRA over a PiSSA initialisation: not recomputed.
+  const fs::path dora = s.dir / "dora";
+  copy_adapter(src, dora);
+  set_config_field(dora, "use_dora", true);
+  CHECK_THROWS_AS(peft::io::load_peft_checkpoint<double>(dora), peft::unsupported_error);
+  // Without the base weights the adapter means nothing.
+  try {
+    (void)peft::io::load_peft_checkpoint<double>(src);
+    FAIL("loaded without the base");
+  } catch (const peft::unsupported_error& e) {
+    CHECK(std::string(e.what()).find("base model") != std::string::npos);
+  }
+  // Merging into a quantized base: the residual was of the full-precision weight.
+  CHECK_THROWS_AS(peft::io::merge_model(base_dir, src, s.dir / "q.safetensors", {.quantized_base = "int8"}),
+                  peft::unsupported_error);
+  // C++ initialisation: only lora, only pissa/olora.
+  peft_model<double> pm(causal_lm<double>::load(base_dir));
+  auto o = options_of("pissa");
+  o.init = "pissa_niter_4";
+  CHECK_THROWS_AS(pm.add_adapter("default", o), peft::unsupported_error);
+  o.init = "olora";
+  o.method = "dora";
+  CHECK_THROWS_AS(pm.add_adapter("default", o), peft::unsupported_error);
+  o.method = "lora";
+  o.rank = 65;  // above min(out, in) of every projection
+  CHECK_THROWS_AS(pm.add_adapter("default", o), peft::shape_error);
+  CHECK(pm.adapter_names().empty());
+  CHECK_THROWS_AS(pm.save_pretrained_converted(s.dir / "none"), peft::error);
+}
+
+}  // namespace test_lora_decomposition
