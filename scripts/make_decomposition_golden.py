@@ -12,6 +12,7 @@ For each case, on the tiny Llama of tests/data/models/llama_lora/base, with Hugg
 Run from the repository root:  python3 scripts/make_decomposition_golden.py
 Needs torch, transformers, peft (pip); the tests read only the files it writes.
 """
+import json
 import os
 import shutil
 import sys
@@ -79,6 +80,12 @@ def main():
             p = os.path.join(case_dir, sub, "README.md")
             if os.path.exists(p):
                 os.remove(p)
+            p = os.path.join(case_dir, sub, "adapter_config.json")
+            with open(p) as f:
+                c = json.load(f)
+            c["base_model_name_or_path"] = "tests/data/models/llama_lora/base"  # not this machine's path
+            with open(p, "w") as f:
+                json.dump(c, f, indent=2, sort_keys=True)
     with open(os.path.join(OUT, "README.md"), "w") as f:
         f.write("Made by scripts/make_decomposition_golden.py with torch %s, peft %s, transformers %s.\n"
                 % (torch.__version__, __import__("peft").__version__, __import__("transformers").__version__))
