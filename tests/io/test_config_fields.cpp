@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "peft/io/peft_checkpoint.hpp"
@@ -56,12 +57,12 @@ TEST_CASE("fields that change what an adapter computes are refused by name when 
       {"layer_replication", ordered_json::parse("[[0, 2], [1, 2]]"), "replicated"},
       {"alora_invocation_tokens", ordered_json::parse("[12, 7]"), "aLoRA"},
       {"use_qalora", true, "QA-LoRA"},
-      {"use_bdlora", ordered_json::parse(R"({"nblocks": 2})"), "BD-LoRA"},
+
       {"target_parameters", ordered_json::parse(R"(["mlp.experts.down_proj"])"), "ParamWrapper"},
       {"trainable_token_indices", ordered_json::parse("[5, 6]"), "trainable tokens"},
       {"megatron_config", ordered_json::parse(R"({"tensor_model_parallel_size": 2})"), "Megatron"},
       {"ensure_weight_tying", true, "tying"},
-      {"velora_config", ordered_json::parse(R"({"rank": 4})"), "variant"},
+      {"arrow_config", ordered_json::parse(R"({"top_k": 2})"), "variant"},
       {"bias", "all", "biases"},
       {"bias", "lora_only", "biases"},
       {"init_lora_weights", "pissa", "residual base"},
@@ -84,6 +85,17 @@ TEST_CASE("fields that change what an adapter computes are refused by name when 
       CHECK(msg.find(c.says) != std::string::npos);
       CHECK(msg.find("from_checkpoint") != std::string::npos);
     }
+  }
+  // The variants plain LoRA's codec honours (tests/io/test_lora_variants.cpp) are refused with DoRA.
+  for (const auto& [field, value, says] : {std::tuple{"use_bdlora", ordered_json::parse(R"({"nblocks": 2})"), "BD-LoRA"},
+                                           std::tuple{"velora_config", ordered_json::parse(R"({"num_groups": 4})"), "variant"},
+                                           std::tuple{"kasa_config", ordered_json::parse(R"({"beta": 0.1})"), "variant"}}) {
+    INFO(field);
+    auto j = config_of("dora");
+    j[field] = value;
+    const std::string msg = load_with("dora", j);
+    CHECK(msg.find(std::string("'") + field + "'") != std::string::npos);
+    CHECK(msg.find(says) != std::string::npos);
   }
   // Other methods' codecs apply the same rule: a LoRA-only field set on VeRA is not honoured.
   auto v = config_of("vera");

@@ -4,7 +4,9 @@
 //
 //   PiSSA (Meng et al. 2024): W0 = U S V^T;  A0 = diag(sqrt(S_r / s)) V_r^T,  B0 = U_r diag(sqrt(S_r / s))
 //   OLoRA (Büyükakyüz 2024):  W0 = Q R;      A0 = R[:r, :],                  B0 = Q[:, :r]
-//   the adapter starts at A = A0, B = B0 over the residual base W0 - s B0 A0 (outputs unchanged);
+//   KaSA (Wang et al. 2024):  W0 = U S V^T;  A0 = V_d^T,  B0 = U_d diag(S_d) / s  (d: the r smallest)
+//   PiSSA/OLoRA: the adapter starts at A = A0, B = B0 over the residual base W0 - s B0 A0 (outputs
+//   unchanged); KaSA: the base loses s B0 A0 and the adapter (B diag(lora_diag) A) starts at zero;
 //   converted: A' = [A; A0] (2r, in), B' = [B, -B0] (out, 2r), same s, over W0 itself:
 //              W0 + s B' A' = (W0 - s B0 A0) + s B A.
 //
@@ -34,12 +36,13 @@
 
 namespace peft {
 
-/// PEFT's initialisations that decompose the base weight.
-enum class lora_decomposition : std::uint8_t { pissa, olora };
+/// PEFT's initialisations that decompose the base weight (init_lora_weights "pissa", "olora"; the
+/// KaSA variant's truncation of the base).
+enum class lora_decomposition : std::uint8_t { pissa, olora, kasa };
 
-/// "pissa" or "olora", as init_lora_weights spells them.
+/// "pissa", "olora" (as init_lora_weights spells them), "kasa".
 inline std::string_view decomposition_name(lora_decomposition k) noexcept {
-  return k == lora_decomposition::pissa ? "pissa" : "olora";
+  return k == lora_decomposition::pissa ? "pissa" : k == lora_decomposition::olora ? "olora" : "kasa";
 }
 
 /// The initial factors A0 (r, in) and B0 (out, r) of a decomposed base.
@@ -69,12 +72,26 @@ lora_factors<T> decompose_weight(lora_decomposition kind, matrix_view<const doub
     for (index j = 0; j < in; ++j) w(i, j) = w0(i, j);
   }
   lora_factors<T> f{matrix<T>(rank, in), matrix<T>(out, rank)};
+  if (kind == lora_decomposition::kasa && rank >= std::min(out, in)) {  // PEFT keeps at least one component
+    detail::raise<shape_error>(where, "kasa of a " + detail::shape_string(out, in) + " weight needs a rank below " +
+                                          std::to_string(std::min(out, in)) + ", got " + std::to_string(rank));
+  }
   if (kind == lora_decomposition::pissa) {
     const Eigen::BDCSVD<dmat> svd(w, Eigen::ComputeThinU | Eigen::ComputeThinV);
     for (index k = 0; k < rank; ++k) {
       const double root = std::sqrt(svd.singularValues()(k) / scale);
       for (index j = 0; j < in; ++j) f.a(k, j) = static_cast<T>(root * svd.matrixV()(j, k));
       for (index i = 0; i < out; ++i) f.b(i, k) = static_cast<T>(svd.matrixU()(i, k) * root);
+    }
+    return f;
+  }
+  if (kind == lora_decomposition::kasa) {
+    const Eigen::BDCSVD<dmat> svd(w, Eigen::ComputeThinU | Eigen::ComputeThinV);
+    const index first = std::min(out, in) - rank;  // the r smallest singular components
+    for (index k = 0; k < rank; ++k) {
+      const double sv = svd.singularValues()(first + k) / scale;
+      for (index j = 0; j < in; ++j) f.a(k, j) = static_cast<T>(svd.matrixV()(j, first + k));
+      for (index i = 0; i < out; ++i) f.b(i, k) = static_cast<T>(svd.matrixU()(i, first + k) * sv);
     }
     return f;
   }

@@ -1,7 +1,9 @@
-// PiSSA and OLoRA (LoRA initialisations that decompose the base weight) against HuggingFace PEFT:
-// tests/data/peft/decomposed, made by scripts/make_decomposition_golden.py on the tiny Llama of
-// tests/data/models/llama_lora/base. PEFT computes its decompositions in float32, peft-cpp in
-// double: merged and residual weights agree to float32's precision (bounds 2e-5 relative).
+// PiSSA and OLoRA (LoRA initialisations that decompose the base weight) and the LoRA variants
+// beside DoRA (VeLoRA, MonteCLoRA, BD-LoRA, KaSA) against HuggingFace PEFT: tests/data/peft/
+// decomposed and tests/data/peft/lora_variants, made by scripts/make_decomposition_golden.py and
+// scripts/make_lora_variant_golden.py on the tiny Llama of tests/data/models/llama_lora/base. PEFT
+// computes its decompositions in float32, peft-cpp in double: merged and residual weights agree to
+// float32's precision (bounds 2e-5 relative).
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -15,7 +17,7 @@
 #include "peft/models/peft_model.hpp"
 #include "support/test_support.hpp"
 
-namespace test_lora_decomposition {
+namespace test_lora_variants {
 
 namespace {
 
@@ -314,4 +316,98 @@ TEST_CASE("decompositions that cannot be reproduced are refused by name", "[io][
   CHECK_THROWS_AS(pm.save_pretrained_converted(s.dir / "none"), peft::error);
 }
 
-}  // namespace test_lora_decomposition
+namespace {
+
+const fs::path variants = fs::path(PEFT_TEST_DATA_DIR) / "peft" / "lora_variants";
+const char* const variant_cases[] = {"velora", "monteclora", "bdlora", "kasa", "kasa_rslora"};
+
+}  // namespace
+
+TEST_CASE("LoRA variants beside DoRA merge to PEFT's merge_and_unload", "[io][lora][variants]") {
+  for (const char* name : variant_cases) {
+    INFO("case " << name);
+    scratch s(std::string("variant_") + name);
+    peft::io::merge_model(base_dir, variants / name / "adapter", s.dir / "merged.safetensors", {});
+    check_tensors(s.dir / "merged.safetensors", variants / name / "merged.safetensors", 2e-5);
+  }
+}
+
+TEST_CASE("LoRA variants run unmerged as their merged model, and re-save as a plain LoRA", "[models][lora][variants]") {
+  const auto b = sample_batch();
+  for (const char* name : variant_cases) {
+    INFO("case " << name);
+    scratch s(std::string("variant_run_") + name);
+    // The merged model as a model directory.
+    fs::create_directories(s.dir / "merged");
+    fs::copy_file(base_dir / "config.json", s.dir / "merged" / "config.json");
+    peft::io::merge_model(base_dir, variants / name / "adapter", s.dir / "merged" / "model.safetensors",
+                          {.out_dtype = peft::dtype::f64});
+    peft_model<double> merged(causal_lm<double>::load(s.dir / "merged"));
+    const auto want = merged.model().forward(b);
+    auto pm = peft_model<double>::from_pretrained(causal_lm<double>::load(base_dir), variants / name / "adapter");
+    const auto got = pm.model().forward(b);
+    CHECK(relative_gap(got, want) < 1e-10);
+    peft_model<double> plain(causal_lm<double>::load(base_dir));
+    CHECK(relative_gap(plain.model().forward(b), want) > 1e-4);  // the adapter changes the outputs
+    // Held as a plain LoRA: the config says so and the re-saved adapter loads without the base.
+    const auto& cfg = pm.adapter_config();
+    for (const char* f : {"velora_config", "monteclora_config", "use_bdlora", "kasa_config"}) {
+      CHECK((!cfg.raw.contains(f) || cfg.raw[f].is_null()));
+    }
+    pm.save_pretrained(s.dir / "resaved", "default", peft::dtype::f64);
+    const auto again = peft::io::load_peft_checkpoint<double>(s.dir / "resaved");
+    auto pm2 = peft_model<double>::from_pretrained(causal_lm<double>::load(base_dir), s.dir / "resaved");
+    CHECK(relative_gap(pm2.model().forward(b), want) < 1e-10);
+    if (std::string(name).starts_with("kasa")) {
+      const auto original = config_of(variants / name / "adapter");
+      CHECK(cfg.r == 2 * original.r);
+      CHECK(again.config.raw["init_lora_weights"] == true);
+    }
+  }
+}
+
+TEST_CASE("LoRA variants: malformed checkpoints and missing bases are refused", "[io][lora][variants]") {
+  scratch s("variant_refused");
+  // KaSA without the base weights.
+  try {
+    (void)peft::io::load_peft_checkpoint<double>(variants / "kasa" / "adapter");
+    FAIL("loaded KaSA without the base");
+  } catch (const peft::unsupported_error& e) {
+    CHECK(std::string(e.what()).find("kasa_config") != std::string::npos);
+  }
+  // KaSA's lora_diag without kasa_config, and kasa_config with a decomposing init.
+  const fs::path no_kasa = s.dir / "no_kasa";
+  copy_adapter(variants / "kasa" / "adapter", no_kasa);
+  set_config_field(no_kasa, "kasa_config", nullptr);
+  CHECK_THROWS_AS(peft::io::merge_model(base_dir, no_kasa, s.dir / "out.safetensors", {}), peft::format_error);
+  const fs::path both = s.dir / "both";
+  copy_adapter(variants / "kasa" / "adapter", both);
+  set_config_field(both, "init_lora_weights", "pissa");
+  CHECK_THROWS_AS(peft::io::merge_model(base_dir, both, s.dir / "out.safetensors", {}), peft::unsupported_error);
+  // BD-LoRA: blocks that do not fit, modules matching no pattern under match_strict.
+  const fs::path blocks = s.dir / "blocks";
+  copy_adapter(variants / "bdlora" / "adapter", blocks);
+  set_config_field(blocks, "use_bdlora", nlohmann::ordered_json::parse(
+                                             R"({"nblocks": 3, "target_modules_bd_a": ["q_proj", "o_proj"],
+                                                 "target_modules_bd_b": ["v_proj"], "match_strict": true})"));
+  CHECK_THROWS_AS(peft::io::merge_model(base_dir, blocks, s.dir / "out.safetensors", {}), peft::format_error);
+  const fs::path strict = s.dir / "strict";
+  copy_adapter(variants / "bdlora" / "adapter", strict);
+  set_config_field(strict, "use_bdlora", nlohmann::ordered_json::parse(
+                                             R"({"nblocks": 2, "target_modules_bd_a": ["q_proj"],
+                                                 "target_modules_bd_b": ["v_proj"], "match_strict": true})"));
+  try {
+    peft::io::merge_model(base_dir, strict, s.dir / "out.safetensors", {});
+    FAIL("o_proj matched no pattern");
+  } catch (const peft::format_error& e) {
+    CHECK(std::string(e.what()).find("o_proj") != std::string::npos);
+  }
+  // VeLoRA's training state without velora_config.
+  const fs::path velora = s.dir / "velora";
+  copy_adapter(variants / "velora" / "adapter", velora);
+  set_config_field(velora, "velora_config", nullptr);
+  CHECK_THROWS_AS(peft::io::load_peft_checkpoint<double>(velora), peft::format_error);
+  CHECK(!fs::exists(s.dir / "out.safetensors"));
+}
+
+}  // namespace test_lora_variants
