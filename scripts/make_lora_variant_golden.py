@@ -2,7 +2,8 @@
 """Reference data for the LoRA variants PEFT has beside DoRA that adapt and merge linear layers:
 VeLoRA, MonteCLoRA (training-time variants: at inference and in merges a plain LoRA), BD-LoRA
 (block-diagonal A or B) and KaSA (the base's r smallest singular components dropped, a trainable
-diagonal between A and B).
+diagonal between A and B); and OSF (peft_type OSF: the base's smaller singular components
+trained), which peft-cpp loads as the LoRA it equals.
 
 For each case, on the tiny Llama of tests/data/models/llama_lora/base, with HuggingFace PEFT:
   adapter/             the checkpoint PEFT saves (every trainable tensor moved off its initial value)
@@ -19,6 +20,7 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
+from peft.tuners.osf.config import OSFConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
@@ -36,6 +38,8 @@ CASES = {
     "kasa": dict(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj"], kasa_config=KasaConfig(),
                  rank_pattern={"model.layers.1.self_attn.v_proj": 3}),
     "kasa_rslora": dict(r=5, lora_alpha=4, use_rslora=True, target_modules=["o_proj"], kasa_config=KasaConfig()),
+    # OSF (its own peft_type): the base's top effective_rank singular components frozen, the rest trained.
+    "osf": dict(osf=True, target_modules=["q_proj", "v_proj"], effective_rank=40, rank_pattern={"v_proj": 24}),
 }
 
 
@@ -48,7 +52,10 @@ def main():
         os.makedirs(case_dir)
         base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
         original = {k: v.clone() for k, v in base.state_dict().items()}
-        pm = get_peft_model(base, LoraConfig(lora_dropout=0.0, **kw))
+        if kw.pop("osf", False):
+            pm = get_peft_model(base, OSFConfig(**kw))
+        else:
+            pm = get_peft_model(base, LoraConfig(lora_dropout=0.0, **kw))
         g = torch.Generator().manual_seed(13)
         with torch.no_grad():
             for n, p in pm.named_parameters():

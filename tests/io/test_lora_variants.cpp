@@ -1,5 +1,5 @@
-// PiSSA and OLoRA (LoRA initialisations that decompose the base weight) and the LoRA variants
-// beside DoRA (VeLoRA, MonteCLoRA, BD-LoRA, KaSA) against HuggingFace PEFT: tests/data/peft/
+// PiSSA and OLoRA (LoRA initialisations that decompose the base weight), the LoRA variants beside
+// DoRA (VeLoRA, MonteCLoRA, BD-LoRA, KaSA) and OSF (loaded as the LoRA it equals) against PEFT: tests/data/peft/
 // decomposed and tests/data/peft/lora_variants, made by scripts/make_decomposition_golden.py and
 // scripts/make_lora_variant_golden.py on the tiny Llama of tests/data/models/llama_lora/base. PEFT
 // computes its decompositions in float32, peft-cpp in double: merged and residual weights agree to
@@ -319,7 +319,7 @@ TEST_CASE("decompositions that cannot be reproduced are refused by name", "[io][
 namespace {
 
 const fs::path variants = fs::path(PEFT_TEST_DATA_DIR) / "peft" / "lora_variants";
-const char* const variant_cases[] = {"velora", "monteclora", "bdlora", "kasa", "kasa_rslora"};
+const char* const variant_cases[] = {"velora", "monteclora", "bdlora", "kasa", "kasa_rslora", "osf"};
 
 }  // namespace
 
@@ -358,6 +358,11 @@ TEST_CASE("LoRA variants run unmerged as their merged model, and re-save as a pl
     const auto again = peft::io::load_peft_checkpoint<double>(s.dir / "resaved");
     auto pm2 = peft_model<double>::from_pretrained(causal_lm<double>::load(base_dir), s.dir / "resaved");
     CHECK(relative_gap(pm2.model().forward(b), want) < 1e-10);
+    if (std::string(name) == "osf") {  // OSF is held as the LoRA it equals
+      CHECK(cfg.peft_type == "LORA");
+      CHECK(again.config.peft_type == "LORA");
+      CHECK(!cfg.raw.contains("effective_rank"));
+    }
     if (std::string(name).starts_with("kasa")) {
       const auto original = config_of(variants / name / "adapter");
       CHECK(cfg.r == 2 * original.r);
@@ -375,6 +380,12 @@ TEST_CASE("LoRA variants: malformed checkpoints and missing bases are refused", 
   } catch (const peft::unsupported_error& e) {
     CHECK(std::string(e.what()).find("kasa_config") != std::string::npos);
   }
+  // OSF without the base weights; an OSF field in a LORA config.
+  CHECK_THROWS_AS(peft::io::load_peft_checkpoint<double>(variants / "osf" / "adapter"), peft::unsupported_error);
+  const fs::path osf_field = s.dir / "osf_field";
+  copy_adapter(variants / "velora" / "adapter", osf_field);
+  set_config_field(osf_field, "effective_rank", 8);
+  CHECK_THROWS_AS(peft::io::merge_model(base_dir, osf_field, s.dir / "out.safetensors", {}), peft::unsupported_error);
   // KaSA's lora_diag without kasa_config, and kasa_config with a decomposing init.
   const fs::path no_kasa = s.dir / "no_kasa";
   copy_adapter(variants / "kasa" / "adapter", no_kasa);

@@ -298,8 +298,8 @@ basic_peft_checkpoint<Adapter> load_checkpoint(adapter_config config, Weights&& 
       const auto& file = weights();
       load_modules<A>(ck, file, base_shape, base_weight);
       // A codec may rewrite the config to describe what it built (LoRA: an adapter converted
-      // from PiSSA/OLoRA has twice the rank).
-      if constexpr (requires(adapter_config& c) { codec::after_load(c); }) codec::after_load(ck.config);
+      // from PiSSA/OLoRA/KaSA has twice the rank; OSF's is a LoRA).
+      if constexpr (requires(adapter_config& c) { codec::after_load(c, ck); }) codec::after_load(ck.config, ck);
       loaded = true;
     }
   };

@@ -32,18 +32,21 @@ namespace peft::io {
 
 template <compute_scalar T>
 struct peft_codec<lora<T>> : codec_defaults {
-  static bool handles(const adapter_config& c) { return c.peft_type == "LORA" && !c.use_dora; }
+  /// LoRA checkpoints, and OSF's (peft_type "OSF"), which are the LoRA they equal (see the top).
+  static bool handles(const adapter_config& c) { return (c.peft_type == "LORA" && !c.use_dora) || c.peft_type == "OSF"; }
   /// The adapter_config.json fields it honours (io/peft/config_fields.hpp has the rule):
   /// LoRA's numbers, init_lora_weights (judged by decomposition_of) and the variants below.
   static constexpr std::string_view own_fields[] = {"init_lora_weights", "velora_config", "monteclora_config",
-                                                    "use_bdlora", "kasa_config"};
+                                                    "use_bdlora",        "kasa_config",   "effective_rank",
+                                                    "target_svd_config"};  // the last two: OSF's
   static constexpr auto config_fields = join_config_fields(lora_config_fields, own_fields);
   /// The training state of VeLoRA's and MonteCLoRA's variants, read and dropped (see the top).
   static constexpr std::string_view training_state[] = {
       "lora_velora_embed", "lora_monteclora_sampler.expert_weights", "lora_monteclora_sampler.expert_weights_prior",
       "lora_monteclora_sampler.gaussian_var_prior", "lora_monteclora_sampler.std_prior"};
   static std::vector<std::string_view> module_tensors() {
-    std::vector<std::string_view> t = {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_diag"};
+    std::vector<std::string_view> t = {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_diag",
+                                       "osf_svd_params.U_low", "osf_svd_params.S_low", "osf_svd_params.V_low"};
     t.insert(t.end(), std::begin(training_state), std::end(training_state));
     return t;
   }
@@ -77,6 +80,38 @@ struct peft_codec<lora<T>> : codec_defaults {
   /// alpha_pattern scaled to keep each scale; init_lora_weights true, as PEFT's
   /// path_initial_model_for_weight_conversion writes); BD-LoRA blocks were laid out as full
   /// matrices; VeLoRA's and MonteCLoRA's training state was dropped. Their fields become null.
+  template <class Checkpoint>
+  static void after_load(adapter_config& c, const Checkpoint& ck) {
+    if (c.peft_type == "OSF") {  // a LoRA config describing each converted module exactly
+      adapter_config l;
+      l.peft_type = "LORA";
+      l.targets_kind = c.targets_kind;
+      l.target_modules = c.target_modules;
+      l.raw = c.raw;
+      for (const char* f : {"effective_rank", "target_svd_config", "rank_pattern", "init_weights"}) l.raw.erase(f);
+      l.raw["peft_type"] = "LORA";
+      bool first = true;
+      for (const auto& m : ck.modules) {
+        const lora<T>* a = nullptr;
+        if constexpr (requires { m.adapter.template get_if<lora<T>>(); }) {
+          a = m.adapter.template get_if<lora<T>>();
+        } else {
+          a = &m.adapter;
+        }
+        if (a == nullptr) continue;
+        if (first) {
+          l.r = a->rank();
+          l.lora_alpha = static_cast<double>(a->rank()) * static_cast<double>(a->scale());
+          first = false;
+        }
+        describe_in(*a, l, m.path);
+      }
+      l.raw = l.to_json();
+      c = std::move(l);
+      return;
+    }
+    after_load(c);
+  }
   static void after_load(adapter_config& c) {
     const bool doubled = decomposition_of(c, "lora::from_checkpoint").has_value() || uses(c, "kasa_config");
     for (const char* f : {"velora_config", "monteclora_config", "use_bdlora", "kasa_config"}) {
@@ -105,6 +140,13 @@ struct peft_codec<lora<T>> : codec_defaults {
         if (name.starts_with(names) && !uses(c, field)) {
           peft::detail::raise<format_error>(where, mod + " has '" + name + "' but adapter_config.json has no " + field);
         }
+      }
+    }
+    if (c.peft_type == "OSF") return from_osf(m);
+    for (const char* f : {"effective_rank", "target_svd_config"}) {
+      if (const auto* v = c.field(f)) {
+        peft::detail::raise<unsupported_error>(where, "adapter_config.json: '" + std::string(f) + "' = " + v->dump() +
+                                                          ": an OSF field in a LORA config");
       }
     }
     m.shape("lora_A.weight", 2);
@@ -171,6 +213,47 @@ struct peft_codec<lora<T>> : codec_defaults {
                                                    peft::detail::shape_string(out, in));
     }
     return with_initial_factors(a, decompose_weight<T>(*kind, w0->view(), rank, s));
+  }
+
+  /// OSF: W0 = U_high S_high V_high^T + U_low S_low V_low^T split at the k largest singular values
+  /// (k = min(out, in) - the length of S_low: what effective_rank / rank_pattern /
+  /// target_svd_config gave); the low part is trained and the merged weight is
+  /// W0 - (W0's low part) + U_low diag(S_low) V_low: the LoRA A = V_low, B = U_low diag(S_low), s = 1,
+  /// converted over W0's m smallest components (lora_decomposition::kasa with rank m, scale 1).
+  static lora<T> from_osf(const checkpoint_tensors<T>& m) {
+    constexpr const char* where = "osf::from_checkpoint";
+    const std::string mod = "module '" + m.module() + "'";
+    const auto& su = m.shape("osf_svd_params.U_low", 2);
+    const auto& sv = m.shape("osf_svd_params.V_low", 2);
+    const auto& ss = m.shape("osf_svd_params.S_low", 1);
+    if (su[1] != ss[0] || sv[0] != ss[0] || ss[0] < 1) {
+      peft::detail::raise<format_error>(where, mod + ": U_low " + detail::shape_text(su) + ", S_low " + detail::shape_text(ss) +
+                                                   " and V_low " + detail::shape_text(sv) + " disagree");
+    }
+    const index low = static_cast<index>(ss[0]);
+    const matrix<T> sl = m.copy("osf_svd_params.S_low");
+    matrix<T> b = m.copy("osf_svd_params.U_low");
+    for (index i = 0; i < b.rows(); ++i) {
+      for (index k = 0; k < low; ++k) b(i, k) *= sl(0, k);
+    }
+    lora<T> a(m.copy("osf_svd_params.V_low"), std::move(b), T{1});
+    const auto w0 = m.base_weight();
+    if (!w0) {
+      peft::detail::raise<unsupported_error>(where, "OSF's merged weight keeps the base's largest singular components, "
+                                                    "recomputed from the base weight; load it with its base model "
+                                                    "(peft_model::load_adapter, merge_model, peft merge)");
+    }
+    if (w0->rows() != su[0] || w0->cols() != sv[1]) {
+      peft::detail::raise<format_error>(where, mod + ": the base weight is " +
+                                                   peft::detail::shape_string(w0->rows(), w0->cols()) + ", the adapter's " +
+                                                   peft::detail::shape_string(su[0], sv[1]));
+    }
+    if (low >= std::min(w0->rows(), w0->cols())) {
+      peft::detail::raise<format_error>(where, mod + ": S_low has " + std::to_string(low) + " values, so no singular "
+                                                   "component of the " + peft::detail::shape_string(w0->rows(), w0->cols()) +
+                                                   " base is kept (effective_rank must be >= 1)");
+    }
+    return with_initial_factors(a, decompose_weight<T>(lora_decomposition::kasa, w0->view(), low, 1.0));
   }
 
   /// BD-LoRA (use_bdlora): lora_A (r, in / n) of a module whose name contains a
