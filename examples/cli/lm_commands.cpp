@@ -516,6 +516,8 @@ int lm_finetune(const std::vector<std::string>& args) {
       sora_xi = r.number();
     } else if (a == "--rslora") {
       ao.use_rslora = true;
+    } else if (a == "--init") {
+      ao.init = r.value();
     } else if (a == "--lora-bias") {
       ao.bias = true;
     } else if (a == "--steps") {
@@ -578,6 +580,16 @@ int lm_finetune(const std::vector<std::string>& args) {
     throw usage_error("--method " + ao.method + " cannot --resume or --save-every (its rank schedule is not checkpointed); train in one run");
   }
   if (sora_xi && !(have_method && ao.method == "sora")) throw usage_error("--sora-xi applies to --method sora");
+  // PiSSA/OLoRA rewrite the bases into their residual (peft_model::add_adapter): dense weights,
+  // one run (the residual is not checkpointed); the adapter is saved as PEFT saves it by default.
+  if (!ao.init.empty()) {
+    if (ao.init != "pissa" && ao.init != "olora") throw usage_error("--init must be pissa or olora");
+    if (!(have_method && ao.method == "lora")) throw usage_error("--init applies to --method lora");
+    if (resume || save_every > 0) throw usage_error("--init cannot --resume or --save-every (the residual base is not checkpointed); train in one run");
+    if (m.quantize || (m.model && peft::models::is_gguf_path(*m.model))) {
+      throw usage_error("--init rewrites the base weights into their residual; it needs a model directory's dense weights (drop --quantize-base)");
+    }
+  }
   if (sora_xi && !(*sora_xi >= 0)) throw usage_error("--sora-xi must be >= 0");
   if (loraplus_ratio && !(*loraplus_ratio > 0 && std::isfinite(*loraplus_ratio))) {
     throw usage_error("--loraplus-ratio must be a finite number > 0");

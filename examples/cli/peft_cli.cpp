@@ -42,7 +42,7 @@ constexpr const char* usage =
     "       peft generate --model MODEL_DIR [--adapter ADAPTER_DIR] (--tokens FILE | --prompt TEXT) --max-new-tokens N\n"
     "                   [--temperature T] [--top-k K] [--top-p P] [--seed S] [--ignore-eos] [--timings]\n"
     "       peft finetune --model MODEL_DIR (--adapter INIT_DIR | --method NAME --rank R --alpha A\n"
-    "                   --targets LIST|all-linear [--rslora] [--lora-bias] [--sora-xi XI] | --full)\n"
+    "                   --targets LIST|all-linear [--rslora] [--lora-bias] [--sora-xi XI] [--init pissa|olora] | --full)\n"
     "                   (--tokens FILE | --text FILE | --jsonl FILE [--seq-len L]) [--val FILE [--val-every K]] --steps N\n"
     "                   --batch B --lr LR [--weight-decay WD] [--loraplus-ratio R] [--grad-accum K] [--threads T]\n"
     "                   [--quantize-base int8|q4_0|nf4|q8_0|q4_k|q6_k] [--checkpointing] [--log LOG.csv] [--seed S]\n"

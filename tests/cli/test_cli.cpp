@@ -521,6 +521,71 @@ TEST_CASE("peft finetune --loraplus-ratio steps B at R times the lr, as loraplus
   CHECK(bad.err.find("--loraplus-ratio") != std::string::npos);
 }
 
+TEST_CASE("peft finetune --init pissa trains from PiSSA's start and saves the adapter PEFT saves", "[cli][models][decomposition]") {
+  scratch_dir s("finetune_pissa");
+  const fs::path model = lm / "llama";
+  const auto rows = peft::models::read_token_file(model / "tokens.txt");
+  const auto all = peft::models::token_batch::from_rows(rows);
+  using peft::index;
+  const auto out = s.dir / "pissa";
+  const auto r = run_cli("finetune --model " + q(model) + " --method lora --init pissa --rank 2 --alpha 4 --targets all-linear "
+                             "--tokens " + q(model / "tokens.txt") + " --steps 4 --batch 2 --lr 5e-3 --seed 4 --precision f64 "
+                             "--log " + q(s.dir / "log.csv") + " --out " + q(out),
+                         s.dir);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  CHECK(peft::io::adapter_config::load(out).raw["init_lora_weights"] == "pissa");
+  // The same training in process.
+  peft::models::peft_model<double> pm(peft::models::causal_lm<double>::load(model), model.string());
+  const auto before = pm.model().forward(all);
+  peft::models::adapter_options o;
+  o.method = "lora";
+  o.init = "pissa";
+  o.rank = 2;
+  o.alpha = 4;
+  o.targets = {"all-linear"};
+  o.seed = 4;
+  pm.add_adapter("default", o);
+  auto& m = pm.model();
+  CHECK(peft_test::max_abs(peft_test::add(m.forward(all), before, -1.0)) < 1e-10 * peft_test::max_abs(before));
+  std::vector<peft::parameter<double>> params;
+  for (auto& p : m.parameters()) {
+    if (p.trainable) params.push_back(p);
+  }
+  peft::train::adamw<double> opt(params, peft::train::adamw_options{.lr = 5e-3});
+  const auto logged = csv_losses(s.dir / "log.csv");
+  REQUIRE(logged.size() == 4);
+  for (index step = 0; step < 4; ++step) {
+    std::vector<std::vector<long long>> lines;
+    for (index i = 0; i < 2; ++i) lines.push_back(rows[static_cast<std::size_t>((step * 2 + i) % 3)]);
+    const auto b = peft::models::token_batch::from_rows(lines);
+    const auto labels = peft::models::training_labels(b, std::vector<std::size_t>(lines.size(), 0));
+    m.zero_grad();
+    const double loss = m.loss_and_backward(b, labels, static_cast<double>(m.predicted_tokens(b, labels)));
+    CHECK(loss == Approx(logged[static_cast<std::size_t>(step)]).epsilon(1e-8));
+    opt.step();
+  }
+  const auto want = m.forward(all);
+  CHECK(peft_test::max_abs(peft_test::add(want, before, -1.0)) > 1e-6 * peft_test::max_abs(before));
+  // Reloaded over the original model (the residual recomputed): the trained model's logits.
+  const auto got = peft::models::peft_model<double>::from_pretrained(peft::models::causal_lm<double>::load(model), out)
+                       .model()
+                       .forward(all);
+  CHECK(peft_test::max_abs(peft_test::add(got, want, -1.0)) < 1e-6 * peft_test::max_abs(want));
+  for (const auto& [flags, says] : {std::pair{std::string("--method dora --init pissa"), "--init applies to --method lora"},
+                                    std::pair{std::string("--method lora --init svd"), "--init must be pissa or olora"},
+                                    std::pair{std::string("--method lora --init olora --quantize-base nf4"), "dense weights"},
+                                    std::pair{std::string("--method lora --init olora --save-every 1"), "--resume or --save-every"}}) {
+    const auto bad = run_cli("finetune --model " + q(model) + " " + flags + " --rank 2 --alpha 4 --tokens " +
+                                 q(model / "tokens.txt") + " --steps 2 --batch 2 --lr 1e-2 --out " + q(s.dir / "x"),
+                             s.dir);
+    INFO(flags);
+    CHECK(bad.status == 2);
+    CHECK(bad.err.find(says) != std::string::npos);
+    CHECK(!fs::exists(s.dir / "x"));
+  }
+}
+
 #ifdef PEFT_MPIEXEC
 TEST_CASE("mpirun -np 2 peft finetune gives one process's losses and adapter", "[cli][models][mpi]") {
   scratch_dir s("finetune_mpi");
