@@ -132,6 +132,19 @@ TEST_CASE("merge_model merges embedding LoRA and trainable tokens as PEFT's merg
     // Merged in double and rounded once, PEFT in float: measured 4.9e-8 .. 6.5e-8.
     CHECK(check_merged(out, c, changed, 2e-7) < 2e-7);
   }
+  // An output dtype: the table is merged in double and rounded once to bf16.
+  {
+    peft::io::merge_options opt;
+    opt.out_dtype = peft::dtype::bf16;
+    peft::io::merge_model(base_of("combined"), data / "combined" / "adapter", s.dir / "bf16.safetensors", opt);
+    const auto got = peft::io::safetensors_file::open(s.dir / "bf16.safetensors");
+    const auto want = peft::io::safetensors_file::open(data / "combined" / "merged.safetensors");
+    for (const std::string& n : {embed, std::string("lm_head.weight")}) {
+      INFO(n);
+      CHECK(got.info(n).type == peft::dtype::bf16);
+      CHECK(rel_error(got.read_matrix<double>(n), want.read_matrix<double>(n)) < 4e-3);
+    }
+  }
   // Tied bases stay tied: no lm_head.weight appears.
   CHECK_FALSE(peft::io::safetensors_file::open(s.dir / "tied_emb_lora.safetensors").contains("lm_head.weight"));
 }
@@ -177,7 +190,7 @@ TEST_CASE("Trainable tokens replace rows, embedding LoRA adds s (B A)^T", "[io][
     CHECK(w(t, j) == Approx(want).epsilon(1e-14));
   }
   {
-    const auto ck = peft::io::load_peft_checkpoint<float>(data / "combined" / "adapter");
+    auto ck = peft::io::load_peft_checkpoint<float>(data / "combined" / "adapter");
     CHECK(ck.modules.size() == 4);
     REQUIRE(ck.embeddings.lora.size() == 1);
     REQUIRE(ck.embeddings.tokens.size() == 1);
@@ -186,6 +199,8 @@ TEST_CASE("Trainable tokens replace rows, embedding LoRA adds s (B A)^T", "[io][
     CHECK_FALSE(ck.embeddings.lora.front().base_weight.has_value());  // not saved with trainable tokens
     CHECK(ck.embeddings.tokens.front().path == "lm_head");
     CHECK(ck.embeddings.tokens.front().indices == std::vector<ix>{0, 5, 63});
+    // As PEFT counts them: embedding A, B (3 x 64 + 16 x 3), 3 token rows of 16, 4 linears of 128.
+    CHECK(ck.parameter_count() == 240 + 48 + 4 * 128);
   }
 }
 

@@ -234,7 +234,9 @@ embedding_adapters<T> read_embedding_adapters(const adapter_config& c, const saf
   embedding_adapters<T> out;
   std::size_t token_modules = 0;
   for (const auto& [module, params] : keys) token_modules += params.count(std::string(trainable_tokens_name));
-  for (const auto& [module, params] : keys) {
+  for (const auto& entry : keys) {
+    const std::string& module = entry.first;
+    const auto& params = entry.second;  // a plain reference: clang 14 cannot capture bindings
     auto key_of = [&](std::string_view p) -> const std::string* {
       const auto it = params.find(std::string(p));
       return it == params.end() ? nullptr : &it->second;
@@ -314,6 +316,7 @@ embedding_adapters<T> read_embedding_adapters(const adapter_config& c, const saf
 /// alpha_pattern entries for each embedding LoRA, trainable_token_indices for the tokens.
 template <compute_scalar T>
 void describe_embeddings(const embedding_adapters<T>& e, adapter_config& c) {
+  if (!e.empty() && c.peft_type.empty()) c.peft_type = "LORA";
   for (const auto& l : e.lora) {
     if (c.fresh()) {
       c.peft_type = "LORA";

@@ -100,7 +100,7 @@ struct basic_peft_checkpoint {
   adapted_module<Adapter>* find(const std::string& weight_name) {
     return const_cast<adapted_module<Adapter>*>(std::as_const(*this).find(weight_name));
   }
-  /// Trainable parameters over all modules (as PEFT counts them); a shared tensor counts once,
+  /// Trainable parameters over all modules and embedding parts (as PEFT counts them); a shared tensor counts once,
   /// frozen ones (VeRA's projections) and integer ones (SHiRA's indices) not at all.
   std::size_t parameter_count() {
     std::size_t n = 0;
@@ -115,7 +115,7 @@ struct basic_peft_checkpoint {
         n += static_cast<std::size_t>(p.value.size());
       }
     }
-    return n;
+    return n + embeddings.parameter_count();
   }
 };
 

@@ -96,6 +96,11 @@ class peft_model {
       detail::raise<unsupported_error>(where, "the adapter replaces whole modules (modules_to_save: '" +
                                                   ck.saved_tensors.front().name + "'), which models/ does not run");
     }
+    if (!ck.embeddings.empty()) {
+      detail::raise<unsupported_error>(where, "the adapter changes the embedding table of '" + ck.embeddings.first_path() +
+                                                  "' (LoRA on embeddings or trainable_token_indices), which models/ does "
+                                                  "not run; merge it into the base (io::merge_model, peft merge)");
+    }
     std::vector<std::pair<typename model_type::linear*, adapter_type*>> attach;
     for (auto& m : ck.modules) {
       auto* l = find_module(mods, m.path, where);
