@@ -11,8 +11,9 @@ the adapter (save_pretrained) and writes:
   <case>/merged.safetensors            the tensors of merge_and_unload()'s save_pretrained that differ
                                        from the base's (the others are equal; the set of names too)
   <case>/logits.safetensors            "input_ids" (i64, 1 x 12) and "logits" (f32) of the unmerged
-                                       PEFT model, plus "loss" and "grad.<key>" (the gradient of the
-                                       mean logit-sum loss w.r.t. each adapter tensor)
+                                       PEFT model, plus "loss" (transformers' causal-LM loss with
+                                       labels = input_ids) and "grad.<key>", its gradient w.r.t. each
+                                       adapter tensor
 Cases:
   emb_lora      untied; target_modules [embed_tokens], r 4, alpha 8
   tokens        untied; target_modules [q_proj], trainable_token_indices [3, 7, 60]
@@ -93,8 +94,8 @@ def main():
         pm.eval()
         d = os.path.join(OUT, name)
         pm.save_pretrained(os.path.join(d, "adapter"))
-        out = pm(input_ids=INPUT).logits
-        loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum() / out.shape[1]
+        res = pm(input_ids=INPUT, labels=INPUT)  # the causal-LM loss: mean cross-entropy of the next token
+        out, loss = res.logits, res.loss
         pm.zero_grad()
         loss.backward()
         ref = {"input_ids": INPUT.clone(), "logits": out.detach().clone(), "loss": loss.detach().reshape(1)}

@@ -236,6 +236,24 @@ TEST_CASE("Embedding parts survive a save round trip", "[io][embedding]") {
     const auto want = peft::io::safetensors_file::open(data / c / "merged.safetensors");
     CHECK(rel_error(got.read_matrix<double>(embed), want.read_matrix<double>(embed)) < 1e-6);
   }
+  // A BF16 adapter (beside its F32 base table) is re-saved as BF16.
+  {
+    fs::create_directories(s.dir / "bf16");
+    fs::copy_file(data / "emb_lora" / "adapter" / "adapter_config.json", s.dir / "bf16" / "adapter_config.json");
+    const auto f = peft::io::safetensors_file::open(data / "emb_lora" / "adapter" / "adapter_model.safetensors");
+    peft::io::safetensors_writer w;
+    for (const auto& t : f.tensors()) {
+      const bool base = t.name.ends_with("base_layer.weight");
+      w.add(t.name, f.read_matrix<float>(t.name), base ? peft::dtype::f32 : peft::dtype::bf16);
+    }
+    w.write(s.dir / "bf16" / "adapter_model.safetensors");
+    auto ck = peft::io::load_peft_checkpoint<float>(s.dir / "bf16");
+    CHECK(ck.stored_dtype == peft::dtype::bf16);
+    peft::io::save_peft_checkpoint(s.dir / "bf16_again", ck);
+    const auto back = peft::io::safetensors_file::open(s.dir / "bf16_again" / "adapter_model.safetensors");
+    CHECK(back.info("base_model.model.model.embed_tokens.lora_embedding_A").type == peft::dtype::bf16);
+    CHECK(back.info("base_model.model.model.embed_tokens.base_layer.weight").type == peft::dtype::f32);
+  }
   // Moved to another table, the tokens' config names it by path.
   {
     auto ck = peft::io::load_peft_checkpoint<double>(data / "tokens" / "adapter");

@@ -211,7 +211,9 @@ inline std::optional<std::vector<index>> token_indices_for(const adapter_config&
     }
     return read_list(*it, "trainable_token_indices");
   }
-  if (!it->is_object()) peft::detail::raise<format_error>(where, "adapter_config.json: trainable_token_indices is neither a list nor an object");
+  if (!it->is_object()) {
+    peft::detail::raise<format_error>(where, "adapter_config.json: trainable_token_indices is neither a list nor an object");
+  }
   std::optional<std::vector<index>> found;
   std::string found_key;
   for (const auto& [k, v] : it->items()) {
@@ -246,15 +248,16 @@ embedding_adapters<T> read_embedding_adapters(const adapter_config& c, const saf
     const auto* kbase = key_of(embedding_base_weight_name);
     const auto* kt = key_of(trainable_tokens_name);
     if ((ka != nullptr) != (kb != nullptr)) {
-      peft::detail::raise<format_error>(where, "module '" + module + "' has " + (ka ? "lora_embedding_A" : "lora_embedding_B") +
-                                                   " without " + (ka ? "lora_embedding_B" : "lora_embedding_A"));
+      const std::string has = ka ? "lora_embedding_A" : "lora_embedding_B";
+      const std::string lacks = ka ? "lora_embedding_B" : "lora_embedding_A";
+      peft::detail::raise<format_error>(where, "module '" + module + "' has " + has + " without " + lacks);
     }
     if (kbase && !ka) {
       peft::detail::raise<format_error>(where, "key '" + *kbase + "' is a base weight saved without an embedding LoRA");
     }
     if (ka && kt) {
-      peft::detail::raise<unsupported_error>(where, "module '" + module +
-                                                        "' has both an embedding LoRA and trainable tokens (PEFT wraps one or the other)");
+      peft::detail::raise<unsupported_error>(where, "module '" + module + "' has both an embedding LoRA and trainable "
+                                                        "tokens (PEFT wraps one or the other)");
     }
     if (ka) {
       if (const auto why = c.unselected_by(module);
@@ -262,7 +265,9 @@ embedding_adapters<T> read_embedding_adapters(const adapter_config& c, const saf
         peft::detail::raise<format_error>(where, "module '" + module + "' has lora_embedding_A/B but the config's " +
                                                      std::string(why) + " leaves it out (PEFT would not load them)");
       }
-      if (c.lora_bias) peft::detail::raise<unsupported_error>(where, "module '" + module + "': PEFT refuses lora_bias on embeddings");
+      if (c.lora_bias) {
+        peft::detail::raise<unsupported_error>(where, "module '" + module + "': PEFT refuses lora_bias on embeddings");
+      }
       embedding_lora<T> e;
       e.path = module;
       e.a = read_2d<T>(f, *ka, where);

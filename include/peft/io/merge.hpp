@@ -10,8 +10,9 @@
 // s (B A)^T to the table (from the base_layer.weight saved with it, if any), trainable tokens
 // replace their rows. A tied base (no lm_head.weight) keeps sharing the merged table, as PEFT's
 // merged model does; trainable tokens on a tied lm_head (stored under lm_head) are refused.
-// Embedding tables are never quantized (quantized_base applies to the adapted linear weights). The output is written to a
-// temporary file and renamed, one tensor in memory at a time: on any error nothing is left.
+// Embedding tables are never quantized (quantized_base applies to the adapted linear weights).
+// The output is written to a temporary file and renamed, one tensor in memory at a time: on any
+// error nothing is left.
 //
 // Quantized bases (merge_options::quantized_base, QLoRA): when the adapter was trained over a
 // frozen int8_rowwise / q4_0 / nf4 base, each targeted weight is quantized as that base was, the
@@ -228,7 +229,8 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
                                                    ", not a 2-D floating table");
     }
     if (plan.count(*name)) {
-      peft::detail::raise<format_error>(where, "'" + *name + "' is changed by " + what + " '" + path + "' and by another part of the adapter");
+      peft::detail::raise<format_error>(where, "'" + *name + "' is changed by " + what + " '" + path +
+                                                   "' and by another part of the adapter");
     }
     report.merged.push_back(*name);
     return *name;

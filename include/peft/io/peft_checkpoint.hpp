@@ -100,8 +100,8 @@ struct basic_peft_checkpoint {
   adapted_module<Adapter>* find(const std::string& weight_name) {
     return const_cast<adapted_module<Adapter>*>(std::as_const(*this).find(weight_name));
   }
-  /// Trainable parameters over all modules and embedding parts (as PEFT counts them); a shared tensor counts once,
-  /// frozen ones (VeRA's projections) and integer ones (SHiRA's indices) not at all.
+  /// Trainable parameters over all modules and embedding parts (as PEFT counts them); a shared
+  /// tensor counts once, frozen ones (VeRA's projections) and integer ones (SHiRA's indices) not at all.
   std::size_t parameter_count() {
     std::size_t n = 0;
     std::vector<const void*> seen;
@@ -204,7 +204,13 @@ void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& fi
     const std::string rest = t.name.substr(peft_key_prefix.size());
     std::string module, param;
     if (!split_key(rest, params, module, param)) {
-      if (A::method == std::string_view("lora") && take_embedding_key(embedding, rest, t.name)) continue;
+      if (A::method == std::string_view("lora") && take_embedding_key(embedding, rest, t.name)) {
+        if (first && is_floating(t.type) && !rest.ends_with(embedding_base_weight_name)) {
+          ck.stored_dtype = t.type;  // the adapter's dtype, not the base table's
+          first = false;
+        }
+        continue;
+      }
       const auto dot = rest.rfind('.');
       const std::string owner = dot == std::string::npos ? rest : rest.substr(0, dot);
       if (cfg.saves_module(owner)) {
