@@ -3,7 +3,8 @@
 
     python3 scripts/make_embedding_golden.py [OUT_DIR]   # default tests/data/models/embeddings
 
-Builds two tiny Llamas with transformers (random weights, seed 2025; hidden 16, vocab 64, 2 layers):
+Builds two tiny Llamas with transformers (random weights, seed 2025; hidden 16, vocab 64, 2 layers;
+no pad_token_id: transformers would give the embedding a padding_idx, whose row gets no gradient):
 base_untied (lm_head.weight stored) and base_tied (tie_word_embeddings: no lm_head.weight). For
 each case it applies a PEFT LoraConfig, perturbs every adapter tensor (so no delta is zero), saves
 the adapter (save_pretrained) and writes:
@@ -47,7 +48,7 @@ def base_model(tied):
     torch.manual_seed(SEED)
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     m = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for n, p in m.named_parameters():
