@@ -9,7 +9,9 @@
 #include <vector>
 
 #include "peft/io/safetensors.hpp"
+#include "peft/models/gguf_lora.hpp"
 #include "peft/models/peft_model.hpp"
+#include "peft/serve/adapter_registry.hpp"
 #include "support/test_support.hpp"
 
 namespace test_embedding_adapters {
@@ -117,6 +119,25 @@ TEST_CASE("Table adapters: one enabled at a time, wrong tables refused", "[model
   // Trainable tokens on a tied model's embedding (the head follows).
   peft_model<double> tied(causal_lm<double>::load(data / "base_tied"));
   CHECK_NOTHROW(tied.load_adapter(data / "tied_tokens" / "adapter"));
+}
+
+TEST_CASE("The GGUF LoRA export refuses table adapters by name", "[models][embedding]") {
+  const auto cfg = causal_lm<float>::load(data / "base_untied").config();
+  const auto ck = peft::io::load_peft_checkpoint<double>(data / "combined" / "adapter");
+  const fs::path out = fs::temp_directory_path() / "peft_emb_export.gguf";
+  CHECK_THROWS_WITH(peft::models::export_gguf_lora(ck, cfg, out),
+                    Catch::Contains("[export_gguf_lora]") && Catch::Contains("embedding table"));
+  CHECK_FALSE(fs::exists(out));
+}
+
+TEST_CASE("The serving registry refuses table adapters by name", "[serve][embedding]") {
+  peft::serve::adapter_registry<peft::dense<float>> reg("model.layers.0.self_attn.q_proj.weight",
+                                                        peft::dense<float>(peft::matrix<float>(16, 16)));
+  for (const std::string c : {"emb_lora", "tokens"}) {
+    INFO(c);
+    CHECK_THROWS_AS(reg.load(c, data / c / "adapter"), peft::unsupported_error);
+    CHECK_THROWS_WITH(reg.load(c, data / c / "adapter"), Catch::Contains("embedding table of 'model.embed_tokens'"));
+  }
 }
 
 }  // namespace test_embedding_adapters
