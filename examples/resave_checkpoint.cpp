@@ -17,8 +17,8 @@ int main(int argc, char** argv) {
     for (int i = 1; i + 1 < argc; i += 2) {
       auto ck = peft::io::load_peft_checkpoint<double>(argv[i]);
       peft::io::save_peft_checkpoint(argv[i + 1], ck);
-      std::printf("%s -> %s (%zu modules, %s)\n", argv[i], argv[i + 1], ck.modules.size(),
-                  std::string(ck.modules.front().adapter.active_method()).c_str());
+      std::printf("%s -> %s (%zu modules, %s)\n", argv[i], argv[i + 1], ck.modules.size() + ck.embeddings.lora.size(),
+                  ck.modules.empty() ? "lora" : std::string(ck.modules.front().adapter.active_method()).c_str());
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "resave_checkpoint: %s\n", e.what());

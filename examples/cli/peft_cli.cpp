@@ -77,7 +77,7 @@ int inspect(const std::vector<std::string>& args) {
   if (args.size() != 1) throw usage_error("inspect takes exactly one argument, the adapter directory");
   auto ck = peft::io::load_peft_checkpoint<double>(args[0]);
   const auto& cfg = ck.config;
-  std::string method(ck.modules.front().adapter.active_method());
+  std::string method(ck.modules.empty() ? "lora" : ck.modules.front().adapter.active_method());
   if (cfg.use_rslora) method += " (rsLoRA)";
   std::printf("adapter     %s\n", args[0].c_str());
   std::printf("method      %s  [peft_type %s]\n", method.c_str(), cfg.peft_type.c_str());
@@ -113,6 +113,17 @@ int inspect(const std::vector<std::string>& args) {
                     static_cast<double>(a.scale()), extra.c_str());
       }
     });
+  }
+  for (const auto& e : ck.embeddings.lora) {
+    const std::string shape = std::to_string(e.num_embeddings()) + " x " + std::to_string(e.embedding_dim());
+    std::printf("%-44s %-12s %9zu  lora_embedding_A %s, lora_embedding_B %s\n", (e.path + ".weight").c_str(),
+                shape.c_str(), static_cast<std::size_t>(e.a.size() + e.b.size()),
+                shape_text({e.a.rows(), e.a.cols()}).c_str(), shape_text({e.b.rows(), e.b.cols()}).c_str());
+    std::printf("%-44s rank %td, scale %g (embedding)%s\n", "", static_cast<std::ptrdiff_t>(e.rank()), e.scale,
+                e.base_weight ? ", base table saved beside" : "");
+  }
+  for (const auto& t : ck.embeddings.tokens) {
+    std::printf("%-44s trainable tokens: %zu rows replaced\n", (t.path + ".weight").c_str(), t.indices.size());
   }
   for (const auto& s : shared) std::printf("shared: %s\n", s.c_str());
   for (const auto& s : ck.saved_tensors) {

@@ -74,6 +74,7 @@
 #include "peft/interop/eigen.hpp"
 #include "peft/io/adapter_config.hpp"
 #include "peft/io/checkpoint_tensors.hpp"
+#include "peft/io/embedding_adapters.hpp"
 #include "peft/io/gguf.hpp"
 #include "peft/io/merge.hpp"
 #include "peft/io/model_bases.hpp"

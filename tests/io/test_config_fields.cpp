@@ -81,6 +81,12 @@ TEST_CASE("fields that change what an adapter computes are refused by name when 
       auto j = config_of(a);
       j[c.field] = c.value;
       const std::string msg = load_with(a, j);
+      if (std::string(a) == "lora" && std::string(c.field) == "trainable_token_indices") {
+        // Honoured by plain LoRA (io/embedding_adapters.hpp); without a trainable_tokens_delta
+        // tensor the rows keep the base's values, as PEFT initialises them.
+        CHECK(msg.empty());
+        continue;
+      }
       CHECK(msg.find(std::string("'") + c.field + "'") != std::string::npos);
       CHECK(msg.find(c.says) != std::string::npos);
       CHECK(msg.find("from_checkpoint") != std::string::npos);

@@ -5,8 +5,14 @@
 //
 // Merged weights are computed in double from the stored values (W0 + s B A, transposed for
 // fan_in_fan_out bases, b0 + s b_B with lora_bias) and rounded once to the output dtype.
-// modules_to_save tensors of the adapter replace the base's. The output is written to a
-// temporary file and renamed, one tensor in memory at a time: on any error nothing is left.
+// modules_to_save tensors of the adapter replace the base's. A LoRA adapter's embedding parts
+// (io/embedding_adapters.hpp) merge as PEFT's merge_and_unload does: an embedding LoRA adds
+// s (B A)^T to the table (from the base_layer.weight saved with it, if any), trainable tokens
+// replace their rows. A tied base (no lm_head.weight) keeps sharing the merged table, as PEFT's
+// merged model does; trainable tokens on a tied lm_head (stored under lm_head) are refused.
+// Embedding tables are never quantized (quantized_base applies to the adapted linear weights).
+// The output is written to a temporary file and renamed, one tensor in memory at a time: on any
+// error nothing is left.
 //
 // Quantized bases (merge_options::quantized_base, QLoRA): when the adapter was trained over a
 // frozen int8_rowwise / q4_0 / nf4 base, each targeted weight is quantized as that base was, the
@@ -62,6 +68,8 @@ struct merge_plan_entry {
   bool is_bias = false;
   const saved_tensor* replacement = nullptr;
   bool fan_in_fan_out = false;  // the module's weight is stored (in, out)
+  const embedding_lora<typename Adapter::scalar>* embedding = nullptr;   // LoRA on this table
+  const trainable_tokens<typename Adapter::scalar>* tokens = nullptr;    // rows replaced
 };
 
 /// The stored base weight as a dense (out, in) double matrix (transposed back for fan_in_fan_out).
@@ -222,6 +230,41 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
     plan[*name] = {nullptr, false, &s};
     report.replaced.push_back(*name);
   }
+  // The embedding parts: the table each one changes, checked against its shape.
+  auto embedding_table = [&](const std::string& path, const char* what) {
+    const auto name = model.resolve(path, "weight");
+    if (!name) {
+      std::string why = "the base model has no weight for " + std::string(what) + " '" + path + "' (looked for '" +
+                        path + ".weight')";
+      if (path.ends_with("lm_head")) {
+        why += "; a lm_head tied to the input embedding is not stored, and changing the shared table through it is "
+               "not supported";
+      }
+      peft::detail::raise<format_error>(where, why);
+    }
+    const tensor_info& info = model.info(*name);
+    if (info.shape.size() != 2 || !is_floating(info.type)) {
+      peft::detail::raise<format_error>(where, "base weight '" + *name + "' is " + detail::shape_text(info.shape) + " " +
+                                                   std::string(safetensors_name(info.type)) +
+                                                   ", not a 2-D floating table");
+    }
+    if (plan.count(*name)) {
+      peft::detail::raise<format_error>(where, "'" + *name + "' is changed by " + what + " '" + path +
+                                                   "' and by another part of the adapter");
+    }
+    report.merged.push_back(*name);
+    return *name;
+  };
+  for (const auto& e : ck.embeddings.lora) {
+    const std::string name = embedding_table(e.path, "embedding LoRA");
+    e.check_table(static_cast<index>(model.info(name).shape[0]), static_cast<index>(model.info(name).shape[1]), where);
+    plan[name] = {nullptr, false, nullptr, false, &e, nullptr};
+  }
+  for (const auto& t : ck.embeddings.tokens) {
+    const std::string name = embedding_table(t.path, "trainable tokens");
+    t.check_table(static_cast<index>(model.info(name).shape[0]), static_cast<index>(model.info(name).shape[1]), where);
+    plan[name] = {nullptr, false, nullptr, false, nullptr, &t};
+  }
 
   safetensors_writer w;
   w.set_metadata(model.metadata());
@@ -231,6 +274,25 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
     const saved_tensor* repl = it != plan.end() ? it->second.replacement : nullptr;
     const dtype src_type = repl ? repl->type : info.type;
     const dtype out_type = (opt.out_dtype && is_floating(src_type)) ? *opt.out_dtype : src_type;
+    if (it != plan.end() && (it->second.embedding || it->second.tokens)) {
+      const auto* e = it->second.embedding;
+      const auto* t = it->second.tokens;
+      w.add_lazy(name, out_type, info.shape, [&model, name, e, t, out_type](std::span<std::byte> dst) {
+        const tensor_info& ti = model.info(name);
+        const auto rows = static_cast<index>(ti.shape[0]), cols = static_cast<index>(ti.shape[1]);
+        const bool saved_base = e != nullptr && e->base_weight.has_value();
+        const std::byte* src = saved_base ? e->base_weight->data.data() : model.bytes(name).data();
+        const dtype src_t = saved_base ? e->base_weight->type : ti.type;
+        matrix<double> table(rows, cols);
+        for (index i = 0; i < rows * cols; ++i) {
+          table.data()[i] = load_element<double>(src, src_t, static_cast<std::size_t>(i));
+        }
+        if (e) e->add_delta(table.view());
+        if (t) t->apply(table.view());
+        for (index i = 0; i < rows * cols; ++i) store_element(dst.data(), out_type, static_cast<std::size_t>(i), table.data()[i]);
+      });
+      continue;
+    }
     if (it == plan.end() || repl) {
       const std::byte* src = repl ? repl->data.data() : model.bytes(name).data();
       const std::size_t n = info.numel();

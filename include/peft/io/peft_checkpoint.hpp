@@ -13,7 +13,8 @@
 // first alternative of the adapter type (any_adapter: adapters/registry.hpp's order; or one
 // concrete type) whose codec (io/peft/<method>.hpp) handles the config reads every module.
 // Tensors of `modules_to_save` modules (whole replacement weights) are kept verbatim in
-// `saved_tensors`.
+// `saved_tensors`. A LoRA checkpoint's embedding parts (lora_embedding_A/B, trainable tokens) are
+// in `embeddings` (io/embedding_adapters.hpp); code that runs only `modules` must refuse them.
 #pragma once
 
 #include <algorithm>
@@ -35,6 +36,7 @@
 #include "peft/core/matrix.hpp"
 #include "peft/io/adapter_config.hpp"
 #include "peft/io/checkpoint_tensors.hpp"
+#include "peft/io/embedding_adapters.hpp"
 #include "peft/io/peft/codecs.hpp"
 #include "peft/io/safetensors.hpp"
 
@@ -71,6 +73,7 @@ struct basic_peft_checkpoint {
   adapter_config config;
   std::vector<adapted_module<Adapter>> modules;  // sorted by path
   std::vector<saved_tensor> saved_tensors;
+  embedding_adapters<typename Adapter::scalar> embeddings;  // LoRA on embeddings, trainable tokens
   dtype stored_dtype = dtype::f32;               // dtype of the adapter tensors as read
 
   /// Adds the adapter of a module, named by its path ("model.layers.0.self_attn.q_proj") or by
@@ -97,8 +100,8 @@ struct basic_peft_checkpoint {
   adapted_module<Adapter>* find(const std::string& weight_name) {
     return const_cast<adapted_module<Adapter>*>(std::as_const(*this).find(weight_name));
   }
-  /// Trainable parameters over all modules (as PEFT counts them); a shared tensor counts once,
-  /// frozen ones (VeRA's projections) and integer ones (SHiRA's indices) not at all.
+  /// Trainable parameters over all modules and embedding parts (as PEFT counts them); a shared
+  /// tensor counts once, frozen ones (VeRA's projections) and integer ones (SHiRA's indices) not at all.
   std::size_t parameter_count() {
     std::size_t n = 0;
     std::vector<const void*> seen;
@@ -112,7 +115,7 @@ struct basic_peft_checkpoint {
         n += static_cast<std::size_t>(p.value.size());
       }
     }
-    return n;
+    return n + embeddings.parameter_count();
   }
 };
 
@@ -185,6 +188,7 @@ void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& fi
   const auto shared_names = codec::shared_tensors();
   checkpoint_tensors<T> shared;
   std::map<std::string, checkpoint_tensors<T>> by_module;
+  embedding_keys embedding;  // plain LoRA only: lora_embedding_A/B, trainable tokens
   bool first = true;
   for (const auto& t : file.tensors()) {
     if (!t.name.starts_with(peft_shared_prefix)) {
@@ -201,6 +205,13 @@ void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& fi
     const std::string rest = t.name.substr(peft_key_prefix.size());
     std::string module, param;
     if (!split_key(rest, params, module, param)) {
+      if (A::method == std::string_view("lora") && take_embedding_key(embedding, rest, t.name)) {
+        if (first && is_floating(t.type) && !rest.ends_with(embedding_base_weight_name)) {
+          ck.stored_dtype = t.type;  // the adapter's dtype, not the base table's
+          first = false;
+        }
+        continue;
+      }
       const auto dot = rest.rfind('.');
       const std::string owner = dot == std::string::npos ? rest : rest.substr(0, dot);
       if (cfg.saves_module(owner)) {
@@ -242,7 +253,8 @@ void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& fi
     }
     ck.modules.push_back({module, module + ".weight", Adapter(std::move(a))});
   }
-  if (ck.modules.empty()) {
+  if (!embedding.empty()) ck.embeddings = read_embedding_adapters<T>(cfg, file, embedding);
+  if (ck.modules.empty() && ck.embeddings.empty()) {
     const std::string name = file.path().empty() ? std::string("adapter_model.safetensors") : file.path().string();
     peft::detail::raise<format_error>(where, name + " holds no adapted module");
   }
@@ -294,7 +306,13 @@ basic_peft_checkpoint<Adapter> load_checkpoint(adapter_config config, Weights&& 
       if (!supported.empty()) supported += ", ";
       supported += A::method;
       if (loaded || !codec::handles(ck.config)) return;
-      check_config_fields(ck.config, std::span<const std::string_view>(codec::config_fields), A::method);
+      if constexpr (A::method == std::string_view("lora")) {  // its loader reads the embedding parts
+        std::vector<std::string_view> fields(std::begin(codec::config_fields), std::end(codec::config_fields));
+        fields.push_back("trainable_token_indices");
+        check_config_fields(ck.config, fields, A::method);
+      } else {
+        check_config_fields(ck.config, std::span<const std::string_view>(codec::config_fields), A::method);
+      }
       const auto& file = weights();
       load_modules<A>(ck, file, base_shape, base_weight);
       // A codec may rewrite the config to describe what it built (LoRA: an adapter converted
@@ -380,7 +398,7 @@ void save_peft_checkpoint(const std::filesystem::path& dir, basic_peft_checkpoin
   using T = typename Adapter::scalar;
   const dtype stored_as = stored.value_or(ck.stored_dtype);
   if (!is_floating(stored_as)) peft::detail::raise<unsupported_error>(where, "adapter tensors must be stored as a floating dtype");
-  if (ck.modules.empty()) peft::detail::raise<error>(where, "the checkpoint has no module");
+  if (ck.modules.empty() && ck.embeddings.empty()) peft::detail::raise<error>(where, "the checkpoint has no module");
   adapter_config cfg = ck.config;
   for (auto& m : ck.modules) {
     if constexpr (requires { m.adapter.visit([](auto&) {}); }) {
@@ -398,11 +416,24 @@ void save_peft_checkpoint(const std::filesystem::path& dir, basic_peft_checkpoin
       }
     }
   }
+  detail::describe_embeddings(ck.embeddings, cfg);
+  for (const auto& e : ck.embeddings.lora) {
+    if (!cfg.targets(e.path)) {
+      if (cfg.targets_kind != target_kind::list) {
+        cfg.targets_kind = target_kind::list;
+        cfg.target_modules.clear();
+        for (const auto& mm : ck.modules) cfg.target_modules.push_back(mm.path);
+      }
+      cfg.target_modules.push_back(e.path);
+    }
+  }
   // exclude_modules or layers_to_transform may still leave out a saved module (an adapter added
   // or moved after loading): then the config lists the saved modules exactly.
-  if (!std::all_of(ck.modules.begin(), ck.modules.end(), [&](const auto& m) { return cfg.selects(m.path); })) {
+  if (!std::all_of(ck.modules.begin(), ck.modules.end(), [&](const auto& m) { return cfg.selects(m.path); }) ||
+      !std::all_of(ck.embeddings.lora.begin(), ck.embeddings.lora.end(), [&](const auto& e) { return cfg.selects(e.path); })) {
     std::vector<std::string> paths;
     for (const auto& m : ck.modules) paths.push_back(m.path);
+    for (const auto& e : ck.embeddings.lora) paths.push_back(e.path);
     cfg.select_exactly(paths);
   }
   safetensors_writer w;
@@ -439,6 +470,7 @@ void save_peft_checkpoint(const std::filesystem::path& dir, basic_peft_checkpoin
       w.add(key, p.shape, std::span<const T>(values), p.integer ? dtype::i32 : stored_as);
     }
   }
+  detail::write_embeddings(ck.embeddings, w, peft_key_prefix, stored_as);
   for (const auto& s : ck.saved_tensors) {
     w.add(std::string(peft_key_prefix) + s.name, s.type, s.shape, std::span<const std::byte>(s.data));
   }

@@ -28,6 +28,7 @@
 #include "peft/base/dense.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
+#include "peft/io/embedding_adapters.hpp"
 #include "peft/io/model_bases.hpp"
 #include "peft/io/gguf.hpp"
 #include "peft/io/model_files.hpp"
@@ -277,6 +278,23 @@ class causal_lm {
         all.push_back(std::move(p));
       }
     }
+    for (auto& t : tables_) {
+      auto add = [&](std::string name, matrix<T>& v, matrix<T>& g) {
+        parameter<T> p;
+        p.name = std::move(name);
+        p.value = v.view();
+        p.grad = g.view();
+        p.shape = {v.rows(), v.cols()};
+        all.push_back(std::move(p));
+      };
+      const std::string e = embedding_path() + "." + t.name + ".";
+      if (t.lora) {
+        add(e + "lora_embedding_A", t.lora->a, t.grad_a);
+        add(e + "lora_embedding_B", t.lora->b, t.grad_b);
+      }
+      if (t.tokens) add(e + "token_adapter.trainable_tokens_delta", t.tokens->values, t.grad_tokens);
+      if (t.head) add("lm_head." + t.name + ".token_adapter.trainable_tokens_delta", t.head->values, t.grad_head);
+    }
     if (full_) {
       auto named = named_tensors();
       for (std::size_t i = 0; i < named.size(); ++i) {
@@ -295,11 +313,61 @@ class causal_lm {
   }
   void zero_grad() {
     for (auto& [name, l] : modules()) l->zero_grad();
+    for (auto& t : tables_) {
+      for (auto* g : {&t.grad_a, &t.grad_b, &t.grad_tokens, &t.grad_head}) g->fill(T{0});
+    }
     if (full_) {
       for (auto& g : full_->grads) g.fill(T{0});
     }
   }
   bool full_finetuning() const noexcept { return full_.has_value(); }
+
+  // ---- adapters on the token table ------------------------------------------------------------
+
+  /// An adapter on the token table, run unmerged (PEFT's lora.Embedding and trainable tokens,
+  /// io/embedding_adapters.hpp). The lookup of token t takes row t of `tokens` when t is one of
+  /// its indices, then gets s (B A[:, t])^T from `lora`. `head` replaces rows of an untied
+  /// lm_head; with tie_word_embeddings `tokens` replace the head's rows too (PEFT ties the
+  /// layers), `lora` does not (PEFT adds it to the lookup only). At most one is enabled at a time.
+  struct table_adapter {
+    std::string name;
+    bool enabled = true;
+    std::optional<io::embedding_lora<T>> lora;
+    std::optional<io::trainable_tokens<T>> tokens;
+    std::optional<io::trainable_tokens<T>> head;
+    matrix<T> grad_a, grad_b, grad_tokens, grad_head;  // shaped as the values
+  };
+  /// The input embedding's module path: "model.embed_tokens" (GPT-2: "transformer.wte").
+  std::string embedding_path() const { return gpt2() ? "transformer.wte" : "model.embed_tokens"; }
+  /// Whether the embeddings are read from a GGUF file in place (no table adapters then).
+  bool embeddings_in_file() const noexcept { return embed_base_.has_value(); }
+  std::vector<table_adapter>& table_adapters() noexcept { return tables_; }
+  const std::vector<table_adapter>& table_adapters() const noexcept { return tables_; }
+
+  /// Merges the enabled table adapters into the embedding table (and an untied lm_head) in
+  /// double, rounding once, and removes every table adapter. With tied embeddings the head
+  /// shares the merged table (PEFT's merge writes the shared weight).
+  void merge_table_adapters() {
+    constexpr const char* where = "causal_lm::merge_table_adapters";
+    if (embed_base_ && !tables_.empty()) detail::raise<unsupported_error>(where, "the embeddings are a GGUF file's");
+    for (const auto& t : tables_) {
+      if (!t.enabled) continue;
+      auto merge_into = [&](matrix<T>& w, auto&& change) {
+        matrix<double> d(w.rows(), w.cols());
+        for (index i = 0; i < w.size(); ++i) d.data()[i] = static_cast<double>(w.data()[i]);
+        change(d);
+        for (index i = 0; i < w.size(); ++i) w.data()[i] = static_cast<T>(d.data()[i]);
+      };
+      if (t.lora || t.tokens) {
+        merge_into(embed_, [&](matrix<double>& d) {
+          if (t.tokens) t.tokens->apply(d.view());
+          if (t.lora) t.lora->add_delta(d.view());
+        });
+      }
+      if (t.head) merge_into(lm_head_, [&](matrix<double>& d) { t.head->apply(d.view()); });
+    }
+    tables_.clear();
+  }
 
   // ---- generation with a key/value cache ---------------------------------------------------
 
@@ -470,6 +538,7 @@ class causal_lm {
   // the embeddings are decoded as tokens need them, the head is a frozen base (embed_ and
   // lm_head_ stay empty).
   std::optional<Base> embed_base_, head_base_;
+  std::vector<table_adapter> tables_;  // adapters on the token table (table_adapters())
   bool last_logits_only_ = false;  // decode(): the head product for the last token alone
   std::vector<T> final_w_, final_b_;
   ops::rope_table<T> rope_;
@@ -602,6 +671,7 @@ class causal_lm {
     }
     const index H = cfg_.hidden_size;
     const index R = packed_.rows;
+    const table_adapter* ta = active_table();
     matrix<T> x(R, H);
     for (index r = 0; r < R; ++r) {
       const auto id = static_cast<index>(packed_.ids[static_cast<std::size_t>(r)]);
@@ -610,6 +680,7 @@ class causal_lm {
       } else {
         std::copy(embed_.row(id), embed_.row(id) + H, x.row(r));
       }
+      if (ta) table_lookup(*ta, id, x.row(r));
       if (gpt2()) {
         const T* pe = positions_.row(packed_.pos[static_cast<std::size_t>(r)]);
         for (index i = 0; i < H; ++i) x(r, i) += pe[i];
@@ -634,6 +705,59 @@ class causal_lm {
       head_base_->matmul(h, logits_.view());
     } else {
       kernels::gemm_nt<T, T>(1.0, h, head_weight().view(), 0.0, logits_.view());
+    }
+    if (const auto* ht = ta ? head_tokens(*ta) : nullptr) {  // replaced head rows: their logits anew
+      for (index r = 0; r < h.rows(); ++r) {
+        for (std::size_t i = 0; i < ht->indices.size(); ++i) {
+          const T* v = ht->values.row(static_cast<index>(i));
+          double s = 0.0;
+          for (index j = 0; j < H; ++j) s += static_cast<double>(h(r, j)) * static_cast<double>(v[j]);
+          logits_(r, ht->indices[i]) = static_cast<T>(s);
+        }
+      }
+    }
+  }
+
+  /// The enabled table adapter, or nullptr; unsupported_error when two are enabled, or with
+  /// full fine-tuning (the table itself trains).
+  const table_adapter* active_table() const {
+    const table_adapter* a = nullptr;
+    for (const auto& t : tables_) {
+      if (!t.enabled) continue;
+      if (a) {
+        detail::raise<unsupported_error>("causal_lm::forward", "adapters '" + a->name + "' and '" + t.name +
+                                                                   "' on the token table are both enabled; enable one");
+      }
+      a = &t;
+    }
+    if (a && full_) detail::raise<unsupported_error>("causal_lm::forward", "a table adapter with full fine-tuning");
+    return a;
+  }
+  /// The trainable tokens replacing lm_head rows: `head`, or with tied embeddings `tokens`.
+  const io::trainable_tokens<T>* head_tokens(const table_adapter& t) const {
+    if (t.head) return &*t.head;
+    return cfg_.tie_word_embeddings && t.tokens ? &*t.tokens : nullptr;
+  }
+  /// The index of `id` in `t`'s indices, or -1.
+  static index token_slot(const io::trainable_tokens<T>& t, index id) {
+    for (std::size_t i = 0; i < t.indices.size(); ++i) {
+      if (t.indices[i] == id) return static_cast<index>(i);
+    }
+    return -1;
+  }
+  void table_lookup(const table_adapter& t, index id, T* x) const {
+    const index H = cfg_.hidden_size;
+    if (t.tokens) {
+      if (const index i = token_slot(*t.tokens, id); i >= 0) std::copy(t.tokens->values.row(i), t.tokens->values.row(i) + H, x);
+    }
+    if (t.lora) {
+      const auto& a = t.lora->a;
+      const auto& b = t.lora->b;
+      for (index j = 0; j < H; ++j) {
+        double s = 0.0;
+        for (index k = 0; k < a.rows(); ++k) s += static_cast<double>(b(j, k)) * static_cast<double>(a(k, id));
+        x[j] = static_cast<T>(static_cast<double>(x[j]) + t.lora->scale * s);
+      }
     }
   }
 
@@ -881,6 +1005,25 @@ class causal_lm {
       matrix_view<T> g(grad_of(head_weight().data()), cfg_.vocab_size, H);
       kernels::gemm_tn<T>(1.0, dlogits.view(), final_n_.view(), 1.0, g);
     }
+    const table_adapter* ta = active_table();
+    table_adapter* tw = ta ? &tables_[static_cast<std::size_t>(ta - tables_.data())] : nullptr;
+    if (const auto* ht = ta ? head_tokens(*ta) : nullptr) {  // replaced head rows
+      matrix<T>& g = ta->head ? tw->grad_head : tw->grad_tokens;
+      for (std::size_t i = 0; i < ht->indices.size(); ++i) {
+        const index t = ht->indices[i];
+        const T* v = ht->values.row(static_cast<index>(i));
+        const T* w = head_weight().row(t);
+        T* gi = g.row(static_cast<index>(i));
+        for (index r = 0; r < R; ++r) {
+          const T d = dlogits(r, t);
+          if (d == T{0}) continue;
+          for (index j = 0; j < H; ++j) {
+            dn(r, j) += d * (v[j] - w[j]);
+            gi[j] += d * final_n_(r, j);
+          }
+        }
+      }
+    }
     matrix<T> dx(R, H);
     norm_backward(final_in_, final_w_, final_b_, final_st_, dn, dx);
     for (index l = cfg_.layers - 1; l >= 0; --l) {
@@ -891,6 +1034,29 @@ class causal_lm {
       }
       dx = block_backward(l, s, dx);
       s = saved{};
+    }
+    if (tw) {  // the table adapter's lookup
+      for (index r = 0; r < R; ++r) {
+        const auto id = static_cast<index>(packed_.ids[static_cast<std::size_t>(r)]);
+        const T* d = dx.row(r);
+        if (tw->tokens) {
+          if (const index i = token_slot(*tw->tokens, id); i >= 0) {
+            T* g = tw->grad_tokens.row(i);
+            for (index j = 0; j < H; ++j) g[j] += d[j];
+          }
+        }
+        if (tw->lora) {
+          const auto& a = tw->lora->a;
+          const auto& b = tw->lora->b;
+          const T s = static_cast<T>(tw->lora->scale);
+          for (index k = 0; k < a.rows(); ++k) {
+            double u = 0.0;
+            for (index j = 0; j < H; ++j) u += static_cast<double>(b(j, k)) * static_cast<double>(d[j]);
+            tw->grad_a(k, id) += static_cast<T>(static_cast<double>(s) * u);
+            for (index j = 0; j < H; ++j) tw->grad_b(j, k) += s * d[j] * a(k, id);
+          }
+        }
+      }
     }
     if (full_) {  // token (and GPT-2 position) embeddings
       T* ge = grad_of(embed_.data());

@@ -68,6 +68,11 @@ template <class Adapter>
 void export_gguf_lora(const io::basic_peft_checkpoint<Adapter>& ck, const lm_config& cfg, const std::filesystem::path& out) {
   constexpr const char* where = "export_gguf_lora";
   using T = typename Adapter::scalar;
+  if (!ck.embeddings.empty()) {
+    detail::raise<unsupported_error>(where, "the adapter changes the embedding table of '" + ck.embeddings.first_path() +
+                                                "' (LoRA on embeddings or trainable_token_indices), which a GGUF LoRA "
+                                                "adapter does not hold");
+  }
   if (ck.modules.empty()) detail::raise<error>(where, "the checkpoint has no module");
   io::gguf_writer w;
   w.set("general.architecture", io::gguf_value::string(gguf_architecture(cfg.arch)));

@@ -115,6 +115,7 @@ class peft_model {
       detail::raise<unsupported_error>(where, "the adapter replaces whole modules (modules_to_save: '" +
                                                   ck.saved_tensors.front().name + "'), which models/ does not run");
     }
+    auto table = table_adapter_of(where, name, ck.embeddings);
     std::vector<std::pair<typename model_type::linear*, adapter_type*>> attach;
     for (auto& m : ck.modules) {
       auto* l = find_module(mods, m.path, where);
@@ -135,6 +136,7 @@ class peft_model {
       for (auto* l : done) l->remove_adapter(name);
       throw;
     }
+    if (table) model_.table_adapters().push_back(std::move(*table));
     configs_[name] = ck.config;
     stored_[name] = ck.stored_dtype;
   }
@@ -245,7 +247,6 @@ class peft_model {
     return dropped;
   }
 
-  /// Removes adapter `name` from every module.
   /// Removes adapter `name` from every module. An adapter initialised with PiSSA/OLoRA here
   /// gives its modules' bases back what the initialisation took out of them (s B0 A0).
   void delete_adapter(const std::string& name) {
@@ -262,6 +263,8 @@ class peft_model {
       }
     }
     if (initial != initial_.end()) initial_.erase(initial);
+    auto& tables = model_.table_adapters();
+    tables.erase(std::remove_if(tables.begin(), tables.end(), [&](const auto& t) { return t.name == name; }), tables.end());
     configs_.erase(name);
     stored_.erase(name);
   }
@@ -274,6 +277,7 @@ class peft_model {
         if (!l->merged(a)) l->set_enabled(a, a == name);
       }
     }
+    for (auto& t : model_.table_adapters()) t.enabled = t.name == name;
   }
 
   /// Per-request adapters: the logits of `b` (as causal_lm::forward) where sequence i runs with
@@ -282,6 +286,11 @@ class peft_model {
   /// an unknown name or when an adapter is merged (its delta is in every sequence's weights).
   matrix<T> forward_per_sequence(const token_batch& b, const std::vector<std::string>& adapter_of) {
     constexpr const char* where = "peft_model::forward_per_sequence";
+    if (!model_.table_adapters().empty()) {
+      detail::raise<unsupported_error>(where, "adapter '" + model_.table_adapters().front().name +
+                                                  "' changes the token table (embedding LoRA, trainable tokens); "
+                                                  "per-sequence adapters do not run it");
+    }
     if (static_cast<index>(adapter_of.size()) != b.sequences) {
       detail::raise<shape_error>(where, "give one adapter name per sequence");
     }
@@ -360,6 +369,17 @@ class peft_model {
         out.emplace(key, std::move(p));
       }
     }
+    for (auto& p : model_.parameters()) {  // table adapters: "<module>.<name>.<parameter>"
+      const auto at = p.name.find("." + name + ".");
+      if (at == std::string::npos) continue;
+      const std::string param = p.name.substr(at + name.size() + 2);
+      if (param != "lora_embedding_A" && param != "lora_embedding_B" && param != "token_adapter.trainable_tokens_delta") {
+        continue;
+      }
+      const std::string module = p.name.substr(0, at);
+      if (module != model_.embedding_path() && module != "lm_head") continue;
+      out.emplace(std::string(io::peft_key_prefix) + module + "." + param, std::move(p));
+    }
     return out;
   }
 
@@ -371,6 +391,14 @@ class peft_model {
     ck.config = adapter_config(name);
     for (auto& [n, l] : model_.modules()) {
       if (l->contains(name)) ck.add(n, l->adapter(name));
+    }
+    for (const auto& t : model_.table_adapters()) {
+      if (t.name != name) continue;
+      if (t.lora) ck.embeddings.lora.push_back(*t.lora);
+      if (t.tokens) ck.embeddings.tokens.push_back(*t.tokens);
+      if (t.head) ck.embeddings.tokens.push_back(*t.head);
+      std::sort(ck.embeddings.tokens.begin(), ck.embeddings.tokens.end(),
+                [](const auto& a, const auto& b) { return a.path < b.path; });
     }
     io::save_peft_checkpoint(dir, ck, stored_as.value_or(stored_.at(name)));
   }
@@ -457,12 +485,51 @@ class peft_model {
       }
       for (const auto& a : l->adapter_names()) l->unload(a);
     }
+    model_.merge_table_adapters();
     configs_.clear();
     stored_.clear();
     initial_.clear();  // the bases now hold the whole merged weights
   }
 
  private:
+  /// The table adapter (causal_lm::table_adapter) of a checkpoint's embedding parts, checked
+  /// against the model; nullopt when it has none.
+  std::optional<typename model_type::table_adapter> table_adapter_of(const char* where, const std::string& name,
+                                                                      const io::embedding_adapters<T>& e) const {
+    if (e.empty()) return std::nullopt;
+    if (model_.embeddings_in_file()) {
+      detail::raise<unsupported_error>(where, "the adapter changes the token table of '" + e.first_path() +
+                                                  "' but the embeddings are read from a GGUF file in place");
+    }
+    const auto& cfg = model_.config();
+    const std::string embed = model_.embedding_path();
+    typename model_type::table_adapter t;
+    t.name = name;
+    for (const auto& l : e.lora) {
+      if (l.path != embed) {
+        detail::raise<format_error>(where, "embedding LoRA on '" + l.path + "': the model's input embedding is '" + embed + "'");
+      }
+      l.check_table(cfg.vocab_size, cfg.hidden_size, where);
+      t.lora = l;
+      t.grad_a = matrix<T>(l.a.rows(), l.a.cols());
+      t.grad_b = matrix<T>(l.b.rows(), l.b.cols());
+    }
+    for (const auto& k : e.tokens) {
+      k.check_table(cfg.vocab_size, cfg.hidden_size, where);
+      if (k.path == embed) {
+        t.tokens = k;
+        t.grad_tokens = matrix<T>(k.values.rows(), k.values.cols());
+      } else if (k.path == "lm_head" && !cfg.tie_word_embeddings) {
+        t.head = k;
+        t.grad_head = matrix<T>(k.values.rows(), k.values.cols());
+      } else {
+        detail::raise<unsupported_error>(where, "trainable tokens on '" + k.path + "': the model runs them on its input "
+                                                    "embedding '" + embed + "' and an untied lm_head only");
+      }
+    }
+    return t;
+  }
+
   model_type model_;
   std::string model_path_;
   std::map<std::string, io::adapter_config> configs_;

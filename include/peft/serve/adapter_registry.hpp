@@ -440,6 +440,12 @@ class adapter_registry {
   /// Checks a checkpoint against the bases and builds its immutable entry (outside any lock).
   std::shared_ptr<const adapter_data> make_data(const char* where, const std::string& name, io::peft_checkpoint<T> ck) const {
     if (name.empty()) peft::detail::raise<error>(where, "an adapter name must not be empty (\"\" means the base alone)");
+    if (!ck.embeddings.empty()) {
+      peft::detail::raise<unsupported_error>(where, "adapter '" + name + "' changes the embedding table of '" +
+                                                        ck.embeddings.first_path() +
+                                                        "' (LoRA on embeddings or trainable_token_indices), which serving "
+                                                        "does not run; merge it into the base");
+    }
     if (ck.modules.empty()) peft::detail::raise<error>(where, "adapter '" + name + "' has no module");
     if (!ck.saved_tensors.empty()) {
       peft::detail::raise<unsupported_error>(where, "adapter '" + name + "' replaces whole tensors (modules_to_save, e.g. '" +

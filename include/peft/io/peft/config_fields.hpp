@@ -14,8 +14,9 @@
 //     default for the refused fields below).
 // Refused with unsupported_error naming the field and why: the LoRA variants and layouts
 // peft-cpp does not implement (layer_replication, aLoRA's alora_invocation_tokens, use_qalora,
-// target_parameters, trainable_token_indices, megatron_config, arrow_config, ensure_weight_tying;
-// use_bdlora and the velora/monteclora/kasa configs outside plain LoRA, whose codec honours them), bias other than "none" (base biases trained and
+// target_parameters, megatron_config, arrow_config, ensure_weight_tying; use_bdlora,
+// trainable_token_indices and the velora/monteclora/kasa configs outside plain LoRA, whose loader
+// honours them), bias other than "none" (base biases trained and
 // saved), and init_lora_weights whose initialisation rewrites the base weights (pissa*, olora,
 // corda, loftq, lora_ga: PEFT's from_pretrained re-runs it, so the saved adapter is relative to a
 // residual base) unless the codec lists init_lora_weights itself (LoRA's recomputes "pissa" and
@@ -111,7 +112,9 @@ inline std::string refused_config_field(const std::string& name, const ordered_j
   if (name == "use_qalora") return "QA-LoRA pools the input in groups before lora_A, which is not implemented";
   if (name == "use_bdlora") return "block-diagonal LoRA (BD-LoRA) is implemented for plain LoRA only";
   if (name == "target_parameters") return "the adapter targets parameters (PEFT's ParamWrapper), not linear layers; not implemented";
-  if (name == "trainable_token_indices") return "trainable embedding rows (trainable tokens) are not implemented";
+  if (name == "trainable_token_indices") {
+    return "trainable embedding rows (trainable tokens) are implemented for plain LoRA only";
+  }
   if (name == "megatron_config") return "Megatron-LM's parallel layers are not implemented";
   if (name == "ensure_weight_tying") return "PEFT's weight tying of adapted embeddings is not implemented";
   if (name == "velora_config" || name == "monteclora_config" || name == "arrow_config" || name == "kasa_config") {
