@@ -214,6 +214,27 @@ std::vector<double> csv_losses(const fs::path& p) {
   }
   return out;
 }
+
+/// The tool's training loop in process: `logged.size()` optimizer steps of `opt` on model `m`,
+/// step s on token rows (s * batch + i) % rows.size() for i < batch (how `peft finetune --batch`
+/// reads a token file), each loss checked against the tool's log.
+template <class Model, class Optimizer>
+void replay_finetune(Model& m, Optimizer& opt, const std::vector<std::vector<long long>>& rows, long long batch,
+                     const std::vector<double>& logged) {
+  for (std::size_t step = 0; step < logged.size(); ++step) {
+    INFO("step " << step);
+    std::vector<std::vector<long long>> lines;
+    for (long long i = 0; i < batch; ++i) {
+      lines.push_back(rows[(step * static_cast<std::size_t>(batch) + static_cast<std::size_t>(i)) % rows.size()]);
+    }
+    const auto b = peft::models::token_batch::from_rows(lines);
+    const auto labels = peft::models::training_labels(b, std::vector<std::size_t>(lines.size(), 0));
+    m.zero_grad();
+    const double loss = m.loss_and_backward(b, labels, static_cast<double>(m.predicted_tokens(b, labels)));
+    CHECK(loss == Approx(logged[step]).epsilon(1e-8));
+    opt.step();
+  }
+}
 }  // namespace
 
 TEST_CASE("peft logits writes transformers+PEFT's logits as one F32 tensor", "[cli][models]") {
@@ -470,7 +491,6 @@ TEST_CASE("peft finetune --loraplus-ratio steps B at R times the lr, as loraplus
   const fs::path model = lm / "llama";
   const auto rows = peft::models::read_token_file(model / "tokens.txt");
   const auto all = peft::models::token_batch::from_rows(rows);
-  using peft::index;
   const auto out = s.dir / "dora";
   const auto r = run_cli("finetune --model " + q(model) + " --method dora --rank 2 --alpha 4 --targets all-linear --tokens " +
                              q(model / "tokens.txt") + " --steps 5 --batch 2 --lr 5e-3 --weight-decay 0.01 " +
@@ -495,16 +515,7 @@ TEST_CASE("peft finetune --loraplus-ratio steps B at R times the lr, as loraplus
   peft::train::adamw<double> opt(params, ao, peft::train::loraplus_groups<double>(ao, {.lr_ratio = 8}));
   const auto logged = csv_losses(s.dir / "log.csv");
   REQUIRE(logged.size() == 5);
-  for (index step = 0; step < 5; ++step) {
-    std::vector<std::vector<long long>> lines;
-    for (index i = 0; i < 2; ++i) lines.push_back(rows[static_cast<std::size_t>((step * 2 + i) % 3)]);
-    const auto b = peft::models::token_batch::from_rows(lines);
-    const auto labels = peft::models::training_labels(b, std::vector<std::size_t>(lines.size(), 0));
-    m.zero_grad();
-    const double loss = m.loss_and_backward(b, labels, static_cast<double>(m.predicted_tokens(b, labels)));
-    CHECK(loss == Approx(logged[static_cast<std::size_t>(step)]).epsilon(1e-8));
-    opt.step();
-  }
+  replay_finetune(m, opt, rows, 2, logged);
   (void)m.parameters();  // DoRA's cached norms follow the last step (train/optimizer.hpp)
   const auto want = m.forward(all);
   const auto got = peft::models::peft_model<double>::from_pretrained(peft::models::causal_lm<double>::load(model), out)
@@ -526,7 +537,6 @@ TEST_CASE("peft finetune --init pissa trains from PiSSA's start and saves the ad
   const fs::path model = lm / "llama";
   const auto rows = peft::models::read_token_file(model / "tokens.txt");
   const auto all = peft::models::token_batch::from_rows(rows);
-  using peft::index;
   const auto out = s.dir / "pissa";
   const auto r = run_cli("finetune --model " + q(model) + " --method lora --init pissa --rank 2 --alpha 4 --targets all-linear "
                              "--tokens " + q(model / "tokens.txt") + " --steps 4 --batch 2 --lr 5e-3 --seed 4 --precision f64 "
@@ -555,16 +565,7 @@ TEST_CASE("peft finetune --init pissa trains from PiSSA's start and saves the ad
   peft::train::adamw<double> opt(params, {.lr = 5e-3, .weight_decay = 0.0});  // the tool's default decay
   const auto logged = csv_losses(s.dir / "log.csv");
   REQUIRE(logged.size() == 4);
-  for (index step = 0; step < 4; ++step) {
-    std::vector<std::vector<long long>> lines;
-    for (index i = 0; i < 2; ++i) lines.push_back(rows[static_cast<std::size_t>((step * 2 + i) % 3)]);
-    const auto b = peft::models::token_batch::from_rows(lines);
-    const auto labels = peft::models::training_labels(b, std::vector<std::size_t>(lines.size(), 0));
-    m.zero_grad();
-    const double loss = m.loss_and_backward(b, labels, static_cast<double>(m.predicted_tokens(b, labels)));
-    CHECK(loss == Approx(logged[static_cast<std::size_t>(step)]).epsilon(1e-8));
-    opt.step();
-  }
+  replay_finetune(m, opt, rows, 2, logged);
   const auto want = m.forward(all);
   CHECK(peft_test::max_abs(peft_test::add(want, before, -1.0)) > 1e-6 * peft_test::max_abs(before));
   // Reloaded over the original model (the residual recomputed): the trained model's logits.

@@ -15,6 +15,7 @@
 #include "peft/io/merge.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/models/peft_model.hpp"
+#include "support/file_support.hpp"
 #include "support/test_support.hpp"
 
 namespace test_lora_variants {
@@ -31,16 +32,9 @@ const fs::path data = fs::path(PEFT_TEST_DATA_DIR) / "peft" / "decomposed";
 const fs::path base_dir = fs::path(PEFT_TEST_DATA_DIR) / "models" / "llama_lora" / "base";
 const char* const cases[] = {"pissa", "olora", "pissa_rslora"};
 
-struct scratch {
-  fs::path dir;
-  explicit scratch(const std::string& name) : dir(fs::temp_directory_path() / ("peft_decomposed_" + name)) {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~scratch() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
+/// A fresh directory under the system's temporary one, removed afterwards.
+struct scratch : peft_test::scratch_dir {
+  explicit scratch(const std::string& name) : peft_test::scratch_dir("peft_decomposed_" + name) {}
 };
 
 /// max |a - b| / max |b| over two matrices of one shape.

@@ -12,6 +12,7 @@
 #include "peft/io/merge.hpp"
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/file_support.hpp"
 #include "support/test_support.hpp"
 
 namespace test_merge_embeddings {
@@ -24,16 +25,9 @@ using peft_test::rel_error;
 
 const fs::path data = fs::path(PEFT_TEST_DATA_DIR) / "models" / "embeddings";
 
-struct scratch {
-  fs::path dir;
-  explicit scratch(const std::string& name) : dir(fs::temp_directory_path() / ("peft_merge_emb_" + name)) {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~scratch() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
+/// A fresh directory under the system's temporary one, removed afterwards.
+struct scratch : peft_test::scratch_dir {
+  explicit scratch(const std::string& name) : peft_test::scratch_dir("peft_merge_emb_" + name) {}
 };
 
 fs::path base_of(const std::string& c) { return data / (c.starts_with("tied") ? "base_tied" : "base_untied"); }
