@@ -215,6 +215,16 @@ std::vector<double> csv_losses(const fs::path& p) {
   return out;
 }
 
+// The parameters the tool's optimizer steps.
+template <class Model>
+std::vector<peft::parameter<double>> trainable_parameters(Model& m) {
+  std::vector<peft::parameter<double>> params;
+  for (auto& p : m.parameters()) {
+    if (p.trainable) params.push_back(p);
+  }
+  return params;
+}
+
 /// The tool's training loop in process: `logged.size()` optimizer steps of `opt` on model `m`,
 /// step s on token rows (s * batch + i) % rows.size() for i < batch (how `peft finetune --batch`
 /// reads a token file), each loss checked against the tool's log.
@@ -420,13 +430,7 @@ TEST_CASE("peft finetune --method dynamic_rank|sora trains the ranks as the libr
     CHECK(r.err.find("saved as a LoRA") != std::string::npos);
     // The same training in this process: peft_model, AdamW, the method's trainer, compaction.
     peft::models::peft_model<double> pm(peft::models::causal_lm<double>::load(model), model.string());
-    peft::models::adapter_options o;
-    o.method = method;
-    o.rank = 2;
-    o.alpha = 4;
-    o.targets = {"all-linear"};
-    o.seed = 3;
-    pm.add_adapter("default", o);
+    pm.add_adapter("default", {.method = method, .rank = 2, .alpha = 4, .targets = {"all-linear"}, .seed = 3});
     auto& m = pm.model();
     std::vector<peft::parameter<double>> params;
     for (auto& p : m.parameters()) {
@@ -499,20 +503,10 @@ TEST_CASE("peft finetune --loraplus-ratio steps B at R times the lr, as loraplus
   INFO(r.err);
   REQUIRE(r.status == 0);
   peft::models::peft_model<double> pm(peft::models::causal_lm<double>::load(model), model.string());
-  peft::models::adapter_options o;
-  o.method = "dora";
-  o.rank = 2;
-  o.alpha = 4;
-  o.targets = {"all-linear"};
-  o.seed = 4;
-  pm.add_adapter("default", o);
+  pm.add_adapter("default", {.method = "dora", .rank = 2, .alpha = 4, .targets = {"all-linear"}, .seed = 4});
   auto& m = pm.model();
-  std::vector<peft::parameter<double>> params;
-  for (auto& p : m.parameters()) {
-    if (p.trainable) params.push_back(p);
-  }
   const peft::train::adamw_options ao{.lr = 5e-3, .weight_decay = 0.01};
-  peft::train::adamw<double> opt(params, ao, peft::train::loraplus_groups<double>(ao, {.lr_ratio = 8}));
+  peft::train::adamw<double> opt(trainable_parameters(m), ao, peft::train::loraplus_groups<double>(ao, {.lr_ratio = 8}));
   const auto logged = csv_losses(s.dir / "log.csv");
   REQUIRE(logged.size() == 5);
   replay_finetune(m, opt, rows, 2, logged);
@@ -548,21 +542,10 @@ TEST_CASE("peft finetune --init pissa trains from PiSSA's start and saves the ad
   // The same training in process.
   peft::models::peft_model<double> pm(peft::models::causal_lm<double>::load(model), model.string());
   const auto before = pm.model().forward(all);
-  peft::models::adapter_options o;
-  o.method = "lora";
-  o.init = "pissa";
-  o.rank = 2;
-  o.alpha = 4;
-  o.targets = {"all-linear"};
-  o.seed = 4;
-  pm.add_adapter("default", o);
+  pm.add_adapter("default", {.method = "lora", .rank = 2, .alpha = 4, .targets = {"all-linear"}, .init = "pissa", .seed = 4});
   auto& m = pm.model();
   CHECK(peft_test::max_abs(peft_test::add(m.forward(all), before, -1.0)) < 1e-10 * peft_test::max_abs(before));
-  std::vector<peft::parameter<double>> params;
-  for (auto& p : m.parameters()) {
-    if (p.trainable) params.push_back(p);
-  }
-  peft::train::adamw<double> opt(params, {.lr = 5e-3, .weight_decay = 0.0});  // the tool's default decay
+  peft::train::adamw<double> opt(trainable_parameters(m), {.lr = 5e-3, .weight_decay = 0.0});  // the tool's default decay
   const auto logged = csv_losses(s.dir / "log.csv");
   REQUIRE(logged.size() == 4);
   replay_finetune(m, opt, rows, 2, logged);

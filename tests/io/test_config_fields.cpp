@@ -112,6 +112,20 @@ TEST_CASE("fields that change what an adapter computes are refused by name when 
   CHECK(load_with("ia3", i).find("'layer_replication'") != std::string::npos);
 }
 
+TEST_CASE("PEFT methods no codec reads are refused naming the peft_type, with the reason where there is one",
+          "[io][config]") {
+  for (const auto& [type, says] : {std::pair{"PSOFT", "singular vectors"}, std::pair{"PREFIX_TUNING", "prompt-learning"},
+                                   std::pair{"XLORA", "routes"}, std::pair{"LN_TUNING", "layer norms"},
+                                   std::pair{"ADAMSS", "is not supported (methods: "}}) {
+    INFO(type);
+    auto j = config_of("lora");
+    j["peft_type"] = type;
+    const std::string msg = load_with("lora", j);
+    CHECK(msg.find(std::string("peft_type '") + type + "'") != std::string::npos);
+    CHECK(msg.find(says) != std::string::npos);
+  }
+}
+
 TEST_CASE("default values, bookkeeping and initialisations that leave the base alone load", "[io][config]") {
   auto j = config_of("lora");
   j["layer_replication"] = nullptr;

@@ -374,6 +374,16 @@ TEST_CASE("LoRA variants: malformed checkpoints and missing bases are refused", 
   } catch (const peft::unsupported_error& e) {
     CHECK(std::string(e.what()).find("kasa_config") != std::string::npos);
   }
+  // KaSA and OSF over a quantized base: their decomposition is of the full-precision weight.
+  for (const char* v : {"kasa", "osf"}) {
+    try {
+      peft::io::merge_model(base_dir, variants / v / "adapter", s.dir / "q.safetensors", {.quantized_base = "int8"});
+      FAIL(std::string(v) + " merged into a quantized base");
+    } catch (const peft::unsupported_error& e) {
+      CHECK(std::string(e.what()).find("quantized base") != std::string::npos);
+    }
+    CHECK_FALSE(fs::exists(s.dir / "q.safetensors"));
+  }
   // OSF without the base weights; an OSF field in a LORA config.
   CHECK_THROWS_AS(peft::io::load_peft_checkpoint<double>(variants / "osf" / "adapter"), peft::unsupported_error);
   const fs::path osf_field = s.dir / "osf_field";

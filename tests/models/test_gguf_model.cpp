@@ -200,6 +200,14 @@ TEST_CASE("adapters exported for llama.cpp keep every module's scale and import 
       const auto cfg = gguf_config(peft::io::gguf_file::open(data / it.c / "f16.gguf"));
       const auto ck = peft::io::load_peft_checkpoint<double>(data / it.c / it.adapter);
       const fs::path out = fs::temp_directory_path() / (std::string("peft_test_gguf_export_") + it.c + it.adapter + ".gguf");
+      // A checkpoint that also replaces whole modules (modules_to_save) cannot be exported: refused
+      // by name, nothing written.
+      auto with_saved = ck;
+      with_saved.saved_tensors.push_back({"lm_head.weight", peft::dtype::f32, {1}, std::vector<std::byte>(4)});
+      fs::remove(out);
+      CHECK_THROWS_WITH(export_gguf_lora(with_saved, cfg, out),
+                        Catch::Contains("[export_gguf_lora]") && Catch::Contains("modules_to_save"));
+      CHECK_FALSE(fs::exists(out));
       export_gguf_lora(ck, cfg, out);
       const auto f = peft::io::gguf_file::open(out);
       CHECK(f.string("general.architecture") == it.c);

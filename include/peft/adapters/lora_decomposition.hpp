@@ -108,9 +108,7 @@ lora_factors<T> decompose_weight(lora_decomposition kind, matrix_view<const doub
 /// decompose_weight over any base (its rows dequantized into a double copy of W0).
 template <compute_scalar T, base_weight Base>
 lora_factors<T> decompose_base(lora_decomposition kind, const Base& base, index rank, double scale) {
-  matrix<double> w(base.out_features(), base.in_features());
-  for (index i = 0; i < w.rows(); ++i) base.dequantize_row(i, w.row(i));
-  return decompose_weight<T>(kind, w.view(), rank, scale);
+  return decompose_weight<T>(kind, dequantized_weight<double>(base).view(), rank, scale);
 }
 
 /// s B0 A0 (out, in): what the initialisation takes out of the base.

@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "peft/core/matrix.hpp"
 #include "peft/core/matrix_view.hpp"
 
 namespace peft {
@@ -32,6 +33,15 @@ concept base_weight = requires(const B& b, index i, matrix_view<const float> xf,
   b.dequantize_row(i, rd);
   { b.template bias_value<double>(i) } -> std::convertible_to<double>;
 };
+
+/// W0 decoded row by row into an (out, in) matrix of S: for decompositions, norms and merges
+/// (a copy in memory; products go through matmul).
+template <class S, base_weight B>
+matrix<S> dequantized_weight(const B& b) {
+  matrix<S> w(b.out_features(), b.in_features());
+  for (index i = 0; i < w.rows(); ++i) b.dequantize_row(i, w.row(i));
+  return w;
+}
 
 /// A base whose weight can be changed in place (merging adapters into it).
 template <class B>

@@ -20,11 +20,12 @@
 // the sum is RE-QUANTIZED to the format, as merging into a quantized layer must (PEFT warns the
 // same for bitsandbytes layers). The output holds the dequantized values of the re-quantized
 // weights (exactly representable in the format, so quantizing them again changes nothing for
-// int8 and q4_0); merge_report says how far re-quantization moved them from Wq + dW.
+// int8 and q4_0); merge_report says how far re-quantization moved them from Wq + dW. Adapters
+// defined over a decomposition of the full-precision weight (PiSSA/OLoRA saved unconverted, KaSA,
+// OSF) are refused there.
 #pragma once
 
 #include <algorithm>
-#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -145,16 +146,6 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
   // fan_in_fan_out per module, as PEFT decides it (model_files.hpp: stored_in_out).
   const adapter_config config = adapter_config::load(adapter_dir);
   const bool config_flag = config.fan_in_fan_out;
-  if (const auto init = config.raw.find("init_lora_weights");
-      opt.quantized_base && init != config.raw.end() && init->is_string() && !init->get<std::string>().empty()) {
-    std::string s = init->get<std::string>();
-    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-    if (s.starts_with("pissa") || s == "olora" || s == "corda" || s == "loftq" || s == "lora_ga") {
-      peft::detail::raise<unsupported_error>(where, "adapter_config.json: 'init_lora_weights' = \"" + s +
-                                                        "\" with a quantized base: the adapter is relative to a "
-                                                        "residual of the full-precision base, not of the quantized one");
-    }
-  }
   const auto ck = load_checkpoint_as<Adapter>(adapter_dir, [&](const std::string& module)
                                                    -> std::optional<std::pair<index, index>> {
     const auto name = model.resolve(module, "weight");
@@ -162,14 +153,20 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
     const auto& s = model.info(*name).shape;
     const auto rows = static_cast<index>(s[0]), cols = static_cast<index>(s[1]);
     return stored_in_out(model, module, std::nullopt, config_flag) ? std::pair{cols, rows} : std::pair{rows, cols};
-  }, [&](const std::string& module) -> std::optional<matrix<double>> {  // PiSSA/OLoRA re-run on W0
+  }, [&](const std::string& module) -> std::optional<matrix<double>> {
+    // Asked only by adapters defined over a decomposition of W0 (PiSSA/OLoRA saved unconverted,
+    // KaSA, OSF): PEFT recomputes it from the full-precision weight. Over a quantized base that
+    // decomposition is of another weight (PEFT refuses PiSSA and KaSA there): refused.
+    if (opt.quantized_base) {
+      peft::detail::raise<unsupported_error>(where, "module '" + module + "': the adapter is defined over a "
+                                                    "decomposition of the full-precision base weight (PiSSA/OLoRA "
+                                                    "saved unconverted, KaSA, OSF); merging it into a quantized base "
+                                                    "(" + *opt.quantized_base + ") is not supported");
+    }
     const auto name = model.resolve(module, "weight");
     if (!name || model.info(*name).shape.size() != 2 || !is_floating(model.info(*name).type)) return std::nullopt;
     const bool t = stored_in_out(model, module, std::nullopt, config_flag);
-    const dense<double> w0 = detail::read_base(model, *name, std::nullopt, t);
-    matrix<double> w(w0.out_features(), w0.in_features());
-    for (index i = 0; i < w.rows(); ++i) w0.dequantize_row(i, w.row(i));
-    return w;
+    return dequantized_weight<double>(detail::read_base(model, *name, std::nullopt, t));
   });
 
   // Plan and validate everything before writing a byte.

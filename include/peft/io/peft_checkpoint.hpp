@@ -286,6 +286,28 @@ inline void write_text_atomically(const std::filesystem::path& path, const std::
 
 namespace detail {
 
+/// Why a PEFT method that no codec reads is refused, for those whose reason is not merely "not
+/// yet" (empty otherwise).
+inline std::string refused_method_reason(std::string_view peft_type) {
+  for (const std::string_view prompt : {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING",
+                                        "ADAPTION_PROMPT", "CPT", "CARTRIDGE"}) {
+    if (peft_type == prompt) {
+      return "a prompt-learning method: it adds virtual tokens or key/value prefixes to the input, it adapts no "
+             "linear layer";
+    }
+  }
+  if (peft_type == "LN_TUNING") return "it tunes the layer norms, it adapts no linear layer";
+  if (peft_type == "POLY" || peft_type == "XLORA") {
+    return "it routes each input among several LoRAs by a learned gate: no one adapter or weight stands for it";
+  }
+  if (peft_type == "PSOFT") {
+    return "its rotation acts between the base weight's singular vectors, whose signs are the choice of the "
+           "LAPACK build that computed them when the adapter was created; they are not in the checkpoint, so its "
+           "update cannot be reproduced";
+  }
+  return {};
+}
+
 /// What both load_checkpoint_as overloads do: the first alternative of Adapter whose codec
 /// handles `config` reads the tensors of the file `weights()` returns (asked for only then).
 template <class Adapter, class Weights>
@@ -323,6 +345,9 @@ basic_peft_checkpoint<Adapter> load_checkpoint(adapter_config config, Weights&& 
   };
   for_each_type(methods{}, try_one);
   if (!loaded) {
+    if (const std::string why = refused_method_reason(ck.config.peft_type); !why.empty()) {
+      peft::detail::raise<unsupported_error>(where, "peft_type '" + ck.config.peft_type + "' is not supported: " + why);
+    }
     peft::detail::raise<unsupported_error>(where, "peft_type '" + ck.config.peft_type +
                                                       (ck.config.use_dora ? "' with use_dora" : "'") +
                                                       " is not supported (methods: " + supported + ")");

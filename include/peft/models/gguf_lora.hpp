@@ -15,8 +15,8 @@
 // Export takes every method whose update is exactly low rank, s diag(lambda) B diag(c) A (LoRA,
 // rsLoRA, rank and alpha patterns, AdaLoRA, VeRA): A' = diag(c) A, B' = diag(lambda) B. One
 // alpha is written (the first module's s r); a module whose s r differs gets it folded into B'.
-// Other methods (DoRA, LoHa, IA3, SHiRA, ...), lora_bias, and modules llama.cpp has no tensor
-// for are refused (unsupported_error, suggesting `peft merge`). For general.architecture
+// Other methods (DoRA, LoHa, IA3, SHiRA, ...), lora_bias, modules_to_save, embedding adapters,
+// and modules llama.cpp has no tensor for are refused (unsupported_error, suggesting `peft merge`). For general.architecture
 // "llama" the rows of B' for q and k are permuted as convert_hf_to_gguf.py permutes the base
 // weights (models/gguf_model.hpp); the head counts are also written (peft.attention.head_count,
 // peft.attention.head_count_kv) so import can undo it without the model.
@@ -72,6 +72,11 @@ void export_gguf_lora(const io::basic_peft_checkpoint<Adapter>& ck, const lm_con
     detail::raise<unsupported_error>(where, "the adapter changes the embedding table of '" + ck.embeddings.first_path() +
                                                 "' (LoRA on embeddings or trainable_token_indices), which a GGUF LoRA "
                                                 "adapter does not hold");
+  }
+  if (!ck.saved_tensors.empty()) {
+    detail::raise<unsupported_error>(where, "the adapter replaces whole modules (modules_to_save: '" +
+                                                ck.saved_tensors.front().name + "'), which a GGUF LoRA adapter does "
+                                                "not hold; use `peft merge` instead");
   }
   if (ck.modules.empty()) detail::raise<error>(where, "the checkpoint has no module");
   io::gguf_writer w;

@@ -108,7 +108,7 @@ class peft_model {
                                       "decomposition this adapter's initialisation re-runs needs the unmerged base");
         }
       }
-      return base_matrix(*l);
+      return dequantized_weight<double>(l->base());
     };
     auto ck = io::load_peft_checkpoint<T>(dir, shape, weights);
     if (!ck.saved_tensors.empty()) {
@@ -538,12 +538,6 @@ class peft_model {
   std::map<std::string, std::map<std::string, std::pair<lora_factors<T>, double>>> initial_;
 
   /// W0 of a layer's base, dequantized, in double.
-  static matrix<double> base_matrix(const typename model_type::linear& l) {
-    matrix<double> w(l.out_features(), l.in_features());
-    for (index i = 0; i < w.rows(); ++i) l.base().dequantize_row(i, w.row(i));
-    return w;
-  }
-
   /// add_adapter for lora with init "pissa" / "olora": factors for every chosen module first (so
   /// a failure changes nothing), then each base becomes its residual and the adapter starts at
   /// the factors.
