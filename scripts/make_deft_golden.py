@@ -94,6 +94,28 @@ def float32_error(out_dir, cfg, dims, scale, seed, conv):
     return ((y - ref["y"]).norm() / ref["y"].norm()).item()
 
 
+# Cases whose init.safetensors records PEFT's own initialisation (init_weights true, PEFT as
+# shipped: float32): <layer>.deft_P and <layer>.deft_R right after get_peft_model, before the
+# parameters are randomized. R = right^T W0 / s there (the adapter is a no-op).
+INIT_CASES = {"deft_relu_alpha", "deft_qr_alpha"}
+
+
+def save_init(out_dir, cfg, dims, seed):
+    from safetensors.torch import save_file
+    d_in, d_h, d_out = (int(v) for v in dims.split(","))
+    torch.manual_seed(seed)
+    net = make_peft_golden.Net(d_in, d_h, d_out).float()
+    c = dict(cfg)
+    c.setdefault("target_modules", ["up", "down"])
+    model = get_peft_model(net, get_peft_config(c))
+    t = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # base_model.model.<layer>.deft_<P|R>.default
+            parts = name.split(".")
+            t[f"{parts[2]}.{parts[3]}"] = p.detach().clone().contiguous()
+    save_file(t, os.path.join(out_dir, "init.safetensors"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -121,6 +143,8 @@ def main():
         with open(os.path.join(out, "case.json"), "w") as f:
             json.dump(info, f, indent=1)
         print(f"  PEFT float32 vs double reference: {err:.2e}")
+        if case in INIT_CASES:
+            save_init(out, cfg, dims, a.seed)
     make_peft_golden.Net = linear_net
 
 

@@ -191,6 +191,39 @@ TEST_CASE("deft golden deviations from PEFT (printed)", "[.deft_report]") {
   }
 }
 
+TEST_CASE("deft's init from the base equals PEFT's: R = right^T W0 / s for PEFT's P", "[deft][golden]") {
+  // init.safetensors: PEFT's P and R right after get_peft_model (float32, init_weights true).
+  for (const std::string name : {"deft_relu_alpha", "deft_qr_alpha"}) {
+    INFO("case " << name);
+    const auto dir = peft_test::golden_dir(name);
+    const auto base = peft::io::safetensors_file::open(dir / "base_model.safetensors");
+    const auto init = peft::io::safetensors_file::open(dir / "init.safetensors");
+    auto ck = peft::io::load_checkpoint_as<peft::deft<double>>(dir / "adapter");
+    for (const std::string l : {"up", "down"}) {
+      INFO("layer " << l);
+      const auto& trained = ck.find(l + ".weight")->adapter;
+      const peft::dense<double> w(base.read_matrix<double>(l + ".weight"), base.read<double>(l + ".bias"));
+      const auto p = init.read_matrix<double>(l + ".deft_P");
+      const auto r_peft = init.read_matrix<double>(l + ".deft_R");
+      REQUIRE(p.cols() == trained.rank());  // r capped at out_features on down (qr_alpha: 8 -> 6)
+      // The adapter with PEFT's P and R is a no-op to float rounding...
+      const peft::deft<double> a(p, r_peft, trained.projection(), trained.alpha(), 0);
+      peft::matrix<double> dw(w.out_features(), w.in_features());
+      a.delta_weight(w, dw.view());
+      CHECK(peft_test::max_abs(dw) < 1e-6);
+      // ... and R is right^T W0 / s from PEFT's P, as the init constructor computes it.
+      peft::matrix<double> right = p;
+      if (trained.projection() == deft_projection::qr) {
+        right = reference_q(p);
+      } else {
+        for (auto& v : right.storage()) v = std::max(v, 0.0);
+      }
+      const auto r_ref = peft_test::scaled(peft_test::ref_tn(right, w.weight()), 1.0 / trained.scaling());
+      CHECK(rel_error(r_peft, r_ref) < 1e-6);  // PEFT computed it in float32
+    }
+  }
+}
+
 TEST_CASE("deft golden checkpoints: ranks capped at out_features, alpha, para, projection", "[deft][golden]") {
   auto load = [](const std::string& name) {
     return peft_test::load_bound<peft::deft<double>>(
