@@ -11,6 +11,7 @@ or just `python3 scripts/check_with_peft.py` to resave and check every case of C
 in build/examples. Each case: the base model of tests/data/peft/<case>, PeftModel.from_pretrained
 on the re-saved adapter, its output on the golden x against the golden y (float64).
 """
+import json
 import os
 import subprocess
 import sys
@@ -28,22 +29,32 @@ CASES = ["lora", "lora_rslora", "lora_bias", "lora_rank_pattern", "dora", "vera"
          "hira_r4", "fourierft", "fourierft_seed", "road_1", "road_2", "road_4",
          "delora", "delora_lambda", "boft", "boft_butterfly2", "beft", "pvera", "pvera_r4", "unilora", "waveft",
          "waveft_coif2", "waveft_direct", "tinylora", "tinylora_r4", "glora",
-         "glora_vector", "glora_none"]
+         "glora_vector", "glora_none", "deft_relu", "deft_relu_alpha", "deft_qr", "deft_qr_alpha",
+         "deft_para_relu", "deft_para_qr", "deft_conv1d"]
 # PEFT's own FourierFT layer builds its delta in float32 and fails in a float64 model: these
 # cases are checked in float32 against the float64 reference (tolerance 1e-5).
 FLOAT32_CASES = {"fourierft", "fourierft_seed"}
 # PEFT computes C3A's term in float32 whatever the model's dtype: 3-4e-9 from the reference.
 TOLERANCE = {"c3a": 1e-7, "c3a_b32": 1e-7}
+# Likewise DeFT's (layer.py casts to torch.float32): 1-3e-7 from the reference (case.json's
+# peft_float32_rel_err).
+TOLERANCE.update({c: 1e-6 for c in CASES if c.startswith("deft_")})
+# Cases whose up and down are transformers' Conv1D (GPT-2's layout), not nn.Linear.
+CONV1D_CASES = {"deft_conv1d"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Net(nn.Module):
     """The golden cases' model: y = down(relu(up(x)))."""
 
-    def __init__(self):
+    def __init__(self, d_in=64, d_h=96, d_out=48, conv1d=False):
         super().__init__()
-        self.up = nn.Linear(64, 96)
-        self.down = nn.Linear(96, 48)
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+            self.up, self.down = Conv1D(d_h, d_in), Conv1D(d_out, d_h)
+        else:
+            self.up = nn.Linear(d_in, d_h)
+            self.down = nn.Linear(d_h, d_out)
 
     def forward(self, x):
         return self.down(torch.relu(self.up(x)))
@@ -55,7 +66,9 @@ def check(case, saved_dir):
     dt = torch.float32 if f32 else torch.float64
     tol = 1e-5 if f32 else TOLERANCE.get(case, 1e-9)
     torch.set_default_dtype(dt)
-    net = Net().to(dt)
+    with open(os.path.join(data, "case.json")) as f:
+        dims = json.load(f)["dims"]
+    net = Net(dims["d_in"], dims["d_h"], dims["d_out"], case in CONV1D_CASES).to(dt)
     net.load_state_dict({k: v.to(dt) for k, v in load_file(os.path.join(data, "base_model.safetensors")).items()})
     ref = load_file(os.path.join(data, "reference.safetensors"))
     with warnings.catch_warnings(record=True) as caught:

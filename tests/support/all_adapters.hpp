@@ -11,6 +11,7 @@
 #include "support/traits_boft.hpp"
 #include "support/traits_c3a.hpp"
 #include "support/traits_compacter.hpp"
+#include "support/traits_deft.hpp"
 #include "support/traits_delora.hpp"
 #include "support/traits_dora.hpp"
 #include "support/traits_dynamic_rank.hpp"

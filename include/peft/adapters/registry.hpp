@@ -11,6 +11,7 @@
 #include "peft/adapters/boft.hpp"
 #include "peft/adapters/c3a.hpp"
 #include "peft/adapters/compacter.hpp"
+#include "peft/adapters/deft.hpp"
 #include "peft/adapters/delora.hpp"
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/dynamic_rank.hpp"
@@ -45,6 +46,6 @@ using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, sh
                                       ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>,
                                       hra<T>, miss<T>, c3a<T>, gralora<T>, hira<T>, fourierft<T>, road<T>, delora<T>,
                                       boft<T>, beft<T>, pvera<T>, unilora<T>, waveft<T>,
-                                      tinylora<T>, glora<T>>;
+                                      tinylora<T>, glora<T>, deft<T>>;
 
 }  // namespace peft

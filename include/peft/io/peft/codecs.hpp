@@ -7,6 +7,7 @@
 #include "peft/io/peft/boft.hpp"
 #include "peft/io/peft/c3a.hpp"
 #include "peft/io/peft/compacter.hpp"
+#include "peft/io/peft/deft.hpp"
 #include "peft/io/peft/delora.hpp"
 #include "peft/io/peft/dora.hpp"
 #include "peft/io/peft/dynamic_rank.hpp"
