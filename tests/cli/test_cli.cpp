@@ -430,7 +430,13 @@ TEST_CASE("peft finetune --method dynamic_rank|sora trains the ranks as the libr
     CHECK(r.err.find("saved as a LoRA") != std::string::npos);
     // The same training in this process: peft_model, AdamW, the method's trainer, compaction.
     peft::models::peft_model<double> pm(peft::models::causal_lm<double>::load(model), model.string());
-    pm.add_adapter("default", {.method = method, .rank = 2, .alpha = 4, .targets = {"all-linear"}, .seed = 3});
+    peft::models::adapter_options o;
+    o.method = method;
+    o.rank = 2;
+    o.alpha = 4;
+    o.targets = {"all-linear"};
+    o.seed = 3;
+    pm.add_adapter("default", o);
     auto& m = pm.model();
     std::vector<peft::parameter<double>> params;
     for (auto& p : m.parameters()) {
@@ -503,7 +509,13 @@ TEST_CASE("peft finetune --loraplus-ratio steps B at R times the lr, as loraplus
   INFO(r.err);
   REQUIRE(r.status == 0);
   peft::models::peft_model<double> pm(peft::models::causal_lm<double>::load(model), model.string());
-  pm.add_adapter("default", {.method = "dora", .rank = 2, .alpha = 4, .targets = {"all-linear"}, .seed = 4});
+  peft::models::adapter_options o;
+  o.method = "dora";
+  o.rank = 2;
+  o.alpha = 4;
+  o.targets = {"all-linear"};
+  o.seed = 4;
+  pm.add_adapter("default", o);
   auto& m = pm.model();
   const peft::train::adamw_options ao{.lr = 5e-3, .weight_decay = 0.01};
   peft::train::adamw<double> opt(trainable_parameters(m), ao, peft::train::loraplus_groups<double>(ao, {.lr_ratio = 8}));
@@ -542,7 +554,14 @@ TEST_CASE("peft finetune --init pissa trains from PiSSA's start and saves the ad
   // The same training in process.
   peft::models::peft_model<double> pm(peft::models::causal_lm<double>::load(model), model.string());
   const auto before = pm.model().forward(all);
-  pm.add_adapter("default", {.method = "lora", .rank = 2, .alpha = 4, .targets = {"all-linear"}, .init = "pissa", .seed = 4});
+  peft::models::adapter_options o;
+  o.method = "lora";
+  o.init = "pissa";
+  o.rank = 2;
+  o.alpha = 4;
+  o.targets = {"all-linear"};
+  o.seed = 4;
+  pm.add_adapter("default", o);
   auto& m = pm.model();
   CHECK(peft_test::max_abs(peft_test::add(m.forward(all), before, -1.0)) < 1e-10 * peft_test::max_abs(before));
   peft::train::adamw<double> opt(trainable_parameters(m), {.lr = 5e-3, .weight_decay = 0.0});  // the tool's default decay
