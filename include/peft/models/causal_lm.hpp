@@ -33,6 +33,7 @@
 #include "peft/io/gguf.hpp"
 #include "peft/io/model_files.hpp"
 #include "peft/io/safetensors.hpp"
+#include "peft/kernels/attention.hpp"
 #include "peft/kernels/gemm.hpp"
 #include "peft/kernels/parallel.hpp"
 #include "peft/layer/adapted_linear.hpp"
@@ -446,7 +447,7 @@ class causal_lm {
     std::vector<T> qn_inv, kn_inv;
     matrix<T> q, k, v;        // rotated q, k; v (rows, heads*hd | kv*hd)
     matrix<T> qkv;            // GPT-2's fused projection output
-    std::vector<T> probs;     // attention probabilities, per sequence and head
+    std::vector<T> lse;       // attention's log-sum-exp per (row, head)
     matrix<T> att;            // attention output (rows, heads*hd)
     matrix<T> h;              // after the attention residual
     matrix<T> g, u, a;        // gate (or c_fc) output, up output, activation (input of down)
@@ -857,91 +858,61 @@ class causal_lm {
   /// Which keys a query sees: its own sequence, columns <= its own, within the sliding window.
   index window_of(index l) const { return cfg_.sliding_window[static_cast<std::size_t>(l)]; }
 
-  /// Attention of every sequence and head; s.att (rows, heads*hd). With a cache (decode), the
-  /// keys and values are appended to it and the queries attend to everything it holds.
+  /// Attention of every sequence and head (kernels/attention.hpp: blocked, online softmax);
+  /// s.att (rows, heads*hd), and with `full` s.lse (rows, heads), which the backward forms the
+  /// probabilities again from. With a cache (decode), the keys and values are appended to it and
+  /// the queries attend to everything it holds.
   void attention_forward(index l, saved& s, bool full) {
     const index R = packed_.rows, hd = cfg_.head_dim, nh = cfg_.heads, group = cfg_.heads / cfg_.kv_heads;
-    const index qd = nh * hd;
-    const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-    const index window = window_of(l);
+    const index qd = nh * hd, kvd = cfg_.kv_heads * hd;
     s.att = matrix<T>(R, qd);
     const index nseq = static_cast<index>(packed_.start.size()) - 1;
-    // Key/value rows and their columns: the batch's own rows, or the cache (decode).
+    // Key/value rows and their positions: the batch's own rows, or the cache (decode).
     const T* kbase = s.k.data();
     const T* vbase = s.v.data();
-    const index kvd = cfg_.kv_heads * hd;
-    std::vector<index> kcol_cache;
+    const index past = cache_ != nullptr ? cache_->len_ : 0;
+    std::vector<index> cache_pos;
     if (cache_ != nullptr) {
       auto& ck = cache_->k[static_cast<std::size_t>(l)];
       auto& cv = cache_->v[static_cast<std::size_t>(l)];
-      const index start = cache_->len_;
       for (index r = 0; r < R; ++r) {
-        std::copy(s.k.row(r), s.k.row(r) + kvd, ck.row(start + r));
-        std::copy(s.v.row(r), s.v.row(r) + kvd, cv.row(start + r));
+        std::copy(s.k.row(r), s.k.row(r) + kvd, ck.row(past + r));
+        std::copy(s.v.row(r), s.v.row(r) + kvd, cv.row(past + r));
       }
       kbase = ck.data();
       vbase = cv.data();
-    }
-    // probability offsets per (sequence, head)
-    std::vector<std::size_t> off(static_cast<std::size_t>(nseq * nh + 1), 0);
-    for (index q = 0; q < nseq; ++q) {
-      const index len = packed_.start[static_cast<std::size_t>(q) + 1] - packed_.start[static_cast<std::size_t>(q)];
-      const index klen = cache_ != nullptr ? cache_->len_ + len : len;
-      for (index h = 0; h < nh; ++h) {
-        const auto i = static_cast<std::size_t>(q * nh + h);
-        off[i + 1] = off[i] + static_cast<std::size_t>(len * klen);
-      }
+      cache_pos.resize(static_cast<std::size_t>(past + R));
+      for (index j = 0; j < past + R; ++j) cache_pos[static_cast<std::size_t>(j)] = j;
     }
     std::vector<T> local;
-    std::vector<T>& probs = full ? s.probs : local;
-    probs.assign(off.back(), T{0});
-    kernels::parallel_ranges(nseq * nh, 1, static_cast<double>(off.back()) * static_cast<double>(hd) * 4,
-                             [&](index first, index last) {
+    std::vector<T>& lse = full ? s.lse : local;
+    lse.assign(static_cast<std::size_t>(R * nh), T{0});
+    double work = 0;
+    for (index q = 0; q < nseq; ++q) {
+      const index len = packed_.start[static_cast<std::size_t>(q) + 1] - packed_.start[static_cast<std::size_t>(q)];
+      work += 4.0 * static_cast<double>(len) * static_cast<double>(past + len) * static_cast<double>(qd);
+    }
+    kernels::parallel_ranges(nseq * nh, 1, work, [&](index first, index last) {
+      kernels::attention_workspace<T> ws;
       for (index job = first; job < last; ++job) {
         const index q = job / nh, h = job % nh, kh = h / group;
         const index r0 = packed_.start[static_cast<std::size_t>(q)];
         const index len = packed_.start[static_cast<std::size_t>(q) + 1] - r0;
-        const index past = cache_ != nullptr ? cache_->len_ : 0;
         const index k0 = cache_ != nullptr ? 0 : r0;
-        const index klen = past + len;
-        T* P = probs.data() + off[static_cast<std::size_t>(job)];
-        for (index i = 0; i < len; ++i) {
-          const index qcol = cache_ != nullptr ? past + i : packed_.col[static_cast<std::size_t>(r0 + i)];
-          const T* qv = s.q.row(r0 + i) + h * hd;
-          T* Pi = P + i * klen;
-          index visible = 0;
-          double m = -HUGE_VAL;
-          for (index j = 0; j < klen; ++j) {
-            const index kcol = cache_ != nullptr ? j : packed_.col[static_cast<std::size_t>(k0 + j)];
-            if (kcol > qcol || (window > 0 && qcol - kcol >= window)) {
-              Pi[j] = T{0};
-              continue;
-            }
-            const T* kv = kbase + (k0 + j) * kvd + kh * hd;
-            T dot{0};
-            for (index d = 0; d < hd; ++d) dot += qv[d] * kv[d];
-            Pi[j] = static_cast<T>(dot * scale);
-            m = std::max(m, static_cast<double>(Pi[j]));
-            ++visible;
-          }
-          double sum = 0;
-          for (index j = 0; j < klen; ++j) {
-            const index kcol = cache_ != nullptr ? j : packed_.col[static_cast<std::size_t>(k0 + j)];
-            if (kcol > qcol || (window > 0 && qcol - kcol >= window)) continue;
-            const double e = std::exp(static_cast<double>(Pi[j]) - m);
-            Pi[j] = static_cast<T>(e);
-            sum += e;
-          }
-          T* out = s.att.row(r0 + i) + h * hd;
-          std::fill(out, out + hd, T{0});
-          if (visible == 0) continue;
-          for (index j = 0; j < klen; ++j) {
-            if (Pi[j] == T{0}) continue;
-            Pi[j] = static_cast<T>(Pi[j] / sum);
-            const T* vv = vbase + (k0 + j) * kvd + kh * hd;
-            for (index d = 0; d < hd; ++d) out[d] += Pi[j] * vv[d];
-          }
-        }
+        kernels::attention_problem<T> p;
+        p.nq = len;
+        p.nk = past + len;
+        p.head_dim = hd;
+        p.q = s.q.row(r0) + h * hd;
+        p.ldq = qd;
+        p.k = kbase + k0 * kvd + kh * hd;
+        p.v = vbase + k0 * kvd + kh * hd;
+        p.ldkv = kvd;
+        p.qpos = cache_ != nullptr ? cache_pos.data() + past : packed_.col.data() + r0;
+        p.kpos = cache_ != nullptr ? cache_pos.data() : packed_.col.data() + r0;
+        p.window = window_of(l);
+        p.scale = 1.0 / std::sqrt(static_cast<double>(hd));
+        kernels::attention_forward(p, s.att.row(r0) + h * hd, qd, lse.data() + r0 * nh + h, nh, ws);
       }
     });
   }
@@ -1122,7 +1093,7 @@ class causal_lm {
     matrix<T> datt;
     back(*b.proj[gpt2() ? attn_out_ : o_], s.att, dh, datt);
     matrix<T> dq(R, s.q.cols()), dk(R, s.k.cols()), dv(R, s.v.cols());
-    attention_backward(s, datt, dq, dk, dv);
+    attention_backward(l, s, datt, dq, dk, dv);
     matrix<T> dn1(R, H);
     if (gpt2()) {
       matrix<T> dqkv(R, 3 * H);
@@ -1160,65 +1131,45 @@ class causal_lm {
     return dx;
   }
 
-  /// dq, dk, dv from d(attention output), with the probabilities forward kept.
-  void attention_backward(const saved& s, const matrix<T>& datt, matrix<T>& dq, matrix<T>& dk, matrix<T>& dv) {
+  /// dq, dk, dv from d(attention output), from the forward's output and lse
+  /// (kernels/attention.hpp).
+  void attention_backward(index l, const saved& s, const matrix<T>& datt, matrix<T>& dq, matrix<T>& dk, matrix<T>& dv) {
     const index hd = cfg_.head_dim, nh = cfg_.heads, group = cfg_.heads / cfg_.kv_heads;
-    const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
+    const index qd = nh * hd, kvd = cfg_.kv_heads * hd;
     const index nseq = static_cast<index>(packed_.start.size()) - 1;
     dq.fill(T{0});
     dk.fill(T{0});
     dv.fill(T{0});
+    double work = 0;
+    for (index q = 0; q < nseq; ++q) {
+      const index len = packed_.start[static_cast<std::size_t>(q) + 1] - packed_.start[static_cast<std::size_t>(q)];
+      work += 10.0 * static_cast<double>(len) * static_cast<double>(len) * static_cast<double>(qd);
+    }
     // Sequences are independent; heads of one kv group write the same dk/dv, so a job is a
     // (sequence, kv head) pair.
     const index nkv = cfg_.kv_heads;
-    std::vector<std::size_t> off(static_cast<std::size_t>(nseq * nh + 1), 0);
-    for (index q = 0; q < nseq; ++q) {
-      const index len = packed_.start[static_cast<std::size_t>(q) + 1] - packed_.start[static_cast<std::size_t>(q)];
-      for (index h = 0; h < nh; ++h) {
-        const auto i = static_cast<std::size_t>(q * nh + h);
-        off[i + 1] = off[i] + static_cast<std::size_t>(len * len);
-      }
-    }
-    kernels::parallel_ranges(nseq * nkv, 1, static_cast<double>(off.back()) * static_cast<double>(hd) * 8,
-                             [&](index first, index last) {
-      std::vector<T> dP;
+    kernels::parallel_ranges(nseq * nkv, 1, work, [&](index first, index last) {
+      kernels::attention_workspace<T> ws;
       for (index job = first; job < last; ++job) {
         const index q = job / nkv, kh = job % nkv;
         const index r0 = packed_.start[static_cast<std::size_t>(q)];
         const index len = packed_.start[static_cast<std::size_t>(q) + 1] - r0;
-        dP.resize(static_cast<std::size_t>(len));
         for (index h = kh * group; h < (kh + 1) * group; ++h) {
-          const T* P = s.probs.data() + off[static_cast<std::size_t>(q * nh + h)];
-          for (index i = 0; i < len; ++i) {
-            const T* Pi = P + i * len;
-            const T* dO = datt.row(r0 + i) + h * hd;
-            double rowdot = 0;
-            for (index j = 0; j < len; ++j) {
-              if (Pi[j] == T{0}) {
-                dP[static_cast<std::size_t>(j)] = T{0};
-                continue;
-              }
-              const T* vv = s.v.row(r0 + j) + kh * hd;
-              T dot{0};
-              for (index d = 0; d < hd; ++d) dot += dO[d] * vv[d];
-              dP[static_cast<std::size_t>(j)] = dot;
-              rowdot += static_cast<double>(dot) * Pi[j];
-              T* dvv = dv.row(r0 + j) + kh * hd;
-              for (index d = 0; d < hd; ++d) dvv[d] += Pi[j] * dO[d];
-            }
-            const T* qv = s.q.row(r0 + i) + h * hd;
-            T* dqv = dq.row(r0 + i) + h * hd;
-            for (index j = 0; j < len; ++j) {
-              if (Pi[j] == T{0}) continue;
-              const T dS = static_cast<T>(Pi[j] * (dP[static_cast<std::size_t>(j)] - rowdot)) * scale;
-              const T* kv = s.k.row(r0 + j) + kh * hd;
-              T* dkv = dk.row(r0 + j) + kh * hd;
-              for (index d = 0; d < hd; ++d) {
-                dqv[d] += dS * kv[d];
-                dkv[d] += dS * qv[d];
-              }
-            }
-          }
+          kernels::attention_problem<T> p;
+          p.nq = len;
+          p.nk = len;
+          p.head_dim = hd;
+          p.q = s.q.row(r0) + h * hd;
+          p.ldq = qd;
+          p.k = s.k.row(r0) + kh * hd;
+          p.v = s.v.row(r0) + kh * hd;
+          p.ldkv = kvd;
+          p.qpos = packed_.col.data() + r0;
+          p.kpos = packed_.col.data() + r0;
+          p.window = window_of(l);
+          p.scale = 1.0 / std::sqrt(static_cast<double>(hd));
+          kernels::attention_backward(p, s.att.row(r0) + h * hd, qd, datt.row(r0) + h * hd, qd, s.lse.data() + r0 * nh + h,
+                                      nh, dq.row(r0) + h * hd, qd, dk.row(r0) + kh * hd, dv.row(r0) + kh * hd, kvd, ws);
         }
       }
     });

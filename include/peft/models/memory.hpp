@@ -111,8 +111,9 @@ inline training_memory estimate_training_memory(const lm_config& c, const traini
   // three (3I; GPT-2: the fused qkv 3H and two of I), each projection's adapter intermediate.
   const std::size_t per_token = (c.is_gpt2() ? 4 * H + 2 * q + 2 * kv + 3 * H + 2 * I : 4 * H + 2 * q + 2 * kv + 3 * I) +
                                 static_cast<std::size_t>(s.adapter_rank) * block_projections(c).size();
-  const std::size_t probs = B * static_cast<std::size_t>(c.heads) * S * S;
-  const std::size_t block = (tokens * per_token + probs) * sz;
+  // Attention keeps one log-sum-exp per (token, head); its scores exist a block at a time.
+  const std::size_t attention = tokens * static_cast<std::size_t>(c.heads);
+  const std::size_t block = (tokens * per_token + attention) * sz;
   m.activations = (s.checkpointing ? L * tokens * H * sz + block : L * block) + block;  // + backward's working set
   m.logits = 2 * tokens * V * sz;
   return m;
