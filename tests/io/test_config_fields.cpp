@@ -116,7 +116,10 @@ TEST_CASE("PEFT methods no codec reads are refused naming the peft_type, with th
           "[io][config]") {
   for (const auto& [type, says] : {std::pair{"PSOFT", "singular vectors"}, std::pair{"PREFIX_TUNING", "prompt-learning"},
                                    std::pair{"XLORA", "routes"}, std::pair{"LN_TUNING", "layer norms"},
-                                   std::pair{"ADAMSS", "is not supported (methods: "}}) {
+                                   std::pair{"LILY", "other sequences of its batch"},
+                                   std::pair{"SHADOW", "second, smaller transformer"},
+                                   std::pair{"ADAMSS", "scatter_index"},
+                                   std::pair{"NOT_A_PEFT_METHOD", "is not supported (methods: "}}) {
     INFO(type);
     auto j = config_of("lora");
     j["peft_type"] = type;

@@ -305,6 +305,19 @@ inline std::string refused_method_reason(std::string_view peft_type) {
            "LAPACK build that computed them when the adapter was created; they are not in the checkpoint, so its "
            "update cannot be reproduced";
   }
+  if (peft_type == "LILY") {
+    return "its router mixes the shared up-projections by the routing weights averaged over every token of the "
+           "batch, so a sequence's output depends on the other sequences of its batch: no weight stands for it (PEFT "
+           "cannot merge it either)";
+  }
+  if (peft_type == "SHADOW") {
+    return "it runs a second, smaller transformer beside the model and adds its state to whole decoder blocks' "
+           "outputs: it adapts no linear layer and cannot be merged";
+  }
+  if (peft_type == "ADAMSS") {
+    return "which output rows each subspace updates (scatter_index) is not in the checkpoint: PEFT recomputes it on "
+           "load from a seeded randomized SVD and k-means, which another machine or library does not reproduce";
+  }
   return {};
 }
 
