@@ -395,19 +395,26 @@ TEMPLATE_TEST_CASE("peanut merge and unmerge: unmerge subtracts what merge added
   layer.unmerge("a");
   CHECK(rel_error(layer.base().weight(), w0.weight()) < tolerance<T>(1e-15, 1e-6));
 
-  // Without the merge remembered for that base object: refused, the merged weight does not
-  // determine W0.
+  // Another base object: the remembered delta is used when the base minus it gives back the
+  // remembered F (a copy of the merged base), refused otherwise; an adapter that never merged
+  // refuses (the merged weight does not determine W0).
   peft::matrix<T> dw(out, in);
   const peft::peanut<T> fresh = a;
   peft::dense<T> merged(w0);
   fresh.delta_weight(w0, dw.view());
   merged.add_to_weight(peft::matrix_view<const T>(dw.view()), 1.0);
+  const peft::dense<T> copy(merged);
   peft::matrix<T> back(out, in);
-  CHECK(message_of([&] { fresh.unmerge_delta(merged, back.view()); })
-            .starts_with("[peanut::unmerge_delta] PEANuT's delta is a function of W0"));
-  CHECK(message_of([&] { a.unmerge_delta(merged, back.view()); }).starts_with("[peanut::unmerge_delta]"));
-  fresh.unmerge_delta(w0, back.view());  // the base it merged: exactly dw
+  fresh.unmerge_delta(copy, back.view());
   CHECK(rel_error(back, dw) == 0.0);
+  fresh.unmerge_delta(w0, back.view());  // the base object it merged: used as remembered
+  CHECK(rel_error(back, dw) == 0.0);
+  peft::dense<T> other(merged);
+  other.add_to_weight(peft::matrix_view<const T>(peft_test::random_matrix<T>(out, in, g).view()), 0.1);
+  CHECK(message_of([&] { fresh.unmerge_delta(other, back.view()); })
+            .starts_with("[peanut::unmerge_delta] PEANuT's delta is a function of W0"));
+  CHECK(message_of([&] { a.unmerge_delta(merged, back.view()); })
+            .starts_with("[peanut::unmerge_delta] PEANuT's delta is a function of W0"));
 }
 
 TEMPLATE_TEST_CASE("peanut rejects bad shapes, activations and checkpoints with clear errors", "[peanut]", float, double) {

@@ -13,7 +13,8 @@
 // others are refused by name). The term reads W0 (through H0), so the passes are written here:
 // W0^T A^T and backward's dA = (W0 dZ0)^T read W0 a row at a time through the base's
 // dequantize_row, whatever its format; only (in, r) intermediates are formed. Merging remembers
-// F and B so unmerge subtracts exactly what merge added (PEFT restores a copy of W0).
+// F and B so unmerge subtracts exactly what merge added (PEFT restores a copy of W0); the
+// merged weight alone does not determine W0 and is refused.
 // Checkpoints: io/peft/peanut.hpp. Details: docs/methods/peanut.md.
 #pragma once
 
@@ -23,6 +24,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -281,6 +283,9 @@ class peanut {
     chain(w, k);
     merged_f_ = std::move(k.gd.back());
     merged_b_ = b_;
+    merged_a_ = a_;
+    merged_enc_ = enc_;
+    merged_dec_ = dec_;
     merged_base_ = static_cast<const void*>(&w);
     kernels::gemm_nt<T, T>(scaling_, merged_b_.view(), merged_f_.view(), 0.0, dw);
   }
@@ -291,20 +296,22 @@ class peanut {
     return false;
   }
 
-  /// What merge added, for the base merge was given: s B F^T with the B and F delta_weight
-  /// remembered (the same numbers, whatever the parameters are now). dW depends on W0, which the
-  /// merged weight W0 + dW does not determine: without a remembered merge on this base,
+  /// What merge added: s B F^T with the F and B delta_weight remembered (the same numbers,
+  /// whatever the parameters are now). On the base object merge was given, used as they are; on
+  /// another one (a copy or a moved layer) only if W' - s B F^T gives back F through the chain of
+  /// the parameters merge used (to 1e-9 in double, 1e-4 in float, relative to max |F|). dW
+  /// depends on W0, which W0 + dW alone does not determine: without such a remembered merge,
   /// peft::error says so (PEFT keeps a copy of W0 for unmerge instead).
   template <base_weight Base>
   void unmerge_delta(const Base& merged, matrix_view<T> dw) const {
     constexpr const char* where = "peanut::unmerge_delta";
     check_base(where, merged);
     detail::expect_shape(where, "dw", dw, out_features(), in_features());
-    if (merged_base_ != static_cast<const void*>(&merged) || merged_f_.rows() != in_features() ||
-        merged_b_.rows() != out_features()) {
+    const bool remembered = merged_f_.rows() == in_features() && merged_b_.rows() == out_features();
+    if (!remembered || (merged_base_ != static_cast<const void*>(&merged) && !reproduces_merge(merged))) {
       detail::raise<error>(where, "PEANuT's delta is a function of W0, which the merged weight W0 + dW does not "
                                   "determine: unmerge needs the delta that merging this base remembered (merge and "
-                                  "unmerge with the same adapter and base)");
+                                  "unmerge with the same adapter, on that base or a copy of it)");
     }
     kernels::gemm_nt<T, T>(scaling_, merged_b_.view(), merged_f_.view(), 0.0, dw);
   }
@@ -400,6 +407,42 @@ class peanut {
                   matrix_view<T> dx) const {
     check_ready(where);
     detail::check_adapter_grad(where, *this, w, x, g, dx);
+  }
+
+  /// The rows of W' - s B F^T (the merged base minus the remembered delta), for the chain.
+  template <class Base>
+  struct unmerged_rows {
+    const Base& merged;
+    const matrix<T>& b;
+    const matrix<T>& f;
+    double s;
+    void dequantize_row(index o, double* row) const {
+      merged.dequantize_row(o, row);
+      const T* bo = b.row(o);
+      for (index j = 0; j < f.rows(); ++j) {
+        const T* fj = f.row(j);
+        double d = 0;
+        for (index i = 0; i < f.cols(); ++i) d += static_cast<double>(bo[i]) * static_cast<double>(fj[i]);
+        row[j] -= s * d;
+      }
+    }
+  };
+
+  /// Whether the merged base minus the remembered delta gives back the remembered F through the
+  /// parameters merge used: the remembered merge is this base's.
+  template <class Base>
+  bool reproduces_merge(const Base& merged) const {
+    peanut then(merged_a_, merged_enc_, merged_dec_, merged_b_, act_name_, scaling_, in_);
+    cache_type k;
+    then.chain(unmerged_rows<Base>{merged, merged_b_, merged_f_, scaling_}, k);
+    const matrix<T>& f = k.gd.back();
+    double scale = 0, diff = 0;
+    for (std::size_t e = 0; e < f.storage().size(); ++e) {
+      scale = std::max(scale, std::abs(static_cast<double>(merged_f_.storage()[e])));
+      diff = std::max(diff, std::abs(static_cast<double>(f.storage()[e]) - static_cast<double>(merged_f_.storage()[e])));
+    }
+    const double tol = std::is_same_v<T, float> ? 1e-4 : 1e-9;
+    return diff <= tol * std::max(scale, 1e-30);
   }
 
   /// out = act(z) elementwise.
@@ -574,7 +617,8 @@ class peanut {
   matrix<T> ga_, gb_;
   std::vector<matrix<T>> genc_, gdec_;
   // What the last delta_weight added: F, B and the base it read.
-  mutable matrix<T> merged_f_, merged_b_;
+  mutable matrix<T> merged_f_, merged_b_, merged_a_;
+  mutable std::vector<matrix<T>> merged_enc_, merged_dec_;
   mutable const void* merged_base_ = nullptr;
 };
 
