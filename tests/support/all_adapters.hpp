@@ -26,6 +26,7 @@
 #include "support/traits_lora.hpp"
 #include "support/traits_miss.hpp"
 #include "support/traits_oft.hpp"
+#include "support/traits_peanut.hpp"
 #include "support/traits_phm_delta.hpp"
 #include "support/traits_pvera.hpp"
 #include "support/traits_randlora.hpp"

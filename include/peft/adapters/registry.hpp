@@ -26,6 +26,7 @@
 #include "peft/adapters/lora.hpp"
 #include "peft/adapters/miss.hpp"
 #include "peft/adapters/oft.hpp"
+#include "peft/adapters/peanut.hpp"
 #include "peft/adapters/phm_delta.hpp"
 #include "peft/adapters/pvera.hpp"
 #include "peft/adapters/randlora.hpp"
@@ -46,6 +47,6 @@ using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, sh
                                       ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>,
                                       hra<T>, miss<T>, c3a<T>, gralora<T>, hira<T>, fourierft<T>, road<T>, delora<T>,
                                       boft<T>, beft<T>, pvera<T>, unilora<T>, waveft<T>,
-                                      tinylora<T>, glora<T>, deft<T>>;
+                                      tinylora<T>, glora<T>, deft<T>, peanut<T>>;
 
 }  // namespace peft

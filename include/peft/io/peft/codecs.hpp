@@ -22,6 +22,7 @@
 #include "peft/io/peft/lora.hpp"
 #include "peft/io/peft/miss.hpp"
 #include "peft/io/peft/oft.hpp"
+#include "peft/io/peft/peanut.hpp"
 #include "peft/io/peft/phm_delta.hpp"
 #include "peft/io/peft/pvera.hpp"
 #include "peft/io/peft/randlora.hpp"
