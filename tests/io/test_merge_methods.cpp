@@ -27,7 +27,9 @@ TEST_CASE("merge_model reproduces PEFT's merged weights for every PEFT method", 
                                       "boft", "boft_butterfly2", "beft", "pvera", "pvera_r4", "unilora", "waveft", "waveft_coif2", "waveft_direct",
                                       "tinylora", "tinylora_r4", "glora", "glora_vector",
                                       "glora_none", "deft_relu", "deft_relu_alpha", "deft_qr", "deft_qr_alpha",
-                                      "deft_para_relu", "deft_para_qr", "deft_conv1d");
+                                      "deft_para_relu", "deft_para_qr", "deft_conv1d", "supertuning_super",
+                                      "supertuning_bottom", "supertuning_supra", "supertuning_supra_alpha",
+                                      "supertuning_full");
   INFO("case " << method);
   const fs::path out = fs::temp_directory_path() / ("peft_merge_methods_" + method + ".safetensors");
   const auto report = peft::io::merge_model(data / method / "base_model.safetensors", data / method / "adapter", out, {});
@@ -59,7 +61,9 @@ TEST_CASE("every PEFT case loads with PEFT's trainable parameter count", "[golde
                                       "boft", "boft_butterfly2", "beft", "pvera", "pvera_r4", "unilora", "waveft", "waveft_coif2", "waveft_direct",
                                       "tinylora", "tinylora_r4", "glora", "glora_vector",
                                       "glora_none", "deft_relu", "deft_relu_alpha", "deft_qr", "deft_qr_alpha",
-                                      "deft_para_relu", "deft_para_qr", "deft_conv1d");
+                                      "deft_para_relu", "deft_para_qr", "deft_conv1d", "supertuning_super",
+                                      "supertuning_bottom", "supertuning_supra", "supertuning_supra_alpha",
+                                      "supertuning_full");
   INFO("case " << method);
   std::ifstream in(data / method / "case.json");
   const auto expected = nlohmann::json::parse(in).at("trainable_parameters").get<std::size_t>();

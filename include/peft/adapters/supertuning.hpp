@@ -184,6 +184,7 @@ class supertuning : public additive_adapter_tag {
     mirror_ = matrix<T>(1, static_cast<index>(flat_.size()));
     for (std::size_t t = 0; t < flat_.size(); ++t) mirror_(0, static_cast<index>(t)) = static_cast<T>(flat_[t]);
     pending_ = matrix<T>(1, static_cast<index>(flat_.size()), std::move(values));
+    pending_grad_ = matrix<T>(1, pending_.cols());
     if (in_features != 0 || out_features != 0) set_features(in_features, out_features);
   }
 
@@ -222,6 +223,7 @@ class supertuning : public additive_adapter_tag {
     }
     sparse_ = shira<T>(in_features, out_features, std::move(rc), pending_.storage());
     pending_ = matrix<T>();
+    pending_grad_ = matrix<T>();
     in_ = in_features;
     out_ = out_features;
   }
@@ -318,9 +320,9 @@ class supertuning : public additive_adapter_tag {
       v.name = "supertuning_values";
       p.push_back(std::move(v));
     } else {
-      // Unbound (loaded without the layer's shape): the values can be read and saved, not trained.
-      p.push_back({"supertuning_values", pending_.view(), matrix_view<T>{}, detail::shape_of(pending_.view(), true),
-                   /*trainable=*/false});
+      // Unbound (loaded without the layer's shape): the values, with a gradient no pass writes
+      // (the passes need the shape).
+      p.push_back({"supertuning_values", pending_.view(), pending_grad_.view(), detail::shape_of(pending_.view(), true)});
     }
     for (std::size_t t = 0; t < flat_.size(); ++t) mirror_(0, static_cast<index>(t)) = static_cast<T>(flat_[t]);
     p.push_back({"supertuning_indices", mirror_.view(), matrix_view<T>{}, detail::shape_of(mirror_.view(), true),
@@ -336,6 +338,7 @@ class supertuning : public additive_adapter_tag {
 
   void zero_grad() {
     if (bound()) sparse_.zero_grad();
+    pending_grad_.fill(T{0});
     lora_.zero_grad();
   }
 
@@ -383,6 +386,7 @@ class supertuning : public additive_adapter_tag {
   std::vector<std::int64_t> flat_;  // (K) flat indices into W0 (out, in), as stored
   shira<T> sparse_;                 // the values at (idx / in, idx % in), scale 1; once bound
   matrix<T> pending_;               // (1, K) the values while unbound
+  matrix<T> pending_grad_;          // (1, K) their (zero) gradient while unbound
   lora<T> lora_;                    // A (r, in), B (out, r), s = alpha / r; rank 0 without
   double alpha_ = 0;                // lora_alpha (0 without the LoRA part)
   matrix<T> mirror_;                // (1, K) flat_ as T, for parameters()
