@@ -30,7 +30,9 @@ CASES = ["lora", "lora_rslora", "lora_bias", "lora_rank_pattern", "dora", "vera"
          "delora", "delora_lambda", "boft", "boft_butterfly2", "beft", "pvera", "pvera_r4", "unilora", "waveft",
          "waveft_coif2", "waveft_direct", "tinylora", "tinylora_r4", "glora",
          "glora_vector", "glora_none", "deft_relu", "deft_relu_alpha", "deft_qr", "deft_qr_alpha",
-         "deft_para_relu", "deft_para_qr", "deft_conv1d"]
+         "deft_para_relu", "deft_para_qr", "deft_conv1d",
+         "supertuning_super", "supertuning_bottom", "supertuning_supra", "supertuning_supra_alpha",
+         "supertuning_full"]
 # PEFT's own FourierFT layer builds its delta in float32 and fails in a float64 model: these
 # cases are checked in float32 against the float64 reference (tolerance 1e-5).
 FLOAT32_CASES = {"fourierft", "fourierft_seed"}
