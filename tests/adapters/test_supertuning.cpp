@@ -456,6 +456,15 @@ TEST_CASE("supertuning checkpoints: fields honoured or refused by name, bad tens
   auto a = peft::supertuning<double>({3, 200}, {1.0, 2.0});
   CHECK(!a.bound());
   CHECK_THAT(message_of([&] { a.set_features(10, 12); }), Catch::Contains("outside the (12, 10) weight"));
+  // float runs layers above 2^24 entries (indices are kept as integers) but cannot save them:
+  // checkpoints go through T.
+  peft::io::basic_peft_checkpoint<peft::supertuning<float>> big;
+  big.modules.push_back({"layer", "layer.weight", peft::supertuning<float>({16785001, 5}, {1.0f, 2.0f}, 4097, 4097)});
+  REQUIRE(big.modules.front().adapter.bound());
+  CHECK(big.modules.front().adapter.sparse_part().indices()(0, 0) == 16785001 / 4097);
+  CHECK(big.modules.front().adapter.sparse_part().indices()(1, 0) == 16785001 % 4097);
+  CHECK_THAT(message_of([&] { peft_test::save_and_load(big, "peft_supertuning_big"); }),
+             Catch::StartsWith("[supertuning::describe_in]") && Catch::Contains("save a supertuning<double>"));
   auto u = peft::supertuning<double>({3, 100}, {1.0, 2.0});
   const auto w = peft_test::random_dense<double>(10, 12, peft_rng());
   peft::matrix<double> x(1, 10), y(1, 12);

@@ -190,8 +190,8 @@ class supertuning : public additive_adapter_tag {
 
   /// The layer's shape for an adapter loaded without it (no LoRA part: the flat indices do not
   /// tell out from in): the loader's and adapted_linear's hook. shape_error if the adapter is
-  /// bound to another shape, or the indices do not fit (or are not exact in T: float holds
-  /// integers below 2^24 only, use supertuning<double> for larger layers).
+  /// bound to another shape or the layer has more than 2^31 entries (PEFT's int32 indices);
+  /// format_error if an index is outside the layer.
   void set_features(index in_features, index out_features) {
     constexpr const char* where = "supertuning::set_features";
     if (bound()) {
@@ -206,9 +206,9 @@ class supertuning : public additive_adapter_tag {
                                             ", both sizes must be >= 1");
     }
     const index n = out_features * in_features;
-    if (n - 1 > max_exact_index()) {
+    if (n - 1 > index{std::numeric_limits<std::int32_t>::max()}) {
       detail::raise<shape_error>(where, "the " + detail::shape_string(out_features, in_features) +
-                                            " weight has flat indices above 2^24, not exact in float: use supertuning<double>");
+                                            " weight has more than 2^31 entries: PEFT stores its flat indices as int32");
     }
     matrix<std::int32_t> rc(2, static_cast<index>(flat_.size()));
     for (std::size_t t = 0; t < flat_.size(); ++t) {
@@ -311,7 +311,8 @@ class supertuning : public additive_adapter_tag {
   }
 
   /// supertuning_values (K, trainable), supertuning_indices (K, integer, frozen: its view
-  /// mirrors indices() as T; writing to it changes nothing), and with the LoRA part
+  /// mirrors indices() as T, so in float an index above 2^24 reads rounded there, and saving
+  /// refuses it; writing to it changes nothing), and with the LoRA part
   /// supertuning_lora_A.weight (r, in) and supertuning_lora_B.weight (out, r).
   std::vector<parameter<T>> parameters() {
     std::vector<parameter<T>> p;
@@ -342,7 +343,8 @@ class supertuning : public additive_adapter_tag {
     lora_.zero_grad();
   }
 
-  /// Largest flat index exact in T (below 2^24 in float) and in int32 (PEFT's dtype on disk).
+  /// Largest flat index exact in T (below 2^24 in float) and in int32 (PEFT's dtype on disk):
+  /// the largest a checkpoint can carry through T (tensors are read and written as T).
   static constexpr index max_exact_index() noexcept { return shira<T>::max_exact_index(); }
 
   /// No flat index twice (PEFT's topk never repeats one; its scatter_add would add the values of

@@ -162,6 +162,13 @@ struct peft_codec<supertuning<T>> : codec_defaults {
   /// module's, or a module whose shape is unknown with no sparsity to keep.
   static void describe_in(const supertuning<T>& a, adapter_config& c, const std::string& module) {
     constexpr const char* where = "supertuning::describe_in";
+    for (const std::int64_t f : a.indices()) {
+      if (f > supertuning<T>::max_exact_index()) {
+        peft::detail::raise<unsupported_error>(where, "module '" + module + "' has the flat index " + std::to_string(f) +
+                                                          ", above 2^24: tensors are written through float, which "
+                                                          "holds it inexactly; save a supertuning<double>");
+      }
+    }
     if (!c.raw.is_object()) c.raw = ordered_json::object();
     if (c.peft_type != "SUPERTUNING") {
       const ordered_json keep = c.raw;
