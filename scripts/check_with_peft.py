@@ -31,7 +31,9 @@ CASES = ["lora", "lora_rslora", "lora_bias", "lora_rank_pattern", "dora", "vera"
          "waveft_coif2", "waveft_direct", "tinylora", "tinylora_r4", "glora",
          "glora_vector", "glora_none", "deft_relu", "deft_relu_alpha", "deft_qr", "deft_qr_alpha",
          "deft_para_relu", "deft_para_qr", "deft_conv1d", "peanut_relu", "peanut_gelu_depth2",
-         "peanut_tanh_gelu_depth1", "peanut_silu_depth3", "peanut_sigmoid", "peanut_tanh_depth2"]
+         "peanut_tanh_gelu_depth1", "peanut_silu_depth3", "peanut_sigmoid", "peanut_tanh_depth2",
+         "supertuning_super", "supertuning_bottom", "supertuning_supra", "supertuning_supra_alpha",
+         "supertuning_full"]
 # PEFT's own FourierFT layer builds its delta in float32 and fails in a float64 model: these
 # cases are checked in float32 against the float64 reference (tolerance 1e-5).
 FLOAT32_CASES = {"fourierft", "fourierft_seed"}

@@ -29,7 +29,8 @@ TEST_CASE("merge_model reproduces PEFT's merged weights for every PEFT method", 
                                       "glora_none", "deft_relu", "deft_relu_alpha", "deft_qr", "deft_qr_alpha",
                                       "deft_para_relu", "deft_para_qr", "deft_conv1d", "peanut_relu", "peanut_gelu_depth2",
                                       "peanut_tanh_gelu_depth1", "peanut_silu_depth3", "peanut_sigmoid",
-                                      "peanut_tanh_depth2");
+                                      "peanut_tanh_depth2", "supertuning_super", "supertuning_bottom", "supertuning_supra",
+                                      "supertuning_supra_alpha", "supertuning_full");
   INFO("case " << method);
   const fs::path out = fs::temp_directory_path() / ("peft_merge_methods_" + method + ".safetensors");
   const auto report = peft::io::merge_model(data / method / "base_model.safetensors", data / method / "adapter", out, {});
@@ -63,7 +64,8 @@ TEST_CASE("every PEFT case loads with PEFT's trainable parameter count", "[golde
                                       "glora_none", "deft_relu", "deft_relu_alpha", "deft_qr", "deft_qr_alpha",
                                       "deft_para_relu", "deft_para_qr", "deft_conv1d", "peanut_relu", "peanut_gelu_depth2",
                                       "peanut_tanh_gelu_depth1", "peanut_silu_depth3", "peanut_sigmoid",
-                                      "peanut_tanh_depth2");
+                                      "peanut_tanh_depth2", "supertuning_super", "supertuning_bottom", "supertuning_supra",
+                                      "supertuning_supra_alpha", "supertuning_full");
   INFO("case " << method);
   std::ifstream in(data / method / "case.json");
   const auto expected = nlohmann::json::parse(in).at("trainable_parameters").get<std::size_t>();

@@ -33,6 +33,7 @@
 #include "support/traits_road.hpp"
 #include "support/traits_shira.hpp"
 #include "support/traits_sora.hpp"
+#include "support/traits_supertuning.hpp"
 #include "support/traits_tinylora.hpp"
 #include "support/traits_unilora.hpp"
 #include "support/traits_vblora.hpp"

@@ -33,6 +33,7 @@
 #include "peft/adapters/road.hpp"
 #include "peft/adapters/shira.hpp"
 #include "peft/adapters/sora.hpp"
+#include "peft/adapters/supertuning.hpp"
 #include "peft/adapters/tinylora.hpp"
 #include "peft/adapters/unilora.hpp"
 #include "peft/adapters/vblora.hpp"
@@ -47,6 +48,6 @@ using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, sh
                                       ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>,
                                       hra<T>, miss<T>, c3a<T>, gralora<T>, hira<T>, fourierft<T>, road<T>, delora<T>,
                                       boft<T>, beft<T>, pvera<T>, unilora<T>, waveft<T>,
-                                      tinylora<T>, glora<T>, deft<T>, peanut<T>>;
+                                      tinylora<T>, glora<T>, deft<T>, peanut<T>, supertuning<T>>;
 
 }  // namespace peft

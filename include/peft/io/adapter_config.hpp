@@ -464,11 +464,16 @@ struct adapter_config {
     // ADALORA (AdaLoraConfig extends LoraConfig; its rank_pattern holds masks, kept in `raw`),
     // r and the rank/alpha patterns for the LyCORIS methods (LOHA, LOKR); r for every other
     // config class that has one (every method's but those of no_rank_types: IA3, BOFT, C3A, ROAD,
-    // FOURIERFT, BEFT, WAVEFT). Other method-specific fields stay as read: adapters' describe_in edit `raw`.
+    // FOURIERFT, BEFT, WAVEFT; SUPERTUNING's only when not null). Other method-specific fields stay as read: adapters' describe_in edit `raw`.
     const bool lora_fields = peft_type == "LORA" || peft_type == "ADALORA";
     const bool pattern_fields = peft_type == "LORA" || peft_type == "LOHA" || peft_type == "LOKR";
     const bool has_r = std::find(std::begin(no_rank_types), std::end(no_rank_types), peft_type) == std::end(no_rank_types);
-    if (has_r || j.contains("r")) j["r"] = r;
+    if (peft_type == "SUPERTUNING") {
+      // SupertuningConfig's r is null without the LoRA part (Super alone): written only when set.
+      if (j.contains("r") && !j["r"].is_null()) j["r"] = r;
+    } else if (has_r || j.contains("r")) {
+      j["r"] = r;
+    }
     if (peft_type == "LORA") {
       set_default("bias", "none");
       set_default("init_lora_weights", true);

@@ -29,6 +29,7 @@
 #include "peft/io/peft/road.hpp"
 #include "peft/io/peft/shira.hpp"
 #include "peft/io/peft/sora.hpp"
+#include "peft/io/peft/supertuning.hpp"
 #include "peft/io/peft/tinylora.hpp"
 #include "peft/io/peft/unilora.hpp"
 #include "peft/io/peft/vblora.hpp"
