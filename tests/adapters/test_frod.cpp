@@ -370,4 +370,38 @@ TEMPLATE_TEST_CASE("frod rejects bad shapes and inputs with clear errors", "[fro
   peft_test::check_unset_rejected<peft::frod<T>, peft::error>(w);
 }
 
+TEST_CASE("frod save from C++: one sparse_rate for every module, or refused", "[frod]") {
+  namespace fs = std::filesystem;
+  peft::rng g(13);
+  peft::io::basic_peft_checkpoint<peft::frod<double>> ck;
+  ck.config = peft::io::adapter_config::lora(8, 8.0, {});  // a LoRA config: its fields go
+  ck.config.targets_kind = peft::io::target_kind::none;
+  const peft::dense<double> w1(peft_test::random_matrix<double>(6, 10, g)), w2(peft_test::random_matrix<double>(3, 10, g));
+  auto v = peft_test::frod_random_v<double>(10, g);
+  for (auto& e : v->storage()) e = static_cast<double>(static_cast<float>(e));  // saved as f32 exactly
+  auto idx = peft_test::frod_random_indices<double>(10, 10, g);  // sparse_rate 0.1 for in 10
+  ck.modules.push_back({"model.layers.0.q", "model.layers.0.q.weight", peft::frod<double>(w1, v, idx, "q")});
+  ck.modules.push_back({"model.layers.1.q", "model.layers.1.q.weight", peft::frod<double>(w2, v, idx, "q")});
+  const auto dir = peft_test::scratch_path("peft_frod_cpp");
+  fs::remove_all(dir);
+  peft::io::save_peft_checkpoint(dir, ck);
+  CHECK(!ck.config.raw.contains("r"));
+  CHECK(!ck.config.raw.contains("lora_alpha"));
+  const double rate = ck.config.raw["sparse_rate"].get<double>();
+  CHECK(static_cast<long long>(100 * rate) == 10);
+  auto back = peft::io::load_checkpoint_as<peft::frod<double>>(dir, {}, [&](const std::string& m) {
+    return std::optional<peft::matrix<double>>(peft::dequantized_weight<double>(m == "model.layers.0.q" ? w1 : w2));
+  });
+  REQUIRE(back.modules.size() == 2);
+  CHECK(back.modules[0].adapter.shared_V() == back.modules[1].adapter.shared_V());
+  for (auto& m : ck.modules) CHECK(rel_error(back.find(m.weight_name)->adapter.U(), m.adapter.U()) == 0);
+  fs::remove_all(dir);
+  // another module of in 10 with 20 entries: no one sparse_rate fits both
+  ck.modules.push_back({"model.layers.2.k", "model.layers.2.k.weight",
+                        peft::frod<double>(w1, v, peft_test::frod_random_indices<double>(10, 20, g), "k")});
+  CHECK(message_of([&] { peft::io::save_peft_checkpoint(dir, ck); })
+            .starts_with("[frod::describe_in] module 'model.layers.2.k' has 20 S entries"));
+  fs::remove_all(dir);
+}
+
 }  // namespace test_frod
