@@ -85,7 +85,7 @@ TEST_CASE("merge_model reproduces PEFT's merged weights for FRoD; PEFT's paramet
   const auto reference = peft::io::safetensors_file::open(data / method / "reference.safetensors");
   const auto base = peft::io::safetensors_file::open(data / method / "base_model.safetensors");
   for (const std::string l : {"layers.0.fc", "layers.1.fc", "head"}) {
-    for (const std::string t : {l + ".weight", l + ".bias"}) {
+    for (const std::string& t : {l + ".weight", l + ".bias"}) {
       INFO(t);
       const auto want = reference.read_matrix<double>("merged." + t);
       CHECK(peft_test::rel_error(merged.read_matrix<double>(t), want) < 1e-6);
