@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
+#include <optional>
 #include <string>
 
 #include <fstream>
@@ -71,6 +72,46 @@ TEST_CASE("every PEFT case loads with PEFT's trainable parameter count", "[golde
   const auto expected = nlohmann::json::parse(in).at("trainable_parameters").get<std::size_t>();
   auto ck = peft::io::load_peft_checkpoint<double>(data / method / "adapter");
   CHECK(ck.modules.size() == 2);
+  CHECK(ck.parameter_count() == expected);
+}
+
+// FRoD's cases have three adapted layers (layers.0.fc and layers.1.fc share one category's
+// projection, head has its own), not up/down, and FRoD loads only with the base weights (U is
+// recomputed from them): their own loop, with the base given to the loader.
+TEST_CASE("merge_model reproduces PEFT's merged weights for FRoD; PEFT's parameter counts", "[merge][golden]") {
+  namespace fs = std::filesystem;
+  const fs::path data = fs::path(PEFT_TEST_DATA_DIR) / "peft";
+  const std::string method =
+      GENERATE(as<std::string>{}, "frod_basic", "frod_dense_s", "frod_default_rate", "frod_conv1d");
+  INFO("case " << method);
+  const fs::path out = fs::temp_directory_path() / ("peft_merge_methods_" + method + ".safetensors");
+  const auto report = peft::io::merge_model(data / method / "base_model.safetensors", data / method / "adapter", out, {});
+  CHECK(report.tensors == 6);
+  const auto merged = peft::io::safetensors_file::open(out);
+  const auto reference = peft::io::safetensors_file::open(data / method / "reference.safetensors");
+  const auto base = peft::io::safetensors_file::open(data / method / "base_model.safetensors");
+  for (const std::string l : {"layers.0.fc", "layers.1.fc", "head"}) {
+    for (const std::string& t : {l + ".weight", l + ".bias"}) {
+      INFO(t);
+      const auto want = reference.read_matrix<double>("merged." + t);
+      CHECK(peft_test::rel_error(merged.read_matrix<double>(t), want) < 1e-6);
+      if (t.ends_with("weight")) CHECK(peft_test::rel_error(base.read_matrix<double>(t), want) > 1e-4);
+    }
+  }
+  fs::remove(out);
+  std::ifstream in(data / method / "case.json");
+  const auto expected = nlohmann::json::parse(in).at("trainable_parameters").get<std::size_t>();
+  const bool conv = method == "frod_conv1d";
+  auto ck = peft::io::load_peft_checkpoint<double>(
+      data / method / "adapter", {}, [&](const std::string& module) -> std::optional<peft::matrix<double>> {
+        auto w = base.read_matrix<double>(module + ".weight");
+        if (!conv) return w;
+        peft::matrix<double> t(w.cols(), w.rows());
+        for (peft::index i = 0; i < w.rows(); ++i)
+          for (peft::index j = 0; j < w.cols(); ++j) t(j, i) = w(i, j);
+        return t;
+      });
+  CHECK(ck.modules.size() == 3);
   CHECK(ck.parameter_count() == expected);
 }
 

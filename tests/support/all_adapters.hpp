@@ -16,6 +16,7 @@
 #include "support/traits_dora.hpp"
 #include "support/traits_dynamic_rank.hpp"
 #include "support/traits_fourierft.hpp"
+#include "support/traits_frod.hpp"
 #include "support/traits_glora.hpp"
 #include "support/traits_gralora.hpp"
 #include "support/traits_hira.hpp"

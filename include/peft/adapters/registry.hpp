@@ -16,6 +16,7 @@
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/dynamic_rank.hpp"
 #include "peft/adapters/fourierft.hpp"
+#include "peft/adapters/frod.hpp"
 #include "peft/adapters/glora.hpp"
 #include "peft/adapters/gralora.hpp"
 #include "peft/adapters/hira.hpp"
@@ -48,6 +49,6 @@ using registered_adapters = type_list<lora<T>, dora<T>, vera<T>, randlora<T>, sh
                                       ia3<T>, dynamic_rank<T>, sora<T>, compacter<T>, phm_delta<T>, vblora<T>, oft<T>,
                                       hra<T>, miss<T>, c3a<T>, gralora<T>, hira<T>, fourierft<T>, road<T>, delora<T>,
                                       boft<T>, beft<T>, pvera<T>, unilora<T>, waveft<T>,
-                                      tinylora<T>, glora<T>, deft<T>, peanut<T>, supertuning<T>>;
+                                      tinylora<T>, glora<T>, deft<T>, peanut<T>, supertuning<T>, frod<T>>;
 
 }  // namespace peft

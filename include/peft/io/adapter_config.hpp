@@ -78,7 +78,7 @@ struct adapter_config {
   ordered_json raw = ordered_json::object();           // the document as read (or built)
 
   /// PEFT config classes without an `r` field (to_json writes r for every other one).
-  static constexpr std::string_view no_rank_types[] = {"IA3", "BOFT", "C3A", "FOURIERFT", "ROAD", "BEFT", "WAVEFT"};
+  static constexpr std::string_view no_rank_types[] = {"IA3", "BOFT", "C3A", "FOURIERFT", "ROAD", "BEFT", "WAVEFT", "FROD"};
 
   /// A LoRA config with PEFT's default fields, for adapters made in C++.
   static adapter_config lora(index r, double alpha, std::vector<std::string> targets,
@@ -464,7 +464,7 @@ struct adapter_config {
     // ADALORA (AdaLoraConfig extends LoraConfig; its rank_pattern holds masks, kept in `raw`),
     // r and the rank/alpha patterns for the LyCORIS methods (LOHA, LOKR); r for every other
     // config class that has one (every method's but those of no_rank_types: IA3, BOFT, C3A, ROAD,
-    // FOURIERFT, BEFT, WAVEFT; SUPERTUNING's only when not null). Other method-specific fields stay as read: adapters' describe_in edit `raw`.
+    // FOURIERFT, BEFT, WAVEFT, FROD; SUPERTUNING's only when not null). Other method-specific fields stay as read: adapters' describe_in edit `raw`.
     const bool lora_fields = peft_type == "LORA" || peft_type == "ADALORA";
     const bool pattern_fields = peft_type == "LORA" || peft_type == "LOHA" || peft_type == "LOKR";
     const bool has_r = std::find(std::begin(no_rank_types), std::end(no_rank_types), peft_type) == std::end(no_rank_types);

@@ -155,13 +155,14 @@ merge_report merge_model(const std::filesystem::path& base, const std::filesyste
     return stored_in_out(model, module, std::nullopt, config_flag) ? std::pair{cols, rows} : std::pair{rows, cols};
   }, [&](const std::string& module) -> std::optional<matrix<double>> {
     // Asked only by adapters defined over a decomposition of W0 (PiSSA/OLoRA saved unconverted,
-    // KaSA, OSF): PEFT recomputes it from the full-precision weight. Over a quantized base that
-    // decomposition is of another weight (PEFT refuses PiSSA and KaSA there): refused.
+    // KaSA, OSF, FRoD's U): PEFT recomputes it from the full-precision weight. Over a quantized
+    // base that decomposition is of another weight (PEFT refuses PiSSA and KaSA there, and FRoD
+    // adapts nn.Linear and Conv1D only): refused.
     if (opt.quantized_base) {
       peft::detail::raise<unsupported_error>(where, "module '" + module + "': the adapter is defined over a "
                                                     "decomposition of the full-precision base weight (PiSSA/OLoRA "
-                                                    "saved unconverted, KaSA, OSF); merging it into a quantized base "
-                                                    "(" + *opt.quantized_base + ") is not supported");
+                                                    "saved unconverted, KaSA, OSF, FRoD); merging it into a quantized "
+                                                    "base (" + *opt.quantized_base + ") is not supported");
     }
     const auto name = model.resolve(module, "weight");
     if (!name || model.info(*name).shape.size() != 2 || !is_floating(model.info(*name).type)) return std::nullopt;

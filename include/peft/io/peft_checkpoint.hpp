@@ -196,7 +196,13 @@ void load_modules(basic_peft_checkpoint<Adapter>& ck, const safetensors_file& fi
     }
     if (!t.name.starts_with(peft_key_prefix)) {
       const std::string name = t.name.substr(peft_shared_prefix.size());
-      if (std::find(shared_names.begin(), shared_names.end(), name) == shared_names.end()) {
+      // A codec names its shared tensors (shared_tensors()), or recognises a family of them
+      // (shared_tensor(name): FRoD's frod_V.<category>).
+      bool known = std::find(shared_names.begin(), shared_names.end(), name) != shared_names.end();
+      if constexpr (requires { codec::shared_tensor(std::string_view(name)); }) {
+        known = known || codec::shared_tensor(std::string_view(name));
+      }
+      if (!known) {
         peft::detail::raise<format_error>(where, "key '" + t.name + "' is not a shared tensor of " + std::string(A::method));
       }
       shared.add(name, convert_tensor<T>(file, t));

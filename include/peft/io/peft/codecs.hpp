@@ -12,6 +12,7 @@
 #include "peft/io/peft/dora.hpp"
 #include "peft/io/peft/dynamic_rank.hpp"
 #include "peft/io/peft/fourierft.hpp"
+#include "peft/io/peft/frod.hpp"
 #include "peft/io/peft/glora.hpp"
 #include "peft/io/peft/gralora.hpp"
 #include "peft/io/peft/hira.hpp"
