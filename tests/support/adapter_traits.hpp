@@ -25,5 +25,19 @@ struct adapter_traits;  // primary template: deliberately undefined
 //   static A make_random(peft::index in, peft::index out, peft::rng& g);  // every trainable
 //                                              // parameter random and non-zero
 //   static A make_default(peft::index in, peft::index out, peft::rng& g);  // the method's init
+// and optionally:
+//   static constexpr double fd_tolerance;      // the finite-difference check's relative bound
+//                                              // (default 1e-7), for methods whose loss is a
+//                                              // deep chain (its rounding noise / h is larger)
+
+/// The relative error the property tests allow between a gradient and its finite differences.
+template <class Traits>
+constexpr double fd_tolerance() {
+  if constexpr (requires { Traits::fd_tolerance; }) {
+    return Traits::fd_tolerance;
+  } else {
+    return 1e-7;
+  }
+}
 
 }  // namespace peft_test
