@@ -14,7 +14,8 @@ set(PEFT_AARCH64_kernels_SOURCES
   kernels/test_dispatch.cpp
   kernels/test_gemm.cpp
   kernels/test_linear.cpp
-  kernels/test_quantized_int8.cpp)
+  kernels/test_quantized_int8.cpp
+  kernels/test_transformer.cpp)
 set(PEFT_AARCH64_base_SOURCES
   base/test_dense.cpp
   base/test_quantized.cpp)

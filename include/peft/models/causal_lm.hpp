@@ -36,6 +36,7 @@
 #include "peft/kernels/attention.hpp"
 #include "peft/kernels/gemm.hpp"
 #include "peft/kernels/parallel.hpp"
+#include "peft/kernels/transformer.hpp"
 #include "peft/layer/adapted_linear.hpp"
 #include "peft/models/config.hpp"
 #include "peft/models/gguf_model.hpp"
@@ -767,22 +768,24 @@ class causal_lm {
     const index R = x.rows(), n = x.cols();
     if (gpt2()) {
       st.resize(static_cast<std::size_t>(2 * R));
-      ops::layer_norm(x.data(), w.data(), bias.data(), R, n, cfg_.norm_eps, y.data(), st.data());
+      kernels::layer_norm(x.data(), w.data(), bias.data(), R, n, cfg_.norm_eps, y.data(), st.data());
     } else {
       st.resize(static_cast<std::size_t>(R));
-      ops::rms_norm(x.data(), w.data(), R, n, cfg_.norm_eps, y.data(), st.data());
+      kernels::rms_norm(x.data(), w.data(), R, n, cfg_.norm_eps, y.data(), st.data());
     }
   }
-  /// dx from dy through a norm with weight w (and bias b for LayerNorm); with full fine-tuning
-  /// the weight's and bias' gradients are accumulated too.
+  /// dx from dy through a norm with weight w (and bias b for LayerNorm), plus dres when given
+  /// (the residual branch's gradient); with full fine-tuning the weight's and bias' gradients
+  /// are accumulated too.
   void norm_backward(const matrix<T>& x, const std::vector<T>& w, const std::vector<T>& b, const std::vector<T>& st,
-                     const matrix<T>& dy, matrix<T>& dx) {
+                     const matrix<T>& dy, matrix<T>& dx, const matrix<T>* dres = nullptr) {
     T* dw = full_ ? grad_of(w.data()) : nullptr;
+    const T* dr = dres != nullptr ? dres->data() : nullptr;
     if (gpt2()) {
       T* db = full_ ? grad_of(b.data()) : nullptr;
-      ops::layer_norm_backward(x.data(), w.data(), st.data(), x.rows(), x.cols(), dy.data(), dx.data(), dw, db);
+      kernels::layer_norm_backward(x.data(), w.data(), st.data(), x.rows(), x.cols(), dy.data(), dx.data(), dw, db, dr);
     } else {
-      ops::rms_norm_backward(x.data(), w.data(), st.data(), x.rows(), x.cols(), dy.data(), dx.data(), dw);
+      kernels::rms_norm_backward(x.data(), w.data(), st.data(), x.rows(), x.cols(), dy.data(), dx.data(), dw, dr);
     }
   }
 
@@ -820,37 +823,40 @@ class causal_lm {
         s.k_raw = s.k;
         s.qn_inv.resize(static_cast<std::size_t>(R * cfg_.heads));
         s.kn_inv.resize(static_cast<std::size_t>(R * cfg_.kv_heads));
-        ops::rms_norm(s.q_raw.data(), b.q_norm_w.data(), R * cfg_.heads, hd, cfg_.norm_eps, s.q.data(), s.qn_inv.data());
-        ops::rms_norm(s.k_raw.data(), b.k_norm_w.data(), R * cfg_.kv_heads, hd, cfg_.norm_eps, s.k.data(),
+        kernels::rms_norm(s.q_raw.data(), b.q_norm_w.data(), R * cfg_.heads, hd, cfg_.norm_eps, s.q.data(),
+                          s.qn_inv.data());
+        kernels::rms_norm(s.k_raw.data(), b.k_norm_w.data(), R * cfg_.kv_heads, hd, cfg_.norm_eps, s.k.data(),
                       s.kn_inv.data());
       }
-      for (index r = 0; r < R; ++r) {
-        const index p = packed_.pos[static_cast<std::size_t>(r)];
-        for (index h = 0; h < cfg_.heads; ++h) rope_.apply(s.q.row(r) + h * hd, p);
-        for (index h = 0; h < cfg_.kv_heads; ++h) rope_.apply(s.k.row(r) + h * hd, p);
-      }
+      rope_.apply_rows(s.q.data(), R, cfg_.heads, packed_.pos.data());
+      rope_.apply_rows(s.k.data(), R, cfg_.kv_heads, packed_.pos.data());
     }
     attention_forward(l, s, full);
     matrix<T> a;
     apply(*b.proj[gpt2() ? attn_out_ : o_], s.att, a);
     s.h = matrix<T>(R, H);
-    for (index i = 0; i < R * H; ++i) s.h.data()[i] = x.data()[i] + a.data()[i];
     s.n2 = matrix<T>(R, H);
-    norm(s.h, b.norm2_w, b.norm2_b, s.n2, s.st2);
+    if (gpt2()) {
+      kernels::add(x.data(), a.data(), R * H, s.h.data());
+      norm(s.h, b.norm2_w, b.norm2_b, s.n2, s.st2);
+    } else {  // the residual addition and the norm in one pass
+      s.st2.resize(static_cast<std::size_t>(R));
+      kernels::add_rms_norm(x.data(), a.data(), b.norm2_w.data(), R, H, cfg_.norm_eps, s.h.data(), s.n2.data(),
+                            s.st2.data());
+    }
+    s.a = matrix<T>(R, cfg_.intermediate_size);
     if (gpt2()) {
       apply(*b.proj[fc_], s.n2, s.g);
-      s.a = matrix<T>(R, cfg_.intermediate_size);
-      for (index i = 0; i < s.g.size(); ++i) s.a.data()[i] = ops::activate(cfg_.act, s.g.data()[i]);
+      kernels::gated_activation(cfg_.act, s.g.data(), static_cast<const T*>(nullptr), s.g.size(), s.a.data());
     } else {
       apply(*b.proj[gate_], s.n2, s.g);
       apply(*b.proj[up_], s.n2, s.u);
-      s.a = matrix<T>(R, cfg_.intermediate_size);
-      for (index i = 0; i < s.g.size(); ++i) s.a.data()[i] = ops::activate(cfg_.act, s.g.data()[i]) * s.u.data()[i];
+      kernels::gated_activation(cfg_.act, s.g.data(), s.u.data(), s.g.size(), s.a.data());
     }
     matrix<T> m;
     apply(*b.proj[gpt2() ? fc_out_ : down_], s.a, m);
     matrix<T> out(R, H);
-    for (index i = 0; i < R * H; ++i) out.data()[i] = s.h.data()[i] + m.data()[i];
+    kernels::add(s.h.data(), m.data(), R * H, out.data());
     if (!full) s = saved{};
     return out;
   }
@@ -940,26 +946,17 @@ class causal_lm {
     if (count == 0) detail::raise<error>(where, "no token to predict (every label is -100)");
     const double norm = normalizer > 0 ? normalizer : static_cast<double>(count);
     const index R = packed_.rows, V = cfg_.vocab_size;
-    matrix<T> dlogits(grad ? R : 0, grad ? V : 0);
-    double total = 0;
+    std::vector<long long> target(static_cast<std::size_t>(R), -1);  // the next token, or -1
     for (index r = 0; r < R; ++r) {
       const index s = packed_.seq[static_cast<std::size_t>(r)], c = packed_.col[static_cast<std::size_t>(r)];
       if (c + 1 >= b.length) continue;
       const long long t = labels[static_cast<std::size_t>(s * b.length + c + 1)];
-      if (t == ignore_label) continue;
-      const T* z = logits_.row(r);
-      double m = z[0];
-      for (index v = 1; v < V; ++v) m = std::max(m, static_cast<double>(z[v]));
-      double sum = 0;
-      for (index v = 0; v < V; ++v) sum += std::exp(static_cast<double>(z[v]) - m);
-      const double lse = m + std::log(sum);
-      total += lse - static_cast<double>(z[t]);
-      if (grad) {
-        T* d = dlogits.row(r);
-        for (index v = 0; v < V; ++v) d[v] = static_cast<T>(std::exp(static_cast<double>(z[v]) - lse) / norm);
-        d[t] -= static_cast<T>(1.0 / norm);
-      }
+      if (t != ignore_label) target[static_cast<std::size_t>(r)] = t;
     }
+    // Rows without a target keep a zero gradient.
+    matrix<T> dlogits(grad ? R : 0, grad ? V : 0);
+    const double total = kernels::cross_entropy(logits_.data(), R, V, V, target.data(), 1.0 / norm,
+                                                grad ? dlogits.data() : nullptr, V);
     if (grad) backward(dlogits);
     return total / norm;
   }
@@ -1072,23 +1069,19 @@ class causal_lm {
     matrix<T> dn2(R, H);
     if (gpt2()) {
       matrix<T> dg(R, cfg_.intermediate_size);
-      for (index i = 0; i < dg.size(); ++i) dg.data()[i] = da.data()[i] * ops::activate_derivative(cfg_.act, s.g.data()[i]);
+      kernels::gated_activation_backward(cfg_.act, s.g.data(), static_cast<const T*>(nullptr), da.data(), dg.size(),
+                                         dg.data(), static_cast<T*>(nullptr));
       back(*b.proj[fc_], s.n2, dg, dn2);
     } else {
       matrix<T> dg(R, cfg_.intermediate_size), du(R, cfg_.intermediate_size);
-      for (index i = 0; i < dg.size(); ++i) {
-        const T g = s.g.data()[i];
-        du.data()[i] = da.data()[i] * ops::activate(cfg_.act, g);
-        dg.data()[i] = da.data()[i] * s.u.data()[i] * ops::activate_derivative(cfg_.act, g);
-      }
+      kernels::gated_activation_backward(cfg_.act, s.g.data(), s.u.data(), da.data(), dg.size(), dg.data(), du.data());
       matrix<T> t;
       back(*b.proj[gate_], s.n2, dg, dn2);
       back(*b.proj[up_], s.n2, du, t);
-      for (index i = 0; i < dn2.size(); ++i) dn2.data()[i] += t.data()[i];
+      kernels::add(dn2.data(), t.data(), dn2.size(), dn2.data());
     }
     matrix<T> dh(R, H);
-    norm_backward(s.h, b.norm2_w, b.norm2_b, s.st2, dn2, dh);
-    for (index i = 0; i < dh.size(); ++i) dh.data()[i] += dout.data()[i];
+    norm_backward(s.h, b.norm2_w, b.norm2_b, s.st2, dn2, dh, &dout);
     // attention
     matrix<T> datt;
     back(*b.proj[gpt2() ? attn_out_ : o_], s.att, dh, datt);
@@ -1104,16 +1097,13 @@ class causal_lm {
       }
       back(*b.proj[qkv_], s.n1, dqkv, dn1);
     } else {
-      for (index r = 0; r < R; ++r) {
-        const index p = packed_.pos[static_cast<std::size_t>(r)];
-        for (index h = 0; h < cfg_.heads; ++h) rope_.apply(dq.row(r) + h * hd, p, true);
-        for (index h = 0; h < cfg_.kv_heads; ++h) rope_.apply(dk.row(r) + h * hd, p, true);
-      }
+      rope_.apply_rows(dq.data(), R, cfg_.heads, packed_.pos.data(), true);
+      rope_.apply_rows(dk.data(), R, cfg_.kv_heads, packed_.pos.data(), true);
       if (cfg_.qk_norm) {
         matrix<T> tq(R, dq.cols()), tk(R, dk.cols());
-        ops::rms_norm_backward(s.q_raw.data(), b.q_norm_w.data(), s.qn_inv.data(), R * cfg_.heads, hd, dq.data(),
+        kernels::rms_norm_backward(s.q_raw.data(), b.q_norm_w.data(), s.qn_inv.data(), R * cfg_.heads, hd, dq.data(),
                                tq.data(), full_ ? grad_of(b.q_norm_w.data()) : nullptr);
-        ops::rms_norm_backward(s.k_raw.data(), b.k_norm_w.data(), s.kn_inv.data(), R * cfg_.kv_heads, hd, dk.data(),
+        kernels::rms_norm_backward(s.k_raw.data(), b.k_norm_w.data(), s.kn_inv.data(), R * cfg_.kv_heads, hd, dk.data(),
                                tk.data(), full_ ? grad_of(b.k_norm_w.data()) : nullptr);
         dq = std::move(tq);
         dk = std::move(tk);
@@ -1121,13 +1111,12 @@ class causal_lm {
       matrix<T> t;
       back(*b.proj[q_], s.n1, dq, dn1);
       back(*b.proj[k_], s.n1, dk, t);
-      for (index i = 0; i < dn1.size(); ++i) dn1.data()[i] += t.data()[i];
+      kernels::add(dn1.data(), t.data(), dn1.size(), dn1.data());
       back(*b.proj[v_], s.n1, dv, t);
-      for (index i = 0; i < dn1.size(); ++i) dn1.data()[i] += t.data()[i];
+      kernels::add(dn1.data(), t.data(), dn1.size(), dn1.data());
     }
     matrix<T> dx(R, H);
-    norm_backward(s.x, b.norm1_w, b.norm1_b, s.st1, dn1, dx);
-    for (index i = 0; i < dx.size(); ++i) dx.data()[i] += dh.data()[i];
+    norm_backward(s.x, b.norm1_w, b.norm1_b, s.st1, dn1, dx, &dh);
     return dx;
   }
 

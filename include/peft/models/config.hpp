@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "peft/core/activation.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix_view.hpp"
 #include "peft/io/detail/json_depth.hpp"
@@ -26,7 +27,7 @@
 namespace peft::models {
 
 enum class architecture : std::uint8_t { llama, mistral, qwen2, qwen3, gpt2 };
-enum class activation : std::uint8_t { silu, gelu, gelu_tanh, relu };
+using activation = peft::activation;
 enum class rope_kind : std::uint8_t { none, default_, linear, llama3 };
 
 /// Rotary embeddings as transformers computes their inverse frequencies.
