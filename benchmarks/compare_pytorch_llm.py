@@ -28,6 +28,11 @@ Step-0 losses must agree (LoRA's B starts at zero, so they are the base model's 
 batch): the report shows both and their relative difference (checked against --loss-rtol for
 LoRA and DoRA; QLoRA's differ by the two quantizers).
 
+With --repeats K every fine-tuning run is made K times, peft-cpp and PyTorch alternated; the
+report takes the run whose mean step time is the median and lists all K (on a shared virtual
+machine a whole process sometimes runs 30% slower than the next, the same binary on the same
+input: one run per side can land in such a spell). --methods picks runs by key.
+
 Before each run the script watches /proc/stat for 1 s and warns (in the log and the report) when
 other processes keep more than 10% of the CPUs busy: with every core in use, threads that wait for
 each other get descheduled and both sides' times become meaningless.
@@ -37,6 +42,7 @@ Usage (measurements run one after another; nothing else should load the machine 
         [--shapes bench-33m,bench-100m] [--steps 10] [--warmup 2] [--threads 2] [--batch 4]
         [--seq-len 128] [--lr 1e-4] [--rank 16] [--alpha 32] [--work /tmp/peft_compare]
         [--json OUT.json] [--skip-qlora] [--skip-generate] [--gen-repeats 3]
+        [--methods lora,dora,qlora_nf4,qlora_q4_0] [--repeats K]
     e.g. a quick check:  python3 benchmarks/compare_pytorch_llm.py --shapes small --steps 3
 
 Needs numpy (the model maker) and, for the PyTorch side, torch, transformers and peft
@@ -548,6 +554,18 @@ def shape_report(a, shape, res):
     if notes:
         out.append("")
         out += [f"- {n}" for n in notes]
+    if a.repeats > 1:
+        out.append(f"\nms/step of each of the {a.repeats} alternated runs (the table shows the median run's):")
+        for key, label, *_ in METHODS:
+            if key not in res["runs"]:
+                continue
+            sides = []
+            for side, name in (("peft_cpp", "peft-cpp"), ("pytorch", "PyTorch")):
+                r = res["runs"][key][side]
+                if r and r.get("repeat_ms_per_step"):
+                    sides.append(f"{name} " + ", ".join(fmt(x) for x in r["repeat_ms_per_step"]))
+            if sides:
+                out.append(f"- {label}: " + "; ".join(sides))
 
     # Step-0 (and last-step) losses.
     out.append("\n| run | step-0 loss peft-cpp | step-0 loss PyTorch | relative difference | last-step loss "
@@ -639,6 +657,20 @@ def targets_of(res):
 
 # ---- main ---------------------------------------------------------------------------------------
 
+def median_run(recs):
+    """The run whose mean step time is the median of the repeats (the lower middle one of an even
+    count), with every repeat's mean step time in repeat_ms_per_step; a single run as it is."""
+    if len(recs) == 1:
+        return recs[0]
+    ok = [r for r in recs if r.get("status") == "ok" and r.get("ms_per_step") is not None]
+    if not ok:
+        return recs[0]
+    ok.sort(key=lambda r: r["ms_per_step"])
+    rec = dict(ok[(len(ok) - 1) // 2])
+    rec["repeat_ms_per_step"] = [r.get("ms_per_step") for r in recs]
+    return rec
+
+
 def run_shape(a, shape, env):
     shape_dir = a.work / f"run-{shape}"
     shape_dir.mkdir(parents=True, exist_ok=True)
@@ -652,18 +684,29 @@ def run_shape(a, shape, env):
     lora_adapter = None
     torch_gen = None
     for key, label, method, quant, variant in METHODS:
-        if quant and a.skip_qlora:
+        if (quant and a.skip_qlora) or (a.methods and key not in a.methods):
             continue
-        c, out = cpp_finetune(a, shape_dir, model_dir, tokens, key, method, quant, env)
-        if key == "lora" and c.get("status") == "ok":
-            lora_adapter = out
-        t = None
-        if variant:
-            gen = key == "lora" and not a.skip_generate
-            t = torch_run(a, shape_dir, model_dir, tokens, prompt if gen else None, key, variant, gen, env)
-            if gen:
-                torch_gen = t.pop("generation", None) or {"status": f"not run: training {t.get('status')}"}
-        res["runs"][key] = {"peft_cpp": c, "pytorch": t}
+        cs, ts = [], []
+        for rep in range(a.repeats):  # alternated, so the machine's slow spells fall on both sides
+            if a.repeats > 1:
+                log(f"{key}: repeat {rep + 1} of {a.repeats}")
+            c, out = cpp_finetune(a, shape_dir, model_dir, tokens, key, method, quant, env)
+            if key == "lora" and c.get("status") == "ok" and lora_adapter is None:
+                lora_adapter = out
+                if a.repeats > 1:  # later repeats overwrite the directory: keep this one for generation
+                    kept = shape_dir / "cpp-lora-kept"
+                    if kept.exists():
+                        shutil.rmtree(kept)
+                    shutil.copytree(out, kept)
+                    lora_adapter = kept
+            cs.append(c)
+            if variant:
+                gen = key == "lora" and not a.skip_generate and rep == 0
+                t = torch_run(a, shape_dir, model_dir, tokens, prompt if gen else None, key, variant, gen, env)
+                if gen:
+                    torch_gen = t.pop("generation", None) or {"status": f"not run: training {t.get('status')}"}
+                ts.append(t)
+        res["runs"][key] = {"peft_cpp": median_run(cs), "pytorch": median_run(ts) if ts else None}
     if not a.skip_generate:
         g = {"peft_cpp": {}, "pytorch": torch_gen}
         if lora_adapter:
@@ -694,6 +737,11 @@ def main():
     ap.add_argument("--work", default="/tmp/peft_compare", help="models, token files, logs (default %(default)s)")
     ap.add_argument("--json", help="write the raw numbers here")
     ap.add_argument("--skip-qlora", action="store_true")
+    ap.add_argument("--methods", default="", help="only these runs, comma-separated: " +
+                    ",".join(m[0] for m in METHODS) + " (default: all)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="fine-tuning runs per method and side, alternated; the report takes the run with "
+                         "the median step time and lists every repeat's (default 1)")
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -705,6 +753,12 @@ def main():
         return 0
     if a.steps <= a.warmup:
         ap.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup})")
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    a.methods = [m for m in a.methods.split(",") if m]
+    unknown = [m for m in a.methods if m not in [x[0] for x in METHODS]]
+    if unknown:
+        ap.error(f"--methods: unknown run {unknown[0]} (known: {', '.join(x[0] for x in METHODS)})")
     if a.alpha == int(a.alpha):
         a.alpha = int(a.alpha)
     a.peft = str(Path(a.peft).resolve())
