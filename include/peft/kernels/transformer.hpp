@@ -37,33 +37,31 @@ namespace peft::kernels {
 
 namespace detail {
 
-/// Whether T's loops run vectorised now (float, an ISA above the reference).
-template <class T>
-bool rowwise_simd() {
-  return std::is_same_v<T, float> && active_isa() != isa::reference;
-}
+/// Whether the f32 loops run vectorised now (every ISA but the reference).
+inline bool rowwise_simd() { return active_isa() != isa::reference; }
 
 using fbatch = xsimd::batch<float>;
 inline constexpr index fwidth = static_cast<index>(fbatch::size);
 inline constexpr std::size_t detail_lanes = fbatch::size;
 
-/// sum a[i] * b[i] (b null: sum a[i]^2) over n floats, in float lanes, added in double.
-inline double dot_lanes(const float* a, const float* b, index n) {
-  fbatch acc0(0.0f), acc1(0.0f);
+/// sum a[i] * b[i] * c[i] (c null: sum a[i] * b[i]) over n floats, in float lanes, added in
+/// double.
+inline double dot_lanes(const float* a, const float* b, const float* c, index n) {
+  fbatch acc(0.0f);
   index i = 0;
-  for (; i + 2 * fwidth <= n; i += 2 * fwidth) {
-    const fbatch a0 = fbatch::load_unaligned(a + i), a1 = fbatch::load_unaligned(a + i + fwidth);
-    acc0 = xsimd::fma(a0, b ? fbatch::load_unaligned(b + i) : a0, acc0);
-    acc1 = xsimd::fma(a1, b ? fbatch::load_unaligned(b + i + fwidth) : a1, acc1);
+  for (; i + fwidth <= n; i += fwidth) {
+    fbatch ab = fbatch::load_unaligned(a + i) * fbatch::load_unaligned(b + i);
+    if (c != nullptr) ab *= fbatch::load_unaligned(c + i);
+    acc += ab;
   }
-  double s = static_cast<double>(xsimd::hadd(acc0 + acc1));
-  for (; i < n; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b ? b[i] : a[i]);
+  double s = static_cast<double>(xsimd::hadd(acc));
+  for (; i < n; ++i) s += static_cast<double>(a[i]) * b[i] * (c != nullptr ? c[i] : 1.0f);
   return s;
 }
 
 /// The RMSNorm of one row of floats: y = w * x * s, s = 1 / sqrt(mean(x^2) + eps); returns s.
 inline float rms_row(const float* x, const float* w, index n, double eps, float* y) {
-  const auto s = static_cast<float>(1.0 / std::sqrt(dot_lanes(x, nullptr, n) / static_cast<double>(n) + eps));
+  const auto s = static_cast<float>(1.0 / std::sqrt(dot_lanes(x, x, nullptr, n) / static_cast<double>(n) + eps));
   const fbatch vs(s);
   index i = 0;
   for (; i + fwidth <= n; i += fwidth) {
@@ -153,7 +151,7 @@ void rms_norm(const T* x, const T* w, index rows, index n, double eps, T* y, T* 
   const double work = 4.0 * static_cast<double>(rows) * static_cast<double>(n);
   parallel_ranges(rows, 1, work, [&](index first, index last) {
     if constexpr (std::is_same_v<T, float>) {
-      if (detail::rowwise_simd<T>()) {
+      if (detail::rowwise_simd()) {
         for (index r = first; r < last; ++r) inv[r] = detail::rms_row(x + r * n, w, n, eps, y + r * n);
         return;
       }
@@ -170,7 +168,7 @@ void add_rms_norm(const T* x, const T* a, const T* w, index rows, index n, doubl
     for (index r = first; r < last; ++r) {
       for (index i = r * n; i < (r + 1) * n; ++i) h[i] = x[i] + a[i];
       if constexpr (std::is_same_v<T, float>) {
-        if (detail::rowwise_simd<T>()) {
+        if (detail::rowwise_simd()) {
           inv[r] = detail::rms_row(h + r * n, w, n, eps, y + r * n);
           continue;
         }
@@ -192,28 +190,24 @@ void rms_norm_backward(const T* x, const T* w, const T* inv, index rows, index n
   const double work = 6.0 * static_cast<double>(rows) * static_cast<double>(n);
   parallel_ranges(rows, 1, work, [&](index first, index last) {
     if constexpr (std::is_same_v<T, float>) {
-      if (detail::rowwise_simd<T>()) {
+      if (detail::rowwise_simd()) {
         using B = detail::fbatch;
         constexpr index W = detail::fwidth;
-        std::vector<float> gw(static_cast<std::size_t>(n));
         for (index r = first; r < last; ++r) {
           const float* xr = x + r * n;
           const float* dyr = dy + r * n;
           float* dxr = dx + r * n;
-          index i = 0;
-          for (; i + W <= n; i += W) (B::load_unaligned(dyr + i) * B::load_unaligned(w + i)).store_unaligned(gw.data() + i);
-          for (; i < n; ++i) gw[static_cast<std::size_t>(i)] = dyr[i] * w[i];
           const double s = inv[r];
-          const double k = s * s * s * detail::dot_lanes(gw.data(), xr, n) / static_cast<double>(n);
+          const double k = s * s * s * detail::dot_lanes(dyr, w, xr, n) / static_cast<double>(n);
           const B bs(static_cast<float>(s)), bk(static_cast<float>(k));
-          i = 0;
+          index i = 0;
           for (; i + W <= n; i += W) {
-            B v = xsimd::fms(bs, B::load_unaligned(gw.data() + i), bk * B::load_unaligned(xr + i));
+            B v = xsimd::fms(bs * B::load_unaligned(dyr + i), B::load_unaligned(w + i), bk * B::load_unaligned(xr + i));
             if (dres != nullptr) v += B::load_unaligned(dres + r * n + i);
             v.store_unaligned(dxr + i);
           }
           for (; i < n; ++i) {
-            dxr[i] = static_cast<float>(s) * gw[static_cast<std::size_t>(i)] - static_cast<float>(k) * xr[i];
+            dxr[i] = static_cast<float>(s) * dyr[i] * w[i] - static_cast<float>(k) * xr[i];
             if (dres != nullptr) dxr[i] += dres[r * n + i];
           }
         }
@@ -261,7 +255,7 @@ template <class T>
 void gated_activation(activation act, const T* g, const T* u, index count, T* a) {
   parallel_ranges(count, 1024, 30.0 * static_cast<double>(count), [&](index first, index last) {
     if constexpr (std::is_same_v<T, float>) {
-      if (detail::rowwise_simd<T>()) {
+      if (detail::rowwise_simd()) {
         using B = detail::fbatch;
         index i = first;
         for (; i + detail::fwidth <= last; i += detail::fwidth) {
@@ -282,7 +276,7 @@ template <class T>
 void gated_activation_backward(activation act, const T* g, const T* u, const T* da, index count, T* dg, T* du) {
   parallel_ranges(count, 1024, 40.0 * static_cast<double>(count), [&](index first, index last) {
     if constexpr (std::is_same_v<T, float>) {
-      if (detail::rowwise_simd<T>()) {
+      if (detail::rowwise_simd()) {
         using B = detail::fbatch;
         index i = first;
         for (; i + detail::fwidth <= last; i += detail::fwidth) {
@@ -317,7 +311,7 @@ double cross_entropy(const T* z, index rows, index v, index ldz, const long long
     for (index r = first; r < last; ++r) {
       if (target[r] < 0) continue;
       if constexpr (std::is_same_v<T, float>) {
-        if (detail::rowwise_simd<T>()) {
+        if (detail::rowwise_simd()) {
           loss[static_cast<std::size_t>(r)] =
               detail::cross_entropy_row(z + r * ldz, v, target[r], scale, d != nullptr ? d + r * ldd : nullptr);
           continue;
