@@ -16,6 +16,7 @@
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/models/gguf_lora.hpp"
 #include "peft/models/gguf_model.hpp"
+#include "support/file_support.hpp"
 
 namespace test_gguf {
 
@@ -25,11 +26,7 @@ using peft::io::ggml_type;
 using peft::io::gguf_type;
 using peft::io::gguf_value;
 
-fs::path scratch(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / "peft_test_gguf";
-  fs::create_directories(d);
-  return d / name;
-}
+fs::path scratch(const std::string& name) { return peft_test::process_scratch() / ("gguf_" + name); }
 
 std::vector<std::byte> read_all(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);

@@ -22,6 +22,7 @@
 #include "peft/models/gguf_model.hpp"
 #include "peft/models/peft_model.hpp"
 #include "peft/models/token_file.hpp"
+#include "support/file_support.hpp"
 
 namespace test_gguf_model {
 
@@ -174,7 +175,7 @@ TEST_CASE("an adapter made by llama.cpp's convert_lora_to_gguf imports and gives
       const auto cfg = lm_config::load(data / c.name / "hf");
       auto ck = import_gguf_lora(peft::io::gguf_file::open(data / c.name / "lora_by_llama_cpp.gguf"), &cfg);
       CHECK(ck.modules.size() == static_cast<std::size_t>(7 * cfg.layers));
-      const fs::path dir = fs::temp_directory_path() / (std::string("peft_test_gguf_import_") + c.name);
+      const fs::path dir = peft_test::process_scratch() / (std::string("gguf_model_import_") + c.name);
       fs::remove_all(dir);
       peft::io::save_peft_checkpoint(dir, ck);
       peft_model<float> pm(causal_lm<float>::load(data / c.name / "hf"));
@@ -199,7 +200,7 @@ TEST_CASE("adapters exported for llama.cpp keep every module's scale and import 
       const fs::path model = data / it.c / "hf";
       const auto cfg = gguf_config(peft::io::gguf_file::open(data / it.c / "f16.gguf"));
       const auto ck = peft::io::load_peft_checkpoint<double>(data / it.c / it.adapter);
-      const fs::path out = fs::temp_directory_path() / (std::string("peft_test_gguf_export_") + it.c + it.adapter + ".gguf");
+      const fs::path out = peft_test::process_scratch() / (std::string("gguf_model_export_") + it.c + it.adapter + ".gguf");
       // A checkpoint that also replaces whole modules (modules_to_save) cannot be exported: refused
       // by name, nothing written.
       auto with_saved = ck;
@@ -213,7 +214,7 @@ TEST_CASE("adapters exported for llama.cpp keep every module's scale and import 
       CHECK(f.string("general.architecture") == it.c);
       // The exported file without our head-count keys imports with the model's config only.
       auto back = import_gguf_lora(f);
-      const fs::path dir = fs::temp_directory_path() / (std::string("peft_test_gguf_back_") + it.c + it.adapter);
+      const fs::path dir = peft_test::process_scratch() / (std::string("gguf_model_back_") + it.c + it.adapter);
       fs::remove_all(dir);
       peft::io::save_peft_checkpoint(dir, back);
       peft_model<float> pm(causal_lm<float>::load(model));

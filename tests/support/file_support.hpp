@@ -1,11 +1,12 @@
-// Files in tests: a whole file as a string, counting lines, and a scratch directory that is
-// removed with its contents at the end of a test.
+// Files in tests: a whole file as a string, counting lines, and scratch directories that are
+// removed with their contents at the end of a test or of the test process.
 #pragma once
 
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <random>
 #include <string>
 #include <system_error>
 
@@ -34,5 +35,13 @@ struct scratch_dir {
     std::filesystem::remove_all(dir, ec);
   }
 };
+
+/// A directory of this test process, <temp>/peft_test_<random tag>, removed when the process
+/// exits: for files several test cases share. Test binaries run concurrently (ctest -j, several
+/// builds), so a fixed name would collide; callers prefix their file names with their test's name.
+inline const std::filesystem::path& process_scratch() {
+  static const scratch_dir d("peft_test_" + std::to_string(std::random_device{}()));
+  return d.dir;
+}
 
 }  // namespace peft_test

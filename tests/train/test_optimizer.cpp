@@ -26,6 +26,7 @@
 #include "peft/train/loraplus.hpp"
 #include "peft/train/optimizer.hpp"
 #include "peft/train/schedule.hpp"
+#include "support/file_support.hpp"
 #include "support/golden_support.hpp"
 #include "support/test_support.hpp"
 
@@ -258,11 +259,7 @@ std::vector<std::vector<typename Opt::scalar>> run_small(const Options& o) {
 
 std::vector<double> from_hex(std::initializer_list<double> v) { return std::vector<double>(v); }
 
-std::filesystem::path scratch(const std::string& stem) {
-  auto d = peft_test::scratch_path("peft_optimizer_test");
-  std::filesystem::create_directories(d);
-  return d / stem;
-}
+std::filesystem::path scratch(const std::string& stem) { return peft_test::process_scratch() / ("optimizer_" + stem); }
 
 }  // namespace
 
