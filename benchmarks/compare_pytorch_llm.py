@@ -31,7 +31,9 @@ LoRA and DoRA; QLoRA's differ by the two quantizers).
 With --repeats K every fine-tuning run is made K times, peft-cpp and PyTorch alternated; the
 report takes the run whose mean step time is the median and lists all K (on a shared virtual
 machine a whole process sometimes runs 30% slower than the next, the same binary on the same
-input: one run per side can land in such a spell). --methods picks runs by key.
+input: one run per side can land in such a spell). peft-cpp's generation runs K processes per
+side too, unmerged and base alternated, and reports each side's median process (PyTorch's
+generation is timed once, inside its first LoRA run). --methods picks runs by key.
 
 Before each run the script watches /proc/stat for 1 s and warns (in the log and the report) when
 other processes keep more than 10% of the CPUs busy: with every core in use, threads that wait for
@@ -606,6 +608,12 @@ def shape_report(a, shape, res):
         gc, gt = ratio(cu_v, cb_v), ratio(tu_v, tm_v)
         out.append(f"| unmerged / merged | {fmt(gc, '.3f')} ({verdict(gc, TARGET_GEN_RATIO, at_most=False)}, target "
                    f">= {TARGET_GEN_RATIO}) | {fmt(gt, '.3f')} | |")
+        if "repeat_tokens_per_s" in cu or "repeat_tokens_per_s" in cb:
+            out.append(f"\npeft-cpp decoding tokens/s of each of the {a.repeats} alternated processes (the table shows "
+                       "the median process's):")
+            for who, rec in (("unmerged", cu), ("base", cb)):
+                if "repeat_tokens_per_s" in rec:
+                    out.append(f"- {who}: " + ", ".join(fmt(v) for v in rec["repeat_tokens_per_s"]))
         for who, rec in (("peft-cpp unmerged", cu), ("peft-cpp base", cb)):
             if rec.get("status") != "ok":
                 out.append(f"\n- {who}: {rec.get('status')}")
@@ -671,6 +679,20 @@ def median_run(recs):
     return rec
 
 
+def median_generation(recs):
+    """The generate process whose decoding tokens/s is the median of the repeats (the lower middle
+    one of an even count), with every process's figure in repeat_tokens_per_s; one run as it is."""
+    if len(recs) == 1:
+        return recs[0]
+    ok = [r for r in recs if r.get("status") == "ok"]
+    if not ok:
+        return recs[0]
+    ok.sort(key=lambda r: r["decode_tokens_per_s"])
+    rec = dict(ok[(len(ok) - 1) // 2])
+    rec["repeat_tokens_per_s"] = [r.get("decode_tokens_per_s") for r in recs]
+    return rec
+
+
 def run_shape(a, shape, env):
     shape_dir = a.work / f"run-{shape}"
     shape_dir.mkdir(parents=True, exist_ok=True)
@@ -709,11 +731,18 @@ def run_shape(a, shape, env):
         res["runs"][key] = {"peft_cpp": median_run(cs), "pytorch": median_run(ts) if ts else None}
     if not a.skip_generate:
         g = {"peft_cpp": {}, "pytorch": torch_gen}
-        if lora_adapter:
-            g["peft_cpp"]["unmerged"] = cpp_generate(a, shape_dir, model_dir, prompt, lora_adapter, "generate-lora", env)
-        else:
-            g["peft_cpp"]["unmerged"] = {"status": "not run: the LoRA fine-tuning failed"}
-        g["peft_cpp"]["base"] = cpp_generate(a, shape_dir, model_dir, prompt, None, "generate-base", env)
+        # With --repeats K: K processes per side, unmerged and base alternated (decoding is memory
+        # bound, and this VM's memory bandwidth drifts between processes); each side's median process.
+        unmerged, base = [], []
+        for rep in range(a.repeats):
+            if a.repeats > 1:
+                log(f"generation: repeat {rep + 1} of {a.repeats}")
+            if lora_adapter:
+                unmerged.append(cpp_generate(a, shape_dir, model_dir, prompt, lora_adapter, "generate-lora", env))
+            base.append(cpp_generate(a, shape_dir, model_dir, prompt, None, "generate-base", env))
+        g["peft_cpp"]["unmerged"] = (median_generation(unmerged) if unmerged else
+                                     {"status": "not run: the LoRA fine-tuning failed"})
+        g["peft_cpp"]["base"] = median_generation(base)
         res["generation"] = g
     res["targets"] = targets_of(res)
     return res
