@@ -665,32 +665,28 @@ def targets_of(res):
 
 # ---- main ---------------------------------------------------------------------------------------
 
-def median_run(recs):
-    """The run whose mean step time is the median of the repeats (the lower middle one of an even
-    count), with every repeat's mean step time in repeat_ms_per_step; a single run as it is."""
+def median_of(recs, key, repeats_key):
+    """The record whose `key` is the median of the repeats (the lower middle one of an even count),
+    with every repeat's `key` in `repeats_key`; a single record as it is."""
     if len(recs) == 1:
         return recs[0]
-    ok = [r for r in recs if r.get("status") == "ok" and r.get("ms_per_step") is not None]
+    ok = [r for r in recs if r.get("status") == "ok" and r.get(key) is not None]
     if not ok:
         return recs[0]
-    ok.sort(key=lambda r: r["ms_per_step"])
+    ok.sort(key=lambda r: r[key])
     rec = dict(ok[(len(ok) - 1) // 2])
-    rec["repeat_ms_per_step"] = [r.get("ms_per_step") for r in recs]
+    rec[repeats_key] = [r.get(key) for r in recs]
     return rec
+
+
+def median_run(recs):
+    """The fine-tuning run whose mean step time is the median (repeat_ms_per_step lists all)."""
+    return median_of(recs, "ms_per_step", "repeat_ms_per_step")
 
 
 def median_generation(recs):
-    """The generate process whose decoding tokens/s is the median of the repeats (the lower middle
-    one of an even count), with every process's figure in repeat_tokens_per_s; one run as it is."""
-    if len(recs) == 1:
-        return recs[0]
-    ok = [r for r in recs if r.get("status") == "ok"]
-    if not ok:
-        return recs[0]
-    ok.sort(key=lambda r: r["decode_tokens_per_s"])
-    rec = dict(ok[(len(ok) - 1) // 2])
-    rec["repeat_tokens_per_s"] = [r.get("decode_tokens_per_s") for r in recs]
-    return rec
+    """The generate process whose decoding tokens/s is the median (repeat_tokens_per_s lists all)."""
+    return median_of(recs, "decode_tokens_per_s", "repeat_tokens_per_s")
 
 
 def run_shape(a, shape, env):
