@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "peft/core/additive_adapter.hpp"
@@ -26,7 +25,6 @@
 #include "peft/core/matrix.hpp"
 #include "peft/core/matrix_view.hpp"
 #include "peft/kernels/gemm.hpp"
-#include "peft/kernels/linear.hpp"
 #include "peft/kernels/low_rank_epilogue.hpp"
 
 namespace peft {
@@ -86,18 +84,7 @@ template <compute_scalar T>
 void project(const low_rank_term<T>& term, matrix_view<const T> x, low_rank_cache<T>& cache) {
   const index n = x.rows(), r = term.rank();
   detail::resize(cache.t, n, r);
-  if (r > 0) {
-    // A few f32 rows (decoding): the dispatched dot blocks, without a BLAS call's fixed cost.
-    if constexpr (std::is_same_v<T, float>) {
-      if (n <= kernels::low_rank_block_rows) {
-        kernels::linear_nt(x, term.a, nullptr, cache.t.view());
-      } else {
-        kernels::gemm_nt<T, T>(1.0, x, term.a, 0.0, cache.t.view());
-      }
-    } else {
-      kernels::gemm_nt<T, T>(1.0, x, term.a, 0.0, cache.t.view());
-    }
-  }
+  if (r > 0) kernels::gemm_nt<T, T>(1.0, x, term.a, 0.0, cache.t.view());
   if (term.c != nullptr) {
     detail::resize(cache.p, n, r);
     for (index i = 0; i < n; ++i) {
