@@ -21,6 +21,4 @@ if [[ ! -s "$list" ]]; then
   echo "tests/run_shard.sh: shard $k of $n of $exe has no test cases" >&2
   exit 1
 fi
-status=0
-"$exe" -f "$list" "$@" || status=$?
-exit "$status"
+"$exe" -f "$list" "$@"  # its status is the script's (set -e; the EXIT trap removes the list)
