@@ -19,6 +19,7 @@
 #include "peft/core/random.hpp"
 #include "peft/kernels/isa.hpp"
 #include "peft/kernels/linear.hpp"
+#include "peft/kernels/low_rank_epilogue.hpp"
 #include "support/test_support.hpp"
 
 namespace test_linear {
@@ -181,7 +182,7 @@ TEST_CASE("fused LoRA and DoRA forwards over dense<float> equal the unfused doub
   peft::rng gen(10);
   for (auto version : supported_versions()) {
     kernels::scoped_isa guard(version);
-    for (const shape s : {shape{1, 70, 33}, shape{17, 129, 64}, shape{260, 20, 9}}) {
+    for (const shape s : {shape{1, 70, 33}, shape{8, 129, 40}, shape{17, 129, 64}, shape{260, 20, 9}}) {
       INFO("isa " << kernels::isa_name(version) << " m " << s.m << " n " << s.n << " k " << s.k);
       auto wd = peft_test::random_matrix<double>(s.n, s.k, gen);
       std::vector<double> bd(static_cast<std::size_t>(s.n));
@@ -212,6 +213,16 @@ TEST_CASE("fused LoRA and DoRA forwards over dense<float> equal the unfused doub
       lf.forward(base_f, xf.view(), yf.view(), cf);
       ld.forward(base_d, xd.view(), yd.view(), cd);
       CHECK(peft_test::rel_error(yf.view(), yd.view()) <= 1e-5);
+      // The unfused term takes the same path: bit for bit on few rows (the dot blocks of both).
+      peft::matrix<float> plain(s.m, s.n);
+      base_f.matmul<float>(xf.view(), plain.view());
+      peft::lora<float>::cache_type cu;
+      lf.add_term(base_f, xf.view(), plain.view(), plain.view(), cu);
+      if (s.m <= kernels::low_rank_block_rows) {
+        CHECK(peft_test::exactly_equal(plain, yf));
+      } else {
+        CHECK(peft_test::rel_error(plain.view(), yf.view()) <= 1e-6);
+      }
 
       peft::dora<float> df(base_f, {.rank = 4, .alpha = 8, .init = peft::lora_init::random, .seed = 5});
       peft::dora<double> dd(base_d, {.rank = 4, .alpha = 8, .init = peft::lora_init::random, .seed = 5});
@@ -248,6 +259,58 @@ TEST_CASE("fused LoRA and DoRA forwards over dense<float> equal the unfused doub
       for (std::size_t q = 0; q < gpf.size(); ++q) {
         INFO(gpf[q].name);
         CHECK(peft_test::rel_error(gpf[q].grad, gpd[q].grad) <= 2e-5);
+      }
+    }
+  }
+}
+
+TEST_CASE("low_rank_epilogue on f32 tiles of a few rows (dot blocks) and more (Eigen) equals double",
+          "[kernels][linear][lora]") {
+  peft::rng gen(12);
+  constexpr ix n = 150, r = 16;  // 150 columns: two full chunks of 64 and a tail
+  for (auto version : supported_versions()) {
+    kernels::scoped_isa guard(version);
+    for (const ix m : {ix{1}, ix{5}, kernels::low_rank_block_rows, kernels::low_rank_block_rows + 1}) {
+      for (const bool with_col : {false, true}) {
+        INFO("isa " << kernels::isa_name(version) << " m " << m << " col " << with_col);
+        peft::matrix<float> p(m, r), b(n, r), y(m, n), z(m, n);
+        std::vector<float> col(n), bias(n), bias_row(static_cast<std::size_t>(m));
+        for (ix i = 0; i < m; ++i)
+          for (ix q = 0; q < r; ++q) p(i, q) = static_cast<float>(gen.uniform(-1.0, 1.0));
+        for (ix j = 0; j < n; ++j)
+          for (ix q = 0; q < r; ++q) b(j, q) = static_cast<float>(gen.uniform(-1.0, 1.0));
+        for (ix i = 0; i < m; ++i)
+          for (ix j = 0; j < n; ++j) y(i, j) = static_cast<float>(gen.uniform(-1.0, 1.0));
+        for (auto& v : col) v = static_cast<float>(gen.uniform(0.5, 1.5));
+        for (auto& v : bias) v = static_cast<float>(gen.uniform(-1.0, 1.0));
+        for (auto& v : bias_row) v = static_cast<float>(gen.uniform(0.5, 1.5));
+        REQUIRE(peft_test::nontrivial(p));
+        REQUIRE(peft_test::nontrivial(b));
+        const peft::matrix<float> y0 = y;
+        kernels::low_rank_epilogue<float> e;
+        e.p = p.view();
+        e.b = b.view();
+        e.scale = 0.75f;
+        e.col = with_col ? col.data() : nullptr;
+        e.bias = bias.data();
+        e.bias_row = bias_row.data();
+        e.unscaled = with_col ? z.view() : peft::matrix_view<float>{};
+        // The whole output as one tile (what bases without fused tiles pass), then column blocks.
+        e(0, 0, y.view());
+        for (ix i = 0; i < m; ++i) {
+          for (ix j = 0; j < n; ++j) {
+            double pb = 0.0;
+            for (ix q = 0; q < r; ++q) pb += static_cast<double>(p(i, q)) * b(j, q);
+            const double want = y0(i, j) + 0.75 * pb * (with_col ? col[j] : 1.0f) +
+                                static_cast<double>(bias_row[static_cast<std::size_t>(i)]) * bias[j];
+            CHECK(std::abs(y(i, j) - want) <= 1e-5 * (1.0 + std::abs(want)));
+            if (with_col) CHECK(std::abs(z(i, j) - pb) <= 1e-5 * (1.0 + std::abs(pb)));
+          }
+        }
+        peft::matrix<float> y2 = y0;
+        e(0, 0, y2.view().block(0, 0, m, 64));
+        e(0, 64, y2.view().block(0, 64, m, n - 64));
+        CHECK(peft_test::rel_error(y2.view(), y.view()) <= 1e-6);
       }
     }
   }

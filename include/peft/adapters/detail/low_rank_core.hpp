@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "peft/core/additive_adapter.hpp"
@@ -25,6 +26,7 @@
 #include "peft/core/matrix.hpp"
 #include "peft/core/matrix_view.hpp"
 #include "peft/kernels/gemm.hpp"
+#include "peft/kernels/linear.hpp"
 #include "peft/kernels/low_rank_epilogue.hpp"
 
 namespace peft {
@@ -79,12 +81,30 @@ void resize(matrix<T>& m, index rows, index cols) {
 }
 }  // namespace detail
 
+/// Whether a batch of n rows takes the dot-block path of the low-rank products (f32, n at most
+/// kernels::low_rank_block_rows): the fused epilogue and the unfused term decide it alike, so
+/// both give the same numbers bit for bit.
+template <compute_scalar T>
+constexpr bool few_rows(index n) {
+  return std::is_same_v<T, float> && n <= kernels::low_rank_block_rows;
+}
+
 /// cache.t = x A^T and cache.p = t * c; cache.z is sized (not computed) when the term has lambda.
 template <compute_scalar T>
 void project(const low_rank_term<T>& term, matrix_view<const T> x, low_rank_cache<T>& cache) {
   const index n = x.rows(), r = term.rank();
   detail::resize(cache.t, n, r);
-  if (r > 0) kernels::gemm_nt<T, T>(1.0, x, term.a, 0.0, cache.t.view());
+  if (r > 0) {
+    bool done = false;
+    if constexpr (std::is_same_v<T, float>) {
+      // A few f32 rows (decoding): the dispatched dot blocks, without a BLAS call's fixed cost.
+      if (few_rows<T>(n)) {
+        kernels::linear_nt(x, term.a, nullptr, cache.t.view());
+        done = true;
+      }
+    }
+    if (!done) kernels::gemm_nt<T, T>(1.0, x, term.a, 0.0, cache.t.view());
+  }
   if (term.c != nullptr) {
     detail::resize(cache.p, n, r);
     for (index i = 0; i < n; ++i) {
@@ -121,11 +141,11 @@ template <compute_scalar T>
 void add(const low_rank_term<T>& term, matrix_view<const T> x, matrix_view<T> y, low_rank_cache<T>& cache) {
   project(term, x, cache);
   if (term.rank() == 0 && term.bias == nullptr) return;
-  if (term.lambda == nullptr && term.bias == nullptr) {
+  if (term.lambda == nullptr && term.bias == nullptr && !few_rows<T>(x.rows())) {
     kernels::gemm_nt<T, T>(static_cast<double>(term.scale), cache.projected(term), term.b, 1.0, y);
     return;
   }
-  epilogue(term, cache)(index{0}, index{0}, y);
+  epilogue(term, cache)(index{0}, index{0}, y);  // the fused path's arithmetic (few rows: dot blocks)
 }
 
 /// Accumulates the gradients `grads` asks for and dx += (d term / dx)^T g. Uses the cache of a
