@@ -46,6 +46,9 @@ Usage (measurements run one after another; nothing else should load the machine 
         [--json OUT.json] [--skip-qlora] [--skip-generate] [--gen-repeats 3]
         [--methods lora,dora,qlora_nf4,qlora_q4_0] [--repeats K]
     e.g. a quick check:  python3 benchmarks/compare_pytorch_llm.py --shapes small --steps 3
+The tool of a Release build without PEFT_QUICK_DEMOS (scripts/setup.sh test turns it on, which
+compiles the tool at -O1; scripts/setup.sh bench turns it off again):
+    cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DPEFT_QUICK_DEMOS=OFF && cmake --build build --target peft_cli
 
 Needs numpy (the model maker) and, for the PyTorch side, torch, transformers and peft
 (bitsandbytes for PyTorch QLoRA); the parent process imports none of them.
