@@ -26,6 +26,14 @@ namespace peft::kernels {
 /// Rows up to which an f32 low-rank product runs on the dot blocks instead of Eigen.
 inline constexpr index low_rank_block_rows = 8;
 
+/// Whether the low-rank products of a batch of `rows` rows run on the dot blocks (f32, at most
+/// low_rank_block_rows rows). The epilogue and the unfused term (adapters/detail/low_rank_core.hpp)
+/// both decide by it, on the whole batch, so they give the same numbers bit for bit.
+template <class T>
+constexpr bool low_rank_on_blocks(index rows) noexcept {
+  return std::is_same_v<T, float> && rows <= low_rank_block_rows;
+}
+
 template <class T>
 struct low_rank_epilogue {
   matrix_view<const T> p;           // (m, r)
@@ -41,9 +49,7 @@ struct low_rank_epilogue {
     const index rows = tile.rows(), cols = tile.cols(), r = p.cols();
     bool done = false;
     if constexpr (std::is_same_v<T, float>) {
-      // Decided on the whole batch (p's rows), not the tile's: the unfused term
-      // (adapters/detail/low_rank_core.hpp) decides alike and gets the same numbers.
-      if (r > 0 && p.rows() <= low_rank_block_rows) {
+      if (r > 0 && low_rank_on_blocks<T>(p.rows())) {  // the batch's rows, not the tile's
         add_blocked(i0, j0, tile);
         done = true;
       }

@@ -81,29 +81,22 @@ void resize(matrix<T>& m, index rows, index cols) {
 }
 }  // namespace detail
 
-/// Whether a batch of n rows takes the dot-block path of the low-rank products (f32, n at most
-/// kernels::low_rank_block_rows): the fused epilogue and the unfused term decide it alike, so
-/// both give the same numbers bit for bit.
-template <compute_scalar T>
-constexpr bool few_rows(index n) {
-  return std::is_same_v<T, float> && n <= kernels::low_rank_block_rows;
-}
-
 /// cache.t = x A^T and cache.p = t * c; cache.z is sized (not computed) when the term has lambda.
 template <compute_scalar T>
 void project(const low_rank_term<T>& term, matrix_view<const T> x, low_rank_cache<T>& cache) {
   const index n = x.rows(), r = term.rank();
   detail::resize(cache.t, n, r);
   if (r > 0) {
-    bool done = false;
+    // A few f32 rows (decoding): the dispatched dot blocks, without a BLAS call's fixed cost.
     if constexpr (std::is_same_v<T, float>) {
-      // A few f32 rows (decoding): the dispatched dot blocks, without a BLAS call's fixed cost.
-      if (few_rows<T>(n)) {
+      if (kernels::low_rank_on_blocks<T>(n)) {
         kernels::linear_nt(x, term.a, nullptr, cache.t.view());
-        done = true;
+      } else {
+        kernels::gemm_nt<T, T>(1.0, x, term.a, 0.0, cache.t.view());
       }
+    } else {
+      kernels::gemm_nt<T, T>(1.0, x, term.a, 0.0, cache.t.view());
     }
-    if (!done) kernels::gemm_nt<T, T>(1.0, x, term.a, 0.0, cache.t.view());
   }
   if (term.c != nullptr) {
     detail::resize(cache.p, n, r);
@@ -141,7 +134,7 @@ template <compute_scalar T>
 void add(const low_rank_term<T>& term, matrix_view<const T> x, matrix_view<T> y, low_rank_cache<T>& cache) {
   project(term, x, cache);
   if (term.rank() == 0 && term.bias == nullptr) return;
-  if (term.lambda == nullptr && term.bias == nullptr && !few_rows<T>(x.rows())) {
+  if (term.lambda == nullptr && term.bias == nullptr && !kernels::low_rank_on_blocks<T>(x.rows())) {
     kernels::gemm_nt<T, T>(static_cast<double>(term.scale), cache.projected(term), term.b, 1.0, y);
     return;
   }
