@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "peft/adapters/detail/merge_memo.hpp"
 #include "peft/core/adapter.hpp"
 #include "peft/core/adapter_checks.hpp"
 #include "peft/core/base_weight.hpp"
@@ -177,8 +178,7 @@ class deft {
     cache_type k;
     derive(w, k);
     kernels::gemm_nn<T, T>(1.0, k.q.view(), k.a.view(), 0.0, dw);
-    merged_m_ = std::move(k.m);
-    merged_base_ = static_cast<const void*>(&w);
+    merged_.remember({std::move(k.m), static_cast<const void*>(&w)});
   }
 
   /// DeFT does not change the bias.
@@ -200,8 +200,9 @@ class deft {
     project(k);
     const index r = rank(), in = in_features(), out = out_features();
     const double s = scaling();
-    if (merged_base_ == static_cast<const void*>(&merged) && merged_m_.rows() == r && merged_m_.cols() == in) {
-      k.m = merged_m_;
+    remembered last = merged_.recall();
+    if (last.base == static_cast<const void*>(&merged) && last.m.rows() == r && last.m.cols() == in) {
+      k.m = std::move(last.m);
     } else {
       if (projection_ == deft_projection::qr) {
         detail::raise<error>(where, "with decomposition_method qr, W' = (I - Q Q^T) W0 + s Q R no longer holds Q^T W0; "
@@ -516,8 +517,11 @@ class deft {
   bool para_ = false;
   matrix<T> gp_, gr_;
   // What the last delta_weight read (PEFT's _cached_merge_factor): M and the base it came from.
-  mutable matrix<T> merged_m_;
-  mutable const void* merged_base_ = nullptr;
+  struct remembered {
+    matrix<T> m;
+    const void* base = nullptr;
+  };
+  detail::merge_memo<remembered> merged_;
 };
 
 }  // namespace peft

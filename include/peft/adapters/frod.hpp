@@ -28,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "peft/adapters/detail/merge_memo.hpp"
 #include "peft/core/adapter.hpp"
 #include "peft/core/adapter_checks.hpp"
 #include "peft/core/base_weight.hpp"
@@ -315,9 +316,9 @@ class frod {
       T* d = dw.row(o);
       for (index j = 0; j < in; ++j) d[j] -= row[static_cast<std::size_t>(j)];
     }
-    merged_delta_ = matrix<T>(out, in);
-    for (index o = 0; o < out; ++o) std::copy(dw.row(o), dw.row(o) + in, merged_delta_.row(o));
-    merged_base_ = static_cast<const void*>(&w);
+    matrix<T> delta(out, in);
+    for (index o = 0; o < out; ++o) std::copy(dw.row(o), dw.row(o) + in, delta.row(o));
+    merged_.remember({std::move(delta), static_cast<const void*>(&w)});
   }
 
   /// FRoD does not change the bias.
@@ -334,11 +335,12 @@ class frod {
     constexpr const char* where = "frod::unmerge_delta";
     check_base(where, merged);
     detail::expect_shape(where, "dw", dw, out_features(), in_features());
-    if (merged_base_ != static_cast<const void*>(&merged) || merged_delta_.rows() != out_features()) {
+    const remembered last = merged_.recall();
+    if (last.base != static_cast<const void*>(&merged) || last.delta.rows() != out_features()) {
       detail::raise<error>(where, "the merged weight U (S + diag(lambda_l)) V^T no longer determines W0; unmerge "
                                   "needs the delta that merging this base remembered (PEFT keeps a copy of W0)");
     }
-    for (index o = 0; o < out_features(); ++o) std::copy(merged_delta_.row(o), merged_delta_.row(o) + in_features(), dw.row(o));
+    for (index o = 0; o < out_features(); ++o) std::copy(last.delta.row(o), last.delta.row(o) + in_features(), dw.row(o));
   }
 
   /// frod_lambda_l (in) and frod_lambda_s_values (nnz): trainable, PEFT's names; the category's
@@ -440,8 +442,11 @@ class frod {
   matrix<T> s_;                      // (1, nnz)
   matrix<T> gl_, gs_;
   // What the last delta_weight wrote, and the base it was for (PEFT's copy of W0).
-  mutable matrix<T> merged_delta_;
-  mutable const void* merged_base_ = nullptr;
+  struct remembered {
+    matrix<T> delta;
+    const void* base = nullptr;
+  };
+  detail::merge_memo<remembered> merged_;
 };
 
 }  // namespace peft

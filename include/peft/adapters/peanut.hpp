@@ -28,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "peft/adapters/detail/merge_memo.hpp"
 #include "peft/core/adapter.hpp"
 #include "peft/core/adapter_checks.hpp"
 #include "peft/core/base_weight.hpp"
@@ -281,13 +282,8 @@ class peanut {
     detail::expect_shape("peanut::delta_weight", "dw", dw, out_features(), in_features());
     cache_type k;
     chain(w, k);
-    merged_f_ = std::move(k.gd.back());
-    merged_b_ = b_;
-    merged_a_ = a_;
-    merged_enc_ = enc_;
-    merged_dec_ = dec_;
-    merged_base_ = static_cast<const void*>(&w);
-    kernels::gemm_nt<T, T>(scaling_, merged_b_.view(), merged_f_.view(), 0.0, dw);
+    kernels::gemm_nt<T, T>(scaling_, b_.view(), k.gd.back().view(), 0.0, dw);
+    merged_.remember({std::move(k.gd.back()), b_, a_, enc_, dec_, static_cast<const void*>(&w)});
   }
 
   /// PEANuT does not change the bias.
@@ -307,13 +303,14 @@ class peanut {
     constexpr const char* where = "peanut::unmerge_delta";
     check_base(where, merged);
     detail::expect_shape(where, "dw", dw, out_features(), in_features());
-    const bool remembered = merged_f_.rows() == in_features() && merged_b_.rows() == out_features();
-    if (!remembered || (merged_base_ != static_cast<const void*>(&merged) && !reproduces_merge(merged))) {
+    const remembered last = merged_.recall();
+    const bool known = last.f.rows() == in_features() && last.b.rows() == out_features();
+    if (!known || (last.base != static_cast<const void*>(&merged) && !reproduces_merge(merged, last))) {
       detail::raise<error>(where, "PEANuT's delta is a function of W0, which the merged weight W0 + dW does not "
                                   "determine: unmerge needs the delta that merging this base remembered (merge and "
                                   "unmerge with the same adapter, on that base or a copy of it)");
     }
-    kernels::gemm_nt<T, T>(scaling_, merged_b_.view(), merged_f_.view(), 0.0, dw);
+    kernels::gemm_nt<T, T>(scaling_, last.b.view(), last.f.view(), 0.0, dw);
   }
 
   /// peanut_A.weight, peanut_encoders.i.weight, peanut_decoders.i.weight, peanut_B.weight:
@@ -428,18 +425,25 @@ class peanut {
     }
   };
 
+  /// What the last delta_weight used: F, the parameters of the chain, and the base.
+  struct remembered {
+    matrix<T> f, b, a;
+    std::vector<matrix<T>> enc, dec;
+    const void* base = nullptr;
+  };
+
   /// Whether the merged base minus the remembered delta gives back the remembered F through the
   /// parameters merge used: the remembered merge is this base's.
   template <class Base>
-  bool reproduces_merge(const Base& merged) const {
-    peanut then(merged_a_, merged_enc_, merged_dec_, merged_b_, act_name_, scaling_, in_);
+  bool reproduces_merge(const Base& merged, const remembered& last) const {
+    peanut then(last.a, last.enc, last.dec, last.b, act_name_, scaling_, in_);
     cache_type k;
-    then.chain(unmerged_rows<Base>{merged, merged_b_, merged_f_, scaling_}, k);
+    then.chain(unmerged_rows<Base>{merged, last.b, last.f, scaling_}, k);
     const matrix<T>& f = k.gd.back();
     double scale = 0, diff = 0;
     for (std::size_t e = 0; e < f.storage().size(); ++e) {
-      scale = std::max(scale, std::abs(static_cast<double>(merged_f_.storage()[e])));
-      diff = std::max(diff, std::abs(static_cast<double>(f.storage()[e]) - static_cast<double>(merged_f_.storage()[e])));
+      scale = std::max(scale, std::abs(static_cast<double>(last.f.storage()[e])));
+      diff = std::max(diff, std::abs(static_cast<double>(f.storage()[e]) - static_cast<double>(last.f.storage()[e])));
     }
     const double tol = std::is_same_v<T, float> ? 1e-4 : 1e-9;
     return diff <= tol * std::max(scale, 1e-30);
@@ -617,9 +621,7 @@ class peanut {
   matrix<T> ga_, gb_;
   std::vector<matrix<T>> genc_, gdec_;
   // What the last delta_weight added: F, B and the base it read.
-  mutable matrix<T> merged_f_, merged_b_, merged_a_;
-  mutable std::vector<matrix<T>> merged_enc_, merged_dec_;
-  mutable const void* merged_base_ = nullptr;
+  detail::merge_memo<remembered> merged_;
 };
 
 }  // namespace peft
