@@ -8,6 +8,7 @@
 //   linear/lora_f32        peft::lora<float>::forward, base + adapter, fused (also r = 4, 64)
 //   linear/dora_f32        peft::dora<float>::forward (norms cached: inference)
 //   linear/dense_<q>, linear/lora_<q>   the same over a quantized base, q = int8, q4_0, nf4
+//   linear/dense_packed, linear/lora_packed   over peft::packed_f32 (f32 pre-packed in panels)
 //
 // Counters: GFLOP/s of the dense product (2 m k n per call) and weight GB/s (bytes of the
 // stored weight per call: 4 k n for f32, storage_bytes() for a quantized base).
@@ -18,6 +19,7 @@
 #include <peft/base/dense.hpp>
 #include <peft/base/int8_rowwise.hpp>
 #include <peft/base/nf4.hpp>
+#include <peft/base/packed_f32.hpp>
 #include <peft/base/q4_0.hpp>
 
 #include "bench_common.hpp"
@@ -120,6 +122,21 @@ Q quantized_base(const shape& s) {
   return Q::quantize(peft::matrix_view<const float>(w.view()));
 }
 
+peft::packed_f32 packed_base(const shape& s) {
+  const auto w = bench::random_matrix(s.n, s.k, 1);
+  return peft::packed_f32::pack(peft::matrix_view<const float>(w.view()));
+}
+
+void linear_dense_packed(benchmark::State& state) {
+  const shape s(state);
+  run_dense(state, packed_base(s), s);
+}
+
+void linear_lora_packed(benchmark::State& state) {
+  const shape s(state);
+  run_lora(state, packed_base(s), s);
+}
+
 void linear_dense_f32(benchmark::State& state) {
   const shape s(state);
   run_dense(state, dense_base(s), s);
@@ -166,6 +183,8 @@ BENCHMARK(linear_openblas_dense)->Name("linear/openblas_dense")->Apply(bench::li
 BENCHMARK(linear_lora_naive)->Name("linear/lora_naive")->Apply(bench::linear_args);
 BENCHMARK(linear_dense_f32)->Name("linear/dense_f32")->Apply(bench::linear_args);
 BENCHMARK(linear_lora_f32)->Name("linear/lora_f32")->Apply(bench::linear_rank_args);
+BENCHMARK(linear_dense_packed)->Name("linear/dense_packed")->Apply(bench::linear_args);
+BENCHMARK(linear_lora_packed)->Name("linear/lora_packed")->Apply(bench::linear_args);
 BENCHMARK(linear_dora_f32)->Name("linear/dora_f32")->Apply(bench::linear_args);
 BENCHMARK_TEMPLATE(linear_dense_q, peft::int8_rowwise)->Name("linear/dense_int8")->Apply(bench::linear_args);
 BENCHMARK_TEMPLATE(linear_lora_q, peft::int8_rowwise)->Name("linear/lora_int8")->Apply(bench::linear_args);

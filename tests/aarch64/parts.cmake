@@ -14,6 +14,7 @@ set(PEFT_AARCH64_kernels_SOURCES
   kernels/test_dispatch.cpp
   kernels/test_gemm.cpp
   kernels/test_linear.cpp
+  kernels/test_packed.cpp
   kernels/test_quantized_int8.cpp
   kernels/test_transformer.cpp)
 set(PEFT_AARCH64_base_SOURCES

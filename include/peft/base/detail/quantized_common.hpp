@@ -9,7 +9,10 @@
 //   template <class T> void decode_rows(j0, n, T* out, ld) const; rows as T, ld apart
 //   template <class T> void dequantize_row(index i, T* out) const;
 //   void quantize_row(index i, const float* row);                 (row-local formats)
-// and optionally, for llama.cpp's arithmetic (8-bit activations, kernels/quantized_int8.hpp):
+// and optionally
+//   static constexpr index dot_rows_below;  batches below this many rows take dot_rows (default
+//                                           skinny_rows; base/packed_f32.hpp sets its own)
+// and, for llama.cpp's arithmetic (8-bit activations, kernels/quantized_int8.hpp):
 //   bool int8_activations() const;  whether the skinny f32 products use them now
 //   std::size_t activation_row_bytes() const;                     bytes of one quantized x row
 //   void quantize_activations(const float* x, index ldx, index m, std::byte* out) const;
@@ -17,13 +20,14 @@
 // The format's block layout, code tables and quantization rule live in base/formats/; its dot
 // and decode kernels in kernels/quantized.hpp.
 //
-// Products. y = x W^T + b in f32: batches below skinny_rows stream each weight row once through
-// the format's dot kernel (a decoded block is multiplied into up to 8 rows of x at a time);
-// larger batches, and f64, decode a panel of weight rows (~256 KiB) into a per-thread buffer
-// and multiply it with kernels::gemm_nt. Output rows (features) are split over threads with
-// kernels::parallel_ranges; every finished tile y[:, j0 : j0 + n) gets its bias and then the
-// epilogue. dx = dy W decodes panels the same way (split over batch rows for large batches,
-// otherwise over weight rows into per-thread sums added in a fixed order).
+// Products. y = x W^T + b in f32: batches below skinny_rows (or the format's dot_rows_below)
+// stream each weight row once through the format's dot kernel (a decoded block is multiplied
+// into up to 8 rows of x at a time); larger batches, and f64, decode a panel of weight rows
+// (~256 KiB) into a per-thread buffer and multiply it with kernels::gemm_nt. Output rows
+// (features) are split over threads with kernels::parallel_ranges; every finished tile
+// y[:, j0 : j0 + n) gets its bias and then the epilogue. dx = dy W decodes panels the same way
+// (split over batch rows for large batches, otherwise over weight rows into per-thread sums
+// added in a fixed order).
 #pragma once
 
 #include <algorithm>
@@ -130,7 +134,7 @@ class quantized_linear {
     if (y.empty()) return;
     const kernels::isa which = kernels::active_isa();
     if constexpr (std::is_same_v<T, float>) {
-      if (x.rows() < skinny_rows && self().has_dot()) return matmul_skinny(which, x, y, epi);
+      if (x.rows() < dot_rows_limit() && self().has_dot()) return matmul_skinny(which, x, y, epi);
     }
     matmul_panels(x, y, epi);
   }
@@ -278,6 +282,14 @@ class quantized_linear {
   const Format& self() const noexcept { return static_cast<const Format&>(*this); }
   Format& self_mut() noexcept { return static_cast<Format&>(*this); }
   index padded_or_in() const { return std::max<index>(self().padded_in(), in_); }
+
+  static constexpr index dot_rows_limit() noexcept {
+    if constexpr (requires { Format::dot_rows_below; }) {
+      return Format::dot_rows_below;
+    } else {
+      return skinny_rows;
+    }
+  }
 
   /// Weight rows per decoded panel: ~256 KiB of f32 (a multiple of 8 rows when that fits).
   static index panel_rows(index kp) {
