@@ -39,8 +39,9 @@ inline constexpr index attention_block_k = 64;
 /// Scratch of one thread: a few blocks; grows to the largest head_dim seen and is then reused.
 template <class T>
 struct attention_workspace {
-  std::vector<T> s, p, t, acc, rowmax, rowterm;
+  std::vector<T> s, p, t, acc, rowmax;
   std::vector<double> rowsum;
+  std::vector<T> rowdot;  // backward: dout_i . out_i for every query (grown to the longest seen)
 
   void reserve(index head_dim) {
     const auto bq = static_cast<std::size_t>(attention_block_q), bk = static_cast<std::size_t>(attention_block_k);
@@ -49,7 +50,6 @@ struct attention_workspace {
     t.resize(bq * bk);
     acc.resize(bq * static_cast<std::size_t>(head_dim));
     rowmax.resize(bq);
-    rowterm.resize(bq);
     rowsum.resize(bq);
   }
 };
@@ -211,7 +211,8 @@ void attention_backward(const attention_problem<T>& p, const T* out, index ldo, 
   const T scale = static_cast<T>(p.scale);
   ws.reserve(hd);
   // rowdot_i = dout_i . out_i (= sum_j P_ij dP_ij), for every query.
-  std::vector<T> rowdot(static_cast<std::size_t>(p.nq));
+  if (ws.rowdot.size() < static_cast<std::size_t>(p.nq)) ws.rowdot.resize(static_cast<std::size_t>(p.nq));
+  std::vector<T>& rowdot = ws.rowdot;
   for (index i = 0; i < p.nq; ++i) {
     double s = 0;
     for (index d = 0; d < hd; ++d) s += static_cast<double>(dout[i * lddo + d]) * static_cast<double>(out[i * ldo + d]);
