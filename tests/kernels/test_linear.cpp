@@ -29,14 +29,6 @@ namespace kernels = peft::kernels;
 
 namespace {
 
-std::vector<kernels::isa> supported_versions() {
-  std::vector<kernels::isa> v;
-  for (auto i : kernels::all_isas) {
-    if (kernels::isa_supported(i)) v.push_back(i);
-  }
-  return v;
-}
-
 /// A view with `pad` spare elements after each row (NaN-filled), so stride != cols.
 struct strided_matrix {
   std::vector<float> buf;
@@ -46,9 +38,6 @@ struct strided_matrix {
     v = peft::matrix_view<float>(buf.data(), rows, cols, cols + pad);
   }
 };
-
-/// |error| bound of an f32 dot product of length k against the exact value: k eps sum |x w|.
-double dot_bound(ix k, double abs_sum) { return 2.0 * static_cast<double>(k + 1) * 6e-8 * abs_sum + 1e-30; }
 
 struct shape {
   ix m, n, k;
@@ -61,7 +50,7 @@ TEST_CASE("linear_nt: every version equals the double product, with bias and tai
   const shape shapes[] = {{1, 5, 7},  {3, 17, 33},   {17, 70, 1100}, {40, 9, 16},  {5, 130, 2049},
                           {8, 64, 4}, {1, 1, 1},     {2, 3, 0},      {9, 67, 129}, {260, 70, 40},
                           {300, 5, 3}};
-  for (auto version : supported_versions()) {
+  for (auto version : peft_test::supported_isas()) {
     kernels::scoped_isa guard(version);
     for (const auto& s : shapes) {
       for (ix pad : {ix{0}, ix{3}}) {
@@ -81,7 +70,7 @@ TEST_CASE("linear_nt: every version equals the double product, with bias and tai
               exact += static_cast<double>(x.v(i, p)) * w.v(j, p);
               abs_sum += std::abs(static_cast<double>(x.v(i, p)) * w.v(j, p));
             }
-            worst = std::max(worst, std::abs(y.v(i, j) - exact) / dot_bound(s.k, abs_sum));
+            worst = std::max(worst, std::abs(y.v(i, j) - exact) / peft_test::f32_dot_bound(s.k, abs_sum));
           }
         }
         CHECK(worst <= 1.0);
@@ -95,7 +84,7 @@ TEST_CASE("linear_nt: every version equals the double product, with bias and tai
 
 TEST_CASE("linear_nt: the epilogue sees each finished tile exactly once", "[kernels][linear]") {
   peft::rng gen(8);
-  for (auto version : supported_versions()) {
+  for (auto version : peft_test::supported_isas()) {
     kernels::scoped_isa guard(version);
     for (const shape s : {shape{3, 200, 37}, shape{17, 129, 64}, shape{270, 70, 20}}) {
       INFO("isa " << kernels::isa_name(version) << " m " << s.m << " n " << s.n);
@@ -135,7 +124,7 @@ TEST_CASE("linear_nt: the epilogue sees each finished tile exactly once", "[kern
 TEST_CASE("linear_nn: every version equals the double product, overwrite and accumulate", "[kernels][linear]") {
   peft::rng gen(9);
   const shape shapes[] = {{1, 5, 7}, {2, 17, 33}, {3, 70, 1100}, {17, 9, 16}, {31, 300, 129}, {40, 33, 70}, {4, 0, 5}};
-  for (auto version : supported_versions()) {
+  for (auto version : peft_test::supported_isas()) {
     kernels::scoped_isa guard(version);
     for (const auto& s : shapes) {
       for (bool accumulate : {false, true}) {
@@ -156,7 +145,7 @@ TEST_CASE("linear_nn: every version equals the double product, overwrite and acc
                 exact += static_cast<double>(dy.v(i, j)) * w.v(j, c);
                 abs_sum += std::abs(static_cast<double>(dy.v(i, j)) * w.v(j, c));
               }
-              worst = std::max(worst, std::abs(dx.v(i, c) - exact) / dot_bound(s.n, abs_sum));
+              worst = std::max(worst, std::abs(dx.v(i, c) - exact) / peft_test::f32_dot_bound(s.n, abs_sum));
             }
           }
           CHECK(worst <= 1.0);
@@ -180,7 +169,7 @@ TEST_CASE("linear kernels reject mismatched shapes", "[kernels][linear]") {
 TEST_CASE("fused LoRA and DoRA forwards over dense<float> equal the unfused double computation",
           "[kernels][linear][lora][dora]") {
   peft::rng gen(10);
-  for (auto version : supported_versions()) {
+  for (auto version : peft_test::supported_isas()) {
     kernels::scoped_isa guard(version);
     for (const shape s : {shape{1, 70, 33}, shape{8, 129, 40}, shape{17, 129, 64}, shape{260, 20, 9}}) {
       INFO("isa " << kernels::isa_name(version) << " m " << s.m << " n " << s.n << " k " << s.k);
@@ -268,7 +257,7 @@ TEST_CASE("low_rank_epilogue on f32 tiles of a few rows (dot blocks) and more (E
           "[kernels][linear][lora]") {
   peft::rng gen(12);
   constexpr ix n = 150, r = 16;  // 150 columns: two full chunks of 64 and a tail
-  for (auto version : supported_versions()) {
+  for (auto version : peft_test::supported_isas()) {
     kernels::scoped_isa guard(version);
     for (const ix m : {ix{1}, ix{5}, kernels::low_rank_block_rows, kernels::low_rank_block_rows + 1}) {
       for (const bool with_col : {false, true}) {
@@ -318,7 +307,7 @@ TEST_CASE("low_rank_epilogue on f32 tiles of a few rows (dot blocks) and more (E
 
 TEST_CASE("fused VeRA and SHiRA forwards over dense<float> equal base + add_term", "[kernels][linear][vera][shira]") {
   peft::rng gen(11);
-  for (auto version : supported_versions()) {
+  for (auto version : peft_test::supported_isas()) {
     kernels::scoped_isa guard(version);
     for (const shape s : {shape{1, 70, 33}, shape{17, 129, 64}, shape{260, 131, 9}}) {
       INFO("isa " << kernels::isa_name(version) << " m " << s.m << " n " << s.n << " k " << s.k);

@@ -25,17 +25,6 @@ namespace kernels = peft::kernels;
 
 namespace {
 
-std::vector<kernels::isa> supported_versions() {
-  std::vector<kernels::isa> v;
-  for (auto i : kernels::all_isas) {
-    if (kernels::isa_supported(i)) v.push_back(i);
-  }
-  return v;
-}
-
-/// |error| bound of an f32 dot product of length k against the exact value.
-double dot_bound(ix k, double abs_sum) { return 2.0 * static_cast<double>(k + 1) * 6e-8 * abs_sum + 1e-30; }
-
 /// Worst |y - x W^T - b| over the f32 rounding bound of each output (<= 1 passes).
 template <class MY>
 double worst_against_exact(const MY& y, const peft::matrix<float>& x, const peft::matrix<float>& w,
@@ -49,7 +38,7 @@ double worst_against_exact(const MY& y, const peft::matrix<float>& x, const peft
         exact += static_cast<double>(x(i, p)) * w(j, p);
         abs_sum += std::abs(static_cast<double>(x(i, p)) * w(j, p));
       }
-      worst = std::max(worst, std::abs(static_cast<double>(y(i, j)) - exact) / dot_bound(x.cols(), abs_sum));
+      worst = std::max(worst, std::abs(static_cast<double>(y(i, j)) - exact) / peft_test::f32_dot_bound(x.cols(), abs_sum));
     }
   }
   return worst;
@@ -59,7 +48,7 @@ double worst_against_exact(const MY& y, const peft::matrix<float>& x, const peft
 
 TEST_CASE("packed_dot: every version equals the double product, tails of k, n and m", "[kernels][packed]") {
   peft::rng gen(31);
-  for (auto version : supported_versions()) {
+  for (auto version : peft_test::supported_isas()) {
     kernels::scoped_isa guard(version);
     for (ix k : {ix{0}, ix{1}, ix{7}, ix{255}, ix{256}, ix{257}, ix{1100}}) {
       // One panel of 16 weight rows, k-major, and x with 5 spare values per row.
@@ -85,7 +74,7 @@ TEST_CASE("packed_dot: every version equals the double product, tails of k, n an
                 exact += t;
                 abs_sum += std::abs(t);
               }
-              worst = std::max(worst, std::abs(y[static_cast<std::size_t>(r * ldy + c)] - exact) / dot_bound(k, abs_sum));
+              worst = std::max(worst, std::abs(y[static_cast<std::size_t>(r * ldy + c)] - exact) / peft_test::f32_dot_bound(k, abs_sum));
             }
             for (ix c = n; c < ldy; ++c) untouched = untouched && std::isnan(y[static_cast<std::size_t>(r * ldy + c)]);
           }
@@ -103,7 +92,7 @@ TEST_CASE("packed_f32: products, dx and rows equal the dense weight's", "[base][
   struct shape {
     ix m, n, k;
   };
-  for (auto version : supported_versions()) {
+  for (auto version : peft_test::supported_isas()) {
     kernels::scoped_isa guard(version);
     for (const shape s : {shape{1, 5, 7}, shape{3, 16, 33}, shape{8, 33, 129}, shape{9, 70, 300},
                           shape{17, 16, 1}, shape{63, 47, 64}, shape{64, 40, 20}, shape{100, 19, 257},
@@ -175,7 +164,7 @@ TEST_CASE("packed_f32: merging rounds as dense<float> does; errors name the func
 
 TEST_CASE("LoRA over packed_f32: forward and gradients equal LoRA over dense<float>", "[base][packed][lora]") {
   peft::rng gen(34);
-  for (auto version : supported_versions()) {
+  for (auto version : peft_test::supported_isas()) {
     kernels::scoped_isa guard(version);
     for (ix m : {ix{1}, ix{8}, ix{40}, ix{70}}) {
       INFO("isa " << kernels::isa_name(version) << " m " << m);

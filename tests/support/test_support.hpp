@@ -18,10 +18,20 @@
 #include "peft/core/matrix.hpp"
 #include "peft/core/matrix_view.hpp"
 #include "peft/core/random.hpp"
+#include "peft/kernels/isa.hpp"
 
 namespace peft_test {
 
 using peft::index;
+
+/// The kernel versions (ISAs) this CPU runs, in the order of kernels::all_isas.
+inline std::vector<peft::kernels::isa> supported_isas() {
+  std::vector<peft::kernels::isa> v;
+  for (auto i : peft::kernels::all_isas) {
+    if (peft::kernels::isa_supported(i)) v.push_back(i);
+  }
+  return v;
+}
 
 // ---- tolerances ----------------------------------------------------------------------------------
 
@@ -37,6 +47,12 @@ constexpr double tolerance(double for_double = 1e-12, double for_float = 1e-5) {
 template <class T>
 constexpr double rounding() {
   return tolerance<T>(1e-14, 1e-6);
+}
+
+/// |error| bound of an f32 dot product of length k against the exact value: k eps sum |x w|
+/// (with a margin of 2).
+inline double f32_dot_bound(index k, double abs_sum) {
+  return 2.0 * static_cast<double>(k + 1) * 6e-8 * abs_sum + 1e-30;
 }
 
 /// Unit roundoff of a storage type (what one rounding to it can cost, relatively).
