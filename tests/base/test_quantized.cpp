@@ -96,15 +96,6 @@ constexpr double tol() {
   return std::is_same_v<T, float> ? 1e-5 : 1e-12;
 }
 
-/// Every kernel version this CPU runs (from the ISA list).
-std::vector<peft::kernels::isa> supported_isas() {
-  std::vector<peft::kernels::isa> r;
-  for (auto i : peft::kernels::all_isas) {
-    if (peft::kernels::isa_supported(i)) r.push_back(i);
-  }
-  return r;
-}
-
 /// W0 decoded in double (the reference every product is held to).
 template <class B>
 peft::matrix<double> decoded(const B& b) {
@@ -286,7 +277,7 @@ void check_products(peft::rng& gen) {
         const auto dy = peft_test::random_matrix<T>(m, s.out, gen);
         const auto ref_t = peft_test::ref_nn(dy, wd);
         const auto dx0 = peft_test::random_matrix<T>(m, s.in, gen);
-        for (auto which : supported_isas()) {
+        for (auto which : peft_test::supported_isas()) {
           peft::kernels::scoped_isa scope(which);
           INFO(Format::label << " out " << s.out << " in " << s.in << " batch " << m << " bias "
                              << with_bias << " isa " << peft::kernels::isa_name(which));
@@ -669,7 +660,7 @@ TEMPLATE_TEST_CASE("ggml block dot kernels agree with the reference kernels on e
       peft::matrix<float> want(m, ldy, 0.0f);
       reference_dot(blocks, nb, n, x.data(), ldx, m, want.data(), ldy);
       REQUIRE(peft_test::nontrivial(want.view().block(0, 0, m, n)));
-      for (auto which : supported_isas()) {
+      for (auto which : peft_test::supported_isas()) {
         INFO(TestType::label << " m " << m << " isa " << peft::kernels::isa_name(which) << " raw "
                              << (blocks == raw.data()));
         peft::matrix<float> got(m, ldy, 0.0f);
@@ -931,7 +922,7 @@ TEMPLATE_TEST_CASE("quantized dot kernels agree with the reference kernels", "[q
     peft::kernels::reference::q4_0_dot(q.blocks().data(), 6, 9, x.data(), 200, m, want.data(), 12);
     peft::kernels::reference::int8_dot(i8.values().data(), i8.scales().data(), 192, 9, x.data(), 200, m,
                                        want8.data(), 12);
-    for (auto which : supported_isas()) {
+    for (auto which : peft_test::supported_isas()) {
       INFO("m " << m << " isa " << peft::kernels::isa_name(which));
       peft::matrix<float> got(m, 12, 0.0f), got8(m, 12, 0.0f);
       peft::kernels::q4_0_dot(which, q.blocks().data(), 6, 9, x.data(), 200, m, got.data(), 12);

@@ -21,6 +21,7 @@
 #include "peft/kernels/isa.hpp"
 #include "peft/kernels/quantized.hpp"
 #include "peft/kernels/quantized_int8.hpp"
+#include "support/test_support.hpp"
 
 namespace test_quantized_int8 {
 
@@ -28,14 +29,6 @@ namespace formats = peft::formats;
 namespace kernels = peft::kernels;
 using ix = peft::index;
 using kernels::isa;
-
-std::vector<isa> supported_isas() {
-  std::vector<isa> r;
-  for (isa i : kernels::all_isas) {
-    if (kernels::isa_supported(i)) r.push_back(i);
-  }
-  return r;
-}
 
 // ---- the four weight formats, each with its activation format --------------------------------
 // decode_abs writes per weight the sum of the magnitudes of the parts the kernels add up
@@ -213,7 +206,7 @@ struct problem {
 template <class C>
 void check_kernels_against_reference() {
   peft::rng gen(20240611);
-  const auto isas = supported_isas();
+  const auto isas = peft_test::supported_isas();
   for (ix nb : {ix{1}, ix{3}}) {
     for (ix m = 1; m <= kernels::max_dot_rows; ++m) {
       const ix n = 5 + m % 3;
@@ -260,7 +253,7 @@ void check_close_to_exact() {
   peft::rng gen(77);
   const ix nb = 4, n = 9, m = 3;
   problem<C> pb(nb, n, m, gen);
-  for (isa i : supported_isas()) {
+  for (isa i : peft_test::supported_isas()) {
     std::vector<float> yq(static_cast<std::size_t>(m * n)), yf(static_cast<std::size_t>(m * n));
     C::dot(i, pb.w.data(), nb, n, pb.xq.data(), pb.ldx, m, yq.data(), n);
     C::exact(i, pb.w.data(), nb, n, pb.x.data(), pb.x_ld, m, yf.data(), n);
