@@ -9,6 +9,13 @@
 //   train_step/dora_f32   peft::dora<float> forward + backward; the weight norms are recomputed
 //                         every step (parameters change every optimizer step in training)
 //   train_step/lora_q4_0  LoRA over a frozen q4_0 base (QLoRA-style)
+//   train_step/lora_term_f32      the low-rank path alone: add_term and backward_term (x A^T,
+//                                 p B^T, dy B, dy^T p, u^T x, u A), no base products
+//   train_step/lora_rowblock_f32  the step laid out as LoRAFusion fuses it on GPUs: per block of
+//                                 64 rows, x's block read once for x A^T and the base product
+//                                 (the term joins its tiles), dy's block once for dy W0, dy B and
+//                                 dy^T p; dA, dB summed per block in order. Kept to measure the
+//                                 layout against lora_f32 (benchmarks/RESULTS.md), not a library path
 //
 // Counters as linear/*: GFLOP/s counts the dense products (2 per adapter step, 3 for full).
 #include <peft/adapters/dora.hpp>
@@ -16,6 +23,10 @@
 #include <peft/base/dense.hpp>
 #include <peft/base/q4_0.hpp>
 #include <peft/kernels/gemm.hpp>
+#include <peft/kernels/parallel.hpp>
+
+#include <algorithm>
+#include <vector>
 
 #include "bench_common.hpp"
 
@@ -107,6 +118,95 @@ void train_step_lora_q4_0(benchmark::State& state) {
   run_step(state, s, w, a, false);
 }
 
+
+/// 4 x 128 tokens through the square projections of the two benchmark Llamas, and k = n = 4096.
+void step_layout_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"m", "k", "n", "r"});
+  for (index d : {512, 768, 4096}) b->Args({512, d, d, 16});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+/// Counters of the low-rank products alone: 2 m r (3 k + 3 n) flops per step.
+void low_rank_counters(benchmark::State& state, const shape& s) {
+  const double flops = 6.0 * static_cast<double>(s.m) * static_cast<double>(s.r) * static_cast<double>(s.k + s.n);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * static_cast<double>(state.iterations()) * 1e-9, benchmark::Counter::kIsRate);
+}
+
+void train_step_lora_term_f32(benchmark::State& state) {
+  const shape s(state);
+  const peft::dense<float> w(bench::random_matrix(s.n, s.k, 1));
+  peft::lora<float> a(s.k, s.n, lora_opts(s));
+  const auto x = bench::random_matrix(s.m, s.k, 2), dy = bench::random_matrix(s.m, s.n, 4);
+  peft::matrix<float> y(s.m, s.n), dx(s.m, s.k), dh(s.m, s.n);
+  peft::lora<float>::cache_type cache;
+  for (auto _ : state) {
+    a.add_term(w, x.view(), y.view(), y.view(), cache);
+    a.backward_term(w, x.view(), y.view(), dy.view(), dh.view(), dx.view(), cache);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+  }
+  low_rank_counters(state, s);
+}
+
+void train_step_lora_rowblock_f32(benchmark::State& state) {
+  using peft::kernels::gemm_nn;
+  using peft::kernels::gemm_tn;
+  const shape s(state);
+  const peft::dense<float> w(bench::random_matrix(s.n, s.k, 1));
+  peft::lora<float> a(s.k, s.n, lora_opts(s));
+  const auto x = bench::random_matrix(s.m, s.k, 2), dy = bench::random_matrix(s.m, s.n, 4);
+  peft::matrix<float> y(s.m, s.n), dx(s.m, s.k), u(s.m, s.r);
+  constexpr index rows = 64;
+  const index blocks = (s.m + rows - 1) / rows;
+  std::vector<peft::matrix<float>> db(static_cast<std::size_t>(blocks), peft::matrix<float>(s.n, s.r));
+  std::vector<peft::matrix<float>> da(static_cast<std::size_t>(blocks), peft::matrix<float>(s.r, s.k));
+  const auto grads = a.low_rank_grads();
+  const peft::low_rank_term<float> term = a.low_rank();
+  std::vector<peft::low_rank_cache<float>> caches(static_cast<std::size_t>(blocks));
+  for (auto _ : state) {
+    // Inside parallel_ranges the library's products run on the calling thread.
+    peft::kernels::parallel_ranges(blocks, 1, 1e9, [&](index first, index last) {
+      for (index b = first; b < last; ++b) {
+        const index i0 = b * rows, mb = std::min(rows, s.m - i0);
+        const auto xb = x.view().block(i0, 0, mb, s.k);
+        const auto dyb = dy.view().block(i0, 0, mb, s.n);
+        auto& cache = caches[static_cast<std::size_t>(b)];
+        peft::low_rank::project(term, xb, cache);                                      // t = x A^T
+        w.matmul<float>(xb, y.view().block(i0, 0, mb, s.n), peft::low_rank::epilogue(term, cache));
+        const auto dxb = dx.view().block(i0, 0, mb, s.k);
+        const auto ub = u.view().block(i0, 0, mb, s.r);
+        w.matmul_t<float>(dyb, dxb);                                                   // dx = dy W0
+        gemm_nn<float, float>(1.0, dyb, term.b, 0.0, ub);                              // u = dy B
+        gemm_tn<float>(1.0, dyb, cache.t.view(), 0.0, db[static_cast<std::size_t>(b)].view());  // dy^T t
+        gemm_nn<float, float>(term.scale, peft::matrix_view<const float>(ub), term.a, 1.0, dxb);  // += s u A
+        gemm_tn<float>(1.0, peft::matrix_view<const float>(ub), xb, 0.0, da[static_cast<std::size_t>(b)].view());
+      }
+    });
+    // dB and dA: the blocks' parts summed in block order, threads over the outputs.
+    peft::kernels::parallel_ranges(s.n, 16, 1e9, [&](index first, index last) {
+      for (index j = first; j < last; ++j) {
+        for (index q = 0; q < s.r; ++q) {
+          float sum = 0.0f;
+          for (const auto& part : db) sum += part(j, q);
+          grads.b(j, q) += term.scale * sum;
+        }
+      }
+    });
+    peft::kernels::parallel_ranges(s.k, 16, 1e9, [&](index first, index last) {
+      for (index q = 0; q < s.r; ++q) {
+        for (index c = first; c < last; ++c) {
+          float sum = 0.0f;
+          for (const auto& part : da) sum += part(q, c);
+          grads.a(q, c) += term.scale * sum;
+        }
+      }
+    });
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+  }
+  bench::counters(state, s, 4.0 * static_cast<double>(s.k) * static_cast<double>(s.n), 2.0);
+}
 }  // namespace
 
 BENCHMARK(train_step_full_f32)->Name("train_step/full_f32")->Apply(bench::linear_args);
@@ -114,3 +214,5 @@ BENCHMARK(train_step_frozen_f32)->Name("train_step/frozen_f32")->Apply(train_llm
 BENCHMARK(train_step_lora_f32)->Name("train_step/lora_f32")->Apply(train_llm_args);
 BENCHMARK(train_step_dora_f32)->Name("train_step/dora_f32")->Apply(bench::linear_args);
 BENCHMARK(train_step_lora_q4_0)->Name("train_step/lora_q4_0")->Apply(bench::linear_args);
+BENCHMARK(train_step_lora_term_f32)->Name("train_step/lora_term_f32")->Apply(step_layout_args);
+BENCHMARK(train_step_lora_rowblock_f32)->Name("train_step/lora_rowblock_f32")->Apply(step_layout_args);
