@@ -55,7 +55,7 @@ struct deft_options {
 };
 
 template <compute_scalar T>
-class deft {
+class deft : public detail::adapter_checks<deft<T>, T> {
  public:
   using scalar = T;
   static constexpr std::string_view method = "deft";
@@ -267,22 +267,11 @@ class deft {
   void check_ready(const char* where) const {
     if (p_.empty()) detail::raise<error>(where, "the adapter is default-constructed (no deft_P)");
   }
-  template <class Base>
-  void check_base(const char* where, const Base& w) const {
-    check_ready(where);
-    detail::check_adapter_base(where, *this, w);
-  }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    check_ready(where);
-    detail::check_adapter_io(where, *this, w, x, y);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    check_ready(where);
-    detail::check_adapter_grad(where, *this, w, x, g, dx);
-  }
+  using checks = detail::adapter_checks<deft, T>;  // check_base / check_io / check_grad
+  friend checks;
+  using checks::check_base;
+  using checks::check_io;
+  using checks::check_grad;
 
   /// k.q and k.right from P (and k.q64, k.r64 for qr).
   void project(cache_type& k) const {

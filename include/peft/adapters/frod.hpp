@@ -129,7 +129,7 @@ frod_basis frod_basis_of(matrix_view<const double> w0, matrix_view<const S> v) {
 }
 
 template <compute_scalar T>
-class frod {
+class frod : public detail::adapter_checks<frod<T>, T> {
  public:
   using scalar = T;
   static constexpr std::string_view method = "frod";
@@ -375,22 +375,11 @@ class frod {
   void check_ready(const char* where) const {
     if (!v_) detail::raise<error>(where, "the adapter is default-constructed (no frod_V)");
   }
-  template <class Base>
-  void check_base(const char* where, const Base& w) const {
-    check_ready(where);
-    detail::check_adapter_base(where, *this, w);
-  }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    check_ready(where);
-    detail::check_adapter_io(where, *this, w, x, y);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    check_ready(where);
-    detail::check_adapter_grad(where, *this, w, x, g, dx);
-  }
+  using checks = detail::adapter_checks<frod, T>;  // check_base / check_io / check_grad
+  friend checks;
+  using checks::check_base;
+  using checks::check_io;
+  using checks::check_grad;
 
   /// k.z = x V, k.t = z S^T + z * lambda_l: t[b, r_k] += s_k z[b, c_k].
   void project(matrix_view<const T> x, cache_type& k) const {

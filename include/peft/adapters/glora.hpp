@@ -69,7 +69,7 @@ struct glora_options {
 };
 
 template <compute_scalar T>
-class glora {
+class glora : public detail::adapter_checks<glora<T>, T> {
  public:
   using scalar = T;
   static constexpr std::string_view method = "glora";
@@ -406,22 +406,11 @@ class glora {
     }
     return 0;
   }
-  template <class Base>
-  void check_base(const char* where, const Base& w) const {
-    check_ready(where);
-    detail::check_adapter_base(where, *this, w);
-  }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    check_ready(where);
-    detail::check_adapter_io(where, *this, w, x, y);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    check_ready(where);
-    detail::check_adapter_grad(where, *this, w, x, g, dx);
-  }
+  using checks = detail::adapter_checks<glora, T>;  // check_base / check_io / check_grad
+  friend checks;
+  using checks::check_base;
+  using checks::check_io;
+  using checks::check_grad;
 
   static T dot(const T* a, const T* b, index n) {
     T s{0};

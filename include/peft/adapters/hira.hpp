@@ -49,7 +49,7 @@ struct hira_options {
 };
 
 template <compute_scalar T>
-class hira {
+class hira : public detail::adapter_checks<hira<T>, T> {
  public:
   using scalar = T;
   static constexpr std::string_view method = "hira";
@@ -202,22 +202,11 @@ class hira {
   void check_ready(const char* where) const {
     if (a_.empty()) detail::raise<error>(where, "the adapter is default-constructed (no factors)");
   }
-  template <class Base>
-  void check_base(const char* where, const Base& w) const {
-    check_ready(where);
-    detail::check_adapter_base(where, *this, w);
-  }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    check_ready(where);
-    detail::check_adapter_io(where, *this, w, x, y);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    check_ready(where);
-    detail::check_adapter_grad(where, *this, w, x, g, dx);
-  }
+  using checks = detail::adapter_checks<hira, T>;  // check_base / check_io / check_grad
+  friend checks;
+  using checks::check_base;
+  using checks::check_io;
+  using checks::check_grad;
 
   /// Rows of W0 per panel: about 256 Ki values of T per panel buffer.
   index panel_rows() const noexcept {

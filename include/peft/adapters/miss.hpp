@@ -62,7 +62,7 @@ struct miss_options {
 };
 
 template <compute_scalar T>
-class miss {
+class miss : public detail::adapter_checks<miss<T>, T> {
  public:
   using scalar = T;
   static constexpr std::string_view method = "miss";
@@ -292,22 +292,11 @@ class miss {
                                       ", 0: unknown): call set_features with the base's shape");
     }
   }
-  template <class Base>
-  void check_base(const char* where, const Base& w) const {
-    check_ready(where);
-    detail::check_adapter_base(where, *this, w);
-  }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    check_ready(where);
-    detail::check_adapter_io(where, *this, w, x, y);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    check_ready(where);
-    detail::check_adapter_grad(where, *this, w, x, g, dx);
-  }
+  using checks = detail::adapter_checks<miss, T>;  // check_base / check_io / check_grad
+  friend checks;
+  using checks::check_base;
+  using checks::check_io;
+  using checks::check_grad;
 
   /// B_full[j, o] for balance (B itself) and mini (B[j, o mod mini_r]).
   T full_block(index j, index o) const { return mode_ == miss_mode::mini ? block_(j, o % m_) : block_(j, o); }

@@ -162,7 +162,7 @@ struct peanut_options {
 };
 
 template <compute_scalar T>
-class peanut {
+class peanut : public detail::adapter_checks<peanut<T>, T> {
  public:
   using scalar = T;
   static constexpr std::string_view method = "peanut";
@@ -389,22 +389,11 @@ class peanut {
       detail::raise<error>(where, "in_features is unknown: bind the adapter to its layer first (set_features)");
     }
   }
-  template <class Base>
-  void check_base(const char* where, const Base& w) const {
-    check_ready(where);
-    detail::check_adapter_base(where, *this, w);
-  }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    check_ready(where);
-    detail::check_adapter_io(where, *this, w, x, y);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    check_ready(where);
-    detail::check_adapter_grad(where, *this, w, x, g, dx);
-  }
+  using checks = detail::adapter_checks<peanut, T>;  // check_base / check_io / check_grad
+  friend checks;
+  using checks::check_base;
+  using checks::check_io;
+  using checks::check_grad;
 
   /// The rows of W' - s B F^T (the merged base minus the remembered delta), for the chain.
   template <class Base>

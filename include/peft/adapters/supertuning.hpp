@@ -91,7 +91,7 @@ std::vector<std::int64_t> supertuning_magnitude_indices(const Base& w, index k, 
 }
 
 template <compute_scalar T>
-class supertuning : public additive_adapter_tag {
+class supertuning : public additive_adapter_tag, public detail::adapter_checks<supertuning<T>, T> {
  public:
   using scalar = T;
   static constexpr std::string_view method = "supertuning";
@@ -373,17 +373,10 @@ class supertuning : public additive_adapter_tag {
                                   "bind it with set_features(in, out) or add it to an adapted_linear");
     }
   }
-  template <class Base>
-  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
-    check_ready(where);
-    detail::check_adapter_io(where, *this, w, x, y);
-  }
-  template <class Base>
-  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
-                  matrix_view<T> dx) const {
-    check_ready(where);
-    detail::check_adapter_grad(where, *this, w, x, g, dx);
-  }
+  using checks = detail::adapter_checks<supertuning, T>;  // check_base / check_io / check_grad
+  friend checks;
+  using checks::check_io;
+  using checks::check_grad;
 
   std::vector<std::int64_t> flat_;  // (K) flat indices into W0 (out, in), as stored
   shira<T> sparse_;                 // the values at (idx / in, idx % in), scale 1; once bound

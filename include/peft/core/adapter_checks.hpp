@@ -2,6 +2,8 @@
 //
 // Each throws shape_error naming the calling function ("[lora::forward] x is (3, 63), expected
 // (3, 64)") when the base weight, the input, the output or a gradient does not fit the adapter.
+// adapter_checks gives an adapter class the three as members, after its own readiness check
+// (additive adapters get them from core/additive_adapter.hpp instead).
 #pragma once
 
 #include "peft/core/error.hpp"
@@ -35,5 +37,33 @@ void check_adapter_grad(const char* where, const A& a, const Base& w, matrix_vie
   expect_shape(where, "dy", dy, x.rows(), a.out_features());
   expect_shape(where, "dx", dx, x.rows(), a.in_features());
 }
+
+/// CRTP: check_base, check_io and check_grad as members of adapter A, each running A's
+/// `void check_ready(const char* where) const` (e.g. "default-constructed") before the shape
+/// checks above. A private check_ready needs `friend class detail::adapter_checks<A, T>;`; the
+/// members are protected (bring them into A's own section with using-declarations).
+template <class A, class T>
+class adapter_checks {
+ protected:
+  template <class Base>
+  void check_base(const char* where, const Base& w) const {
+    self().check_ready(where);
+    check_adapter_base(where, self(), w);
+  }
+  template <class Base>
+  void check_io(const char* where, const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
+    self().check_ready(where);
+    check_adapter_io(where, self(), w, x, y);
+  }
+  template <class Base>
+  void check_grad(const char* where, const Base& w, matrix_view<const T> x, matrix_view<const T> g,
+                  matrix_view<T> dx) const {
+    self().check_ready(where);
+    check_adapter_grad(where, self(), w, x, g, dx);
+  }
+
+ private:
+  const A& self() const { return static_cast<const A&>(*this); }
+};
 
 }  // namespace peft::detail
