@@ -78,6 +78,7 @@
 #include "peft/core/random.hpp"
 #include "peft/core/torch_generator.hpp"
 #include "peft/core/type_list.hpp"
+#include "peft/core/weight_term_adapter.hpp"
 #include "peft/interop/eigen.hpp"
 #include "peft/io/adapter_config.hpp"
 #include "peft/io/checkpoint_tensors.hpp"

@@ -32,6 +32,7 @@
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
+#include "peft/core/weight_term_adapter.hpp"
 #include "peft/kernels/gemm.hpp"
 
 namespace peft {
@@ -55,7 +56,9 @@ struct deft_options {
 };
 
 template <compute_scalar T>
-class deft : public detail::adapter_checks<deft<T>, T> {
+class deft : public weight_term_adapter<deft<T>, T> {
+  friend class weight_term_adapter<deft<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "deft";
@@ -140,34 +143,8 @@ class deft : public detail::adapter_checks<deft<T>, T> {
     in_ = in_features;
   }
 
-  /// y = x W0^T + b0 + x A^T Q^T.
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
-    check_io("deft::forward", w, x, y);
-    w.matmul(x, y);
-    add_delta(w, x, y, cache);
-  }
-  /// y += x A^T Q^T; the base output h is not needed.
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& cache) const {
-    check_io("deft::add_term", w, x, y);
-    add_delta(w, x, y, cache);
-  }
-  /// dP (and dR) += ; dx = g W0 + g Q A.
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& cache) {
-    check_grad("deft::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    delta_backward(w, x, g, dx, cache);
-  }
-  /// dP (and dR) += ; dx += g Q A; nothing flows to h.
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
-                     matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& cache) {
-    check_grad("deft::backward_term", w, x, g, dx);
-    delta_backward(w, x, g, dx, cache);
-  }
+  // forward, add_term, backward and backward_term: weight_term_adapter, over add_delta and
+  // delta_backward below.
 
   /// dW = Q A = Q (s R - right^T W0) (out, in). Remembers M = right^T W0 and the base, so that
   /// unmerge_delta on that base (merged) subtracts exactly this (PEFT's _cached_merge_factor).

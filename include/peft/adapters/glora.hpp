@@ -32,6 +32,7 @@
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
+#include "peft/core/weight_term_adapter.hpp"
 #include "peft/kernels/gemm.hpp"
 
 namespace peft {
@@ -69,7 +70,9 @@ struct glora_options {
 };
 
 template <compute_scalar T>
-class glora : public detail::adapter_checks<glora<T>, T> {
+class glora : public weight_term_adapter<glora<T>, T> {
+  friend class weight_term_adapter<glora<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "glora";
@@ -183,35 +186,8 @@ class glora : public detail::adapter_checks<glora<T>, T> {
     return names[static_cast<int>(s)];
   }
 
-  /// y = x (W0 + W0 * A + B)^T + b0 + [bias] (b0 * D + E + W0 C).
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& /*cache*/) const {
-    check_io("glora::forward", w, x, y);
-    w.matmul(x, y);
-    add_delta(w, x, y);
-  }
-  /// y += x (W0 * A + B)^T + [bias] (b0 * D + E + W0 C); the base output h is not needed.
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& /*cache*/) const {
-    check_io("glora::add_term", w, x, y);
-    add_delta(w, x, y);
-  }
-  /// Every gradient += ; dx = g (W0 + W0 * A + B).
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
-                cache_type& /*cache*/) {
-    check_grad("glora::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    delta_backward(w, x, g, dx);
-  }
-  /// Every gradient += ; dx += g (W0 * A + B); nothing flows to h.
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
-                     matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& /*cache*/) {
-    check_grad("glora::backward_term", w, x, g, dx);
-    delta_backward(w, x, g, dx);
-  }
+  // forward, add_term, backward and backward_term: weight_term_adapter, over add_delta and
+  // delta_backward below.
 
   /// dW = W0 * A + B (out, in).
   template <base_weight Base>
@@ -504,7 +480,7 @@ class glora : public detail::adapter_checks<glora<T>, T> {
 
   /// y += x E^T with E = W0 * A + B, panel by panel; then the bias term on every row.
   template <class Base>
-  void add_delta(const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
+  void add_delta(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& /*cache*/) const {
     const index batch = x.rows();
     const bool bias = w.has_bias();
     const std::vector<T> c = bias ? c_vector() : std::vector<T>{};
@@ -544,7 +520,8 @@ class glora : public detail::adapter_checks<glora<T>, T> {
   /// With N = g^T x (per panel): dB = N, dA = W0 * N, reduced onto each path; dx += g E. With a
   /// bias, s = column sums of g: dD = s * b0, dE = s (or their totals), dC = W0^T s.
   template <class Base>
-  void delta_backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx) {
+  void delta_backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
+                      cache_type& /*cache*/) {
     const index batch = x.rows();
     const bool bias = w.has_bias();
     ones_.assign(static_cast<std::size_t>(in_), T{1});

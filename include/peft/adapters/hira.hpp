@@ -27,6 +27,7 @@
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
+#include "peft/core/weight_term_adapter.hpp"
 #include "peft/kernels/gemm.hpp"
 
 namespace peft {
@@ -49,7 +50,9 @@ struct hira_options {
 };
 
 template <compute_scalar T>
-class hira : public detail::adapter_checks<hira<T>, T> {
+class hira : public weight_term_adapter<hira<T>, T> {
+  friend class weight_term_adapter<hira<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "hira";
@@ -107,35 +110,8 @@ class hira : public detail::adapter_checks<hira<T>, T> {
   matrix_view<const T> grad_A() const noexcept { return ga_.view(); }
   matrix_view<const T> grad_B() const noexcept { return gb_.view(); }
 
-  /// y = x (W0 * (1 + B A))^T + b0.
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& /*cache*/) const {
-    check_io("hira::forward", w, x, y);
-    w.matmul(x, y);
-    add_delta(w, x, y);
-  }
-  /// y += x (W0 * (B A))^T; the base output h is not needed.
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& /*cache*/) const {
-    check_io("hira::add_term", w, x, y);
-    add_delta(w, x, y);
-  }
-  /// dA, dB += ; dx = g (W0 * (1 + B A)).
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
-                cache_type& /*cache*/) {
-    check_grad("hira::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    delta_backward(w, x, g, dx);
-  }
-  /// dA, dB += ; dx += g (W0 * (B A)); nothing flows to h.
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
-                     matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& /*cache*/) {
-    check_grad("hira::backward_term", w, x, g, dx);
-    delta_backward(w, x, g, dx);
-  }
+  // forward, add_term, backward and backward_term: weight_term_adapter, over add_delta and
+  // delta_backward below.
 
   /// dW = W0 * (B A) (out, in), W0 read a row at a time.
   template <base_weight Base>
@@ -235,7 +211,7 @@ class hira : public detail::adapter_checks<hira<T>, T> {
 
   /// y += x E^T, E = W0 * (B A), panel by panel.
   template <class Base>
-  void add_delta(const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
+  void add_delta(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& /*cache*/) const {
     const index batch = x.rows();
     for_each_panel(w, [&](index o0, index p, matrix_view<const T> /*w0*/, matrix_view<const T> e) {
       kernels::gemm_nt<T, T>(1.0, x, e, 1.0, y.block(0, o0, batch, p));
@@ -243,7 +219,8 @@ class hira : public detail::adapter_checks<hira<T>, T> {
   }
   /// With N = W0 * (g^T x): dB += N A^T, dA += B^T N; dx += g E. Panel by panel.
   template <class Base>
-  void delta_backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx) {
+  void delta_backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
+                      cache_type& /*cache*/) {
     const index batch = x.rows(), in = in_features();
     matrix<T> n(std::min(panel_rows(), out_features()), in);
     for_each_panel(w, [&](index o0, index p, matrix_view<const T> w0, matrix_view<const T> e) {

@@ -33,6 +33,7 @@
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
+#include "peft/core/weight_term_adapter.hpp"
 #include "peft/interop/eigen.hpp"
 #include "peft/kernels/gemm.hpp"
 
@@ -62,7 +63,9 @@ struct miss_options {
 };
 
 template <compute_scalar T>
-class miss : public detail::adapter_checks<miss<T>, T> {
+class miss : public weight_term_adapter<miss<T>, T> {
+  friend class weight_term_adapter<miss<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "miss";
@@ -164,38 +167,8 @@ class miss : public detail::adapter_checks<miss<T>, T> {
 
   // ---- the passes -------------------------------------------------------------------------------
 
-  /// y = x W0^T + b0 + term(x).
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& /*cache*/) const {
-    check_io("miss::forward", w, x, y);
-    w.matmul(x, y);
-    add_delta(w, x, y);
-  }
-
-  /// y += term(x) = x dW^T; the base output h is not needed.
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& /*cache*/) const {
-    check_io("miss::add_term", w, x, y);
-    add_delta(w, x, y);
-  }
-
-  /// miss_block's gradient += ; dx = g (W0 + dW).
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
-                cache_type& /*cache*/) {
-    check_grad("miss::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    delta_backward(w, x, g, dx);
-  }
-
-  /// miss_block's gradient += ; dx += g dW; nothing flows to h.
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
-                     matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& /*cache*/) {
-    check_grad("miss::backward_term", w, x, g, dx);
-    delta_backward(w, x, g, dx);
-  }
+  // forward, add_term, backward and backward_term: weight_term_adapter, over add_delta and
+  // delta_backward below.
 
   // ---- merging ----------------------------------------------------------------------------------
 
@@ -355,7 +328,7 @@ class miss : public detail::adapter_checks<miss<T>, T> {
 
   /// y += x dW^T.
   template <class Base>
-  void add_delta(const Base& w, matrix_view<const T> x, matrix_view<T> y) const {
+  void add_delta(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& /*cache*/) const {
     const index batch = x.rows();
     if (mode_ == miss_mode::bat) {
       for_each_bat_panel(w, [&](index r0, index rows, matrix_view<const T> d, matrix_view<const T>) {
@@ -380,7 +353,8 @@ class miss : public detail::adapter_checks<miss<T>, T> {
 
   /// grad += d<g, x dW^T>/dB; dx += g dW.
   template <class Base>
-  void delta_backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx) {
+  void delta_backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx,
+                      cache_type& /*cache*/) {
     const index batch = x.rows();
     if (mode_ == miss_mode::bat) {
       // dL/d(dW) = g^T x, panel by panel; dW_{q,p} = W0_{q,p} B_q + B_q gives

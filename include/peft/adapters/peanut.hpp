@@ -36,6 +36,7 @@
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
+#include "peft/core/weight_term_adapter.hpp"
 #include "peft/kernels/gemm.hpp"
 
 namespace peft {
@@ -162,7 +163,9 @@ struct peanut_options {
 };
 
 template <compute_scalar T>
-class peanut : public detail::adapter_checks<peanut<T>, T> {
+class peanut : public weight_term_adapter<peanut<T>, T> {
+  friend class weight_term_adapter<peanut<T>, T>;
+
  public:
   using scalar = T;
   static constexpr std::string_view method = "peanut";
@@ -245,34 +248,8 @@ class peanut : public detail::adapter_checks<peanut<T>, T> {
     in_ = in_features;
   }
 
-  /// y = x W0^T + b0 + s (x F) B^T.
-  template <base_weight Base>
-  void forward(const Base& w, matrix_view<const T> x, matrix_view<T> y, cache_type& cache) const {
-    check_io("peanut::forward", w, x, y);
-    w.matmul(x, y);
-    add_delta(w, x, y, cache);
-  }
-  /// y += s (x F) B^T; the base output h is not needed.
-  template <base_weight Base>
-  void add_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<T> y,
-                cache_type& cache) const {
-    check_io("peanut::add_term", w, x, y);
-    add_delta(w, x, y, cache);
-  }
-  /// Every parameter's gradient +=; dx = g W0 + s (g B) F^T.
-  template <base_weight Base>
-  void backward(const Base& w, matrix_view<const T> x, matrix_view<const T> g, matrix_view<T> dx, cache_type& cache) {
-    check_grad("peanut::backward", w, x, g, dx);
-    w.matmul_t(g, dx, false);
-    delta_backward(w, x, g, dx, cache);
-  }
-  /// Every parameter's gradient +=; dx += s (g B) F^T; nothing flows to h.
-  template <base_weight Base>
-  void backward_term(const Base& w, matrix_view<const T> x, matrix_view<const T> /*h*/, matrix_view<const T> g,
-                     matrix_view<T> /*dh*/, matrix_view<T> dx, cache_type& cache) {
-    check_grad("peanut::backward_term", w, x, g, dx);
-    delta_backward(w, x, g, dx, cache);
-  }
+  // forward, add_term, backward and backward_term: weight_term_adapter, over add_delta and
+  // delta_backward below.
 
   /// dW = s B F^T (out, in), F from the base w. Remembers F, B and the base, so that
   /// unmerge_delta on that base (merged) subtracts exactly this.
