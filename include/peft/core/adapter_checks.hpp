@@ -6,10 +6,23 @@
 // (additive adapters get them from core/additive_adapter.hpp instead).
 #pragma once
 
+#include <string>
+#include <string_view>
+
 #include "peft/core/error.hpp"
 #include "peft/core/matrix_view.hpp"
 
 namespace peft::detail {
+
+/// "method::pass", the function an adapter's error messages name.
+inline std::string pass_name(std::string_view method, const char* pass) {
+  std::string s;
+  s.reserve(method.size() + 16);  // built with += and reserve: g++ 12 misreports `a + b`
+  s.append(method.data(), method.size());
+  s += "::";
+  s += pass;
+  return s;
+}
 
 /// The base weight is (a.out_features(), a.in_features()).
 template <class A, class Base>

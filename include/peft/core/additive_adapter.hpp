@@ -78,12 +78,7 @@ class additive_adapter : public additive_adapter_tag {
  protected:
   /// "method::pass" for error messages.
   static std::string where(const char* pass) {
-    std::string s;
-    s.reserve(Derived::method.size() + 16);  // built with += and reserve: g++ 12 misreports `a + b`
-    s.append(Derived::method.data(), Derived::method.size());
-    s += "::";
-    s += pass;
-    return s;
+    return detail::pass_name(Derived::method, pass);
   }
   template <class Base>
   void check_base(const char* where, const Base& w) const {

@@ -62,12 +62,7 @@ class weight_term_adapter : public detail::adapter_checks<Derived, T> {
  private:
   /// "method::pass" for error messages.
   static std::string where(const char* pass) {
-    std::string s;
-    s.reserve(Derived::method.size() + 16);  // built with += and reserve: g++ 12 misreports `a + b`
-    s.append(Derived::method.data(), Derived::method.size());
-    s += "::";
-    s += pass;
-    return s;
+    return detail::pass_name(Derived::method, pass);
   }
   const Derived& self() const { return static_cast<const Derived&>(*this); }
   Derived& self() { return static_cast<Derived&>(*this); }
