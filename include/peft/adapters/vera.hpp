@@ -27,6 +27,7 @@
 #include "peft/adapters/detail/low_rank_core.hpp"
 #include "peft/adapters/detail/projection_sizes.hpp"
 #include "peft/core/adapter.hpp"
+#include "peft/core/adapter_checks.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
 #include "peft/core/parameter.hpp"
@@ -67,8 +68,144 @@ vera_projections<T> make_vera_projections(index rank, std::initializer_list<std:
                                   seed);
 }
 
+namespace detail {
+
+/// What VeRA and PVeRA share, under the low-rank core: the frozen projections A and B (one
+/// std::shared_ptr each, shared by every adapted layer), the trainable lambda_d (the core's gate)
+/// and lambda_b (its output scale) with their gradients, and the layer's shape. Derived gives
+/// `method`, `rank()`, `A_slice()` and its constructors' own checks; tensor names and messages
+/// take the method as their prefix ("vera_A", "pvera::set_features").
+template <class Derived, compute_scalar T>
+class shared_projections_adapter : public low_rank_adapter<Derived, T> {
+ public:
+  index in_features() const noexcept { return in_; }
+  index out_features() const noexcept { return out_; }
+  double d_initial() const noexcept { return d_initial_; }
+
+  /// Sets the layer's shape (a checkpoint does not determine in_features): out_features must be
+  /// the length of lambda_b, in_features at most A's width. Throws shape_error otherwise.
+  void set_features(index in_features, index out_features) {
+    const std::string where = pass_name(Derived::method, "set_features");
+    check_ready(where.c_str());
+    if (out_features != out_) {
+      raise<shape_error>(where.c_str(), "out_features " + std::to_string(out_features) + " differs from " +
+                                            tensor("_lambda_b") + "'s length " + std::to_string(out_));
+    }
+    check_features(where.c_str(), in_features, out_features);
+    in_ = in_features;
+  }
+
+  /// The shared projections themselves (the same objects for every layer that shares them).
+  const std::shared_ptr<matrix<T>>& shared_A() const noexcept { return a_; }
+  const std::shared_ptr<matrix<T>>& shared_B() const noexcept { return b_; }
+  /// B_s = B[:out, :] (out, r): a view into the shared projection.
+  matrix_view<const T> B_slice() const noexcept {
+    return b_ ? matrix_view<const T>(b_->data(), out_, self().rank(), b_->cols()) : matrix_view<const T>{};
+  }
+  /// lambda_d as (1, its length), lambda_b as (1, out), and their gradients.
+  matrix_view<T> lambda_d() noexcept { return lambda_d_.view(); }
+  matrix_view<const T> lambda_d() const noexcept { return lambda_d_.view(); }
+  matrix_view<T> lambda_b() noexcept { return lambda_b_.view(); }
+  matrix_view<const T> lambda_b() const noexcept { return lambda_b_.view(); }
+  matrix_view<const T> grad_lambda_d() const noexcept { return gd_.view(); }
+  matrix_view<const T> grad_lambda_b() const noexcept { return gb_.view(); }
+
+  /// The term lambda_b * ((lambda_d[:r] * (x A_slice^T)) B_s^T) for the low-rank core; A and B
+  /// frozen (lambda_d's values past r, PVeRA's logvar, get no gradient).
+  low_rank_term<T> low_rank() const noexcept {
+    return {self().A_slice(), B_slice(), lambda_d_.data(), lambda_b_.data(), nullptr, T{1}};
+  }
+  low_rank_gradients<T> low_rank_grads() noexcept { return {{}, {}, gd_.data(), gb_.data(), nullptr}; }
+
+  /// Throws peft::error for a default-constructed adapter (no projections).
+  void check_ready(const char* where) const {
+    if (!a_ || !b_) raise<error>(where, "the adapter is default-constructed (no projections)");
+  }
+
+  /// <method>_lambda_b (out), <method>_lambda_d: trainable; <method>_A, <method>_B: the whole
+  /// shared projections, frozen, shared = true (saved once as base_model.<method>_A / _B).
+  std::vector<parameter<T>> parameters() {
+    std::vector<parameter<T>> p;
+    p.push_back({tensor("_lambda_b"), lambda_b_.view(), gb_.view(), shape_of(lambda_b_.view(), true)});
+    p.push_back({tensor("_lambda_d"), lambda_d_.view(), gd_.view(), shape_of(lambda_d_.view(), true)});
+    if (a_ && b_) {
+      p.push_back({tensor("_A"), a_->view(), {}, shape_of(a_->view(), false), false, true});
+      p.push_back({tensor("_B"), b_->view(), {}, shape_of(b_->view(), false), false, true});
+    }
+    return p;
+  }
+
+  void zero_grad() {
+    gd_.fill(T{0});
+    gb_.fill(T{0});
+  }
+
+ protected:
+  shared_projections_adapter() = default;
+  shared_projections_adapter(std::shared_ptr<matrix<T>> a, std::shared_ptr<matrix<T>> b, double d_initial)
+      : a_(std::move(a)), b_(std::move(b)), d_initial_(d_initial) {}
+
+  /// After the derived constructor's checks of A and B: the shape, and lambda_d (`d_size` values;
+  /// empty: d_initial each; `d_expected` says what its length should be) and lambda_b (out
+  /// values; empty: 0), with zero gradients.
+  void init(const char* where, index in_features, index out_features, std::vector<T> lambda_d, index d_size,
+            const std::string& d_expected, std::vector<T> lambda_b) {
+    check_features(where, in_features, out_features);
+    in_ = in_features;
+    out_ = out_features;
+    if (lambda_d.empty()) lambda_d.assign(static_cast<std::size_t>(d_size), static_cast<T>(d_initial_));
+    if (lambda_b.empty()) lambda_b.assign(static_cast<std::size_t>(out_), T{0});
+    if (static_cast<index>(lambda_d.size()) != d_size) {
+      raise<shape_error>(where, tensor("_lambda_d") + " has " + std::to_string(lambda_d.size()) + " values, expected " +
+                                    d_expected);
+    }
+    if (static_cast<index>(lambda_b.size()) != out_) {
+      raise<shape_error>(where, tensor("_lambda_b") + " has " + std::to_string(lambda_b.size()) +
+                                    " values, expected out_features " + std::to_string(out_));
+    }
+    lambda_d_ = matrix<T>(1, d_size, std::move(lambda_d));
+    lambda_b_ = matrix<T>(1, out_, std::move(lambda_b));
+    gd_ = matrix<T>(1, d_size);
+    gb_ = matrix<T>(1, out_);
+  }
+  /// "<method><suffix>", a tensor's name.
+  static std::string tensor(const char* suffix) {
+    std::string s(Derived::method);
+    s += suffix;
+    return s;
+  }
+
+  std::shared_ptr<matrix<T>> a_;  // (r or 2r, in_max), shared
+  std::shared_ptr<matrix<T>> b_;  // (out_max, r), shared
+  index in_ = 0;
+
+ private:
+  void check_features(const char* where, index in, index out) const {
+    if (in < 1 || in > a_->cols()) {
+      raise<shape_error>(where, "in_features " + std::to_string(in) + " is outside [1, " + std::to_string(a_->cols()) +
+                                    "] (" + tensor("_A") + "'s width)");
+    }
+    if (out < 1 || out > b_->rows()) {
+      raise<shape_error>(where, "out_features " + std::to_string(out) + " is outside [1, " +
+                                    std::to_string(b_->rows()) + "] (" + tensor("_B") + "'s height)");
+    }
+  }
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+
+  index out_ = 0;
+  matrix<T> lambda_d_;  // (1, r or 2r)
+  matrix<T> lambda_b_;  // (1, out)
+  matrix<T> gd_;        // gradients, same shapes
+  matrix<T> gb_;
+  double d_initial_ = 0.1;
+};
+
+}  // namespace detail
+
 template <compute_scalar T>
-class vera : public low_rank_adapter<vera<T>, T> {
+class vera : public detail::shared_projections_adapter<vera<T>, T> {
+  using base = detail::shared_projections_adapter<vera<T>, T>;
+
  public:
   static constexpr std::string_view method = "vera";
 
@@ -87,119 +224,25 @@ class vera : public low_rank_adapter<vera<T>, T> {
   /// vectors take the default init (d_initial, 0). `d_initial` is kept for describe_in.
   vera(std::shared_ptr<matrix<T>> a, std::shared_ptr<matrix<T>> b, index in_features, index out_features,
        std::vector<T> lambda_d, std::vector<T> lambda_b, double d_initial = 0.1)
-      : a_(std::move(a)), b_(std::move(b)), d_initial_(d_initial) {
+      : base(std::move(a), std::move(b), d_initial) {
     constexpr const char* where = "vera::vera";
-    if (!a_ || !b_) detail::raise<shape_error>(where, "the projections vera_A and vera_B must not be null");
-    if (a_->rows() < 1) detail::raise<shape_error>(where, "vera_A has no rows (rank 0)");
-    if (b_->cols() != a_->rows()) {
-      detail::raise<shape_error>(where, "vera_B is " + detail::shape_string(b_->rows(), b_->cols()) +
-                                            " but vera_A has rank " + std::to_string(a_->rows()));
+    if (!this->a_ || !this->b_) detail::raise<shape_error>(where, "the projections vera_A and vera_B must not be null");
+    if (this->a_->rows() < 1) detail::raise<shape_error>(where, "vera_A has no rows (rank 0)");
+    if (this->b_->cols() != this->a_->rows()) {
+      detail::raise<shape_error>(where, "vera_B is " + detail::shape_string(this->b_->rows(), this->b_->cols()) +
+                                            " but vera_A has rank " + std::to_string(this->a_->rows()));
     }
-    check_features(where, in_features, out_features);
-    in_ = in_features;
-    out_ = out_features;
     const index r = rank();
-    if (lambda_d.empty()) lambda_d.assign(static_cast<std::size_t>(r), static_cast<T>(d_initial));
-    if (lambda_b.empty()) lambda_b.assign(static_cast<std::size_t>(out_), T{0});
-    if (static_cast<index>(lambda_d.size()) != r) {
-      detail::raise<shape_error>(where, "vera_lambda_d has " + std::to_string(lambda_d.size()) +
-                                            " values, expected the rank " + std::to_string(r));
-    }
-    if (static_cast<index>(lambda_b.size()) != out_) {
-      detail::raise<shape_error>(where, "vera_lambda_b has " + std::to_string(lambda_b.size()) +
-                                            " values, expected out_features " + std::to_string(out_));
-    }
-    lambda_d_ = matrix<T>(1, r, std::move(lambda_d));
-    lambda_b_ = matrix<T>(1, out_, std::move(lambda_b));
-    gd_ = matrix<T>(1, r);
-    gb_ = matrix<T>(1, out_);
+    this->init(where, in_features, out_features, std::move(lambda_d), r, "the rank " + std::to_string(r),
+               std::move(lambda_b));
   }
 
-  index in_features() const noexcept { return in_; }
-  index out_features() const noexcept { return out_; }
-  index rank() const noexcept { return a_ ? a_->rows() : 0; }
-  double d_initial() const noexcept { return d_initial_; }
-
-  /// Sets the layer's shape (a checkpoint does not determine in_features): out_features must be
-  /// the length of lambda_b, in_features at most vera_A's width. Throws shape_error otherwise.
-  void set_features(index in_features, index out_features) {
-    check_ready("vera::set_features");
-    if (out_features != out_) {
-      detail::raise<shape_error>("vera::set_features", "out_features " + std::to_string(out_features) +
-                                                            " differs from vera_lambda_b's length " + std::to_string(out_));
-    }
-    check_features("vera::set_features", in_features, out_features);
-    in_ = in_features;
-  }
-
-  /// The shared projections themselves (the same objects for every layer that shares them).
-  const std::shared_ptr<matrix<T>>& shared_A() const noexcept { return a_; }
-  const std::shared_ptr<matrix<T>>& shared_B() const noexcept { return b_; }
-  /// A_s = A[:, :in] (r, in) and B_s = B[:out, :] (out, r): views into the shared projections.
+  index rank() const noexcept { return this->a_ ? this->a_->rows() : 0; }
+  /// A_s = A[:, :in] (r, in): a view into the shared projection (B_s: B_slice()).
   matrix_view<const T> A_slice() const noexcept {
-    return a_ ? matrix_view<const T>(a_->data(), rank(), in_, a_->cols()) : matrix_view<const T>{};
+    return this->a_ ? matrix_view<const T>(this->a_->data(), rank(), this->in_, this->a_->cols())
+                    : matrix_view<const T>{};
   }
-  matrix_view<const T> B_slice() const noexcept {
-    return b_ ? matrix_view<const T>(b_->data(), out_, rank(), b_->cols()) : matrix_view<const T>{};
-  }
-  /// lambda_d as (1, r), lambda_b as (1, out), and their gradients.
-  matrix_view<T> lambda_d() noexcept { return lambda_d_.view(); }
-  matrix_view<const T> lambda_d() const noexcept { return lambda_d_.view(); }
-  matrix_view<T> lambda_b() noexcept { return lambda_b_.view(); }
-  matrix_view<const T> lambda_b() const noexcept { return lambda_b_.view(); }
-  matrix_view<const T> grad_lambda_d() const noexcept { return gd_.view(); }
-  matrix_view<const T> grad_lambda_b() const noexcept { return gb_.view(); }
-
-  /// The term lambda_b * ((lambda_d * (x A_s^T)) B_s^T) for the low-rank core; A_s, B_s frozen.
-  low_rank_term<T> low_rank() const noexcept {
-    return {A_slice(), B_slice(), lambda_d_.data(), lambda_b_.data(), nullptr, T{1}};
-  }
-  low_rank_gradients<T> low_rank_grads() noexcept { return {{}, {}, gd_.data(), gb_.data(), nullptr}; }
-
-  /// Throws peft::error for a default-constructed adapter (no projections).
-  void check_ready(const char* where) const {
-    if (!a_ || !b_) detail::raise<error>(where, "the adapter is default-constructed (no projections)");
-  }
-
-  /// vera_lambda_b (out), vera_lambda_d (r): trainable; vera_A, vera_B: the whole shared
-  /// projections, frozen, shared = true (saved once as base_model.vera_A / vera_B).
-  std::vector<parameter<T>> parameters() {
-    std::vector<parameter<T>> p;
-    p.push_back({"vera_lambda_b", lambda_b_.view(), gb_.view(), detail::shape_of(lambda_b_.view(), true)});
-    p.push_back({"vera_lambda_d", lambda_d_.view(), gd_.view(), detail::shape_of(lambda_d_.view(), true)});
-    if (a_ && b_) {
-      p.push_back({"vera_A", a_->view(), {}, detail::shape_of(a_->view(), false), false, true});
-      p.push_back({"vera_B", b_->view(), {}, detail::shape_of(b_->view(), false), false, true});
-    }
-    return p;
-  }
-
-  void zero_grad() {
-    gd_.fill(T{0});
-    gb_.fill(T{0});
-  }
-
- private:
-  void check_features(const char* where, index in, index out) const {
-    if (in < 1 || in > a_->cols()) {
-      detail::raise<shape_error>(where, "in_features " + std::to_string(in) + " is outside [1, " +
-                                            std::to_string(a_->cols()) + "] (vera_A's width)");
-    }
-    if (out < 1 || out > b_->rows()) {
-      detail::raise<shape_error>(where, "out_features " + std::to_string(out) + " is outside [1, " +
-                                            std::to_string(b_->rows()) + "] (vera_B's height)");
-    }
-  }
-  std::shared_ptr<matrix<T>> a_;  // (r, in_max), shared
-  std::shared_ptr<matrix<T>> b_;  // (out_max, r), shared
-  index in_ = 0;
-  index out_ = 0;
-  matrix<T> lambda_d_;  // (1, r)
-  matrix<T> lambda_b_;  // (1, out)
-  matrix<T> gd_;        // gradients, same shapes
-  matrix<T> gb_;
-  double d_initial_ = 0.1;
 };
-
 
 }  // namespace peft
