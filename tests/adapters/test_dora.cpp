@@ -24,6 +24,7 @@
 #include "peft/io/merge.hpp"
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/file_support.hpp"
 #include "support/adapter_checks.hpp"
 #include "support/test_support.hpp"
 #include "support/traits_dora.hpp"
@@ -353,7 +354,7 @@ TEMPLATE_TEST_CASE("dora golden: adapted_linear::merge gives PEFT's merged weigh
 
 TEST_CASE("dora golden: io::merge_model writes PEFT's merged weights", "[dora][golden][merge]") {
   if constexpr (has_dora<peft::any_adapter<double>>::value) {
-    const auto out_dir = fs::temp_directory_path() / "peft_dora_merge_model";
+    const auto out_dir = peft_test::temp_path("peft_dora_merge_model");
     fs::create_directories(out_dir);
     const auto out = out_dir / "merged.safetensors";
     const auto report = peft::io::merge_model(golden_dir / "base_model.safetensors", golden_dir / "adapter", out, {});
@@ -388,7 +389,7 @@ TEST_CASE("dora golden: the checkpoint is read as PEFT wrote it and saves back",
     CHECK(peft_test::nontrivial(m));
   }
   // save_peft_checkpoint writes the same tensors under the same keys, use_dora set
-  const auto dir = fs::temp_directory_path() / "peft_dora_save";
+  const auto dir = peft_test::temp_path("peft_dora_save");
   fs::remove_all(dir);
   auto cfg = peft::io::adapter_config::lora(8, 16.0, {"up", "down"});
   peft::io::basic_peft_checkpoint<peft::dora<double>> fresh;

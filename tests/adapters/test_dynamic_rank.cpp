@@ -17,6 +17,7 @@
 #include "peft/adapters/lora.hpp"
 #include "peft/base/dense.hpp"
 #include "peft/io/peft_checkpoint.hpp"
+#include "support/file_support.hpp"
 #include "support/adapter_checks.hpp"
 #include "support/gated_rank_checks.hpp"
 #include "support/test_support.hpp"
@@ -104,7 +105,7 @@ TEST_CASE("dynamic_rank: compact() to a LoRA, save it, load it back (golden)", "
   ck.config.r = 8;
   ck.config.lora_alpha = 8.0;
   ck.modules.push_back({"layer", "layer.weight", *l});
-  const fs::path dir = fs::temp_directory_path() / ("peft_dynamic_rank_" + std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()));
+  const fs::path dir = peft_test::temp_path("peft_dynamic_rank_" + std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()));
   peft::io::save_peft_checkpoint(dir, ck, peft::dtype::f64);
   const auto loaded = peft::io::load_checkpoint_as<peft::lora<double>>(dir);
   fs::remove_all(dir);

@@ -61,7 +61,7 @@ struct tensor_spec {
   peft::dtype type;
 };
 fs::path write_adapter(const std::string& tag, const std::vector<tensor_spec>& tensors, peft::index r = 0) {
-  const fs::path dir = fs::temp_directory_path() / ("peft_shira_test_" + tag);
+  const fs::path dir = peft_test::temp_path("peft_shira_test_" + tag);
   fs::create_directories(dir);
   std::ifstream in(case_dir / "adapter" / "adapter_config.json");
   std::stringstream ss;
@@ -208,7 +208,7 @@ TEST_CASE("SHiRA golden: the loaded mask is the stored one, the shapes are recov
 TEMPLATE_TEST_CASE("SHiRA checkpoints: save writes shira_indices as I32 and reloads exactly", "[shira][io]", float,
                    double) {
   auto ck = peft::io::load_checkpoint_as<peft::shira<TestType>>(case_dir / "adapter");
-  const fs::path out = fs::temp_directory_path() / "peft_shira_test_roundtrip";
+  const fs::path out = peft_test::temp_path("peft_shira_test_roundtrip");
   fs::remove_all(out);
   peft::io::save_peft_checkpoint(out, ck);
   const auto saved = peft::io::safetensors_file::open(out / "adapter_model.safetensors");

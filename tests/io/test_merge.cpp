@@ -10,6 +10,7 @@
 
 #include "peft/io/merge.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/file_support.hpp"
 #include "support/test_support.hpp"
 
 namespace test_merge {
@@ -24,7 +25,7 @@ const fs::path llama = fs::path(PEFT_TEST_DATA_DIR) / "models" / "llama_lora";
 
 struct scratch {
   fs::path dir;
-  explicit scratch(const std::string& name) : dir(fs::temp_directory_path() / ("peft_merge_" + name)) {
+  explicit scratch(const std::string& name) : dir(peft_test::temp_path("peft_merge_" + name)) {
     fs::remove_all(dir);
     fs::create_directories(dir);
   }

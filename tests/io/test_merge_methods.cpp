@@ -12,6 +12,7 @@
 #include "peft/io/merge.hpp"
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/file_support.hpp"
 #include "support/test_support.hpp"
 
 namespace test_merge_methods {
@@ -33,7 +34,7 @@ TEST_CASE("merge_model reproduces PEFT's merged weights for every PEFT method", 
                                       "peanut_tanh_depth2", "supertuning_super", "supertuning_bottom", "supertuning_supra",
                                       "supertuning_supra_alpha", "supertuning_full");
   INFO("case " << method);
-  const fs::path out = fs::temp_directory_path() / ("peft_merge_methods_" + method + ".safetensors");
+  const fs::path out = peft_test::temp_path("peft_merge_methods_" + method + ".safetensors");
   const auto report = peft::io::merge_model(data / method / "base_model.safetensors", data / method / "adapter", out, {});
   CHECK(report.tensors == 4);
   const auto merged = peft::io::safetensors_file::open(out);
@@ -84,7 +85,7 @@ TEST_CASE("merge_model reproduces PEFT's merged weights for FRoD; PEFT's paramet
   const std::string method =
       GENERATE(as<std::string>{}, "frod_basic", "frod_dense_s", "frod_default_rate", "frod_conv1d");
   INFO("case " << method);
-  const fs::path out = fs::temp_directory_path() / ("peft_merge_methods_" + method + ".safetensors");
+  const fs::path out = peft_test::temp_path("peft_merge_methods_" + method + ".safetensors");
   const auto report = peft::io::merge_model(data / method / "base_model.safetensors", data / method / "adapter", out, {});
   CHECK(report.tensors == 6);
   const auto merged = peft::io::safetensors_file::open(out);

@@ -62,7 +62,7 @@ void check_lora_merge(golden_case<T>& c) {
 }
 
 void check_offline_merge(const std::string& name, const std::string& adapter, double tol = 1e-6) {
-  const auto out_dir = fs::temp_directory_path() / ("peft_golden_merge_" + name);
+  const auto out_dir = peft_test::temp_path("peft_golden_merge_" + name);
   fs::create_directories(out_dir);
   const auto out = out_dir / "merged.safetensors";
   const auto report = peft::io::merge_model(golden_dir(name) / "base_model.safetensors", golden_dir(name) / adapter, out, {});

@@ -21,6 +21,7 @@
 #include "peft/train/dynamic_rank_trainer.hpp"
 #include "peft/train/optimizer.hpp"
 #include "peft/train/sora_trainer.hpp"
+#include "support/file_support.hpp"
 #include "support/test_support.hpp"
 
 namespace test_causal_lm {
@@ -219,7 +220,7 @@ TEST_CASE("full fine-tuning: every weight's gradient and four AdamW steps equal 
       CHECK(error_of(p, ref.read<double>("train." + p.name), false) < 1e-8);
     }
     // Saved as a model directory, it loads back with the trained weights.
-    const fs::path out = fs::temp_directory_path() / (std::string("peft_test_full_") + c);
+    const fs::path out = peft_test::temp_path(std::string("peft_test_full_") + c);
     fs::remove_all(out);
     lm.save_pretrained(out, dir, peft::dtype::f64);
     auto again = causal_lm<double>::load(out);
@@ -289,7 +290,7 @@ TEST_CASE("padding on the left or in the middle leaves each sequence's logits al
 }
 
 TEST_CASE("a saved adapter reloads with the same logits; trainable counts match PEFT's", "[models]") {
-  const fs::path scratch = fs::temp_directory_path() / "peft_test_lm_save";
+  const fs::path scratch = peft_test::temp_path("peft_test_lm_save");
   fs::remove_all(scratch);
   for (const char* a : {"lora_all", "dora", "vera"}) {
     INFO("adapter " << a);
@@ -365,7 +366,7 @@ TEST_CASE("fresh adapters from options: targets, all-linear, patterns; merge_and
 TEST_CASE("dynamic_rank and sora train with their trainers and compact to a LoRA checkpoint with the same logits",
           "[models]") {
   const fs::path dir = lm_data / "llama";
-  const fs::path scratch = fs::temp_directory_path() / "peft_test_lm_compact";
+  const fs::path scratch = peft_test::temp_path("peft_test_lm_compact");
   fs::remove_all(scratch);
   const auto b = batch_of(dir);
   const auto labels = b.causal_labels();
@@ -507,7 +508,7 @@ TEST_CASE("several adapters in one directory: PEFT's subfolder layout, loaded an
   CHECK(logits_error(pm.model().forward(b), ref_of("dora")) < 1e-10);
 
   // Saved back in the same layout; a second model loads it with the same outputs.
-  const fs::path out = fs::temp_directory_path() / "peft_lm_multi_adapters";
+  const fs::path out = peft_test::temp_path("peft_lm_multi_adapters");
   fs::remove_all(out);
   pm.save_all_pretrained(out);
   CHECK(fs::exists(out / "adapter_config.json"));
@@ -560,7 +561,7 @@ TEST_CASE("QLoRA: adapters over quantized bases stay close to the dense model an
 }
 
 TEST_CASE("bad model input: unsupported configs, token ids, lengths, adapters that do not fit", "[models]") {
-  const fs::path scratch = fs::temp_directory_path() / "peft_test_lm_bad";
+  const fs::path scratch = peft_test::temp_path("peft_test_lm_bad");
   fs::remove_all(scratch);
   fs::create_directories(scratch);
   const fs::path llama = lm_data / "llama";

@@ -12,6 +12,7 @@
 #include "peft/models/gguf_lora.hpp"
 #include "peft/models/peft_model.hpp"
 #include "peft/serve/adapter_registry.hpp"
+#include "support/file_support.hpp"
 #include "support/test_support.hpp"
 
 namespace test_embedding_adapters {
@@ -80,7 +81,7 @@ TEST_CASE("Embedding LoRA and trainable tokens run unmerged as PEFT's forward an
 }
 
 TEST_CASE("merge_and_unload and save_pretrained of table adapters", "[models][embedding]") {
-  const fs::path tmp = fs::temp_directory_path() / "peft_emb_models";
+  const fs::path tmp = peft_test::temp_path("peft_emb_models");
   fs::remove_all(tmp);
   for (const std::string c : {"combined", "tied_tokens", "tied_emb_lora"}) {
     INFO(c);
@@ -124,7 +125,7 @@ TEST_CASE("Table adapters: one enabled at a time, wrong tables refused", "[model
 TEST_CASE("The GGUF LoRA export refuses table adapters by name", "[models][embedding]") {
   const auto cfg = causal_lm<float>::load(data / "base_untied").config();
   const auto ck = peft::io::load_peft_checkpoint<double>(data / "combined" / "adapter");
-  const fs::path out = fs::temp_directory_path() / "peft_emb_export.gguf";
+  const fs::path out = peft_test::temp_path("peft_emb_export.gguf");
   CHECK_THROWS_WITH(peft::models::export_gguf_lora(ck, cfg, out),
                     Catch::Contains("[export_gguf_lora]") && Catch::Contains("embedding table"));
   CHECK_FALSE(fs::exists(out));

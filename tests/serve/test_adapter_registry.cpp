@@ -14,6 +14,7 @@
 #include "peft/core/error.hpp"
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/serve/adapter_registry.hpp"
+#include "support/file_support.hpp"
 #include "support/all_adapters.hpp"
 #include "support/test_support.hpp"
 
@@ -77,7 +78,7 @@ TEST_CASE("adapter_registry serves a mixed batch over two layers from loaded PEF
   peft::rng g(41);
   registry reg(make_bases(g));
   // Two checkpoints round-trip through disk, the rest are added from memory.
-  const auto dir = std::filesystem::temp_directory_path() / "peft_registry_test";
+  const auto dir = peft_test::temp_path("peft_registry_test");
   std::filesystem::remove_all(dir);
   auto ck_lora = checkpoint_of<peft::lora<float>>(g);
   auto ck_dora = checkpoint_of<peft::dora<float>>(g);

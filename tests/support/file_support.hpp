@@ -9,6 +9,9 @@
 #include <random>
 #include <string>
 #include <system_error>
+#include <utility>
+
+#include <unistd.h>
 
 namespace peft_test {
 
@@ -21,10 +24,41 @@ inline std::string slurp(const std::filesystem::path& p) {
 /// How many '\n' `s` holds.
 inline int lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
 
-/// <temp>/<name>, emptied on construction and removed on destruction.
+namespace detail {
+/// A directory removed with its contents when the object goes away.
+struct owned_dir {
+  std::filesystem::path path;
+  explicit owned_dir(std::filesystem::path p) : path(std::move(p)) {
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  owned_dir(const owned_dir&) = delete;
+  owned_dir& operator=(const owned_dir&) = delete;
+  ~owned_dir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+};
+}  // namespace detail
+
+/// This test process's directory, <temp>/peft_test_<pid>_<random tag>, removed when the process
+/// exits. Every file a test writes goes under it: test binaries run concurrently (ctest -j runs
+/// the unit shards side by side, and a test case of one shard may share a helper, or a template,
+/// with a test case of the other), so a fixed name directly under <temp> would be shared.
+inline const std::filesystem::path& process_scratch() {
+  static const detail::owned_dir d(std::filesystem::temp_directory_path() /
+                                   ("peft_test_" + std::to_string(::getpid()) + "_" +
+                                    std::to_string(std::random_device{}())));
+  return d.path;
+}
+
+/// process_scratch() / name: a file or directory name of this process (not created).
+inline std::filesystem::path temp_path(const std::string& name) { return process_scratch() / name; }
+
+/// temp_path(name), emptied on construction and removed on destruction.
 struct scratch_dir {
   std::filesystem::path dir;
-  explicit scratch_dir(const std::string& name) : dir(std::filesystem::temp_directory_path() / name) {
+  explicit scratch_dir(const std::string& name) : dir(temp_path(name)) {
     std::filesystem::remove_all(dir);
     std::filesystem::create_directories(dir);
   }
@@ -35,13 +69,5 @@ struct scratch_dir {
     std::filesystem::remove_all(dir, ec);
   }
 };
-
-/// A directory of this test process, <temp>/peft_test_<random tag>, removed when the process
-/// exits: for files several test cases share. Test binaries run concurrently (ctest -j, several
-/// builds), so a fixed name would collide; callers prefix their file names with their test's name.
-inline const std::filesystem::path& process_scratch() {
-  static const scratch_dir d("peft_test_" + std::to_string(std::random_device{}()));
-  return d.dir;
-}
 
 }  // namespace peft_test

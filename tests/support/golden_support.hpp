@@ -29,6 +29,7 @@
 #include "peft/io/checkpoint_tensors.hpp"
 #include "peft/io/peft_checkpoint.hpp"
 #include "peft/io/safetensors.hpp"
+#include "support/file_support.hpp"
 #include "support/test_support.hpp"
 
 namespace peft_test {
@@ -304,13 +305,9 @@ void check_golden(const std::string& name) {
 
 // ---- building and editing checkpoints ----------------------------------------------------------
 
-/// A temporary directory of this process: test binaries run concurrently (ctest -j, several
-/// builds), so fixed names would collide.
-inline std::filesystem::path scratch_path(const std::string& stem) {
-  static const std::string tag = std::to_string(std::random_device{}());
-  return std::filesystem::temp_directory_path() / (stem + "_" + tag);
-}
-
+/// A path of this process's scratch directory (support/file_support.hpp: the unit shards run
+/// concurrently, so fixed names under <temp> would collide).
+inline std::filesystem::path scratch_path(const std::string& stem) { return temp_path(stem); }
 
 /// A stored tensor of the given shape (n-D flattened to (d0, d1*...*dn)), uniform in [lo, hi).
 template <class T>
