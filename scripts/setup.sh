@@ -45,6 +45,22 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# ctest DIR [ARGS...], and when a test fails, after ctest's summary, each failed assertion with
+# its test case and messages (from the log --output-on-failure printed further up), so that the
+# end of a CI log says what failed.
+run_ctest() {
+  local dir="$1"; shift
+  if ! ctest --test-dir "$dir" --output-on-failure "$@"; then
+    echo "== failed assertions (from $dir/Testing/Temporary/LastTest.log)"
+    awk '/^-+$/ && length($0) > 70 { show = 0; rule = !rule; if (rule) name = ""; next }
+         /^=+$/ && length($0) > 70 { show = 0; next }
+         rule && NF { name = name (name == "" ? "" : " / ") $0; next }
+         /FAILED:$/ { print "-- " name; show = 14 }
+         show > 0 { print; show-- }' "$dir/Testing/Temporary/LastTest.log" | head -n 30
+    return 1
+  fi
+}
+
 configure() {  # configure DIR [cmake args...]
   local dir="$1"; shift
   cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DPEFT_WARNINGS_AS_ERRORS=ON "$@" >/dev/null
@@ -60,7 +76,7 @@ case "$what" in
     # The demonstration programs at -O1 (examples/CMakeLists.txt): their tests check output only.
     configure "$build" -DPEFT_QUICK_DEMOS=ON
     cmake --build "$build" -j "$jobs"
-    ctest --test-dir "$build" --output-on-failure -j "$jobs"
+    run_ctest "$build" -j "$jobs"
     if [[ "${PEFT_SKIP_SANITIZE:-0}" != 1 ]]; then
       echo "== again under AddressSanitizer + UndefinedBehaviorSanitizer"
       # Line tables are all the sanitizers' reports need: about 20% less compile time than -g.
@@ -69,13 +85,13 @@ case "$what" in
         -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=ON
       cmake --build "$build-asan" -j "$jobs" --target peft_tests peft_cli
       # (the registry's soak test, part of unit, for 20 s here)
-      PEFT_SOAK_SECONDS=20 ctest --test-dir "$build-asan" --output-on-failure -j "$jobs" -R '^(unit|cli)'
+      PEFT_SOAK_SECONDS=20 run_ctest "$build-asan" -j "$jobs" -R '^(unit|cli)'
       echo "== the serving tests (hot swap, soak) under ThreadSanitizer (OpenMP off: its runtime is not instrumented)"
       configure "$build-tsan" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_CXX_FLAGS_DEBUG=-gline-tables-only \
         -DPEFT_SANITIZE=thread -DPEFT_USE_OPENMP=OFF \
         -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=OFF
       cmake --build "$build-tsan" -j "$jobs" --target peft_thread_tests
-      ctest --test-dir "$build-tsan" --output-on-failure -R '^thread'
+      run_ctest "$build-tsan" -R '^thread'
     fi
     ;;
   fortunes)

@@ -3,7 +3,7 @@
 # cases: every N-th name of `EXE --list-test-names-only`, starting at the K-th, passed to EXE
 # through an input file (-f) with ARGS. The N shards together run every test case exactly once,
 # tests added later included; ctest runs them side by side (tests/CMakeLists.txt: unit_K_of_N).
-set -eu
+set -euo pipefail
 if (($# < 3)) || ! [[ "$1" =~ ^[0-9]+$ && "$2" =~ ^[0-9]+$ ]] || (($1 < 1 || $1 > $2)); then
   echo "usage: tests/run_shard.sh K N EXE [ARGS...] (1 <= K <= N)" >&2
   exit 2
@@ -21,4 +21,7 @@ if [[ ! -s "$list" ]]; then
   echo "tests/run_shard.sh: shard $k of $n of $exe has no test cases" >&2
   exit 1
 fi
-"$exe" -f "$list" "$@"  # its status is the script's (set -e; the EXIT trap removes the list)
+# Catch echoes the whole list as its first line ("Filters: ..."): cut to its start, so that a
+# failure's report is readable in a log's tail. The status is the executable's (pipefail; sed
+# does not fail), and the EXIT trap removes the list.
+"$exe" -f "$list" "$@" | sed -E 's/^(Filters: .{0,160}).*/\1 ... ('"$(wc -l <"$list")"' test cases)/'
