@@ -26,6 +26,7 @@
 #include <peft/kernels/parallel.hpp>
 
 #include <algorithm>
+#include <initializer_list>
 #include <vector>
 
 #include "bench_common.hpp"
@@ -70,11 +71,16 @@ void train_step_frozen_f32(benchmark::State& state) {
   bench::counters(state, s, 4.0 * static_cast<double>(s.k) * static_cast<double>(s.n), 2.0);
 }
 
-/// linear_args plus a batch of 4 x 128 tokens through the square projections of the 33.5 M and
-/// 97.2 M Llamas (hidden 512 and 768).
+/// A batch of 4 x 128 tokens through square projections of each side, rank 16 (512 and 768: the
+/// 33.5 M and 97.2 M Llamas' hidden sizes).
+void token_batch_args(benchmark::internal::Benchmark* b, std::initializer_list<index> sides) {
+  for (index d : sides) b->Args({512, d, d, 16});
+}
+
+/// linear_args plus the two benchmark Llamas' square projections.
 void train_llm_args(benchmark::internal::Benchmark* b) {
   bench::linear_args(b);
-  for (index d : {512, 768}) b->Args({512, d, d, 16});
+  token_batch_args(b, {512, 768});
 }
 
 template <class Adapter, class Base>
@@ -118,11 +124,10 @@ void train_step_lora_q4_0(benchmark::State& state) {
   run_step(state, s, w, a, false);
 }
 
-
-/// 4 x 128 tokens through the square projections of the two benchmark Llamas, and k = n = 4096.
+/// The two benchmark Llamas' square projections, and k = n = 4096.
 void step_layout_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"m", "k", "n", "r"});
-  for (index d : {512, 768, 4096}) b->Args({512, d, d, 16});
+  token_batch_args(b, {512, 768, 4096});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
