@@ -25,18 +25,18 @@ inline std::string slurp(const std::filesystem::path& p) {
 inline int lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
 
 namespace detail {
-/// A directory removed with its contents when the object goes away.
+/// Directory `dir`, emptied on construction and removed with its contents on destruction.
 struct owned_dir {
-  std::filesystem::path path;
-  explicit owned_dir(std::filesystem::path p) : path(std::move(p)) {
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
+  std::filesystem::path dir;
+  explicit owned_dir(std::filesystem::path p) : dir(std::move(p)) {
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
   }
   owned_dir(const owned_dir&) = delete;
   owned_dir& operator=(const owned_dir&) = delete;
   ~owned_dir() {
     std::error_code ec;
-    std::filesystem::remove_all(path, ec);
+    std::filesystem::remove_all(dir, ec);
   }
 };
 }  // namespace detail
@@ -49,25 +49,15 @@ inline const std::filesystem::path& process_scratch() {
   static const detail::owned_dir d(std::filesystem::temp_directory_path() /
                                    ("peft_test_" + std::to_string(::getpid()) + "_" +
                                     std::to_string(std::random_device{}())));
-  return d.path;
+  return d.dir;
 }
 
 /// process_scratch() / name: a file or directory name of this process (not created).
 inline std::filesystem::path temp_path(const std::string& name) { return process_scratch() / name; }
 
-/// temp_path(name), emptied on construction and removed on destruction.
-struct scratch_dir {
-  std::filesystem::path dir;
-  explicit scratch_dir(const std::string& name) : dir(temp_path(name)) {
-    std::filesystem::remove_all(dir);
-    std::filesystem::create_directories(dir);
-  }
-  scratch_dir(const scratch_dir&) = delete;
-  scratch_dir& operator=(const scratch_dir&) = delete;
-  ~scratch_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(dir, ec);
-  }
+/// temp_path(name) as a directory of one test: emptied on construction, removed on destruction.
+struct scratch_dir : detail::owned_dir {
+  explicit scratch_dir(const std::string& name) : owned_dir(temp_path(name)) {}
 };
 
 }  // namespace peft_test
