@@ -26,16 +26,14 @@
 #include <numbers>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
+#include "peft/adapters/detail/located_spectrum.hpp"
 #include "peft/core/adapter.hpp"
-#include "peft/core/adapter_checks.hpp"
-#include "peft/core/additive_adapter.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
-#include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
-#include "peft/core/torch_generator.hpp"
 #include "peft/interop/eigen.hpp"
 
 namespace peft {
@@ -55,11 +53,23 @@ struct fourierft_options {
 };
 
 template <compute_scalar T>
-class fourierft : public additive_adapter<fourierft<T>, T> {
+class fourierft : public detail::located_spectrum_adapter<fourierft<T>, T> {
+  using base = detail::located_spectrum_adapter<fourierft<T>, T>;
+  friend base;
   friend class additive_adapter<fourierft<T>, T>;
+  using base::cols_;
+  using base::grad_;
+  using base::in_;
+  using base::out_;
+  using base::rows_;
+  using base::scaling_;
+  using base::spectrum_;
 
  public:
   static constexpr std::string_view method = "fourierft";
+  static constexpr std::string_view display_name = "FourierFT";
+  static constexpr std::string_view location_kind = "spectral";
+  using base::n_frequency;
 
   /// The projections x F_in (batch, 2n) of the last forward, for backward, and the work space
   /// of both passes (reused from call to call).
@@ -70,12 +80,12 @@ class fourierft : public additive_adapter<fourierft<T>, T> {
     matrix<T> work, work2;      // (batch, 2 block)
   };
 
-  fourierft() = default;
+  fourierft() : base(150.0, 777) {}
 
   /// A fresh adapter on an (out, in) layer with PEFT's locations and initialisation.
   /// shape_error as the next constructor.
   fourierft(index in_features, index out_features, const fourierft_options& opt)
-      : fourierft(std::vector<T>(static_cast<std::size_t>(positive_n(opt.n_frequency)), T{0}), opt.scaling,
+      : fourierft(std::vector<T>(static_cast<std::size_t>(base::positive_n(opt.n_frequency)), T{0}), opt.scaling,
                   opt.random_loc_seed, in_features, out_features) {
     if (!opt.init_weights) {
       rng gen(opt.seed ^ 0xf0c1e2f7f0c1e2f7ull);
@@ -88,49 +98,11 @@ class fourierft : public additive_adapter<fourierft<T>, T> {
   /// set_features. shape_error on n < 1, n > in * out or a negative size.
   fourierft(std::vector<T> spectrum, double scaling, std::int64_t random_loc_seed, index in_features = 0,
             index out_features = 0)
-      : scaling_(scaling), seed_(random_loc_seed) {
+      : base(scaling, random_loc_seed) {
     constexpr const char* where = "fourierft::fourierft";
-    if (spectrum.empty()) {
-      detail::raise<shape_error>(where, "n_frequency must be a positive integer, got 0 spectral values");
-    }
-    if (!std::isfinite(scaling)) detail::raise<shape_error>(where, "scaling must be finite");
-    const auto n = static_cast<index>(spectrum.size());
-    spectrum_ = matrix<T>(1, n, std::move(spectrum));
-    grad_ = matrix<T>(1, n);
-    if (in_features != 0 || out_features != 0) bind(where, in_features, out_features);
+    this->init_spectrum(where, std::move(spectrum));
+    if (in_features != 0 || out_features != 0) this->bind(where, in_features, out_features);
   }
-
-  index in_features() const noexcept { return in_; }
-  index out_features() const noexcept { return out_; }
-  /// n, the number of trainable spectral entries.
-  index n_frequency() const noexcept { return spectrum_.cols(); }
-  double scaling() const noexcept { return scaling_; }
-  std::int64_t random_loc_seed() const noexcept { return seed_; }
-  /// Whether the layer's shape (and so the locations) is set.
-  bool bound() const noexcept { return in_ > 0; }
-
-  /// Sets the layer's shape and draws the locations (a checkpoint does not store them). Once set,
-  /// the same shape is accepted again and another one is a shape_error.
-  void set_features(index in_features, index out_features) {
-    constexpr const char* where = "fourierft::set_features";
-    if (bound()) {
-      if (in_features != in_ || out_features != out_) {
-        detail::raise<shape_error>(where, "the adapter is built for a " + detail::shape_string(out_, in_) +
-                                              " weight, not " + detail::shape_string(out_features, in_features) +
-                                              " (its spectral locations depend on the shape)");
-      }
-      return;
-    }
-    bind(where, in_features, out_features);
-  }
-
-  /// fourierft_spectrum (1, n) and its gradient.
-  matrix_view<T> spectrum() noexcept { return spectrum_.view(); }
-  matrix_view<const T> spectrum() const noexcept { return spectrum_.view(); }
-  matrix_view<const T> grad_spectrum() const noexcept { return grad_.view(); }
-  /// The locations: output rows u_k and input columns v_k (PEFT's indices[0] and indices[1]).
-  const std::vector<std::int64_t>& rows() const noexcept { return rows_; }
-  const std::vector<std::int64_t>& cols() const noexcept { return cols_; }
 
   /// dW = scaling Re(ifft2(S)) (out, in), as F_out D F_in^T block by block: O(n in out).
   template <base_weight Base>
@@ -149,63 +121,14 @@ class fourierft : public additive_adapter<fourierft<T>, T> {
     }
   }
 
-  /// FourierFT leaves the bias alone.
-  template <base_weight Base>
-  bool delta_bias(const Base& /*w*/, T* /*db*/) const {
-    return false;
-  }
-
-  /// fourierft_spectrum (n), trainable. The locations are not parameters: PEFT regenerates them.
-  std::vector<parameter<T>> parameters() {
-    std::vector<parameter<T>> p;
-    p.push_back({"fourierft_spectrum", spectrum_.view(), grad_.view(), detail::shape_of(spectrum_.view(), true)});
-    return p;
-  }
-
-  void zero_grad() { grad_.fill(T{0}); }
-
-  /// peft::error when the layer's shape is not set yet (or the adapter is default-constructed).
-  void check_ready(const char* where) const {
-    if (spectrum_.cols() == 0) detail::raise<error>(where, "the adapter is default-constructed (no spectrum)");
-    if (!bound()) {
-      detail::raise<error>(where, "the layer's shape is not set: a FourierFT checkpoint does not store it; call "
-                                  "set_features(in, out) or add the adapter to a layer");
-    }
-  }
-
  private:
   /// Frequencies per block of the factors F_in, F_out (2 block columns each).
   static constexpr index block = 128;
 
-  static index positive_n(index n) {
-    if (n < 1) {
-      detail::raise<shape_error>("fourierft::fourierft", "n_frequency must be a positive integer, got " + std::to_string(n));
-    }
-    return n;
-  }
-
-  void bind(const char* where, index in, index out) {
-    if (in < 1 || out < 1) {
-      detail::raise<shape_error>(where, "the weight is " + detail::shape_string(out, in) + ", both sizes must be >= 1");
-    }
-    const index n = n_frequency();
-    if (n > in * out) {  // PEFT's own check
-      detail::raise<shape_error>(where, "n_frequency " + std::to_string(n) +
-                                            " exceeds the number of entries of the " + detail::shape_string(out, in) +
-                                            " weight (" + std::to_string(in * out) + ")");
-    }
-    torch_generator g(static_cast<std::uint64_t>(seed_));
-    const std::vector<std::int64_t> p = g.randperm_prefix(in * out, n);
-    rows_.resize(static_cast<std::size_t>(n));
-    cols_.resize(static_cast<std::size_t>(n));
-    for (std::size_t k = 0; k < p.size(); ++k) {
-      rows_[k] = p[k] / in;
-      cols_[k] = p[k] % in;
-    }
+  /// The trigonometric tables of both sides, once the locations are drawn (the base's bind).
+  void locate(index in, index out) {
     table(in, cos_in_, sin_in_);
     table(out, cos_out_, sin_out_);
-    in_ = in;
-    out_ = out;
   }
 
   /// cos and sin of 2 pi t / m for t in [0, m), computed in double.
@@ -324,14 +247,6 @@ class fourierft : public additive_adapter<fourierft<T>, T> {
     }
   }
 
-  index in_ = 0;
-  index out_ = 0;
-  double scaling_ = 150.0;
-  std::int64_t seed_ = 777;
-  matrix<T> spectrum_;                 // (1, n) fourierft_spectrum
-  matrix<T> grad_;                     // (1, n)
-  std::vector<std::int64_t> rows_;     // (n) u_k in [0, out)
-  std::vector<std::int64_t> cols_;     // (n) v_k in [0, in)
   std::vector<T> cos_in_, sin_in_;     // (in) cos, sin of 2 pi t / in
   std::vector<T> cos_out_, sin_out_;   // (out) cos, sin of 2 pi t / out
 };

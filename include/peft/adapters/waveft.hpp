@@ -28,15 +28,12 @@
 #include <string_view>
 #include <vector>
 
+#include "peft/adapters/detail/located_spectrum.hpp"
 #include "peft/adapters/detail/wavelet_filters.hpp"
 #include "peft/core/adapter.hpp"
-#include "peft/core/adapter_checks.hpp"
-#include "peft/core/additive_adapter.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/matrix.hpp"
-#include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
-#include "peft/core/torch_generator.hpp"
 #include "peft/interop/eigen.hpp"
 
 namespace peft {
@@ -58,11 +55,23 @@ struct waveft_options {
 };
 
 template <compute_scalar T>
-class waveft : public additive_adapter<waveft<T>, T> {
+class waveft : public detail::located_spectrum_adapter<waveft<T>, T> {
+  using base = detail::located_spectrum_adapter<waveft<T>, T>;
+  friend base;
   friend class additive_adapter<waveft<T>, T>;
+  using base::cols_;
+  using base::grad_;
+  using base::in_;
+  using base::out_;
+  using base::rows_;
+  using base::scaling_;
+  using base::spectrum_;
 
  public:
   static constexpr std::string_view method = "waveft";
+  static constexpr std::string_view display_name = "WaveFT";
+  static constexpr std::string_view location_kind = "coefficient";
+  using base::n_frequency;
 
   /// Work space of the passes (reused from call to call); nothing is carried from forward to
   /// backward.
@@ -71,12 +80,12 @@ class waveft : public additive_adapter<waveft<T>, T> {
     matrix<T> xt, gt;  // (in, batch), (out, batch): x^T and g^T for the coefficient gradients
   };
 
-  waveft() = default;
+  waveft() : base(25.0, 777) {}
 
   /// A fresh adapter on an (out, in) layer with PEFT's locations and initialisation.
   /// shape_error / unsupported_error as the next constructor.
   waveft(index in_features, index out_features, const waveft_options& opt)
-      : waveft(std::vector<T>(static_cast<std::size_t>(positive_n(opt.n_frequency)), T{0}), opt.scaling,
+      : waveft(std::vector<T>(static_cast<std::size_t>(base::positive_n(opt.n_frequency)), T{0}), opt.scaling,
                opt.wavelet_family, opt.use_idwt, opt.random_loc_seed, in_features, out_features) {
     if (!opt.init_weights) {
       rng gen(opt.seed ^ 0x3a7ef70c3a7ef70cull);
@@ -91,12 +100,9 @@ class waveft : public additive_adapter<waveft<T>, T> {
   /// (use_idwt only).
   waveft(std::vector<T> spectrum, double scaling, std::string wavelet_family, bool use_idwt,
          std::int64_t random_loc_seed, index in_features = 0, index out_features = 0)
-      : scaling_(scaling), family_(std::move(wavelet_family)), use_idwt_(use_idwt), seed_(random_loc_seed) {
+      : base(scaling, random_loc_seed), family_(std::move(wavelet_family)), use_idwt_(use_idwt) {
     constexpr const char* where = "waveft::waveft";
-    if (spectrum.empty()) {
-      detail::raise<shape_error>(where, "n_frequency must be a positive integer, got 0 spectral values");
-    }
-    if (!std::isfinite(scaling)) detail::raise<shape_error>(where, "scaling must be finite");
+    this->init_spectrum(where, std::move(spectrum));
     reduction_ = reduction_of(family_);
     if (reduction_ < 0) {
       detail::raise<error>(where, "wavelet_family '" + family_ +
@@ -108,49 +114,14 @@ class waveft : public additive_adapter<waveft<T>, T> {
       lo_ = {T{1}};  // the direct placement as a 1 x 1 patch
       hi_ = {T{1}};
     }
-    const auto n = static_cast<index>(spectrum.size());
-    spectrum_ = matrix<T>(1, n, std::move(spectrum));
-    grad_ = matrix<T>(1, n);
-    if (in_features != 0 || out_features != 0) bind(where, in_features, out_features);
+    if (in_features != 0 || out_features != 0) this->bind(where, in_features, out_features);
   }
 
-  index in_features() const noexcept { return in_; }
-  index out_features() const noexcept { return out_; }
-  /// n, the number of trainable coefficients.
-  index n_frequency() const noexcept { return spectrum_.cols(); }
-  double scaling() const noexcept { return scaling_; }
   const std::string& wavelet_family() const noexcept { return family_; }
   bool use_idwt() const noexcept { return use_idwt_; }
-  std::int64_t random_loc_seed() const noexcept { return seed_; }
-  /// Whether the layer's shape (and so the locations) is set.
-  bool bound() const noexcept { return in_ > 0; }
-
-  /// Sets the layer's shape and draws the locations (a checkpoint does not store them). Once set,
-  /// the same shape is accepted again and another one is a shape_error.
-  void set_features(index in_features, index out_features) {
-    constexpr const char* where = "waveft::set_features";
-    if (bound()) {
-      if (in_features != in_ || out_features != out_) {
-        detail::raise<shape_error>(where, "the adapter is built for a " + detail::shape_string(out_, in_) +
-                                              " weight, not " + detail::shape_string(out_features, in_features) +
-                                              " (its coefficient locations depend on the shape)");
-      }
-      return;
-    }
-    bind(where, in_features, out_features);
-  }
-
-  /// waveft_spectrum (1, n) and its gradient.
-  matrix_view<T> spectrum() noexcept { return spectrum_.view(); }
-  matrix_view<const T> spectrum() const noexcept { return spectrum_.view(); }
-  matrix_view<const T> grad_spectrum() const noexcept { return grad_.view(); }
-  /// The locations in the (out, in) weight: PEFT's waveft_indices[0] and [1].
-  const std::vector<std::int64_t>& rows() const noexcept { return rows_; }
-  const std::vector<std::int64_t>& cols() const noexcept { return cols_; }
   /// The reconstruction filters rec_lo and rec_hi, as PEFT builds them ({1}, {1} without IDWT).
   const std::vector<T>& rec_lo() const noexcept { return lo_; }
   const std::vector<T>& rec_hi() const noexcept { return hi_; }
-
   /// Why a wavelet WaveFTConfig accepts is refused with use_idwt (one line, naming it).
   static std::string unsupported_reason(std::string_view family) {
     if (family == "coif5") {
@@ -189,43 +160,12 @@ class waveft : public additive_adapter<waveft<T>, T> {
     materialise(dw);
   }
 
-  /// WaveFT leaves the bias alone.
-  template <base_weight Base>
-  bool delta_bias(const Base& /*w*/, T* /*db*/) const {
-    return false;
-  }
-
-  /// waveft_spectrum (n), trainable. The locations are not parameters: PEFT regenerates them.
-  std::vector<parameter<T>> parameters() {
-    std::vector<parameter<T>> p;
-    p.push_back({"waveft_spectrum", spectrum_.view(), grad_.view(), detail::shape_of(spectrum_.view(), true)});
-    return p;
-  }
-
-  void zero_grad() { grad_.fill(T{0}); }
-
-  /// peft::error when the layer's shape is not set yet (or the adapter is default-constructed).
-  void check_ready(const char* where) const {
-    if (spectrum_.cols() == 0) detail::raise<error>(where, "the adapter is default-constructed (no spectrum)");
-    if (!bound()) {
-      detail::raise<error>(where, "the layer's shape is not set: a WaveFT checkpoint does not store it; call "
-                                  "set_features(in, out) or add the adapter to a layer");
-    }
-  }
-
  private:
   static const detail::wavelet::base_filter* find_filter(std::string_view family) {
     for (const auto& f : detail::wavelet::base_filters) {
       if (f.name == family) return &f;
     }
     return nullptr;
-  }
-
-  static index positive_n(index n) {
-    if (n < 1) {
-      detail::raise<shape_error>("waveft::waveft", "n_frequency must be a positive integer, got " + std::to_string(n));
-    }
-    return n;
   }
 
   /// rec_lo = the table's taps (times sqrt 2 for coiflets), rec_hi[i] = (-1)^i rec_lo[L - 1 - i],
@@ -244,26 +184,9 @@ class waveft : public additive_adapter<waveft<T>, T> {
     }
   }
 
-  /// Draws the locations and places each coefficient's patch: its top-left corner in Delta W and
-  /// which filter runs along its rows and columns.
-  void bind(const char* where, index in, index out) {
-    if (in < 1 || out < 1) {
-      detail::raise<shape_error>(where, "the weight is " + detail::shape_string(out, in) + ", both sizes must be >= 1");
-    }
-    const index n = n_frequency();
-    if (n > in * out) {  // PEFT's own check
-      detail::raise<shape_error>(where, "n_frequency " + std::to_string(n) + " exceeds the number of entries of the " +
-                                            detail::shape_string(out, in) + " weight (" + std::to_string(in * out) +
-                                            ")");
-    }
-    torch_generator g(static_cast<std::uint64_t>(seed_));
-    const std::vector<std::int64_t> p = g.randperm_prefix(in * out, n);
-    rows_.resize(static_cast<std::size_t>(n));
-    cols_.resize(static_cast<std::size_t>(n));
-    for (std::size_t k = 0; k < p.size(); ++k) {
-      rows_[k] = p[k] / in;
-      cols_[k] = p[k] % in;
-    }
+  /// Places each coefficient's patch, once the locations are drawn (the base's bind): its
+  /// top-left corner in Delta W and which filter runs along its rows and columns.
+  void locate(index in, index out) {
     top_.resize(rows_.size());
     left_.resize(rows_.size());
     row_hi_.assign(rows_.size(), 0);
@@ -288,8 +211,6 @@ class waveft : public additive_adapter<waveft<T>, T> {
         col_hi_[k] = lower ? 1 : 0;
       }
     }
-    in_ = in;
-    out_ = out;
   }
 
   /// One side of the transform's geometry (PEFT's get_delta_weight and waverec2d).
@@ -383,18 +304,10 @@ class waveft : public additive_adapter<waveft<T>, T> {
     }
   }
 
-  index in_ = 0;
-  index out_ = 0;
-  double scaling_ = 25.0;
   std::string family_ = "db1";
   bool use_idwt_ = true;
-  std::int64_t seed_ = 777;
   index reduction_ = 0;
-  matrix<T> spectrum_;                // (1, n) waveft_spectrum
-  matrix<T> grad_;                    // (1, n)
   std::vector<T> lo_, hi_;            // (L) rec_lo, rec_hi
-  std::vector<std::int64_t> rows_;    // (n) u_k in [0, out)
-  std::vector<std::int64_t> cols_;    // (n) v_k in [0, in)
   std::vector<std::int64_t> top_;     // (n) patch k's first row in Delta W (may be < 0)
   std::vector<std::int64_t> left_;    // (n) patch k's first column
   std::vector<std::uint8_t> row_hi_;  // (n) rec_hi along the patch's rows, else rec_lo
